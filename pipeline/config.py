@@ -1,0 +1,261 @@
+"""Typed, validated configuration: YAML presets merged onto frozen dataclasses, then dotted overrides.
+
+    cfg = load_config("configs/default.yaml", ["score.batch_tokens=8192", "corpus.on_error=skip"])
+
+Every section is a frozen dataclass whose fields carry their defaults and a docstring. Loading is
+strict: an unknown key, a value of the wrong type or one outside its allowed set raises
+`ConfigError` naming the dotted key (and the allowed keys or values), so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class CorpusConfig:
+    paths: tuple[str, ...]
+    """Files, directories or glob patterns to read (JSONL[.gz|.zst], Parquet, a
+    `datasets.save_to_disk` directory, or a directory of text files). Relative paths are taken from
+    the working directory; sample_ids only use the part below each entry, so moving the corpus does
+    not change them."""
+
+    format: Literal["auto", "jsonl", "parquet", "hf_disk", "text"] = "auto"
+    """Input format; `auto` decides per file from its suffix (and per directory from its content)."""
+
+    mode: Literal["text", "prompt_response", "chat"] = "text"
+    """What a record holds: a plain `text`, a prompt/response pair, or a chat `messages` list."""
+
+    text_field: str = "text"
+    """Field holding the document text (mode=text)."""
+
+    prompt_field: str = "prompt"
+    """Field holding the prompt (mode=prompt_response); context only, never a scoring target."""
+
+    response_field: str = "response"
+    """Field holding the response (mode=prompt_response)."""
+
+    messages_field: str = "messages"
+    """Field holding a list of {role, content} messages (mode=chat)."""
+
+    source_field: str | None = None
+    """Field holding the record's domain label. When unset, the source is the input file's stem
+    (or, for a directory of text files, its first sub-directory)."""
+
+    text_glob: str = "**/*.txt"
+    """Which files of a text directory are documents (one document per file)."""
+
+    num_shards: int = 8
+    """Number of shards the corpus is cut into: contiguous, near-equal row ranges in a fixed
+    order; the unit of scoring, resumption and multi-rank work."""
+
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad input (malformed JSON, non-UTF-8 bytes, a missing/non-string field, an empty text):
+    `raise` stops with the file, line and field; `skip` counts it under its reason and goes on."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.paths) > 0, "paths", "at least one input path is required")
+        _require(self.num_shards >= 1, "num_shards", f"must be >= 1, got {self.num_shards}")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class ModelConfig:
+    path: str
+    """A local `save_pretrained` directory (safetensors + tokenizer). Hub names only work online."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype. `auto`: bf16 where the hardware supports it, else fp32. Losses are always
+    accumulated in fp32."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` takes the GPU of this rank's LOCAL_RANK when CUDA is available, else the CPU."""
+
+    trust_remote_code: bool = False
+    """Run code shipped with the model. Off unless you trust the model directory."""
+
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to transformers."""
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class ScoreConfig:
+    max_tokens: int = 512
+    """Longest sequence scored at once (tokens, BOS included)."""
+
+    long_docs: Literal["truncate", "split"] = "truncate"
+    """A document longer than max_tokens is cut to it (`truncate`) or scored as consecutive windows
+    that become separate samples, `sample_id` + window index (`split`)."""
+
+    batch_tokens: int = 8192
+    """Token budget of one batch (padded length x rows); halved automatically on out-of-memory."""
+
+    add_bos: bool = True
+    """Prepend the tokenizer's BOS token when it has one, so the first real token is a target."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_tokens >= 2, "max_tokens", f"must be >= 2, got {self.max_tokens}")
+        _require(
+            self.batch_tokens >= self.max_tokens,
+            "batch_tokens",
+            f"must be >= max_tokens ({self.max_tokens}), got {self.batch_tokens}",
+        )
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class Config:
+    """The whole run. Stages read the sections they need."""
+
+    out_dir: str = "runs/default"
+    """Where every stage writes: scores/, selected/, reports/, train/ below it."""
+
+    corpus: CorpusConfig
+    model: ModelConfig
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML preset (or nothing), apply `a.b=value` overrides, validate, return the config."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded or {}
+    for override in overrides:
+        apply_override(data, override)
+    return build(Config, data, prefix="")
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`8192` is an int)."""
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form section.key=value")
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, not a section (in {override!r})")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def build(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys and types; errors name the dotted key."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key; allowed keys in {where}: {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name not in data:
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required:
+                if dataclasses.is_dataclass(hints[name]):
+                    kwargs[name] = build(hints[name], {}, prefix=f"{key}.")
+                    continue
+                raise ConfigError(f"{key}: required, no default")
+            continue
+        kwargs[name] = _coerce(hints[name], data[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}{err}") from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is Literal:
+        _require(value in args, key, f"{value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        items = [value] if isinstance(value, str) else value
+        _require(isinstance(items, list | tuple), key, f"expected a list, got {value!r}")
+        return tuple(_coerce(args[0], item, f"{key}[{i}]") for i, item in enumerate(items))
+    if tp is bool:
+        _require(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        # YAML reads 50_000_000 as an int already; accept 1e6-style floats only when integral.
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        _require(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        _require(ok, key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _require(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported config type {tp!r}")  # a bug in the schema, not user input
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain data (tuples become lists), for YAML/JSON and provenance."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def save_config(cfg: Any, directory: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config next to an artifact."""
+    path = Path(directory) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_config(cfg), encoding="utf-8")
+    return path

@@ -1,0 +1,92 @@
+"""Deterministic sharding: the corpus, in a fixed file order, cut into `num_shards` contiguous row
+ranges of near-equal size (shard i holds global rows [i*N/S, (i+1)*N/S)).
+
+    plan = plan_shards(cfg.corpus)            # counts rows: one streaming pass, no corpus in memory
+    for record in iter_shard(plan, 3, cfg.corpus, stats): ...
+
+The plan depends only on the inputs' row counts and `num_shards`, so every rank (and every stage:
+scoring, then joining text back at selection) computes the same one without talking to the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from pipeline.config import CorpusConfig
+from pipeline.readers import InputError, InputFile, count_rows, discover_inputs, read_rows
+from pipeline.records import ReadStats, Record, needed_columns, to_record
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    file_index: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShardPlan:
+    files: tuple[InputFile, ...]
+    num_rows: tuple[int, ...]
+    shards: tuple[tuple[Segment, ...], ...]
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.num_rows)
+
+    def shard_rows(self, shard: int) -> int:
+        return sum(s.stop - s.start for s in self.shards[shard])
+
+    def to_dict(self) -> dict:
+        return {
+            "files": [asdict(f) | {"num_rows": n} for f, n in zip(self.files, self.num_rows, strict=True)],
+            "shards": [[[s.file_index, s.start, s.stop] for s in shard] for shard in self.shards],
+        }
+
+
+def cut_into_shards(num_rows: list[int] | tuple[int, ...], num_shards: int) -> tuple[tuple[Segment, ...], ...]:
+    total = sum(num_rows)
+    bounds = [i * total // num_shards for i in range(num_shards + 1)]
+    file_starts = [0]
+    for n in num_rows:
+        file_starts.append(file_starts[-1] + n)
+    shards = []
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        segments = []
+        for index, n in enumerate(num_rows):
+            f_lo, f_hi = file_starts[index], file_starts[index] + n
+            a, b = max(lo, f_lo), min(hi, f_hi)
+            if a < b:
+                segments.append(Segment(index, a - f_lo, b - f_lo))
+        shards.append(tuple(segments))
+    return tuple(shards)
+
+
+def plan_shards(cfg: CorpusConfig) -> ShardPlan:
+    files = tuple(discover_inputs(cfg.paths, cfg.format, cfg.text_glob))
+    num_rows = tuple(count_rows(f) for f in files)
+    return ShardPlan(files, num_rows, cut_into_shards(num_rows, cfg.num_shards))
+
+
+def iter_shard(plan: ShardPlan, shard: int, cfg: CorpusConfig, stats: ReadStats) -> Iterator[Record]:
+    """The valid records of one shard, in order; bad rows are counted in `stats` or raise."""
+    columns = needed_columns(cfg)
+    for segment in plan.shards[shard]:
+        f = plan.files[segment.file_index]
+        seen = 0
+        for row, value in read_rows(f, segment.start, segment.stop, columns):
+            seen += 1
+            record = to_record(f, row, value, cfg, stats)
+            if record is not None:
+                yield record
+        if seen != segment.stop - segment.start:
+            raise InputError(
+                f"{f.path}: expected rows {segment.start}..{segment.stop - 1} but the file ended after "
+                f"{segment.start + seen} rows; did it change after the shard plan was made?"
+            )
+
+
+def iter_corpus(plan: ShardPlan, cfg: CorpusConfig, stats: ReadStats) -> Iterator[Record]:
+    for shard in range(len(plan.shards)):
+        yield from iter_shard(plan, shard, cfg, stats)
