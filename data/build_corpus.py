@@ -106,7 +106,7 @@ def python_docs_candidates() -> Iterator[Candidate]:
 class _SectionSplitter(html.parser.HTMLParser):
     """Plain text of an HTML page, cut into sections at h1–h3 headings."""
 
-    BLOCKS = {"p", "div", "pre", "li", "tr", "br", "h1", "h2", "h3", "h4", "table", "dt", "dd"}
+    BLOCKS = frozenset({"p", "div", "pre", "li", "tr", "br", "h1", "h2", "h3", "h4", "table", "dt", "dd"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -211,14 +211,21 @@ SOURCES = (
         lambda: _first_dir("/usr/share/doc/python3.*/html/_sources") is not None,
         python_docs_candidates,
     ),
-    Source("debian-reference", ("debian-reference-en",), DEBIAN_REFERENCE.is_dir, debian_reference_candidates),
+    Source(
+        "debian-reference", ("debian-reference-en",), DEBIAN_REFERENCE.is_dir, debian_reference_candidates
+    ),
     Source(
         "linux-doc",
         ("linux-doc",),
         lambda: _first_dir("/usr/share/doc/linux-doc-*/Documentation") is not None,
         linux_doc_candidates,
     ),
-    Source("man", ("manpages", "groff-base"), lambda: (MAN / "man1").is_dir() and bool(shutil.which("groff")), man_candidates),
+    Source(
+        "man",
+        ("manpages", "groff-base"),
+        lambda: (MAN / "man1").is_dir() and bool(shutil.which("groff")),
+        man_candidates,
+    ),
     Source("python-code", (), lambda: stdlib_root().is_dir(), python_code_candidates),
 )
 
@@ -264,7 +271,9 @@ def choose(source: Source, per_source: int, max_chars: int) -> list[dict]:
         text = candidate.load()
         text = tidy(text) if text else ""
         if text.strip():
-            chosen.append({"text": cap_chars(text, max_chars), "source": source.name, "origin": candidate.origin})
+            chosen.append(
+                {"text": cap_chars(text, max_chars), "source": source.name, "origin": candidate.origin}
+            )
         if len(chosen) == per_source:
             break
     log(f"{source.name:17s} {len(chosen):5d} documents (of {len(candidates)} candidates)")
@@ -332,15 +341,21 @@ def build(out: Path, per_source: int, max_chars: int, sources: tuple[Source, ...
         "train": counts(train),
         "heldout": counts(heldout),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (out / "manifest.json").write_text(
+        json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
     return manifest
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/corpus"))
-    parser.add_argument("--per-source", type=int, default=300, help="documents per source (default %(default)s)")
-    parser.add_argument("--max-chars", type=int, default=12000, help="cap on one document (default %(default)s)")
+    parser.add_argument(
+        "--per-source", type=int, default=300, help="documents per source (default %(default)s)"
+    )
+    parser.add_argument(
+        "--max-chars", type=int, default=12000, help="cap on one document (default %(default)s)"
+    )
     parser.add_argument("--sources", default=",".join(s.name for s in SOURCES), help="comma-separated subset")
     parser.add_argument("--no-install", action="store_true", help="never call apt-get")
     args = parser.parse_args()

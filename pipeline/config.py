@@ -178,9 +178,7 @@ def build(cls: type, data: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{prefix}{unknown[0]}: unknown key; allowed keys in {where}: {', '.join(fields)}"
-        )
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys in {where}: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, f in fields.items():
@@ -224,7 +222,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         # YAML reads 50_000_000 as an int already; accept 1e6-style floats only when integral.
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        _require(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        _require(
+            isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}"
+        )
         return value
     if tp is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)

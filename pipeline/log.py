@@ -1,7 +1,7 @@
 """The one logger, `midrank`, with a prefix; on multi-rank runs only rank 0 logs below WARNING.
 
-    from pipeline.log import get_logger
-    log = get_logger()
+from pipeline.log import get_logger
+log = get_logger()
 """
 
 from __future__ import annotations

@@ -68,7 +68,9 @@ def stem(name: str) -> str:
     return base
 
 
-def discover_inputs(paths: tuple[str, ...], format: str = "auto", text_glob: str = "**/*.txt") -> list[InputFile]:
+def discover_inputs(
+    paths: tuple[str, ...], format: str = "auto", text_glob: str = "**/*.txt"
+) -> list[InputFile]:
     """Expand the configured entries into input files, in a fixed order (entries as given, files
     sorted within a directory). Fails naming the entry when one yields nothing."""
     found: list[InputFile] = []
@@ -126,14 +128,22 @@ def _inputs_of(path: Path, format: str, text_glob: str, glob_entry: bool) -> lis
     if format in ("auto", "hf_disk") and _is_hf_disk(path):
         return _hf_inputs(path)
     if format == "hf_disk":
-        raise InputError(f"{path}: not a datasets.save_to_disk directory (no state.json or dataset_dict.json)")
+        raise InputError(
+            f"{path}: not a datasets.save_to_disk directory (no state.json or dataset_dict.json)"
+        )
     if format in ("auto", "jsonl", "parquet"):
-        files = [p for p in sorted(path.rglob("*")) if p.is_file() and _format_of(p, "auto") in ("jsonl", "parquet")]
+        files = [
+            p
+            for p in sorted(path.rglob("*"))
+            if p.is_file() and _format_of(p, "auto") in ("jsonl", "parquet")
+        ]
         if format != "auto":
             files = [p for p in files if _format_of(p, "auto") == format]
         if files:
             return [
-                InputFile(str(p.resolve()), p.relative_to(path).as_posix(), _format_of(p, "auto"), stem(p.name))
+                InputFile(
+                    str(p.resolve()), p.relative_to(path).as_posix(), _format_of(p, "auto"), stem(p.name)
+                )
                 for p in files
             ]
         if format != "auto":
@@ -169,7 +179,7 @@ def _open_binary(path: str) -> io.BufferedIOBase:
         raw = open(path, "rb")  # noqa: SIM115 -- closed through the returned reader
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
         return io.BufferedReader(reader, buffer_size=1 << 20)
-    return open(path, "rb")  # noqa: SIM115 -- the caller closes it
+    return open(path, "rb")
 
 
 def count_rows(f: InputFile) -> int:
@@ -193,7 +203,9 @@ def _count_lines(path: str) -> int:
     return lines + (last != b"\n")  # a last line without its newline still counts
 
 
-def read_rows(f: InputFile, start: int, stop: int, columns: list[str]) -> Iterator[tuple[int, dict | RowProblem]]:
+def read_rows(
+    f: InputFile, start: int, stop: int, columns: list[str]
+) -> Iterator[tuple[int, dict | RowProblem]]:
     """Rows [start, stop) of one input. `columns` are the fields that will be used (a hint: Parquet
     and Arrow read only those)."""
     if f.format == "jsonl":

@@ -87,7 +87,9 @@ class _Bad(Exception):
         self.reason, self.field_name, self.detail = reason, field_name, detail
 
 
-def to_record(f: InputFile, row: int, value: dict | RowProblem, cfg: CorpusConfig, stats: ReadStats) -> Record | None:
+def to_record(
+    f: InputFile, row: int, value: dict | RowProblem, cfg: CorpusConfig, stats: ReadStats
+) -> Record | None:
     """Validate one row. Returns the record, or None after counting a skip; raises under `raise`."""
     stats.rows += 1
     try:

@@ -10,6 +10,7 @@ scoring, then joining text back at selection) computes the same one without talk
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -45,14 +46,16 @@ class ShardPlan:
         }
 
 
-def cut_into_shards(num_rows: list[int] | tuple[int, ...], num_shards: int) -> tuple[tuple[Segment, ...], ...]:
+def cut_into_shards(
+    num_rows: list[int] | tuple[int, ...], num_shards: int
+) -> tuple[tuple[Segment, ...], ...]:
     total = sum(num_rows)
     bounds = [i * total // num_shards for i in range(num_shards + 1)]
     file_starts = [0]
     for n in num_rows:
         file_starts.append(file_starts[-1] + n)
     shards = []
-    for lo, hi in zip(bounds, bounds[1:], strict=False):
+    for lo, hi in itertools.pairwise(bounds):
         segments = []
         for index, n in enumerate(num_rows):
             f_lo, f_hi = file_starts[index], file_starts[index] + n

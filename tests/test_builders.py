@@ -1,0 +1,45 @@
+"""The embedded builders: deterministic corpus, and the tiny model the tests and tiny preset use."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data import build_corpus
+from data.build_tiny import build_tiny_model
+
+
+def sources(*names):
+    return tuple(s for s in build_corpus.SOURCES if s.name in names and s.present())
+
+
+def test_corpus_build_is_deterministic_and_split(tmp_path):
+    chosen = sources("python-code", "fortunes", "jargon")
+    assert chosen, "the Python standard library is always there"
+    a = build_corpus.build(tmp_path / "a", 20, 3000, chosen, install=False)
+    build_corpus.build(tmp_path / "b", 20, 3000, chosen, install=False)
+    for name in ("train.jsonl", "heldout.jsonl", "manifest.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    train = [json.loads(line) for line in (tmp_path / "a" / "train.jsonl").open()]
+    heldout = [json.loads(line) for line in (tmp_path / "a" / "heldout.jsonl").open()]
+    assert {d["origin"] for d in train}.isdisjoint(d["origin"] for d in heldout)
+    for source in chosen:
+        assert a["train"][source.name]["documents"] == 18 and a["heldout"][source.name]["documents"] == 2
+    assert all(d["text"].strip() and len(d["text"]) <= 3000 for d in train)
+
+
+def test_tiny_model_builds_and_scores(tmp_path):
+    texts = ["the cat sat on the mat. " * 20, "def f(x):\n    return x + 1\n" * 10]
+    out = build_tiny_model(texts, tmp_path / "tiny", vocab_size=400)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 2 and tokenizer.bos_token_id is not None
+    ids = torch.tensor([tokenizer("the cat sat on the mat.").input_ids])
+    with torch.inference_mode():
+        logits = model(ids).logits
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item()
+    # a random model is near-uniform over its vocabulary
+    assert loss == pytest.approx(math.log(len(tokenizer)), abs=1.0)
+    assert tokenizer.decode(tokenizer("héllo wörld").input_ids) == "héllo wörld"  # byte-level: lossless

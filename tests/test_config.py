@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, ConfigError, dump_config, load_config
+
+PRESETS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+
+
+def test_there_are_presets():
+    names = {p.name for p in PRESETS}
+    assert {"default.yaml", "tiny.yaml"} <= names
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_every_preset_loads(preset):
+    cfg = load_config(preset)
+    assert isinstance(cfg, Config)
+    assert cfg.corpus.paths and cfg.model.path
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = "corpus:\n  paths: [a.jsonl]\nmodel:\n  path: m\n"
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(
+        write(tmp_path, BASE), ["score.batch_tokens=4096", "corpus.on_error=skip", "score.add_bos=false"]
+    )
+    assert cfg.score.batch_tokens == 4096 and cfg.corpus.on_error == "skip" and cfg.score.add_bos is False
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["score.max_tokens=256", "corpus.paths=[x.jsonl, y.parquet]"])
+    again = load_config(write(tmp_path, dump_config(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("score.batch_tokn=8", "score.batch_tokn: unknown key; allowed keys in score: max_tokens"),
+        ("scor.batch_tokens=8", "scor: unknown key; allowed keys in config: out_dir, corpus, model, score"),
+        ("score.long_docs=cut", "score.long_docs: 'cut' is not one of 'truncate', 'split'"),
+        ("model.dtype=fp8", "model.dtype: 'fp8' is not one of 'auto', 'float32', 'bfloat16', 'float16'"),
+        ("score.batch_tokens=lots", "score.batch_tokens: expected an integer, got 'lots'"),
+        ("score.max_tokens=1", "score.max_tokens: must be >= 2, got 1"),
+        ("score.batch_tokens=16", "score.batch_tokens: must be >= max_tokens (512), got 16"),
+        ("corpus.num_shards=0", "corpus.num_shards: must be >= 1, got 0"),
+        ("model.trust_remote_code=yes please", "model.trust_remote_code: expected true or false"),
+        ("score.max_tokens.x=1", "score.max_tokens: expected an integer, got {'x': 1}"),
+        ("out_dir.x=1", "out_dir: expected a string"),
+        ("score.max_tokens", "is not of the form section.key=value"),
+    ],
+)
+def test_bad_override_names_the_key(tmp_path, override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, BASE), [override])
+    assert message in str(err.value)
+
+
+def test_required_fields_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.path: required"):
+        load_config(write(tmp_path, "corpus:\n  paths: [a.jsonl]\n"))
+    with pytest.raises(ConfigError, match=r"corpus\.paths: at least one input path"):
+        load_config(write(tmp_path, "corpus:\n  paths: []\nmodel:\n  path: m\n"))
+
+
+def test_bad_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="the top level must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="corpus: expected a mapping"):
+        load_config(write(tmp_path, "corpus: 3\nmodel:\n  path: m\n"))
+
+
+def test_override_into_a_value_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"score\.max_tokens: is a value, not a section"):
+        load_config(write(tmp_path, BASE), ["score.max_tokens=5", "score.max_tokens.x=1"])
