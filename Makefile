@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup data model tiny corpus test test-slow quality clean-data
+.PHONY: setup data model tiny corpus score test test-slow quality clean-data
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ data/models/tiny/model.safetensors: data/build_tiny.py data/build_corpus.py | $(
 # Read every record of the configured corpus: counts per source, bad rows by reason.
 corpus: $(STAMP)
 	$(VENV)/bin/midrank corpus --config $(CONFIG) $(ARGS)
+
+# Stage one: per-sample losses -> $(out_dir)/scores/part-*.parquet (resumable; reruns skip finished shards)
+score: $(STAMP)
+	$(VENV)/bin/midrank score --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -2,6 +2,7 @@
 
     midrank config --config configs/default.yaml score.batch_tokens=4096   # print the resolved config
     midrank corpus --config configs/default.yaml                          # read and check every record
+    midrank score --config configs/default.yaml                           # stage one: score losses
 
 Configuration errors and bad input end with one clear line and exit status 2, not a traceback.
 """
@@ -13,6 +14,7 @@ import os
 import sys
 import time
 
+from pipeline.artifacts import ProvenanceError
 from pipeline.config import Config, ConfigError, dump_config, load_config
 from pipeline.log import get_logger
 from pipeline.readers import InputError
@@ -43,9 +45,16 @@ def check_corpus(cfg: Config) -> ReadStats:
     return stats
 
 
+def score(cfg: Config) -> None:
+    from stages import score
+
+    score.run(cfg)
+
+
 COMMANDS = {
     "config": ("print the resolved configuration", lambda cfg: print(dump_config(cfg), end="")),
     "corpus": ("read every record and report counts and skipped rows by reason", check_corpus),
+    "score": ("score every sample's loss -> <out_dir>/scores/part-*.parquet", score),
 }
 
 
@@ -62,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         COMMANDS[args.command][1](cfg)
-    except (ConfigError, InputError, CorpusError) as err:
+    except (ConfigError, InputError, CorpusError, ProvenanceError) as err:
         log.error(f"error: {err}")
         return 2
     return 0

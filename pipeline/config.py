@@ -113,8 +113,23 @@ class ScoreConfig:
     add_bos: bool = True
     """Prepend the tokenizer's BOS token when it has one, so the first real token is a target."""
 
+    window_rows: int = 512
+    """Rows read, sorted by length and packed together; also the checkpoint unit: results are
+    written after each window, so a killed run loses at most one window per rank."""
+
+    head_chunk_tokens: int = 1024
+    """Target tokens per LM-head chunk: bounds the fp32 logits to head_chunk_tokens x vocab."""
+
+    num_workers: int = 1
+    """DataLoader workers reading and tokenizing ahead of the model (0: in the main process)."""
+
     def __post_init__(self) -> None:
         _require(self.max_tokens >= 2, "max_tokens", f"must be >= 2, got {self.max_tokens}")
+        _require(self.window_rows >= 1, "window_rows", f"must be >= 1, got {self.window_rows}")
+        _require(
+            self.head_chunk_tokens >= 1, "head_chunk_tokens", f"must be >= 1, got {self.head_chunk_tokens}"
+        )
+        _require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         _require(
             self.batch_tokens >= self.max_tokens,
             "batch_tokens",

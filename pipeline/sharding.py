@@ -72,22 +72,31 @@ def plan_shards(cfg: CorpusConfig) -> ShardPlan:
     return ShardPlan(files, num_rows, cut_into_shards(num_rows, cfg.num_shards))
 
 
-def iter_shard(plan: ShardPlan, shard: int, cfg: CorpusConfig, stats: ReadStats) -> Iterator[Record]:
-    """The valid records of one shard, in order; bad rows are counted in `stats` or raise."""
+def iter_shard_rows(
+    plan: ShardPlan, shard: int, cfg: CorpusConfig, stats: ReadStats, start_row: int = 0
+) -> Iterator[Record | None]:
+    """One item per row of the shard from its `start_row`-th row on: the record, or None for a row
+    that was counted as skipped in `stats`. Bad rows raise under `on_error: raise`."""
     columns = needed_columns(cfg)
+    to_skip = start_row
     for segment in plan.shards[shard]:
         f = plan.files[segment.file_index]
+        start = segment.start + min(to_skip, segment.stop - segment.start)
+        to_skip -= start - segment.start
         seen = 0
-        for row, value in read_rows(f, segment.start, segment.stop, columns):
+        for row, value in read_rows(f, start, segment.stop, columns):
             seen += 1
-            record = to_record(f, row, value, cfg, stats)
-            if record is not None:
-                yield record
-        if seen != segment.stop - segment.start:
+            yield to_record(f, row, value, cfg, stats)
+        if seen != segment.stop - start:
             raise InputError(
-                f"{f.path}: expected rows {segment.start}..{segment.stop - 1} but the file ended after "
-                f"{segment.start + seen} rows; did it change after the shard plan was made?"
+                f"{f.path}: expected rows {start}..{segment.stop - 1} but the file ended after "
+                f"{start + seen} rows; did it change after the shard plan was made?"
             )
+
+
+def iter_shard(plan: ShardPlan, shard: int, cfg: CorpusConfig, stats: ReadStats) -> Iterator[Record]:
+    """The valid records of one shard, in order; bad rows are counted in `stats` or raise."""
+    return (r for r in iter_shard_rows(plan, shard, cfg, stats) if r is not None)
 
 
 def iter_corpus(plan: ShardPlan, cfg: CorpusConfig, stats: ReadStats) -> Iterator[Record]:

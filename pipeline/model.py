@@ -1,0 +1,115 @@
+"""Loading the reference model and tokenizer from a local directory, with provenance hashes.
+
+    loaded = load_model(cfg.model)     # -> LoadedModel(model, tokenizer, device, dtype, ...)
+
+Weights load from safetensors only and `trust_remote_code` stays off unless the config turns it on.
+`dtype: auto` picks bf16 on CUDA devices and CPUs that support it (AVX512-BF16/AMX), fp32 elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ConfigError, ModelConfig
+from pipeline.log import get_logger
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    num_params: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("model.device: 'cuda' asked for but CUDA is not available")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def cpu_supports_bf16() -> bool:
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def hash_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with path.open("rb") as fh:
+            while block := fh.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def weight_files(cfg: ModelConfig) -> list[Path]:
+    path = Path(cfg.path)
+    if not path.is_dir():
+        hint = " (build it with `make model`)" if "smollm2" in path.name else ""
+        raise ConfigError(f"model.path: {cfg.path!r} is not a local model directory{hint}")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise ConfigError(
+            f"model.path: {cfg.path!r} has no *.safetensors weights (other formats are not loaded)"
+        )
+    return weights
+
+
+def fingerprint(cfg: ModelConfig) -> dict[str, str]:
+    """Hashes of the weights and tokenizer files: what makes two scoring runs comparable."""
+    path = Path(cfg.path)
+    return {
+        "weights_sha256": hash_files(weight_files(cfg)),
+        "tokenizer_sha256": hash_files([path / f for f in TOKENIZER_FILES if (path / f).is_file()]),
+    }
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(cfg.path)
+    weight_files(cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype,
+        use_safetensors=True,
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation,
+    )
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if not tokenizer.is_fast:
+        raise ConfigError(
+            f"model.path: {cfg.path!r}: a fast (Rust) tokenizer is needed for character offsets"
+        )
+    get_logger().info(f"model {path} on {device} in {str(dtype).removeprefix('torch.')}")
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        num_params=sum(p.numel() for p in model.parameters()),
+    )

@@ -1,0 +1,104 @@
+"""The scoring kernel: per-sample summed NLL of a padded batch, without full-vocabulary logits.
+
+How positions line up (one row, BOS as context, right padding):
+
+    input_ids      BOS  t1   t2   t3   PAD  PAD
+    target_mask     0    1    1    1    0    0      (a target: a real token that is predicted)
+    hidden          h0   h1   h2   h3   .    .
+    predicts        t1   t2   t3   .                 h[j] predicts input_ids[j + 1]
+
+so the loss uses hidden[:, :-1] where target_mask[:, 1:] is set, against input_ids[:, 1:]. Only
+those N hidden states go through the LM head, in chunks of `head_chunk_tokens`, and the head and
+log-softmax run in fp32 whatever the model dtype: a bf16 logit is off by up to ~0.05 at |z| ~ 10,
+which would move a loss by more than the ranking can tolerate. Full (batch, length, vocab) logits
+never exist. Positions come from the attention mask, so left and right padding give the same
+result; padding is never a target because targets come from `target_mask`, not from the pad id
+(which may equal a real token, e.g. EOS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True, slots=True)
+class BatchNLL:
+    nll_sum: torch.Tensor  # (B,) float64
+    n_tokens: torch.Tensor  # (B,) int64
+    max_token_nll: torch.Tensor  # (B,) float32
+
+
+class NLLScorer:
+    """Calls the model's body, then a chunked fp32 LM head on the target positions only.
+
+    Models whose logits are not simply `lm_head(hidden)` (logit soft-capping, scaling) are detected
+    once at construction by comparing with the model's own forward, and scored through it instead.
+    """
+
+    def __init__(self, model: torch.nn.Module, head_chunk_tokens: int = 1024):
+        self.model = model
+        self.body = model.base_model
+        self.head = model.get_output_embeddings()
+        self.head_chunk_tokens = head_chunk_tokens
+        self.device = next(model.parameters()).device
+        # On CUDA a bf16 matmul can write fp32 output directly; on CPU the head runs in fp32.
+        self.head_in_model_dtype = self.device.type == "cuda" and self.head.weight.dtype != torch.float32
+        self.head_weight = self.head.weight if self.head_in_model_dtype else self.head.weight.float()
+        self.head_bias = None if self.head.bias is None else self.head.bias.float()
+        self.fast_path = True
+        self.fast_path = self._head_path_matches_model()
+
+    @torch.inference_mode()
+    def _head_path_matches_model(self) -> bool:
+        ids = torch.arange(16, device=self.device)[None] % self.head.weight.shape[0]
+        mask = torch.ones_like(ids)
+        reference = F.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        hidden = self.body(input_ids=ids, attention_mask=mask).last_hidden_state
+        mine = F.log_softmax(self._logits(hidden[0]), dim=-1)
+        tolerance = 1e-3 if self.head.weight.dtype == torch.float32 else 0.1
+        return bool(torch.allclose(mine, reference[0], atol=tolerance, rtol=0))
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.head_in_model_dtype:
+            logits = torch.mm(hidden, self.head_weight.t(), out_dtype=torch.float32)
+        else:
+            logits = hidden.float() @ self.head_weight.t()
+        return logits if self.head_bias is None else logits + self.head_bias
+
+    def _head_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        chunk = self.head_chunk_tokens
+        parts = [
+            F.cross_entropy(self._logits(h), t, reduction="none")
+            for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True)
+        ]
+        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+    @torch.inference_mode()
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor
+    ) -> BatchNLL:
+        input_ids = input_ids.to(self.device, non_blocking=True)
+        attention_mask = attention_mask.to(self.device, non_blocking=True)
+        target_mask = target_mask.to(self.device, non_blocking=True).bool()
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        predicted = target_mask[:, 1:]
+        targets = input_ids[:, 1:][predicted]
+        rows = torch.arange(input_ids.shape[0], device=self.device)[:, None].expand_as(predicted)[predicted]
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if self.fast_path:
+            hidden = self.body(**kwargs, use_cache=False).last_hidden_state[:, :-1][predicted]
+            token_nll = self._head_nll(hidden, targets)
+        else:
+            logits = self.model(**kwargs, use_cache=False).logits[:, :-1][predicted]
+            token_nll = F.cross_entropy(logits.float(), targets, reduction="none")
+        batch = input_ids.shape[0]
+        nll_sum = torch.zeros(batch, dtype=torch.float64, device=self.device).index_add_(
+            0, rows, token_nll.double()
+        )
+        max_nll = torch.zeros(batch, dtype=torch.float32, device=self.device).scatter_reduce_(
+            0, rows, token_nll, reduce="amax"
+        )
+        return BatchNLL(nll_sum, predicted.sum(1), max_nll)
