@@ -110,16 +110,17 @@ def chunk_dir(scores_dir: Path, shard: int) -> Path:
     return scores_dir / f".part-{shard:05d}.chunks"
 
 
+COUNTS = ("rows", "records", "samples", "tokens", "seconds")
+
+
 def empty_stats() -> dict[str, Any]:
-    return {"rows": 0, "records": 0, "samples": 0, "tokens": 0, "skipped": {}}
+    return dict.fromkeys(COUNTS, 0) | {"skipped": {}}
 
 
 def add_stats(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
     skipped = Counter(total["skipped"])
     skipped.update(part["skipped"])
-    return {k: total[k] + part[k] for k in ("rows", "records", "samples", "tokens")} | {
-        "skipped": dict(skipped)
-    }
+    return {k: total[k] + part[k] for k in COUNTS} | {"skipped": dict(skipped)}
 
 
 class ShardWriter:

@@ -8,12 +8,16 @@ How positions line up (one row, BOS as context, right padding):
     predicts        t1   t2   t3   .                 h[j] predicts input_ids[j + 1]
 
 so the loss uses hidden[:, :-1] where target_mask[:, 1:] is set, against input_ids[:, 1:]. Only
-those N hidden states go through the LM head, in chunks of `head_chunk_tokens`, and the head and
-log-softmax run in fp32 whatever the model dtype: a bf16 logit is off by up to ~0.05 at |z| ~ 10,
-which would move a loss by more than the ranking can tolerate. Full (batch, length, vocab) logits
-never exist. Positions come from the attention mask, so left and right padding give the same
-result; padding is never a target because targets come from `target_mask`, not from the pad id
-(which may equal a real token, e.g. EOS).
+those N hidden states go through the LM head, in chunks of `head_chunk_tokens`, and the
+log-softmax runs in fp32 whatever the model dtype. Full (batch, length, vocab) logits never exist.
+In bf16 the head matmul accumulates in fp32 but, on CPU, rounds its output to bf16. Measured on
+SmolLM2-135M over 60 held-out documents: an fp32 head would change per-sample losses by at most
+0.011 nats, against 0.022 for the bf16 body itself, and cost 40% more time per batch, so the head
+stays in the model dtype. On CUDA the matmul writes fp32 logits directly, at no cost.
+
+Positions come from the attention mask, so left and right padding give the same result; padding
+is never a target because targets come from `target_mask`, not from the pad id (which may equal a
+real token, e.g. EOS).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ class BatchNLL:
 
 
 class NLLScorer:
-    """Calls the model's body, then a chunked fp32 LM head on the target positions only.
+    """Calls the model's body, then a chunked LM head on the target positions only.
 
     Models whose logits are not simply `lm_head(hidden)` (logit soft-capping, scaling) are detected
     once at construction by comparing with the model's own forward, and scored through it instead.
@@ -44,11 +48,8 @@ class NLLScorer:
         self.head = model.get_output_embeddings()
         self.head_chunk_tokens = head_chunk_tokens
         self.device = next(model.parameters()).device
-        # On CUDA a bf16 matmul can write fp32 output directly; on CPU the head runs in fp32.
-        self.head_in_model_dtype = self.device.type == "cuda" and self.head.weight.dtype != torch.float32
-        self.head_weight = self.head.weight if self.head_in_model_dtype else self.head.weight.float()
-        self.head_bias = None if self.head.bias is None else self.head.bias.float()
-        self.fast_path = True
+        # A bf16/fp16 matmul accumulates in fp32 either way; on CUDA it can also write fp32 logits.
+        self.fp32_logits_from_mm = self.device.type == "cuda" and self.head.weight.dtype != torch.float32
         self.fast_path = self._head_path_matches_model()
 
     @torch.inference_mode()
@@ -62,11 +63,11 @@ class NLLScorer:
         return bool(torch.allclose(mine, reference[0], atol=tolerance, rtol=0))
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.head_in_model_dtype:
-            logits = torch.mm(hidden, self.head_weight.t(), out_dtype=torch.float32)
+        if self.fp32_logits_from_mm:
+            logits = torch.mm(hidden, self.head.weight.t(), out_dtype=torch.float32)
         else:
-            logits = hidden.float() @ self.head_weight.t()
-        return logits if self.head_bias is None else logits + self.head_bias
+            logits = (hidden @ self.head.weight.t()).float()
+        return logits if self.head.bias is None else logits + self.head.bias.float()
 
     def _head_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         chunk = self.head_chunk_tokens

@@ -121,6 +121,17 @@ def score_batch(scorer: NLLScorer, batch: dict[str, torch.Tensor], budget: Budge
     return torch.stack([out.nll_sum, out.n_tokens.double(), out.max_token_nll.double()]).cpu().numpy()
 
 
+def probe_worst_batch(scorer: NLLScorer, budget: Budget, max_tokens: int, vocab_size: int) -> None:
+    """Score one batch of the largest shape first: an out-of-memory error surfaces (and the budget
+    shrinks) before any real work, and on CPU the heap reaches its high-water mark at once, so
+    peak memory does not depend on which documents come later."""
+    rows = max(1, budget.tokens // max_tokens)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (rows, max_tokens), generator=generator)
+    mask = torch.ones_like(ids)
+    score_batch(scorer, {"input_ids": ids, "attention_mask": mask, "target_mask": mask.bool()}, budget)
+
+
 def window_table(
     shard: int, metas: list[dict[str, list]], results: list[np.ndarray]
 ) -> tuple[pa.Table, list[str]]:
@@ -179,6 +190,7 @@ def score_shard(
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=8 if workers else None)
     metas: list[dict[str, list]] = []
     results: list[np.ndarray] = []
+    window_started = time.perf_counter()
     for item in loader:
         if item["batch"] is not None:
             metas.append(item["batch"].pop("meta"))
@@ -191,13 +203,16 @@ def score_shard(
             skipped["non_finite"] = len(bad)
             log.warning(f"shard {shard}: {len(bad)} non-finite loss(es) not written, e.g. {bad[:3]}")
         tokens = int(table.column("n_tokens").to_numpy().sum())
+        now = time.perf_counter()
         stats = {
             "rows": item["rows"],
             "records": item["records"],
             "samples": table.num_rows,
             "tokens": tokens,
+            "seconds": now - window_started,
             "skipped": skipped,
         }
+        window_started = now
         writer.write_chunk(table, item["window_end"], stats)
         bar.update(item["rows"])
         bar.tokens += tokens
@@ -250,6 +265,7 @@ def run(cfg: Config) -> Path:
     if not scorer.fast_path:
         log.warning("this model's logits are not lm_head(hidden): scoring through its full forward (slower)")
     budget = Budget(cfg.score.batch_tokens)
+    probe_worst_batch(scorer, budget, cfg.score.max_tokens, len(loaded.tokenizer))
     writers = {s: ShardWriter(scores_dir, s, provenance) for s in todo}
     total_rows = sum(plan.shard_rows(s) - writers[s].rows_done for s in todo)
     log.info(f"rank {rank}/{world_size}: {len(todo)} of {len(mine)} shard(s) to score, {total_rows} rows")

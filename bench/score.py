@@ -1,0 +1,289 @@
+"""Benchmark stage one against the loop a user would otherwise write, on the same model and documents.
+
+    .venv/bin/python bench/score.py                      # the embedded 135M model and a ~30M model
+    .venv/bin/python bench/score.py --models 30m --docs 64
+
+(a) naive: documents in file order, fixed batches of 16 padded to the longest, fp32, HF
+    `model(...)` with full logits, then a masked cross-entropy on the flat (N, V) view.
+(b) midrank: the real stage (`stages.score.run`): token-budget batches sorted by length, chunked LM
+    head on target positions only, tokenization in a DataLoader worker, Parquet output.
+
+Each run is its own process, so peak RSS is its own. Prints tokens/s, the ratio to (a), peak RSS,
+MFU (2 x parameters x tokens/s against this machine's measured matmul peak in the same dtype), the
+largest per-sample loss difference to (a), what bf16 does to the ranking, and peak RSS for a
+corpus 10x larger. Needs `make data model` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+MAX_TOKENS = 512
+NAIVE_BATCH = 16
+
+
+def peak_rss_mb() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the DataLoader worker
+    return max(own, children) / 1024
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
+    """FLOP/s of a large square matmul: the attainable peak MFU is measured against."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < 2.0:
+        a @ b
+        runs += 1
+    return 2 * n**3 * runs / (time.perf_counter() - started)
+
+
+def read_docs(corpus: Path) -> list[dict]:
+    return [json.loads(line) for line in corpus.open(encoding="utf-8")]
+
+
+# ------------------------------------------------------------------------------------------------
+# The two contenders, each run in a child process
+
+
+def run_naive(model_dir: str, corpus: Path) -> dict:
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    docs = read_docs(corpus)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    losses, tokens = {}, 0
+    started = time.perf_counter()
+    for i in range(0, len(docs), NAIVE_BATCH):
+        chunk = docs[i : i + NAIVE_BATCH]
+        # the same BOS policy and truncation as midrank, so the losses are comparable
+        ids = [
+            [tokenizer.bos_token_id, *tokenizer(d["text"], add_special_tokens=False).input_ids][:MAX_TOKENS]
+            for d in chunk
+        ]
+        length = max(map(len, ids))
+        input_ids = torch.tensor([x + [pad] * (length - len(x)) for x in ids])
+        mask = torch.tensor([[1] * len(x) + [0] * (length - len(x)) for x in ids])
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="none"
+            ).view(len(ids), -1)
+            target = mask[:, 1:].float()
+            per_doc = (nll * target).sum(1) / target.sum(1)
+        for j, loss in enumerate(per_doc.tolist()):
+            losses[i + j] = loss
+        tokens += int(target.sum())
+    seconds = time.perf_counter() - started
+    return {"tokens": tokens, "seconds": seconds, "losses": losses}
+
+
+def run_midrank(model_dir: str, corpus: Path, dtype: str, out_dir: str) -> dict:
+    import pyarrow.parquet as pq
+
+    from pipeline.config import load_config
+    from stages import score
+
+    cfg = load_config(
+        None,
+        [
+            f"corpus.paths=[{corpus}]",
+            "corpus.num_shards=1",
+            f"model.path={model_dir}",
+            f"model.dtype={dtype}",
+            f"out_dir={out_dir}",
+            f"score.max_tokens={MAX_TOKENS}",
+        ],
+    )
+    scores_dir = score.run(cfg)
+    summary = json.loads((scores_dir / "summary.json").read_text())
+    table = pq.read_table(scores_dir / "part-00000.parquet", columns=["sample_id", "loss"]).to_pylist()
+    # sample_id is "<file>:<row>", the row being the document's index in the corpus file
+    losses = {int(r["sample_id"].rsplit(":", 1)[1]): r["loss"] for r in table}
+    return {"tokens": summary["tokens"], "seconds": summary["seconds"], "losses": losses}
+
+
+def child(args: argparse.Namespace) -> None:
+    if args.child == "naive":
+        result = run_naive(args.model, Path(args.corpus))
+    else:
+        result = run_midrank(args.model, Path(args.corpus), args.dtype, args.out_dir)
+    result["peak_rss_mb"] = peak_rss_mb()
+    Path(args.result).write_text(json.dumps(result))
+
+
+def spawn(kind: str, model: str, corpus: Path, work: Path, dtype: str = "float32") -> dict:
+    result = work / f"{kind}-{dtype}-{corpus.stem}.json"
+    command = [sys.executable, __file__, "--child", kind, "--model", model, "--corpus", str(corpus)]
+    command += [
+        "--dtype",
+        dtype,
+        "--out-dir",
+        str(work / f"out-{kind}-{dtype}-{corpus.stem}"),
+        "--result",
+        str(result),
+    ]
+    done = subprocess.run(command, cwd=ROOT, stderr=subprocess.PIPE, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"{kind} run failed:\n{done.stderr[-3000:]}")
+    out = json.loads(result.read_text())
+    out["losses"] = {int(k): v for k, v in out["losses"].items()}
+    out["tokens_per_s"] = out["tokens"] / out["seconds"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def build_30m_model(out: Path, tokenizer_dir: str) -> str:
+    """A randomly initialised ~30M-parameter Llama with the SmolLM2 tokenizer (throughput only)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def num_params(model_dir: str) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for path in Path(model_dir).glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            total += sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())  # noqa: SIM118
+    return total
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="stable")
+    out = np.empty(len(values))
+    out[order] = np.arange(len(values))
+    return out
+
+
+def band(losses: np.ndarray, skip: float = 0.1, keep: float = 0.3) -> set[int]:
+    """The MidRanking band by rank: drop the top `skip`, keep the next `keep` (highest loss first)."""
+    order = np.argsort(-losses, kind="stable")
+    n = len(losses)
+    return set(order[int(skip * n) : int((skip + keep) * n)].tolist())
+
+
+def write_corpus(docs: list[dict], path: Path) -> Path:
+    with path.open("w", encoding="utf-8") as fh:
+        for d in docs:
+            fh.write(json.dumps({"text": d["text"], "source": d["source"]}, ensure_ascii=False) + "\n")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="135m,30m", help="comma-separated: 135m, 30m")
+    parser.add_argument("--docs", type=int, default=160, help="documents per run (file order)")
+    parser.add_argument("--corpus", default="data/corpus/train.jsonl")
+    parser.add_argument("--embedded-model", default="data/models/smollm2-135m")
+    parser.add_argument(
+        "--memory-scale", type=int, default=10, help="corpus multiple for the RSS check (0: skip)"
+    )
+    for hidden in ("--child", "--model", "--dtype", "--out-dir", "--result"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    for path in (args.corpus, args.embedded_model):
+        if not Path(path).exists():
+            sys.exit(f"{path} is missing: run `make data model` first")
+
+    print(
+        f"# bench/score.py — {os.cpu_count()} CPU threads, torch {torch.__version__}, {args.docs} documents"
+    )
+    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+    print(
+        f"matmul peak: fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s\n"
+    )
+    all_docs = read_docs(Path(args.corpus))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        corpus = write_corpus(all_docs[: args.docs], work / "docs.jsonl")
+        models = {}
+        for name in args.models.split(","):
+            models[name] = (
+                args.embedded_model if name == "135m" else build_30m_model(work / "m30", args.embedded_model)
+            )
+        header = f"{'model':8s} {'run':14s} {'tokens/s':>9s} {'ratio':>6s} {'peak RSS':>9s} {'MFU':>6s} {'max|Δloss| vs (a)':>18s}"
+        print(header)
+        print("-" * len(header))
+        for name, model_dir in models.items():
+            params = num_params(model_dir)
+            runs = {
+                "(a) naive fp32": spawn("naive", model_dir, corpus, work),
+                "(b) midrank fp32": spawn("midrank", model_dir, corpus, work, "float32"),
+                "(b) midrank bf16": spawn("midrank", model_dir, corpus, work, "bfloat16"),
+            }
+            naive = runs["(a) naive fp32"]
+            ids = sorted(naive["losses"])
+            reference = np.array([naive["losses"][i] for i in ids])
+            for label, run in runs.items():
+                losses = np.array([run["losses"][i] for i in ids])
+                peak = peaks["bfloat16" if "bf16" in label else "float32"]
+                mfu = 2 * params * run["tokens_per_s"] / peak
+                print(
+                    f"{name:8s} {label:14s} {run['tokens_per_s']:9,.0f} {run['tokens_per_s'] / naive['tokens_per_s']:5.2f}x "
+                    f"{run['peak_rss_mb']:7,.0f}MB {mfu:6.1%} {np.abs(losses - reference).max():18.2e}"
+                )
+            fp32 = np.array([runs["(b) midrank fp32"]["losses"][i] for i in ids])
+            bf16 = np.array([runs["(b) midrank bf16"]["losses"][i] for i in ids])
+            rho = np.corrcoef(ranks(fp32), ranks(bf16))[0, 1]
+            a, b = band(fp32), band(bf16)
+            print(
+                f"{name:8s} bf16 vs fp32: Spearman {rho:.4f}; MidRanking band (skip 10%, keep 30%) "
+                f"membership differs for {len(a ^ b) // 2} of {len(a)} samples; {params / 1e6:.1f}M parameters\n"
+            )
+        if args.memory_scale:
+            name = "30m" if "30m" in models else next(iter(models))
+            big = write_corpus(
+                (all_docs * args.memory_scale)[: args.docs * args.memory_scale], work / "docs10x.jsonl"
+            )
+            small_run = spawn("midrank", models[name], corpus, work, "bfloat16")
+            big_run = spawn("midrank", models[name], big, work, "bfloat16")
+            change = big_run["peak_rss_mb"] / small_run["peak_rss_mb"] - 1
+            print(
+                f"memory ({name}, bf16): {args.docs} docs peak RSS {small_run['peak_rss_mb']:,.0f} MB; "
+                f"{args.docs * args.memory_scale} docs ({args.memory_scale}x) {big_run['peak_rss_mb']:,.0f} MB: {change:+.1%}"
+            )
+
+
+if __name__ == "__main__":
+    main()
