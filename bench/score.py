@@ -129,17 +129,11 @@ def child(args: argparse.Namespace) -> None:
     Path(args.result).write_text(json.dumps(result))
 
 
-def spawn(kind: str, model: str, corpus: Path, work: Path, dtype: str = "float32") -> dict:
-    result = work / f"{kind}-{dtype}-{corpus.stem}.json"
+def spawn(kind: str, model: str, corpus: Path, work: Path, dtype: str = "float32", run: str = "") -> dict:
+    tag = f"{kind}-{dtype}-{Path(model).name}-{corpus.stem}{run}"
+    result = work / f"{tag}.json"
     command = [sys.executable, __file__, "--child", kind, "--model", model, "--corpus", str(corpus)]
-    command += [
-        "--dtype",
-        dtype,
-        "--out-dir",
-        str(work / f"out-{kind}-{dtype}-{corpus.stem}"),
-        "--result",
-        str(result),
-    ]
+    command += ["--dtype", dtype, "--out-dir", str(work / f"out-{tag}"), "--result", str(result)]
     done = subprocess.run(command, cwd=ROOT, stderr=subprocess.PIPE, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"{kind} run failed:\n{done.stderr[-3000:]}")
