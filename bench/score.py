@@ -148,25 +148,12 @@ def spawn(kind: str, model: str, corpus: Path, work: Path, dtype: str = "float32
 
 def build_30m_model(out: Path, tokenizer_dir: str) -> str:
     """A randomly initialised ~30M-parameter Llama with the SmolLM2 tokenizer (throughput only)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
+
+    from data.build_tiny import save_random_llama
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=384,
-        intermediate_size=1024,
-        num_hidden_layers=6,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_random_llama(tokenizer, out, hidden=384, intermediate=1024, layers=6, heads=6, kv_heads=2, tied=True)
     return str(out)
 
 

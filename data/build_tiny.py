@@ -45,27 +45,44 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     )
 
 
-def build_tiny_model(texts: Iterable[str], out: Path, vocab_size: int = 2048, seed: int = 0) -> Path:
-    """A random 2-layer Llama (hidden 64) and a BPE tokenizer trained on `texts`, saved to `out`."""
-    tokenizer = train_tokenizer(texts, vocab_size)
+def save_random_llama(
+    tokenizer,
+    out: Path,
+    *,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    tied: bool,
+    seed: int = 0,
+) -> Path:
+    """A randomly initialised Llama sized for `tokenizer`, saved with it to `out`."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(out, safe_serialization=True)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def build_tiny_model(texts: Iterable[str], out: Path, vocab_size: int = 2048, seed: int = 0) -> Path:
+    """A random 2-layer Llama (hidden 64) and a BPE tokenizer trained on `texts`, saved to `out`."""
+    tokenizer = train_tokenizer(texts, vocab_size)
+    return save_random_llama(
+        tokenizer, out, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, tied=False, seed=seed
+    )
 
 
 def main() -> None:
