@@ -27,7 +27,6 @@ class LoadedModel:
     tokenizer: object
     device: torch.device
     dtype: torch.dtype
-    num_params: int
 
 
 def resolve_device(name: str) -> torch.device:
@@ -111,5 +110,4 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         tokenizer=tokenizer,
         device=device,
         dtype=dtype,
-        num_params=sum(p.numel() for p in model.parameters()),
     )
