@@ -1,0 +1,158 @@
+"""Selection maths against a brute-force computation in plain Python."""
+
+import math
+import random
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.selection import Band, band_for, irdro_weights, select
+
+
+@pytest.fixture
+def scores(tmp_path):
+    """Synthetic score shards with many tied losses, several sources and uneven token counts."""
+    rng = random.Random(3)
+    rows = [
+        {
+            "sample_id": f"f{i % 7}.jsonl:{i}",
+            "source": rng.choice(["web", "code", "books"]),
+            "n_tokens": rng.randint(1, 50),
+            "loss": round(rng.uniform(0.5, 6.0), 1),  # one decimal: lots of ties
+        }
+        for i in range(400)
+    ]
+    for shard in range(4):
+        pq.write_table(pa.Table.from_pylist(rows[shard::4]), tmp_path / f"part-{shard:05d}.parquet")
+    return rows, pl.scan_parquet(tmp_path / "part-*.parquet")
+
+
+def brute_force(rows, band: Band, measure: str, by_source: bool, order_key=None) -> set[str]:
+    """Kept ids: sort hardest first (ties by id), walk the cumulative measure, keep starts in band."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(row["source"] if by_source else "", []).append(row)
+    kept = set()
+    for group in groups.values():
+        key = order_key or (lambda r: (-r["loss"], r["sample_id"]))
+        ordered = sorted(group, key=key)
+        size = [r["n_tokens"] if measure == "tokens" else 1 for r in ordered]
+        total, before = sum(size), 0
+        for row, s in zip(ordered, size, strict=True):
+            if band.start <= before / total < band.stop:
+                kept.add(row["sample_id"])
+            before += s
+    return kept
+
+
+CASES = [
+    ("midranking", {"skip": 0.1, "keep": 0.3}),
+    ("midranking", {"skip": 0.0, "keep": 0.5}),
+    ("band", {"low": 0.3, "high": 0.6}),  # cc_net's middle
+    ("band", {"low": 0.35, "high": 0.65}),  # Marion et al.'s middle
+    ("top", {"keep": 0.5}),
+    ("bottom", {"keep": 0.5}),
+    ("all", {}),
+]
+
+
+@pytest.mark.parametrize(("strategy", "params"), CASES)
+@pytest.mark.parametrize("measure", ["samples", "tokens"])
+@pytest.mark.parametrize("by_source", [False, True])
+def test_kept_set_equals_brute_force(scores, strategy, params, measure, by_source):
+    rows, lazy = scores
+    band = band_for(strategy, **params)
+    decided = select(lazy, band, measure=measure, by_source=by_source).collect()
+    assert decided.height == len(rows)  # every sample is decided
+    kept = set(decided.filter(pl.col("kept"))["sample_id"])
+    assert kept == brute_force(rows, band, measure, by_source)
+    rejected = decided.filter(~pl.col("kept"))
+    assert rejected["reason"].null_count() == 0 and decided.filter(pl.col("kept"))[
+        "reason"
+    ].null_count() == len(kept)
+    if strategy != "all":
+        # reasons agree with the side of the band: too_hard rows have higher (or tied) loss than any kept row
+        hard = rejected.filter(pl.col("reason") == "too_hard")
+        if not by_source and hard.height and kept:
+            assert hard["loss"].min() >= decided.filter(pl.col("kept"))["loss"].max()
+
+
+def test_random_strategy_is_seeded_and_brute_forced(scores):
+    rows, lazy = scores
+    band = band_for("random", keep=0.25)
+    first = select(lazy, band, seed=7).collect()
+    again = select(lazy, band, seed=7).collect()
+    other = select(lazy, band, seed=8).collect()
+    kept = set(first.filter(pl.col("kept"))["sample_id"])
+    assert (
+        kept
+        == set(again.filter(pl.col("kept"))["sample_id"])
+        != set(other.filter(pl.col("kept"))["sample_id"])
+    )
+    keys = dict(zip(lazy.collect()["sample_id"], lazy.collect()["sample_id"].hash(7), strict=True))
+    assert kept == brute_force(
+        rows, band, "samples", False, order_key=lambda r: (keys[r["sample_id"]], r["sample_id"])
+    )
+    assert set(first.filter(~pl.col("kept"))["reason"]) == {"not_sampled"}
+    assert len(kept) == 100
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.37, 0.5])
+def test_token_budget_hits_its_target_within_one_sample(scores, keep):
+    rows, lazy = scores
+    decided = select(lazy, band_for("midranking", skip=0.2, keep=keep), measure="tokens").collect()
+    total = sum(r["n_tokens"] for r in rows)
+    kept_tokens = decided.filter(pl.col("kept"))["n_tokens"].sum()
+    assert abs(kept_tokens - keep * total) <= max(r["n_tokens"] for r in rows)
+
+
+def test_by_source_keeps_the_band_within_each_source(scores):
+    rows, lazy = scores
+    decided = select(lazy, band_for("midranking", skip=0.1, keep=0.5), by_source=True).collect()
+    for source in {r["source"] for r in rows}:
+        part = decided.filter(pl.col("source") == source)
+        assert part.filter(pl.col("kept")).height == pytest.approx(0.5 * part.height, abs=1)
+
+
+def test_selection_is_deterministic_with_ties(scores):
+    _, lazy = scores
+    band = band_for("midranking", skip=0.1, keep=0.3)
+    results = [select(lazy, band).collect().sort("sample_id") for _ in range(3)]
+    assert results[0].equals(results[1]) and results[1].equals(results[2])
+
+
+@pytest.mark.parametrize(
+    "params", [{"start": -0.1, "stop": 0.5}, {"start": 0.5, "stop": 0.5}, {"start": 0.2, "stop": 1.2}]
+)
+def test_band_outside_unit_interval_is_refused(params):
+    with pytest.raises(ValueError, match="a band needs 0 <= start < stop <= 1"):
+        Band(**params)
+
+
+def closed_form(losses, kl_reg):
+    shifted = [math.exp((x - max(losses)) / kl_reg) for x in losses]
+    return [len(losses) * s / sum(shifted) for s in shifted]
+
+
+@pytest.mark.parametrize("kl_reg", [0.1, 1.0, 10.0])
+def test_irdro_weights_equal_the_closed_form(kl_reg):
+    losses = [0.5, 2.0, 2.0, 3.5, 9.0]
+    frame = pl.LazyFrame({"loss": losses})
+    weights = irdro_weights(frame, kl_reg).collect()["weight"].to_list()
+    assert weights == pytest.approx(closed_form(losses, kl_reg), rel=1e-12)
+    assert np.mean(weights) == pytest.approx(1.0)
+
+
+def test_irdro_extreme_losses_do_not_overflow_and_limits_hold():
+    losses = [1e4, 1e4 - 1, 0.0]
+    weights = irdro_weights(pl.LazyFrame({"loss": losses}), 1.0).collect()["weight"].to_numpy()
+    assert np.isfinite(weights).all() and weights[0] > weights[1] > weights[2] >= 0
+    uniform = irdro_weights(pl.LazyFrame({"loss": [1.0, 2.0, 3.0]}), 1e9).collect()["weight"].to_numpy()
+    assert uniform == pytest.approx([1.0, 1.0, 1.0])
+    hardest = irdro_weights(pl.LazyFrame({"loss": [1.0, 2.0, 3.0]}), 1e-3).collect()["weight"].to_numpy()
+    assert hardest == pytest.approx([0.0, 0.0, 3.0])
+    with pytest.raises(ValueError, match="kl_reg must be > 0"):
+        irdro_weights(pl.LazyFrame({"loss": [1.0]}), 0.0)
