@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup data model tiny corpus score test test-slow quality clean-data
+.PHONY: setup data model tiny corpus score select test test-slow quality clean-data
 
 setup: $(STAMP)
 
@@ -45,6 +45,10 @@ corpus: $(STAMP)
 # Stage one: per-sample losses -> $(out_dir)/scores/part-*.parquet (resumable; reruns skip finished shards)
 score: $(STAMP)
 	$(VENV)/bin/midrank score --config $(CONFIG) $(ARGS)
+
+# Stage two: rank the scores, keep the band(s) -> $(out_dir)/selected/<band>/
+select: $(STAMP)
+	$(VENV)/bin/midrank select --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -51,10 +51,17 @@ def score(cfg: Config) -> None:
     score.run(cfg)
 
 
+def select(cfg: Config) -> None:
+    from stages import select
+
+    select.run(cfg)
+
+
 COMMANDS = {
     "config": ("print the resolved configuration", lambda cfg: print(dump_config(cfg), end="")),
     "corpus": ("read every record and report counts and skipped rows by reason", check_corpus),
     "score": ("score every sample's loss -> <out_dir>/scores/part-*.parquet", score),
+    "select": ("rank the scores, keep the band(s) -> <out_dir>/selected/<band>/", select),
 }
 
 

@@ -137,6 +137,112 @@ class ScoreConfig:
         )
 
 
+# Peers' bands, as loss quantiles counted from the easiest sample (low, high).
+BAND_PRESETS = {
+    "cc_net_head": (0.0, 0.3),
+    "cc_net_middle": (0.3, 0.6),
+    "cc_net_tail": (0.6, 1.0),
+    "marion_middle": (0.35, 0.65),
+    "ankner_high50": (0.5, 1.0),
+    "ankner_medium50": (0.25, 0.75),
+}
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class BandConfig:
+    name: str = ""
+    """Output directory name under selected/; derived from the parameters when empty."""
+
+    strategy: Literal[
+        "midranking", "band", "top", "bottom", "random", "all", *BAND_PRESETS  # type: ignore[misc]
+    ] = "midranking"
+    """midranking: drop the top `skip`, keep the next `keep` (by loss, hardest first); band: loss
+    quantiles [low, high); top/bottom: the `keep` highest/lowest; random: a seeded `keep`; all; or a
+    peer's preset band (cc_net_head/middle/tail, marion_middle, ankner_high50/medium50)."""
+
+    skip: float = 0.1
+    """midranking: share of the measure dropped from the top (hardest)."""
+
+    keep: float = 0.5
+    """midranking/top/bottom/random: share of the measure kept."""
+
+    low: float = 0.0
+    """band: lower loss quantile (0 = easiest)."""
+
+    high: float = 1.0
+    """band: upper loss quantile (exclusive)."""
+
+    measure: Literal["samples", "tokens"] = "samples"
+    """What the shares count."""
+
+    target_tokens: int = 0
+    """An absolute budget in tokens instead of `keep` (0: use `keep`); implies measure=tokens."""
+
+    by_source: bool = False
+    """Apply the band within each source, so the domain mix is kept."""
+
+    seed: int = 0
+    """random: the seed of the sample order."""
+
+    weights: bool = False
+    """Write an IR-DRO `weight` column: softmax(loss / kl_reg) over the kept set, mean 1."""
+
+    kl_reg: float = 1.0
+    """IR-DRO lambda: large -> uniform weights, small -> the hardest sample only."""
+
+    def __post_init__(self) -> None:
+        for key in ("skip", "keep", "low", "high"):
+            value = getattr(self, key)
+            _require(0.0 <= value <= 1.0, key, f"must be within [0, 1], got {value}")
+        _require(self.keep > 0 or self.target_tokens > 0, "keep", "must be > 0 (an empty band keeps nothing)")
+        if self.strategy == "midranking":
+            _require(
+                self.skip + self.keep <= 1.0,
+                "keep",
+                f"skip + keep must be <= 1, got {self.skip} + {self.keep}",
+            )
+        if self.strategy == "band":
+            _require(self.low < self.high, "high", f"must be > low ({self.low}), got {self.high}")
+        _require(self.target_tokens >= 0, "target_tokens", f"must be >= 0, got {self.target_tokens}")
+        _require(self.kl_reg > 0, "kl_reg", f"must be > 0, got {self.kl_reg}")
+
+    def resolved_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.strategy in BAND_PRESETS or self.strategy == "all":
+            parts = [self.strategy]
+        elif self.strategy == "band":
+            parts = [self.strategy, f"q{self.low:g}-{self.high:g}"]
+        else:
+            size = f"t{self.target_tokens}" if self.target_tokens else f"k{self.keep:g}"
+            parts = [self.strategy, *([f"s{self.skip:g}"] if self.strategy == "midranking" else []), size]
+            parts += [f"seed{self.seed}"] if self.strategy == "random" else []
+        parts += [self.measure if not self.target_tokens else "tokens"]
+        parts += ["bysource"] if self.by_source else []
+        parts += [f"irdro{self.kl_reg:g}"] if self.weights else []
+        return "-".join(parts)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class SelectConfig:
+    bands: tuple[BandConfig, ...] = (BandConfig(),)
+    """The bands to emit, all from one pass over the scores and the corpus."""
+
+    write_rejected: bool = False
+    """Also write selected/<band>/rejected/ with every dropped sample and its reason."""
+
+    jsonl: bool = False
+    """Also write selected/<band>/data.jsonl (text + source + loss) next to the Parquet."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.bands) > 0, "bands", "at least one band is required")
+        names = [b.resolved_name() for b in self.bands]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        _require(
+            duplicate is None, "bands", f"two bands are both named {duplicate!r}; give them distinct names"
+        )
+
+
 @dataclass(kw_only=True, slots=True, frozen=True)
 class Config:
     """The whole run. Stages read the sections they need."""
@@ -147,6 +253,7 @@ class Config:
     corpus: CorpusConfig
     model: ModelConfig
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,175 @@
+"""Stage two: rank every scored sample globally, keep the band(s), emit the filtered dataset(s).
+
+    midrank select --config configs/default.yaml
+    midrank select --config configs/default.yaml 'select.bands=[{strategy: midranking, skip: 0.05, keep: 0.3}, {strategy: cc_net_middle}]'
+
+Writes, per band, `<out_dir>/selected/<band>/part-{shard:05d}.parquet` (the kept samples with their
+text and every score column, plus `weight` when asked), optionally `rejected/` (every dropped
+sample with its reason) and `data.jsonl`, and `manifest.json` last. The corpus is read once, shard
+by shard, for all bands together. A band whose manifest exists with the same config is skipped; a
+band directory holding a different config is refused, never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline.artifacts import PROVENANCE_KEY, check_same_key, read_json_metadata, write_json_atomic
+from pipeline.config import BAND_PRESETS, BandConfig, Config, ConfigError, save_config, to_dict
+from pipeline.log import get_logger
+from pipeline.records import ReadStats
+from pipeline.selection import Band, band_for, irdro_weights, select
+from pipeline.sharding import iter_shard, plan_shards
+
+
+def score_files(scores_dir: Path, num_shards: int) -> list[Path]:
+    files = [scores_dir / f"part-{s:05d}.parquet" for s in range(num_shards)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ConfigError(
+            f"{scores_dir}: {len(missing)} of {num_shards} score shards are missing ({', '.join(missing[:3])}...); "
+            "run `midrank score` to finish scoring first"
+        )
+    return files
+
+
+def common_provenance(files: list[Path]) -> dict[str, Any]:
+    first = read_json_metadata(files[0], PROVENANCE_KEY)
+    for path in files[1:]:
+        check_same_key(read_json_metadata(path, PROVENANCE_KEY)["key"], first["key"], str(path))
+    return first
+
+
+def band_of(cfg: BandConfig, total_tokens: int) -> tuple[Band, str]:
+    measure = "tokens" if cfg.target_tokens else cfg.measure
+    keep = min(1.0, cfg.target_tokens / total_tokens) if cfg.target_tokens else cfg.keep
+    if cfg.strategy in BAND_PRESETS:
+        low, high = BAND_PRESETS[cfg.strategy]
+        return band_for("band", low=low, high=high), measure
+    return band_for(cfg.strategy, skip=cfg.skip, keep=keep, low=cfg.low, high=cfg.high), measure
+
+
+def decide(scores: pl.LazyFrame, cfg: BandConfig, total_tokens: int) -> pl.DataFrame:
+    band, measure = band_of(cfg, total_tokens)
+    decided = select(scores, band, measure=measure, by_source=cfg.by_source, seed=cfg.seed).collect()
+    if cfg.weights:
+        weighted = irdro_weights(decided.lazy().filter(pl.col("kept")), cfg.kl_reg).select(
+            "sample_id", "weight"
+        )
+        decided = decided.join(weighted.collect(), on="sample_id", how="left")
+    return decided
+
+
+def source_mix(frame: pl.DataFrame) -> dict[str, dict[str, int]]:
+    grouped = frame.group_by("source").agg(samples=pl.len(), tokens=pl.col("n_tokens").sum()).sort("source")
+    return {row["source"]: {"samples": row["samples"], "tokens": row["tokens"]} for row in grouped.to_dicts()}
+
+
+def manifest_for(
+    cfg: Config, band_cfg: BandConfig, decided: pl.DataFrame, provenance: dict
+) -> dict[str, Any]:
+    kept = decided.filter(pl.col("kept"))
+    band, measure = band_of(band_cfg, int(decided["n_tokens"].sum()))
+    return {
+        "band": band_cfg.resolved_name(),
+        "strategy": band_cfg.strategy,
+        "parameters": to_dict(band_cfg),
+        "positions": {"start": band.start, "stop": band.stop, "order": band.order, "measure": measure},
+        "loss_thresholds": {"max_kept": kept["loss"].max(), "min_kept": kept["loss"].min()},
+        "samples": {"in": decided.height, "kept": kept.height},
+        "tokens": {"in": int(decided["n_tokens"].sum()), "kept": int(kept["n_tokens"].sum())},
+        "rejected": dict(Counter(decided.filter(~pl.col("kept"))["reason"].to_list())),
+        "per_source": {"before": source_mix(decided), "after": source_mix(kept)},
+        "score_provenance": provenance,
+        "config": to_dict(cfg),
+    }
+
+
+def write_part(rows: pl.DataFrame, records: dict, where: Path, shard: int) -> None:
+    """One shard's rows of a band with their text joined back from the corpus records."""
+    texts, prompts = [], []
+    for sample_id, char_start, char_end in rows.select("sample_id", "char_start", "char_end").iter_rows():
+        record = records[sample_id.split("#")[0]]
+        window = "#" in sample_id
+        texts.append(record.text[char_start:char_end] if window else record.text)
+        prompts.append(record.prompt)
+    table = rows.with_columns(text=pl.Series(texts, dtype=pl.String))
+    if any(p is not None for p in prompts):
+        table = table.with_columns(prompt=pl.Series(prompts, dtype=pl.String))
+    tmp = where / f".part-{shard:05d}.parquet.tmp"
+    table.write_parquet(tmp)
+    tmp.replace(where / f"part-{shard:05d}.parquet")
+
+
+def write_jsonl(band_dir: Path) -> None:
+    frame = pl.read_parquet(sorted(band_dir.glob("part-*.parquet")))
+    frame.select("sample_id", "source", "loss", "text").write_ndjson(band_dir / "data.jsonl")
+
+
+def run(cfg: Config) -> list[Path]:
+    log = get_logger()
+    started = time.perf_counter()
+    out = Path(cfg.out_dir)
+    scores_dir = out / "scores"
+    plan = plan_shards(cfg.corpus)
+    files = score_files(scores_dir, len(plan.shards))
+    provenance = common_provenance(files)
+    scores = pl.scan_parquet(files)
+    total_tokens = int(scores.select(pl.col("n_tokens").sum()).collect().item())
+
+    todo: dict[str, tuple[BandConfig, pl.DataFrame, Path]] = {}
+    outputs = []
+    for band_cfg in cfg.select.bands:
+        name = band_cfg.resolved_name()
+        band_dir = out / "selected" / name
+        outputs.append(band_dir)
+        manifest_path = band_dir / "manifest.json"
+        if manifest_path.is_file():
+            previous = json.loads(manifest_path.read_text())["parameters"]
+            if previous != to_dict(band_cfg):
+                raise ConfigError(
+                    f"select.bands: {band_dir} holds a different selection; give this band another name"
+                )
+            log.info(f"{name}: already selected, nothing to do")
+            continue
+        decided = decide(scores, band_cfg, total_tokens)
+        kept = decided.filter(pl.col("kept"))
+        if kept.height == 0:
+            raise ConfigError(f"select.bands: {name} keeps no sample; widen the band")
+        share = kept["n_tokens"].sum() / max(total_tokens, 1)
+        if share < 0.01:
+            log.warning(f"{name}: keeps only {share:.2%} of the tokens")
+        shutil.rmtree(band_dir, ignore_errors=True)  # a previous run cut short before its manifest
+        (band_dir / "rejected" if cfg.select.write_rejected else band_dir).mkdir(parents=True)
+        todo[name] = (band_cfg, decided, band_dir)
+    if not todo:
+        return outputs
+
+    stats = ReadStats()
+    for shard in range(len(plan.shards)):
+        records = {r.sample_id: r for r in iter_shard(plan, shard, cfg.corpus, stats)}
+        for _, decided, band_dir in todo.values():
+            part = decided.filter(pl.col("shard") == shard).drop("position")
+            write_part(part.filter(pl.col("kept")).drop("kept", "reason"), records, band_dir, shard)
+            if cfg.select.write_rejected:
+                write_part(part.filter(~pl.col("kept")).drop("kept"), records, band_dir / "rejected", shard)
+    for name, (band_cfg, decided, band_dir) in todo.items():
+        if cfg.select.jsonl:
+            write_jsonl(band_dir)
+        manifest = manifest_for(cfg, band_cfg, decided, provenance)
+        save_config(cfg, band_dir)
+        write_json_atomic(band_dir / "manifest.json", manifest)
+        log.info(
+            f"{name}: kept {manifest['samples']['kept']} of {manifest['samples']['in']} samples, "
+            f"{manifest['tokens']['kept']:,} of {manifest['tokens']['in']:,} tokens, "
+            f"loss {manifest['loss_thresholds']['min_kept']:.3f}..{manifest['loss_thresholds']['max_kept']:.3f} -> {band_dir}"
+        )
+    log.info(f"selected {len(todo)} band(s) in {time.perf_counter() - started:.1f}s")
+    return outputs

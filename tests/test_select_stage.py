@@ -1,0 +1,97 @@
+"""Stage two end to end on real score shards from the tiny model."""
+
+import json
+
+import datasets
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.artifacts import PROVENANCE_KEY, ProvenanceError
+from pipeline.config import ConfigError, load_config
+from stages import score, select
+from tests.helpers import make_texts, write_config, write_corpus
+
+BANDS = "select.bands=[{strategy: midranking, skip: 0.1, keep: 0.4}, {strategy: cc_net_middle, by_source: true, weights: true}]"
+
+
+@pytest.fixture
+def scored(tmp_path, tiny_model_dir):
+    corpus = write_corpus(tmp_path / "corpus.jsonl", make_texts(60, seed=9))
+    config = write_config(tmp_path, corpus, tiny_model_dir)
+    score.run(load_config(config))
+    return config, corpus
+
+
+def test_every_sample_is_kept_or_rejected_with_text_joined_back(scored, tmp_path):
+    config, corpus = scored
+    cfg = load_config(config, [BANDS, "select.write_rejected=true", "select.jsonl=true"])
+    outputs = select.run(cfg)
+    texts = {f"corpus.jsonl:{i}": json.loads(line)["text"] for i, line in enumerate(corpus.open())}
+    scores = pl.read_parquet(tmp_path / "out" / "scores" / "part-*.parquet")
+    for band_dir in outputs:
+        kept = pl.read_parquet(band_dir / "part-*.parquet")
+        rejected = pl.read_parquet(band_dir / "rejected" / "part-*.parquet")
+        assert set(kept["sample_id"]).isdisjoint(rejected["sample_id"])
+        assert sorted([*kept["sample_id"], *rejected["sample_id"]]) == sorted(scores["sample_id"])
+        assert set(rejected["reason"]) <= {"too_hard", "too_easy"}
+        assert all(texts[r["sample_id"]] == r["text"] for r in kept.iter_rows(named=True))
+        manifest = json.loads((band_dir / "manifest.json").read_text())
+        assert manifest["samples"] == {"in": 60, "kept": kept.height}
+        assert manifest["tokens"]["kept"] == kept["n_tokens"].sum()
+        assert sum(manifest["rejected"].values()) == rejected.height
+        assert manifest["score_provenance"]["key"]["max_tokens"] == 64
+        assert len((band_dir / "data.jsonl").read_text().splitlines()) == kept.height
+        loaded = datasets.load_dataset("parquet", data_files=str(band_dir / "part-*.parquet"), split="train")
+        assert loaded.num_rows == kept.height and "text" in loaded.column_names
+    midranking, middle = outputs
+    assert pl.read_parquet(midranking / "part-*.parquet").height == 24  # 40% of 60
+    weights = pl.read_parquet(middle / "part-*.parquet")["weight"]
+    assert weights.mean() == pytest.approx(1.0)
+
+
+def test_rerun_does_nothing_and_a_changed_named_band_is_refused(scored, caplog):
+    config, _ = scored
+    first = select.run(load_config(config, ["select.bands=[{name: mine, keep: 0.3}]"]))
+    mtime = (first[0] / "manifest.json").stat().st_mtime_ns
+    select.run(load_config(config, ["select.bands=[{name: mine, keep: 0.3}]"]))
+    assert (first[0] / "manifest.json").stat().st_mtime_ns == mtime
+    with pytest.raises(ConfigError, match="holds a different selection"):
+        select.run(load_config(config, ["select.bands=[{name: mine, keep: 0.4}]"]))
+
+
+def test_empty_band_and_bad_parameters_are_clear_errors(scored):
+    config, _ = scored
+    with pytest.raises(ConfigError, match="keeps no sample"):
+        select.run(load_config(config, ["select.bands=[{strategy: bottom, keep: 0.001}]"]))
+    with pytest.raises(ConfigError, match=r"select\.bands\[0\]\.keep: skip \+ keep must be <= 1"):
+        load_config(config, ["select.bands=[{skip: 0.8, keep: 0.5}]"])
+    with pytest.raises(ConfigError, match=r"select\.bands\[0\]\.skip: must be within \[0, 1\]"):
+        load_config(config, ["select.bands=[{skip: 1.5}]"])
+
+
+def test_mixed_provenance_is_refused(scored, tmp_path):
+    config, _ = scored
+    path = tmp_path / "out" / "scores" / "part-00001.parquet"
+    table = pq.read_table(path)
+    provenance = json.loads(table.schema.metadata[PROVENANCE_KEY])
+    provenance["key"]["dtype"] = "bfloat16"
+    pq.write_table(
+        table.replace_schema_metadata(
+            {**table.schema.metadata, PROVENANCE_KEY: json.dumps(provenance).encode()}
+        ),
+        path,
+    )
+    with pytest.raises(ProvenanceError, match="refusing to mix"):
+        select.run(load_config(config))
+
+
+def test_split_windows_get_their_own_span(tmp_path, tiny_model_dir):
+    text = " ".join(f"w{i}" for i in range(300))
+    corpus = write_corpus(tmp_path / "long.jsonl", [text])
+    config = write_config(tmp_path, corpus, tiny_model_dir)
+    score.run(load_config(config, ["score.long_docs=split"]))
+    (band,) = select.run(load_config(config, ["score.long_docs=split", "select.bands=[{strategy: all}]"]))
+    rows = pl.read_parquet(band / "part-*.parquet").sort("window")
+    assert rows.height > 2 and all(t and t in text for t in rows["text"])
+    assert rows["text"][0].startswith("w0") and text.endswith(rows["text"][-1].split()[-1])
