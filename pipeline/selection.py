@@ -7,7 +7,8 @@
 Every sample is placed on one line, hardest first: by `loss` descending, ties by `sample_id`
 ascending, so a selection is deterministic (the `random` strategy orders by a seeded hash of the
 sample_id instead). A sample's position is the share of the measure (samples, or tokens) that
-comes before it; a band keeps the samples whose position falls in [start, stop). In tokens, the
+comes before it; a band keeps the samples whose position falls in [start, stop) (compared as
+`start x total <= before < stop x total`). In tokens, the
 kept total is therefore within one sample of (stop - start) x total. With `by_source`, positions
 are computed within each source, so each source keeps its own band and the domain mix is kept.
 Everything is a Polars lazy query: nothing per row goes through Python.
@@ -21,6 +22,7 @@ from typing import Literal
 import polars as pl
 
 Strategy = Literal["midranking", "band", "top", "bottom", "random", "all"]
+Reason = pl.Enum(["too_hard", "too_easy", "not_sampled"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +66,8 @@ def select(
     by_source: bool = False,
     seed: int = 0,
 ) -> pl.LazyFrame:
-    """All samples with `position` (share of the measure before them), `kept` and `reason`."""
+    """All samples with `position` (share of the measure before them), `kept` and `reason`.
+    Needs `sample_id` and `loss`, plus `n_tokens` for measure=tokens and `source` for by_source."""
     if band.order == "loss":
         ordered = scores.sort(["loss", "sample_id"], descending=[True, False])
     else:
@@ -79,20 +82,26 @@ def select(
     total = size.sum()
     if by_source:
         before, total = before.over("source"), total.over("source")
-    position = (before.cast(pl.Float64) / total.cast(pl.Float64)).alias("position")
-    framed = ordered.with_columns(position).drop("_size")
-    kept = (pl.col("position") >= band.start) & (pl.col("position") < band.stop)
+    before, total = before.cast(pl.Float64), total.cast(pl.Float64)
+    # Compared as products, not as before / total: a query engine may divide by multiplying with a
+    # reciprocal, which puts a sample sitting exactly on a boundary on the wrong side of it.
+    framed = ordered.with_columns(
+        position=before / total,
+        kept=(before >= band.start * total) & (before < band.stop * total),
+        _before_band=before < band.start * total,
+    ).drop("_size")
+    kept = pl.col("kept")
     if band.order == "random":
-        reason = pl.when(kept).then(None).otherwise(pl.lit("not_sampled"))
+        reason = pl.when(kept).then(None).otherwise(pl.lit("not_sampled", dtype=Reason))
     else:
         reason = (
             pl.when(kept)
             .then(None)
-            .when(pl.col("position") < band.start)
-            .then(pl.lit("too_hard"))
-            .otherwise(pl.lit("too_easy"))
+            .when(pl.col("_before_band"))
+            .then(pl.lit("too_hard", dtype=Reason))
+            .otherwise(pl.lit("too_easy", dtype=Reason))
         )
-    return framed.with_columns(kept=kept, reason=reason)
+    return framed.with_columns(reason=reason).drop("_before_band")
 
 
 def irdro_weights(kept: pl.LazyFrame, kl_reg: float) -> pl.LazyFrame:

@@ -42,7 +42,7 @@ def brute_force(rows, band: Band, measure: str, by_source: bool, order_key=None)
         size = [r["n_tokens"] if measure == "tokens" else 1 for r in ordered]
         total, before = sum(size), 0
         for row, s in zip(ordered, size, strict=True):
-            if band.start <= before / total < band.stop:
+            if band.start * total <= before < band.stop * total:
                 kept.add(row["sample_id"])
             before += s
     return kept
