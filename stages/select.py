@@ -156,7 +156,7 @@ def run(cfg: Config) -> list[Path]:
     for shard in range(len(plan.shards)):
         records = {r.sample_id: r for r in iter_shard(plan, shard, cfg.corpus, stats)}
         for _, decided, band_dir in todo.values():
-            part = decided.filter(pl.col("shard") == shard).drop("position")
+            part = decided.filter(pl.col("shard") == shard)
             write_part(part.filter(pl.col("kept")).drop("kept", "reason"), records, band_dir, shard)
             if cfg.select.write_rejected:
                 write_part(part.filter(~pl.col("kept")).drop("kept"), records, band_dir / "rejected", shard)
