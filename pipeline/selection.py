@@ -140,13 +140,20 @@ def select(
     return pl.concat(decided)
 
 
-def irdro_weights(kept: pl.LazyFrame, kl_reg: float) -> pl.LazyFrame:
-    """IR-DRO weights over the kept set: softmax(loss / kl_reg), rescaled to mean 1, in float64.
+def irdro_weight_expr(kept: pl.LazyFrame, kl_reg: float) -> pl.Expr:
+    """IR-DRO weight over the kept set: softmax(loss / kl_reg), rescaled to mean 1, in float64, as
+    an expression whose two normalisers (max loss, mean of exp) are computed once, so it can be
+    applied shard by shard.
 
     The max is subtracted before exp, so extreme losses do not overflow; a large kl_reg tends to
     uniform weights, a small one puts all the weight on the hardest sample."""
     if kl_reg <= 0:
         raise ValueError(f"kl_reg must be > 0, got {kl_reg}")
     loss = pl.col("loss").cast(pl.Float64)
-    unnormalised = ((loss - loss.max()) / kl_reg).exp()
-    return kept.with_columns(weight=unnormalised / unnormalised.mean())
+    top = kept.select(loss.max()).collect().item()
+    mean = kept.select(((loss - top) / kl_reg).exp().mean()).collect().item()
+    return ((loss - top) / kl_reg).exp() / mean
+
+
+def irdro_weights(kept: pl.LazyFrame, kl_reg: float) -> pl.LazyFrame:
+    return kept.with_columns(weight=irdro_weight_expr(kept, kl_reg))

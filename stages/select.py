@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from pipeline.artifacts import PROVENANCE_KEY, check_same_key, read_json_metadat
 from pipeline.config import BAND_PRESETS, BandConfig, Config, ConfigError, save_config, to_dict
 from pipeline.log import get_logger
 from pipeline.records import ReadStats
-from pipeline.selection import Band, band_for, irdro_weights, select
+from pipeline.selection import Band, band_for, irdro_weight_expr, select
 from pipeline.sharding import iter_shard, plan_shards
 
 
@@ -56,37 +55,52 @@ def band_of(cfg: BandConfig, total_tokens: int) -> tuple[Band, str]:
     return band_for(cfg.strategy, skip=cfg.skip, keep=keep, low=cfg.low, high=cfg.high), measure
 
 
-def decide(scores: pl.LazyFrame, cfg: BandConfig, total_tokens: int) -> pl.DataFrame:
+def decide(scores: pl.LazyFrame, cfg: BandConfig, total_tokens: int) -> pl.LazyFrame:
+    """Every sample with `kept`, `reason` (and `weight`), as a lazy query: the band's ends are
+    fixed here once, and each shard is then decided on its own."""
     band, measure = band_of(cfg, total_tokens)
-    decided = select(scores, band, measure=measure, by_source=cfg.by_source, seed=cfg.seed).collect()
+    decided = select(scores, band, measure=measure, by_source=cfg.by_source, seed=cfg.seed)
     if cfg.weights:
-        weighted = irdro_weights(decided.lazy().filter(pl.col("kept")), cfg.kl_reg).select(
-            "sample_id", "weight"
-        )
-        decided = decided.join(weighted.collect(), on="sample_id", how="left")
+        weight = irdro_weight_expr(decided.filter(pl.col("kept")), cfg.kl_reg)
+        decided = decided.with_columns(weight=pl.when(pl.col("kept")).then(weight))
     return decided
 
 
-def source_mix(frame: pl.DataFrame) -> dict[str, dict[str, int]]:
-    grouped = frame.group_by("source").agg(samples=pl.len(), tokens=pl.col("n_tokens").sum()).sort("source")
+def summarize(decided: pl.LazyFrame) -> pl.DataFrame:
+    """Samples, tokens and loss range per (source, kept, reason): what the manifest reports."""
+    return (
+        decided.group_by("source", "kept", "reason")
+        .agg(
+            samples=pl.len(),
+            tokens=pl.col("n_tokens").cast(pl.Int64).sum(),
+            min_loss=pl.col("loss").min(),
+            max_loss=pl.col("loss").max(),
+        )
+        .collect()
+    )
+
+
+def source_mix(summary: pl.DataFrame) -> dict[str, dict[str, int]]:
+    grouped = summary.group_by("source").agg(pl.col("samples").sum(), pl.col("tokens").sum()).sort("source")
     return {row["source"]: {"samples": row["samples"], "tokens": row["tokens"]} for row in grouped.to_dicts()}
 
 
 def manifest_for(
-    cfg: Config, band_cfg: BandConfig, decided: pl.DataFrame, provenance: dict
+    cfg: Config, band_cfg: BandConfig, summary: pl.DataFrame, provenance: dict
 ) -> dict[str, Any]:
-    kept = decided.filter(pl.col("kept"))
-    band, measure = band_of(band_cfg, int(decided["n_tokens"].sum()))
+    kept = summary.filter(pl.col("kept"))
+    rejected = summary.filter(~pl.col("kept")).group_by("reason").agg(pl.col("samples").sum())
+    band, measure = band_of(band_cfg, int(summary["tokens"].sum()))
     return {
         "band": band_cfg.resolved_name(),
         "strategy": band_cfg.strategy,
         "parameters": to_dict(band_cfg),
         "positions": {"start": band.start, "stop": band.stop, "order": band.order, "measure": measure},
-        "loss_thresholds": {"max_kept": kept["loss"].max(), "min_kept": kept["loss"].min()},
-        "samples": {"in": decided.height, "kept": kept.height},
-        "tokens": {"in": int(decided["n_tokens"].sum()), "kept": int(kept["n_tokens"].sum())},
-        "rejected": dict(Counter(decided.filter(~pl.col("kept"))["reason"].to_list())),
-        "per_source": {"before": source_mix(decided), "after": source_mix(kept)},
+        "loss_thresholds": {"max_kept": kept["max_loss"].max(), "min_kept": kept["min_loss"].min()},
+        "samples": {"in": int(summary["samples"].sum()), "kept": int(kept["samples"].sum())},
+        "tokens": {"in": int(summary["tokens"].sum()), "kept": int(kept["tokens"].sum())},
+        "rejected": {str(r["reason"]): int(r["samples"]) for r in rejected.sort("reason").to_dicts()},
+        "per_source": {"before": source_mix(summary), "after": source_mix(kept)},
         "score_provenance": provenance,
         "config": to_dict(cfg),
     }
@@ -124,7 +138,7 @@ def run(cfg: Config) -> list[Path]:
     scores = pl.scan_parquet(files)
     total_tokens = int(scores.select(pl.col("n_tokens").sum()).collect().item())
 
-    todo: dict[str, tuple[BandConfig, pl.DataFrame, Path]] = {}
+    todo: dict[str, tuple[BandConfig, pl.LazyFrame, pl.DataFrame, Path]] = {}
     outputs = []
     for band_cfg in cfg.select.bands:
         name = band_cfg.resolved_name()
@@ -140,30 +154,31 @@ def run(cfg: Config) -> list[Path]:
             log.info(f"{name}: already selected, nothing to do")
             continue
         decided = decide(scores, band_cfg, total_tokens)
-        kept = decided.filter(pl.col("kept"))
-        if kept.height == 0:
+        summary = summarize(decided)
+        kept = summary.filter(pl.col("kept"))
+        if kept["samples"].sum() == 0:
             raise ConfigError(f"select.bands: {name} keeps no sample; widen the band")
-        share = kept["n_tokens"].sum() / max(total_tokens, 1)
+        share = kept["tokens"].sum() / max(total_tokens, 1)
         if share < 0.01:
             log.warning(f"{name}: keeps only {share:.2%} of the tokens")
         shutil.rmtree(band_dir, ignore_errors=True)  # a previous run cut short before its manifest
         (band_dir / "rejected" if cfg.select.write_rejected else band_dir).mkdir(parents=True)
-        todo[name] = (band_cfg, decided, band_dir)
+        todo[name] = (band_cfg, decided, summary, band_dir)
     if not todo:
         return outputs
 
     stats = ReadStats()
     for shard in range(len(plan.shards)):
         records = {r.sample_id: r for r in iter_shard(plan, shard, cfg.corpus, stats)}
-        for _, decided, band_dir in todo.values():
-            part = decided.filter(pl.col("shard") == shard)
+        for _, decided, _, band_dir in todo.values():
+            part = decided.filter(pl.col("shard") == shard).collect()
             write_part(part.filter(pl.col("kept")).drop("kept", "reason"), records, band_dir, shard)
             if cfg.select.write_rejected:
                 write_part(part.filter(~pl.col("kept")).drop("kept"), records, band_dir / "rejected", shard)
-    for name, (band_cfg, decided, band_dir) in todo.items():
+    for name, (band_cfg, _, summary, band_dir) in todo.items():
         if cfg.select.jsonl:
             write_jsonl(band_dir)
-        manifest = manifest_for(cfg, band_cfg, decided, provenance)
+        manifest = manifest_for(cfg, band_cfg, summary, provenance)
         save_config(cfg, band_dir)
         write_json_atomic(band_dir / "manifest.json", manifest)
         log.info(

@@ -95,3 +95,14 @@ def test_split_windows_get_their_own_span(tmp_path, tiny_model_dir):
     rows = pl.read_parquet(band / "part-*.parquet").sort("window")
     assert rows.height > 2 and all(t and t in text for t in rows["text"])
     assert rows["text"][0].startswith("w0") and text.endswith(rows["text"][-1].split()[-1])
+
+
+def test_absolute_token_budget(scored, tmp_path):
+    config, _ = scored
+    (band_dir,) = select.run(
+        load_config(config, ["select.bands=[{strategy: midranking, skip: 0.1, target_tokens: 500}]"])
+    )
+    kept = pl.read_parquet(band_dir / "part-*.parquet")
+    longest = pl.read_parquet(tmp_path / "out" / "scores" / "part-*.parquet")["n_tokens"].max()
+    assert abs(kept["n_tokens"].sum() - 500) <= longest
+    assert band_dir.name == "midranking-s0.1-t500-tokens"
