@@ -58,32 +58,26 @@ def make_samples(
         offsets = [(0, 0), *offsets]
     if len(ids) < 2:
         return [], "too_short"
-    n_chars = len(record.text)
-    if len(ids) <= max_tokens:
-        return [
-            Sample(record.sample_id, record.source, 0, ids, 1, offsets[1][0], offsets[-1][1], n_chars, False)
-        ], None
-    if long_docs == "truncate":
-        ids, offsets = ids[:max_tokens], offsets[:max_tokens]
-        return [
-            Sample(record.sample_id, record.source, 0, ids, 1, offsets[1][0], offsets[-1][1], n_chars, True)
-        ], None
+    if len(ids) <= max_tokens or long_docs == "truncate":
+        starts, suffix = [0], False  # the whole document, or its first max_tokens
+    else:
+        # consecutive windows share one token: the last target of one is the next one's context
+        starts, suffix = list(range(0, len(ids) - 1, max_tokens - 1)), True
     samples = []
-    step = max_tokens - 1  # consecutive windows share one token: the next window's context
-    for k, start in enumerate(range(0, len(ids) - 1, step)):
+    for k, start in enumerate(starts):
         window_ids = ids[start : start + max_tokens]
         window_offsets = offsets[start : start + max_tokens]
         samples.append(
             Sample(
-                f"{record.sample_id}#{k}",
+                f"{record.sample_id}#{k}" if suffix else record.sample_id,
                 record.source,
                 k,
                 window_ids,
                 1,
                 window_offsets[1][0],
                 window_offsets[-1][1],
-                n_chars,
-                False,
+                len(record.text),
+                not suffix and len(ids) > max_tokens,
             )
         )
     return samples, None
