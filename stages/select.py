@@ -20,7 +20,14 @@ from typing import Any
 
 import polars as pl
 
-from pipeline.artifacts import PROVENANCE_KEY, check_same_key, read_json_metadata, write_json_atomic
+from pipeline.artifacts import (
+    PROVENANCE_KEY,
+    check_same_key,
+    read_json_metadata,
+    shard_path,
+    write_json_atomic,
+    write_table_atomic,
+)
 from pipeline.config import BAND_PRESETS, BandConfig, Config, ConfigError, save_config, to_dict
 from pipeline.log import get_logger
 from pipeline.records import ReadStats
@@ -29,7 +36,7 @@ from pipeline.sharding import iter_shard, plan_shards
 
 
 def score_files(scores_dir: Path, num_shards: int) -> list[Path]:
-    files = [scores_dir / f"part-{s:05d}.parquet" for s in range(num_shards)]
+    files = [shard_path(scores_dir, s) for s in range(num_shards)]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise ConfigError(
@@ -117,9 +124,7 @@ def write_part(rows: pl.DataFrame, records: dict, where: Path, shard: int) -> No
     table = rows.with_columns(text=pl.Series(texts, dtype=pl.String))
     if any(p is not None for p in prompts):
         table = table.with_columns(prompt=pl.Series(prompts, dtype=pl.String))
-    tmp = where / f".part-{shard:05d}.parquet.tmp"
-    table.write_parquet(tmp)
-    tmp.replace(where / f"part-{shard:05d}.parquet")
+    write_table_atomic(table.to_arrow(), shard_path(where, shard), {})
 
 
 def write_jsonl(band_dir: Path) -> None:
