@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup data model tiny corpus score select test test-slow quality clean-data
+.PHONY: setup data model tiny corpus score select inspect test test-slow quality clean-data
 
 setup: $(STAMP)
 
@@ -49,6 +49,10 @@ score: $(STAMP)
 # Stage two: rank the scores, keep the band(s) -> $(out_dir)/selected/<band>/
 select: $(STAMP)
 	$(VENV)/bin/midrank select --config $(CONFIG) $(ARGS)
+
+# Loss histograms with the bands drawn on, loss vs length, examples -> $(out_dir)/reports/main/index.html
+inspect: $(STAMP)
+	$(VENV)/bin/midrank inspect --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

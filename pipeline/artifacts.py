@@ -49,7 +49,11 @@ SCORE_SCHEMA = pa.schema(
 
 
 class ProvenanceError(ValueError):
-    """Scores made under different conditions would be mixed."""
+    """Scores are incomplete, or made under different conditions and would be mixed."""
+
+
+class NoScoresError(ProvenanceError):
+    """The score set holds no sample: nothing to rank or plot."""
 
 
 def code_version() -> str:
@@ -104,6 +108,24 @@ def check_same_key(found: dict, expected: dict, where: str) -> None:
 
 def shard_path(scores_dir: Path, shard: int) -> Path:
     return scores_dir / f"part-{shard:05d}.parquet"
+
+
+def score_files(scores_dir: Path, num_shards: int) -> list[Path]:
+    files = [shard_path(scores_dir, s) for s in range(num_shards)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ProvenanceError(
+            f"{scores_dir}: {len(missing)} of {num_shards} score shards are missing ({', '.join(missing[:3])}...); "
+            "run `midrank score` to finish scoring first"
+        )
+    return files
+
+
+def common_provenance(files: list[Path]) -> dict[str, Any]:
+    first = read_json_metadata(files[0], PROVENANCE_KEY)
+    for path in files[1:]:
+        check_same_key(read_json_metadata(path, PROVENANCE_KEY)["key"], first["key"], str(path))
+    return first
 
 
 def chunk_dir(scores_dir: Path, shard: int) -> Path:

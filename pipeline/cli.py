@@ -3,6 +3,8 @@
     midrank config --config configs/default.yaml score.batch_tokens=4096   # print the resolved config
     midrank corpus --config configs/default.yaml                          # read and check every record
     midrank score --config configs/default.yaml                           # stage one: score losses
+    midrank select --config configs/default.yaml                          # stage two: keep the band(s)
+    midrank inspect --config configs/default.yaml                         # histograms and a report
 
 Configuration errors and bad input end with one clear line and exit status 2, not a traceback.
 """
@@ -57,11 +59,18 @@ def select(cfg: Config) -> None:
     select.run(cfg)
 
 
+def inspect(cfg: Config) -> None:
+    from stages import inspect
+
+    inspect.run(cfg)
+
+
 COMMANDS = {
     "config": ("print the resolved configuration", lambda cfg: print(dump_config(cfg), end="")),
     "corpus": ("read every record and report counts and skipped rows by reason", check_corpus),
     "score": ("score every sample's loss -> <out_dir>/scores/part-*.parquet", score),
     "select": ("rank the scores, keep the band(s) -> <out_dir>/selected/<band>/", select),
+    "inspect": ("loss histograms, bands, examples -> <out_dir>/reports/<name>/index.html", inspect),
 }
 
 

@@ -244,6 +244,35 @@ class SelectConfig:
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
+class InspectConfig:
+    name: str = "main"
+    """The report goes to <out_dir>/reports/<name>/ (index.html and the PNGs)."""
+
+    bins: int = 60
+    """Histogram bins over the loss range of the whole score set."""
+
+    perplexity: bool = False
+    """Also plot the perplexity histogram (exp(loss), on a log axis)."""
+
+    max_sources: int = 12
+    """Per-source panels for at most this many sources (the largest by samples); the terminal
+    summary and the tables still list every source."""
+
+    examples: int = 3
+    """Example texts shown from each region (lowest, below the band, inside, above, highest)."""
+
+    example_chars: int = 300
+    """Characters shown of each example text."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "name", f"must be a plain name, got {self.name!r}")
+        _require(self.bins >= 1, "bins", f"must be >= 1, got {self.bins}")
+        _require(self.max_sources >= 0, "max_sources", f"must be >= 0, got {self.max_sources}")
+        _require(self.examples >= 0, "examples", f"must be >= 0, got {self.examples}")
+        _require(self.example_chars >= 1, "example_chars", f"must be >= 1, got {self.example_chars}")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
 class Config:
     """The whole run. Stages read the sections they need."""
 
@@ -254,6 +283,7 @@ class Config:
     model: ModelConfig
     score: ScoreConfig = field(default_factory=ScoreConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -44,6 +44,16 @@ class Record:
     """The conversation (mode=chat); `text` is empty until a chat template renders it."""
 
 
+def record_id(sample_id: str) -> str:
+    """The record a sample came from: a `split` window's id is `<record id>#<window>`."""
+    return sample_id.split("#")[0]
+
+
+def sample_text(record: Record, sample_id: str, char_start: int, char_end: int) -> str:
+    """The text a sample scored: the record's, or a window's character span of it."""
+    return record.text[char_start:char_end] if "#" in sample_id else record.text
+
+
 @dataclass(slots=True)
 class ReadStats:
     rows: int = 0

@@ -21,36 +21,17 @@ from typing import Any
 import polars as pl
 
 from pipeline.artifacts import (
-    PROVENANCE_KEY,
-    check_same_key,
-    read_json_metadata,
+    common_provenance,
+    score_files,
     shard_path,
     write_json_atomic,
     write_table_atomic,
 )
 from pipeline.config import BAND_PRESETS, BandConfig, Config, ConfigError, save_config, to_dict
 from pipeline.log import get_logger
-from pipeline.records import ReadStats
+from pipeline.records import ReadStats, record_id, sample_text
 from pipeline.selection import Band, band_for, irdro_weight_expr, select
 from pipeline.sharding import iter_shard, plan_shards
-
-
-def score_files(scores_dir: Path, num_shards: int) -> list[Path]:
-    files = [shard_path(scores_dir, s) for s in range(num_shards)]
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise ConfigError(
-            f"{scores_dir}: {len(missing)} of {num_shards} score shards are missing ({', '.join(missing[:3])}...); "
-            "run `midrank score` to finish scoring first"
-        )
-    return files
-
-
-def common_provenance(files: list[Path]) -> dict[str, Any]:
-    first = read_json_metadata(files[0], PROVENANCE_KEY)
-    for path in files[1:]:
-        check_same_key(read_json_metadata(path, PROVENANCE_KEY)["key"], first["key"], str(path))
-    return first
 
 
 def band_of(cfg: BandConfig, total_tokens: int) -> tuple[Band, str]:
@@ -117,9 +98,8 @@ def write_part(rows: pl.DataFrame, records: dict, where: Path, shard: int) -> No
     """One shard's rows of a band with their text joined back from the corpus records."""
     texts, prompts = [], []
     for sample_id, char_start, char_end in rows.select("sample_id", "char_start", "char_end").iter_rows():
-        record = records[sample_id.split("#")[0]]
-        window = "#" in sample_id
-        texts.append(record.text[char_start:char_end] if window else record.text)
+        record = records[record_id(sample_id)]
+        texts.append(sample_text(record, sample_id, char_start, char_end))
         prompts.append(record.prompt)
     table = rows.with_columns(text=pl.Series(texts, dtype=pl.String))
     if any(p is not None for p in prompts):

@@ -1,0 +1,101 @@
+"""Figures of the score distribution, rendered to PNG with matplotlib's Agg backend (no display).
+
+    panels = [Panel("all", counts, kept=kept_counts, band=(2.9, 5.1)), Panel("man", ...)]
+    plot_histograms(panels, edges, Path("loss.png"), xlabel="loss (nats/token)")
+    plot_loss_vs_length(counts_2d, token_edges, loss_edges, Path("length.png"), bands={"mid": (2.9, 5.1)})
+
+Counts come binned already (pipeline/histograms.py); nothing here sees a row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: render to files, never open a window
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import LogNorm
+
+ALL_COLOR, KEPT_COLOR, CUT_COLOR = "#9aa5b1", "#d9480f", "#1c7ed6"
+BAND_COLORS = ("#1c7ed6", "#2b8a3e", "#862e9c", "#e67700")
+
+
+@dataclass(frozen=True, slots=True)
+class Panel:
+    title: str
+    counts: np.ndarray
+    kept: np.ndarray | None = None
+    """Counts of the kept samples, drawn filled over the whole distribution."""
+    band: tuple[float, float] | None = None
+    """The kept loss interval, drawn as two cut-off lines (None when the band is not an interval
+    of this panel's losses, e.g. a random sample)."""
+
+
+def plot_histograms(
+    panels: list[Panel], edges: np.ndarray, path: Path, *, xlabel: str, title: str = "", log_x: bool = False
+) -> Path:
+    """A grid of histograms sharing the bin edges: the first panel is usually the whole corpus."""
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.4 * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        ax.stairs(panel.counts, edges, fill=True, color=ALL_COLOR, alpha=0.45, label="all samples")
+        if panel.kept is not None:
+            ax.stairs(panel.kept, edges, fill=True, color=KEPT_COLOR, alpha=0.85, label="kept")
+        if panel.band is not None:
+            for cut in panel.band:
+                ax.axvline(cut, color=CUT_COLOR, linestyle="--", linewidth=1.2)
+        ax.set_title(f"{panel.title}  (n={int(panel.counts.sum()):,})", fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_ylabel("samples", fontsize=9)
+        if log_x:
+            ax.set_xscale("log")
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if panels[0].band is not None:
+        handles.append(plt.Line2D([], [], color=CUT_COLOR, linestyle="--"))
+        labels.append("band cut-offs")
+    fig.legend(handles, labels, loc="upper right", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=12, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 0.88 if columns == 1 else 0.94, 0.95 if title else 1))
+    return _save(fig, path)
+
+
+def plot_loss_vs_length(
+    counts: np.ndarray,
+    token_edges: np.ndarray,
+    loss_edges: np.ndarray,
+    path: Path,
+    *,
+    bands: dict[str, tuple[float, float]],
+) -> Path:
+    """Sample counts over (length in tokens, loss), log colour scale, with each band's loss
+    interval drawn across: a band that sits in one corner is really a length filter."""
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    grid = np.ma.masked_equal(counts.T, 0)
+    mesh = ax.pcolormesh(token_edges, loss_edges, grid, norm=LogNorm(vmin=1, vmax=max(1, counts.max())))
+    fig.colorbar(mesh, ax=ax, label="samples")
+    ax.set_xscale("log")
+    ax.set_xlabel("length (scored tokens)")
+    ax.set_ylabel("loss (nats/token)")
+    for (name, (low, high)), color in zip(bands.items(), BAND_COLORS * len(bands), strict=False):
+        ax.axhline(low, color=color, linestyle="--", linewidth=1.2, label=name)
+        ax.axhline(high, color=color, linestyle="--", linewidth=1.2)
+    if bands:
+        ax.legend(fontsize=8, loc="upper right")
+    ax.set_title("loss against length")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

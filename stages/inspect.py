@@ -1,0 +1,280 @@
+"""Inspect: loss histograms with the bands drawn on, loss against length, example texts, a report.
+
+    midrank inspect --config configs/default.yaml
+    midrank inspect --config configs/default.yaml inspect.perplexity=true inspect.bins=100
+
+Reads `<out_dir>/scores/` and every configured band already selected under `<out_dir>/selected/`,
+and writes `<out_dir>/reports/<inspect.name>/`: `index.html`, the PNGs it shows, `summary.json`
+(every number on the page) and `config.yaml`. The report is rebuilt in a temporary directory and
+swapped in whole. All binning happens in Polars queries; rows are read only for the examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from pipeline.artifacts import NoScoresError, common_provenance, score_files, write_json_atomic
+from pipeline.config import Config, save_config
+from pipeline.histograms import histogram, histogram_2d, quantiles, uniform_edges, value_range
+from pipeline.log import get_logger
+from pipeline.plots import Panel, plot_histograms, plot_loss_vs_length
+from pipeline.readers import InputError
+from pipeline.records import CorpusError, ReadStats, record_id, sample_text
+from pipeline.report import render_report
+from pipeline.sharding import iter_shard, plan_shards
+
+LOSS = pl.col("loss")
+MANIFEST_FIELDS = ("strategy", "positions", "loss_thresholds", "samples", "tokens", "rejected", "per_source")
+EXAMPLE_COLUMNS = ("sample_id", "shard", "source", "loss", "n_tokens", "char_start", "char_end")
+
+
+def source_table(scores: pl.LazyFrame, top_decile: float) -> list[dict[str, Any]]:
+    """Per source: size, loss centre, and its share of the corpus's highest-loss decile."""
+    tail = scores.filter(LOSS >= top_decile).select(pl.len()).collect().item()
+    table = (
+        scores.group_by("source")
+        .agg(
+            samples=pl.len(),
+            tokens=pl.col("n_tokens").cast(pl.Int64).sum(),
+            mean_loss=LOSS.mean(),
+            median_loss=LOSS.median(),
+            in_top_decile=(LOSS >= top_decile).sum(),
+        )
+        .with_columns(top_decile_share=pl.col("in_top_decile") / max(tail, 1))
+        .sort("mean_loss", descending=True)
+        .collect()
+    )
+    return table.to_dicts()
+
+
+def load_band(band_dir: Path) -> dict[str, Any]:
+    import json
+
+    manifest = json.loads((band_dir / "manifest.json").read_text())
+    kept = pl.scan_parquet(sorted(band_dir.glob("part-*.parquet")))
+    by_loss = manifest["positions"]["order"] == "loss"
+    per_source = (
+        kept.group_by("source").agg(low=LOSS.min(), high=LOSS.max()).collect()
+        if by_loss
+        else pl.DataFrame({"source": [], "low": [], "high": []})
+    )
+    interval = (manifest["loss_thresholds"]["min_kept"], manifest["loss_thresholds"]["max_kept"])
+    global_band = by_loss and not manifest["parameters"]["by_source"]
+    return {
+        "name": manifest["band"],
+        "manifest": manifest,
+        "kept": kept,
+        "interval": interval if global_band else None,
+        "source_intervals": {r["source"]: (r["low"], r["high"]) for r in per_source.to_dicts()}
+        if manifest["parameters"]["by_source"]
+        else dict.fromkeys(per_source["source"].to_list(), interval),
+    }
+
+
+def example_regions(scores: pl.LazyFrame, band: dict | None, k: int) -> dict[str, pl.LazyFrame]:
+    """The rows to show, by region, lowest loss first: the bottom is boilerplate, the top noise."""
+    lowest = scores.bottom_k(k, by=["loss", "sample_id"])
+    highest = scores.top_k(k, by=["loss", "sample_id"])
+    if band is None:
+        median = scores.select(LOSS.median()).collect().item()
+        return {
+            "lowest loss": lowest,
+            "median": scores.filter(LOSS >= median).bottom_k(k, by="loss"),
+            "highest loss": highest,
+        }
+    median = band["kept"].select(LOSS.median()).collect().item()
+    inside = band["kept"].filter(LOSS >= median).bottom_k(k, by="loss").select(EXAMPLE_COLUMNS)
+    if band["interval"] is None:
+        return {"lowest loss": lowest, "kept (around its median)": inside, "highest loss": highest}
+    low, high = band["interval"]
+    return {
+        "lowest loss": lowest,
+        "just below the band": scores.filter(LOSS < low).top_k(k, by="loss"),
+        "inside the band (around its median)": inside,
+        "just above the band": scores.filter(LOSS > high).bottom_k(k, by="loss"),
+        "highest loss": highest,
+    }
+
+
+def attach_texts(cfg: Config, rows: list[dict[str, Any]], max_chars: int) -> None:
+    """Join each example row with the first `max_chars` of its text, reading only its shards."""
+    log = get_logger()
+    wanted: dict[int, set[str]] = defaultdict(set)
+    for row in rows:
+        wanted[row["shard"]].add(record_id(row["sample_id"]))
+    records = {}
+    try:
+        plan = plan_shards(cfg.corpus)
+        for shard, ids in sorted(wanted.items()):
+            records |= {
+                r.sample_id: r for r in iter_shard(plan, shard, cfg.corpus, ReadStats()) if r.sample_id in ids
+            }
+    except (InputError, CorpusError, OSError) as err:
+        log.warning(f"example texts unavailable, the corpus could not be read: {err}")
+    for row in rows:
+        record = records.get(record_id(row["sample_id"]))
+        if record is None:
+            row["text"], row["text_cut"] = None, False
+            continue
+        text = sample_text(record, row["sample_id"], row["char_start"], row["char_end"])
+        row["text"], row["text_cut"] = text[:max_chars], len(text) > max_chars
+
+
+def panels_for(scores: pl.LazyFrame, edges: np.ndarray, band: dict | None, sources: list[str]) -> list[Panel]:
+    everything = histogram(scores, LOSS, edges)
+    by_source = histogram(scores, LOSS, edges, by="source")
+    kept_all = kept_by_source = None
+    if band is not None:
+        kept_all = histogram(band["kept"], LOSS, edges)
+        kept_by_source = histogram(band["kept"], LOSS, edges, by="source")
+    zeros = np.zeros(len(edges) - 1, dtype=np.int64)
+    panels = [Panel("all sources", everything, kept_all, band and band["interval"])]
+    for source in sources:
+        interval = band["source_intervals"].get(source) if band else None
+        kept = kept_by_source.get(source, zeros) if kept_by_source is not None else None
+        panels.append(Panel(source, by_source.get(source, zeros), kept, interval))
+    return panels
+
+
+def in_perplexity(panel: Panel) -> Panel:
+    band = None if panel.band is None else (float(np.exp(panel.band[0])), float(np.exp(panel.band[1])))
+    return dataclasses.replace(panel, band=band)
+
+
+def terminal_summary(summary: dict[str, Any]) -> None:
+    log = get_logger()
+    qs = "  ".join(f"q{float(q) * 100:g}={v:.3f}" for q, v in summary["quantiles"].items())
+    log.info(f"loss over {summary['samples']:,} samples, {summary['tokens']:,} tokens: {qs}")
+    log.info(f"  {'source':24s} {'samples':>8s} {'tokens':>11s} {'mean':>6s} {'median':>6s} {'top-10%':>8s}")
+    for s in summary["sources"]:
+        log.info(
+            f"  {s['source'][:24]:24s} {s['samples']:8,d} {s['tokens']:11,d} {s['mean_loss']:6.3f} "
+            f"{s['median_loss']:6.3f} {s['top_decile_share']:8.1%}"
+        )
+    for band in summary["bands"]:
+        m = band["manifest"]
+        interval = band["interval"]
+        where = f"loss {interval[0]:.3f}..{interval[1]:.3f}" if interval else "not a single loss interval"
+        log.info(
+            f"  band {band['name']}: {where}; kept {m['samples']['kept']:,}/{m['samples']['in']:,} samples "
+            f"({m['samples']['kept'] / m['samples']['in']:.1%}), {m['tokens']['kept']:,}/{m['tokens']['in']:,} "
+            f"tokens ({m['tokens']['kept'] / max(m['tokens']['in'], 1):.1%})"
+        )
+
+
+def run(cfg: Config) -> Path:
+    log = get_logger()
+    started = time.perf_counter()
+    out = Path(cfg.out_dir)
+    icfg = cfg.inspect
+    plan = plan_shards(cfg.corpus)
+    files = score_files(out / "scores", len(plan.shards))
+    provenance = common_provenance(files)
+    scores = pl.scan_parquet(files).select(EXAMPLE_COLUMNS)
+    samples, tokens = scores.select(pl.len(), pl.col("n_tokens").cast(pl.Int64).sum()).collect().row(0)
+    if samples == 0:
+        raise NoScoresError(
+            f"{out / 'scores'} holds no scored samples (every row skipped?); nothing to inspect"
+        )
+
+    bands = []
+    for band_cfg in cfg.select.bands:
+        band_dir = out / "selected" / band_cfg.resolved_name()
+        if (band_dir / "manifest.json").is_file():
+            bands.append(load_band(band_dir))
+        else:
+            log.warning(
+                f"band {band_cfg.resolved_name()} is not selected yet (run `midrank select`); not drawn"
+            )
+
+    report_dir = out / "reports" / icfg.name
+    work = report_dir.with_name(f".{icfg.name}.{os.getpid()}.tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+
+    qs = quantiles(scores, LOSS)
+    sources = source_table(scores, qs[0.9])
+    shown = sorted(sources, key=lambda s: -s["samples"])[: icfg.max_sources]
+    shown_names = [s["source"] for s in sources if s in shown]  # keep the hardest-first order
+    edges = uniform_edges(*value_range(scores, LOSS), icfg.bins)
+    images: dict[str, str] = {}
+    for band in bands or [None]:
+        suffix = f"-{band['name']}" if band else ""
+        title = f"band {band['name']}" if band else "no band selected yet"
+        panels = panels_for(scores, edges, band, shown_names)
+        name = f"loss_hist{suffix}.png"
+        plot_histograms(panels, edges, work / name, xlabel="loss (nats/token)", title=title)
+        images[name] = f"Loss per sample, {title}"
+        if icfg.perplexity:
+            # log(perplexity) = loss: the loss counts are the perplexity counts in log-spaced bins.
+            name = f"ppl_hist{suffix}.png"
+            ppl_panels = [in_perplexity(p) for p in panels]
+            plot_histograms(
+                ppl_panels, np.exp(edges), work / name, xlabel="perplexity", title=title, log_x=True
+            )
+            images[name] = f"Perplexity per sample (log axis), {title}"
+    length = pl.col("n_tokens").cast(pl.Float64).log10()
+    length_edges = uniform_edges(*value_range(scores, length), icfg.bins)
+    counts = histogram_2d(scores, length, length_edges, LOSS, edges)
+    intervals = {b["name"]: b["interval"] for b in bands if b["interval"] is not None}
+    plot_loss_vs_length(counts, 10**length_edges, edges, work / "loss_vs_length.png", bands=intervals)
+    images["loss_vs_length.png"] = "Loss against length (scored tokens)"
+
+    regions_per_band = [
+        (
+            band,
+            [
+                {"region": r, "rows": f.sort("loss", "sample_id").collect().to_dicts()}
+                for r, f in example_regions(scores, band, icfg.examples).items()
+            ],
+        )
+        for band in bands or [None]
+    ]
+    attach_texts(
+        cfg,
+        [row for _, regions in regions_per_band for r in regions for row in r["rows"]],
+        icfg.example_chars,
+    )
+
+    summary = {
+        "out_dir": str(out),
+        "model": {"path": provenance["model_path"], "dtype": provenance["key"]["dtype"]},
+        "samples": samples,
+        "tokens": tokens,
+        "quantiles": {str(q): v for q, v in qs.items()},
+        "sources": sources,
+        "sources_plotted": shown_names,
+        "images": images,
+        "bands": [
+            {
+                "name": band["name"],
+                "interval": band["interval"],
+                "manifest": {key: band["manifest"][key] for key in MANIFEST_FIELDS},
+                "examples": regions,
+            }
+            for band, regions in regions_per_band
+            if band is not None
+        ],
+        "examples": None if bands else regions_per_band[0][1],
+    }
+    (work / "index.html").write_text(render_report(summary), encoding="utf-8")
+    write_json_atomic(work / "summary.json", summary)
+    save_config(cfg, work)
+    shutil.rmtree(report_dir, ignore_errors=True)
+    os.replace(work, report_dir)
+
+    terminal_summary(summary)
+    log.info(
+        f"inspected {samples:,} samples, {len(bands)} band(s): {len(images)} figure(s) in "
+        f"{time.perf_counter() - started:.1f}s -> {report_dir / 'index.html'}"
+    )
+    return report_dir
