@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup data model tiny corpus score select inspect test test-slow quality clean-data
+.PHONY: setup data model tiny corpus score select inspect train test test-slow quality clean-data
 
 setup: $(STAMP)
 
@@ -53,6 +53,10 @@ select: $(STAMP)
 # Loss histograms with the bands drawn on, loss vs length, examples -> $(out_dir)/reports/main/index.html
 inspect: $(STAMP)
 	$(VENV)/bin/midrank inspect --config $(CONFIG) $(ARGS)
+
+# Continual training on the selected band, held-out loss before/after -> $(out_dir)/train/<run>/
+train: $(STAMP)
+	$(VENV)/bin/midrank train --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

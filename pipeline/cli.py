@@ -5,6 +5,7 @@
     midrank score --config configs/default.yaml                           # stage one: score losses
     midrank select --config configs/default.yaml                          # stage two: keep the band(s)
     midrank inspect --config configs/default.yaml                         # histograms and a report
+    midrank train --config configs/default.yaml                           # continual training + eval
 
 Configuration errors and bad input end with one clear line and exit status 2, not a traceback.
 """
@@ -65,12 +66,19 @@ def inspect(cfg: Config) -> None:
     inspect.run(cfg)
 
 
+def train(cfg: Config) -> None:
+    from stages import train
+
+    train.run(cfg)
+
+
 COMMANDS = {
     "config": ("print the resolved configuration", lambda cfg: print(dump_config(cfg), end="")),
     "corpus": ("read every record and report counts and skipped rows by reason", check_corpus),
     "score": ("score every sample's loss -> <out_dir>/scores/part-*.parquet", score),
     "select": ("rank the scores, keep the band(s) -> <out_dir>/selected/<band>/", select),
     "inspect": ("loss histograms, bands, examples -> <out_dir>/reports/<name>/index.html", inspect),
+    "train": ("continual training on a selected band -> <out_dir>/train/<run>/", train),
 }
 
 

@@ -273,6 +273,118 @@ class InspectConfig:
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
+class TrainConfig:
+    name: str = ""
+    """Run directory under <out_dir>/train/; derived from the objective and the data when empty."""
+
+    band: str = ""
+    """The selected band to train on (a directory under <out_dir>/selected/); empty: the first
+    band of select.bands."""
+
+    data_paths: tuple[str, ...] = ()
+    """Train on these Parquet/JSONL files (with a `text` field) instead of a selected band."""
+
+    text_field: str = "text"
+    """Field of the training data holding the text."""
+
+    objective: Literal["uniform", "irdro", "midranking_online", "weighted"] = "uniform"
+    """uniform: mean token loss; irdro: per-batch weights softmax(l / kl_reg); midranking_online:
+    per-batch band (drop the top `skip`, train on the next `keep`); weighted: the data's `weight`
+    column (offline IR-DRO from `select` with weights: true)."""
+
+    kl_reg: float = 1.0
+    """IR-DRO lambda: large -> uniform weights, small -> the hardest sample of the batch only."""
+
+    gather_losses: bool = False
+    """irdro/midranking_online: compute the weights/band over every data-parallel rank's losses."""
+
+    skip: float = 0.1
+    """midranking_online: share of each batch dropped from the top (hardest)."""
+
+    keep: float = 0.5
+    """midranking_online: share of each batch trained on, after the skipped ones."""
+
+    max_tokens: int = 512
+    """Longest training sequence (BOS included); longer texts are truncated."""
+
+    pack: bool = False
+    """Pack several samples into each row of max_tokens (they attend to earlier samples of the
+    row, as in pre-training; each keeps its own loss). Off: one sample per row, padded."""
+
+    batch_size: int = 8
+    """Samples per device per step (before gradient accumulation)."""
+
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+
+    max_steps: int = 100
+    """Optimizer steps (the data is cycled when shorter)."""
+
+    learning_rate: float = 1e-5
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "cosine"
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Mixed precision; auto: bf16 where supported (CUDA, or CPUs with AVX512-BF16/AMX), else fp32."""
+
+    seed: int = 0
+    """Seed of the initialisation of anything random and of the data order."""
+
+    save_steps: int = 50
+    """Checkpoint every this many steps (resumable: a rerun continues from the latest)."""
+
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    gradient_checkpointing: bool = False
+    fsdp: str = ""
+    """Passed to transformers' TrainingArguments.fsdp (e.g. "full_shard auto_wrap") on GPUs."""
+
+    deepspeed: str = ""
+    """A DeepSpeed JSON config passed to TrainingArguments.deepspeed (GPUs; deepspeed installed)."""
+
+    eval_paths: tuple[str, ...] = ()
+    """Held-out data (any corpus format, read with the corpus field settings), evaluated before and
+    after training: loss, perplexity and next-token accuracy per source."""
+
+    eval_max_samples: int = 0
+    """Evaluate on at most this many held-out samples (0: all)."""
+
+    eval_max_tokens: int = 512
+    """Truncation of held-out samples."""
+
+    def __post_init__(self) -> None:
+        for key in ("skip", "keep"):
+            value = getattr(self, key)
+            _require(0.0 <= value <= 1.0, key, f"must be within [0, 1], got {value}")
+        _require(self.kl_reg > 0, "kl_reg", f"must be > 0, got {self.kl_reg}")
+        _require(self.max_tokens >= 2, "max_tokens", f"must be >= 2, got {self.max_tokens}")
+        for key in (
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "save_steps",
+            "logging_steps",
+            "save_total_limit",
+        ):
+            _require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        _require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(self.eval_max_samples >= 0, "eval_max_samples", f"must be >= 0, got {self.eval_max_samples}")
+        _require(self.eval_max_tokens >= 2, "eval_max_tokens", f"must be >= 2, got {self.eval_max_tokens}")
+        _require("/" not in self.name, "name", f"must be a plain name, got {self.name!r}")
+        if self.objective == "midranking_online":
+            n_skip, n_keep = int(self.skip * self.batch_size + 0.5), int(self.keep * self.batch_size + 0.5)
+            _require(
+                n_keep >= 1 and n_skip + n_keep <= self.batch_size,
+                "keep",
+                f"a batch of {self.batch_size} skips {n_skip} and keeps {n_keep} samples; the band must "
+                "hold at least one sample and fit in the batch (raise keep or batch_size)",
+            )
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
 class Config:
     """The whole run. Stages read the sections they need."""
 
@@ -284,6 +396,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     inspect: InspectConfig = field(default_factory=InspectConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ class BatchNLL:
     nll_sum: torch.Tensor  # (B,) float64
     n_tokens: torch.Tensor  # (B,) int64
     max_token_nll: torch.Tensor  # (B,) float32
+    n_correct: torch.Tensor | None = None  # (B,) int64: targets that are the argmax prediction
 
 
 class NLLScorer:
@@ -69,13 +70,17 @@ class NLLScorer:
             logits = (hidden @ self.head.weight.t()).float()
         return logits if self.head.bias is None else logits + self.head.bias.float()
 
-    def _head_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _head_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """NLL of each target, and whether it was the argmax prediction, one head chunk at a time."""
         chunk = self.head_chunk_tokens
-        parts = [
-            F.cross_entropy(self._logits(h), t, reduction="none")
-            for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True)
-        ]
-        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+        nll, correct = [], []
+        for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True):
+            logits = self._logits(h)
+            nll.append(F.cross_entropy(logits, t, reduction="none"))
+            correct.append(logits.argmax(-1) == t)
+        if not nll:
+            return hidden.new_zeros(0, dtype=torch.float32), targets.new_zeros(0, dtype=torch.bool)
+        return torch.cat(nll), torch.cat(correct)
 
     @torch.inference_mode()
     def __call__(
@@ -91,10 +96,11 @@ class NLLScorer:
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if self.fast_path:
             hidden = self.body(**kwargs, use_cache=False).last_hidden_state[:, :-1][predicted]
-            token_nll = self._head_nll(hidden, targets)
+            token_nll, correct = self._head_nll(hidden, targets)
         else:
-            logits = self.model(**kwargs, use_cache=False).logits[:, :-1][predicted]
-            token_nll = F.cross_entropy(logits.float(), targets, reduction="none")
+            logits = self.model(**kwargs, use_cache=False).logits[:, :-1][predicted].float()
+            token_nll = F.cross_entropy(logits, targets, reduction="none")
+            correct = logits.argmax(-1) == targets
         batch = input_ids.shape[0]
         nll_sum = torch.zeros(batch, dtype=torch.float64, device=self.device).index_add_(
             0, rows, token_nll.double()
@@ -102,4 +108,7 @@ class NLLScorer:
         max_nll = torch.zeros(batch, dtype=torch.float32, device=self.device).scatter_reduce_(
             0, rows, token_nll, reduce="amax"
         )
-        return BatchNLL(nll_sum, predicted.sum(1), max_nll)
+        n_correct = torch.zeros(batch, dtype=torch.long, device=self.device).index_add_(
+            0, rows, correct.long()
+        )
+        return BatchNLL(nll_sum, predicted.sum(1), max_nll, n_correct)

@@ -10,7 +10,6 @@ finished shards and resumes unfinished ones at their last checkpoint.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -43,7 +42,7 @@ from pipeline.artifacts import (
 from pipeline.batching import ShardBatches
 from pipeline.config import Config, save_config, to_dict
 from pipeline.log import get_logger
-from pipeline.model import fingerprint, load_model, resolve_device, resolve_dtype
+from pipeline.model import fingerprint, load_model, resolve_device, resolve_dtype, tune_cpu_malloc
 from pipeline.nll import NLLScorer
 from pipeline.ranks import rank_and_world, shards_of_rank
 from pipeline.samples import bos_to_add
@@ -75,22 +74,6 @@ def save_plan(scores_dir: Path, plan: ShardPlan) -> None:
         )
     else:
         write_json_atomic(path, plan.to_dict())
-
-
-def tune_malloc() -> None:
-    """Keep freed memory in the heap instead of returning it to the OS after each batch.
-
-    Measured here: with glibc defaults, batched CPU inference spent more time in page faults than
-    it gained from batching (52 s of system time in one run), because every batch's activations
-    were mmap'ed and unmapped afresh; with this, bf16 scoring runs ~30% faster. The cost is a
-    resident set that stays near its high-water mark (bench/score.py prints it)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_max = -1, -4
-    libc.mallopt(m_mmap_max, 0)
-    libc.mallopt(m_trim_threshold, 1 << 30)
 
 
 class Budget:
@@ -260,7 +243,7 @@ def run(cfg: Config) -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the DataLoader worker forks
     loaded = load_model(cfg.model)
     if loaded.device.type == "cpu":
-        tune_malloc()
+        tune_cpu_malloc()
     scorer = NLLScorer(loaded.model, cfg.score.head_chunk_tokens)
     if not scorer.fast_path:
         log.warning("this model's logits are not lm_head(hidden): scoring through its full forward (slower)")

@@ -21,13 +21,15 @@ def model_and_tokenizer(tiny_model_dir):
     return model, AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def reference(model, ids: list[int], n_context: int = 1) -> tuple[float, int, float]:
-    """nll_sum, n_tokens, max token nll of one unpadded sequence: plain forward, log_softmax, gather."""
+def reference(model, ids: list[int], n_context: int = 1) -> tuple[float, int, float, int]:
+    """nll_sum, n_tokens, max token nll and argmax hits of one unpadded sequence: plain forward,
+    log_softmax, gather."""
     with torch.inference_mode():
-        logits = model(torch.tensor([ids])).logits[0].float()
-    token_nll = -F.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-    token_nll = token_nll[n_context - 1 :]
-    return token_nll.sum().item(), token_nll.numel(), token_nll.max().item()
+        logits = model(torch.tensor([ids])).logits[0].float()[n_context - 1 : -1]
+    targets = torch.tensor(ids[n_context:])
+    token_nll = -F.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+    correct = int((logits.argmax(-1) == targets).sum())
+    return token_nll.sum().item(), token_nll.numel(), token_nll.max().item(), correct
 
 
 def samples_of(tokenizer, texts, max_tokens=64, long_docs="truncate", add_bos=True):
@@ -52,7 +54,8 @@ def test_batched_loss_equals_sample_alone(model_and_tokenizer, padding_side):
         tensors = collate(batch, tokenizer.pad_token_id, padding_side)
         out = scorer(tensors["input_ids"], tensors["attention_mask"], tensors["target_mask"])
         for row, sample in enumerate(batch):
-            nll_sum, n_tokens, max_nll = reference(model, sample.input_ids)
+            nll_sum, n_tokens, max_nll, n_correct = reference(model, sample.input_ids)
+            assert out.n_correct[row].item() == n_correct
             assert out.n_tokens[row].item() == n_tokens == sample.n_tokens
             assert out.nll_sum[row].item() == pytest.approx(nll_sum, abs=1e-4 * n_tokens)
             assert out.nll_sum[row].item() / n_tokens == pytest.approx(nll_sum / n_tokens, abs=1e-4)
@@ -66,7 +69,7 @@ def test_pad_id_equal_to_a_real_token_is_still_scored(model_and_tokenizer):
     long = Sample("b", "s", 0, [tokenizer.bos_token_id, *range(10, 30)], 1, 0, 1, 1, False)
     tensors = collate([long, short], pad_id=eos)  # the short row is padded with the very token it ends in
     out = NLLScorer(model)(tensors["input_ids"], tensors["attention_mask"], tensors["target_mask"])
-    nll_sum, n_tokens, _ = reference(model, short.input_ids)
+    nll_sum, n_tokens, _, _ = reference(model, short.input_ids)
     assert out.n_tokens[1].item() == n_tokens == 3
     assert out.nll_sum[1].item() == pytest.approx(nll_sum, abs=1e-4)
 

@@ -1,0 +1,145 @@
+"""Training objectives over per-sample losses: uniform, IR-DRO, online MidRanking, weighted.
+
+    nll, segment = token_nll(model, batch)                   # per target token, and its sample
+    losses, counts = per_sample_losses(nll, segment, n)       # mean NLL of each sample in the batch
+    loss = objective_loss("irdro", losses, counts, nll, kl_reg=1.0)
+
+A sample's loss is the mean NLL of its own target tokens, found through `segment` (the sample index
+of every target token), so padding never contributes and several samples packed into one row keep
+separate losses. Under data parallelism each rank's loss is scaled so that the gradient DDP
+averages equals the gradient of the objective over the global batch: counts (tokens, samples) are
+summed across ranks, and with `gather=True` the IR-DRO weights and the MidRanking band are computed
+over every rank's per-sample losses (DESIGN.md §1).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+Objective = Literal["uniform", "irdro", "midranking_online", "weighted"]
+
+
+def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL of every target token (fp32, with gradient) and the batch-local sample it belongs to.
+
+    input_ids   BOS  a1  a2  BOS  b1  PAD        (a packed row: samples a and b)
+    segment     -1   0   0   -1   1   -1         (-1: context or padding, never a target)
+    logits[j] predicts input_ids[j + 1], so targets are where segment[:, 1:] >= 0.
+    """
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    ).logits
+    segment = batch["segment"][:, 1:]
+    predicted = segment >= 0
+    targets = batch["input_ids"][:, 1:][predicted]
+    nll = F.cross_entropy(logits[:, :-1][predicted].float(), targets, reduction="none")
+    return nll, segment[predicted]
+
+
+def per_sample_losses(
+    nll: torch.Tensor, segment: torch.Tensor, n_samples: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean NLL per sample, target tokens per sample), both of shape (n_samples,)."""
+    sums = torch.zeros(n_samples, dtype=nll.dtype, device=nll.device).index_add(0, segment, nll)
+    counts = torch.zeros(n_samples, dtype=torch.long, device=nll.device).index_add(
+        0, segment, torch.ones_like(segment)
+    )
+    return sums / counts.clamp(min=1), counts
+
+
+def irdro_weights(losses: torch.Tensor, kl_reg: float) -> torch.Tensor:
+    """softmax(l / lambda) in fp32, detached: the closed-form maximiser of
+    sum_i p_i l_i - lambda KL(p || uniform) over the simplex. softmax subtracts the max first,
+    so extreme losses do not overflow."""
+    return torch.softmax(losses.detach().float() / kl_reg, dim=0)
+
+
+def band_size(n: int, fraction: float) -> int:
+    return int(fraction * n + 0.5)
+
+
+def midranking_mask(losses: torch.Tensor, skip: float, keep: float) -> torch.Tensor:
+    """The paper's per-batch band: rank by loss (hardest first, ties by position), drop the top
+    `skip` share, keep the next `keep` share."""
+    n = losses.numel()
+    n_skip, n_keep = band_size(n, skip), band_size(n, keep)
+    if n_keep < 1 or n_skip >= n:
+        raise ValueError(f"a batch of {n} keeps no sample with skip={skip}, keep={keep}")
+    order = torch.sort(losses.detach(), descending=True, stable=True).indices
+    mask = torch.zeros(n, dtype=torch.bool, device=losses.device)
+    mask[order[n_skip : n_skip + n_keep]] = True
+    return mask
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _sum_across_ranks(value: torch.Tensor) -> torch.Tensor:
+    if _world() > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+    return value
+
+
+def _gather(losses: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """Every rank's per-sample losses (detached), and where this rank's lie among them."""
+    world = _world()
+    if world == 1:
+        return losses.detach(), slice(0, losses.numel())
+    sizes = [torch.zeros(1, dtype=torch.long, device=losses.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([losses.numel()], device=losses.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.full((longest,), float("nan"), dtype=losses.dtype, device=losses.device)
+    padded[: losses.numel()] = losses.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    everything = torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+    start = int(sum(s.item() for s in sizes[: dist.get_rank()]))
+    return everything, slice(start, start + losses.numel())
+
+
+def objective_loss(
+    objective: Objective,
+    losses: torch.Tensor,
+    counts: torch.Tensor,
+    nll: torch.Tensor,
+    *,
+    kl_reg: float = 1.0,
+    skip: float = 0.1,
+    keep: float = 0.5,
+    weights: torch.Tensor | None = None,
+    gather: bool = False,
+) -> torch.Tensor:
+    """The scalar to backpropagate on this rank. `losses`/`counts` per sample, `nll` per token.
+
+    - uniform: mean token NLL over the global batch.
+    - irdro: sum_i w_i l_i, w = softmax(l / kl_reg) over this rank's batch, or the global one.
+    - midranking_online: mean of l_i over the kept band of this rank's batch, or the global one.
+    - weighted: sum_i w_i l_i / (samples), with w from the dataset (offline IR-DRO weights, mean 1).
+    """
+    world = _world()
+    if objective == "uniform":
+        tokens = _sum_across_ranks(counts.sum())
+        return nll.sum() / tokens.clamp(min=1) * world
+    if objective == "weighted":
+        if weights is None:
+            raise ValueError("objective 'weighted' needs a `weight` column in the training data")
+        samples = _sum_across_ranks(torch.tensor(losses.numel(), device=losses.device))
+        return (weights.to(losses.dtype) * losses).sum() / samples * world
+    pool, mine = _gather(losses) if gather else (losses.detach(), slice(0, losses.numel()))
+    scale = world if gather else 1  # gathered: each rank holds part of one global objective
+    if objective == "irdro":
+        w = irdro_weights(pool, kl_reg)[mine]
+        return (w * losses).sum() * scale
+    if objective == "midranking_online":
+        kept = midranking_mask(pool, skip, keep)
+        return losses[kept[mine]].sum() / kept.sum() * scale
+    raise ValueError(f"unknown objective {objective!r}")

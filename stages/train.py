@@ -1,0 +1,294 @@
+"""Train: continual training of the reference model on a selected band, evaluated before and after.
+
+    midrank train --config configs/default.yaml                              # the default band, uniform
+    midrank train --config configs/default.yaml train.objective=irdro train.kl_reg=1.0
+    torchrun --nproc_per_node=2 -m pipeline.cli train --config configs/tiny.yaml train.gather_losses=true
+
+Built on the Hugging Face `Trainer` (torchrun/accelerate data parallelism, gradient accumulation,
+mixed precision, FSDP/DeepSpeed pass-through, checkpoints with optimizer, scheduler, RNG and data
+position); midrank adds the objectives (pipeline/objectives.py) and the evaluation. Writes
+`<out_dir>/train/<run>/`: `model/` (save_pretrained, safetensors, with the tokenizer),
+`checkpoints/`, `metrics.json` (held-out metrics before/after per source, training throughput),
+`config.yaml`, and the `selection_manifest.json` of the band it trained on. A killed run resumes
+from its latest complete checkpoint at the same step and data position; a finished one is not
+retrained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.artifacts import write_json_atomic
+from pipeline.config import Config, ConfigError, save_config, to_dict
+from pipeline.evaluation import evaluate
+from pipeline.log import get_logger
+from pipeline.model import cpu_supports_bf16, load_model, tune_cpu_malloc
+from pipeline.objectives import objective_loss, per_sample_losses, token_nll
+from pipeline.ranks import rank_and_world
+from pipeline.records import ReadStats
+from pipeline.samples import bos_to_add
+from pipeline.sharding import iter_corpus, plan_shards
+from pipeline.train_data import TrainCollator, tokenize_dataset
+
+
+def training_files(cfg: Config) -> tuple[list[Path], Path | None, str]:
+    """(files, the selection manifest when training on a band, a short name of the data)."""
+    tcfg = cfg.train
+    if tcfg.data_paths:
+        files = sorted({Path(f) for pattern in tcfg.data_paths for f in glob.glob(pattern)})
+        if not files:
+            raise ConfigError(f"train.data_paths: no file matches {', '.join(tcfg.data_paths)}")
+        return files, None, files[0].stem
+    band = tcfg.band or cfg.select.bands[0].resolved_name()
+    band_dir = Path(cfg.out_dir) / "selected" / band
+    if not (band_dir / "manifest.json").is_file():
+        raise ConfigError(f"train.band: {band_dir} is not a finished selection; run `midrank select` first")
+    return sorted(band_dir.glob("part-*.parquet")), band_dir / "manifest.json", band
+
+
+def resolve_precision(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint the Trainer finished: trainer_state.json is the last file it writes."""
+
+    def complete(path: Path) -> bool:
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return True
+
+    found = [p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and complete(p)]
+    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def heldout_records(cfg: Config) -> list:
+    tcfg = cfg.train
+    corpus = dataclasses.replace(cfg.corpus, paths=tcfg.eval_paths, num_shards=1)
+    records = list(iter_corpus(plan_shards(corpus), corpus, ReadStats()))
+    return records[: tcfg.eval_max_samples] if tcfg.eval_max_samples else records
+
+
+def make_trainer_class():
+    from transformers import Trainer
+
+    class ObjectiveTrainer(Trainer):
+        """The Trainer with midrank's per-sample objectives as its loss."""
+
+        loss_is_scaled_for_ga = False  # each micro-batch's objective is a mean; the Trainer averages
+
+        def __init__(self, *args, train_cfg, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.train_cfg = train_cfg
+            self.target_tokens = torch.zeros((), dtype=torch.long)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            c = self.train_cfg
+            nll, segment = token_nll(model, inputs)
+            losses, counts = per_sample_losses(nll, segment, int(inputs["n_samples"]))
+            loss = objective_loss(
+                c.objective,
+                losses,
+                counts,
+                nll,
+                kl_reg=c.kl_reg,
+                skip=c.skip,
+                keep=c.keep,
+                weights=inputs.get("weight"),
+                gather=c.gather_losses,
+            )
+            self.target_tokens = self.target_tokens.to(counts.device) + counts.sum().detach()
+            return (loss, None) if return_outputs else loss
+
+    return ObjectiveTrainer
+
+
+def training_arguments(tcfg, checkpoints: Path, precision: str):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=tcfg.batch_size,
+        gradient_accumulation_steps=tcfg.grad_accum,
+        max_steps=tcfg.max_steps,
+        learning_rate=tcfg.learning_rate,
+        lr_scheduler_type=tcfg.lr_scheduler,
+        warmup_steps=tcfg.warmup_steps,
+        weight_decay=tcfg.weight_decay,
+        max_grad_norm=tcfg.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        seed=tcfg.seed,
+        data_seed=tcfg.seed,
+        save_strategy="steps",
+        save_steps=tcfg.save_steps,
+        save_total_limit=tcfg.save_total_limit,
+        logging_steps=tcfg.logging_steps,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_drop_last=True,  # equal batches: IR-DRO weights and bands are comparable step to step
+        activation_checkpointing=tcfg.gradient_checkpointing,
+        fsdp=tcfg.fsdp,
+        deepspeed=tcfg.deepspeed or None,
+    )
+
+
+def delta_table(before: dict, after: dict) -> list[dict[str, Any]]:
+    rows = []
+    for name in [*before["per_source"], "overall"]:
+        b = before["overall"] if name == "overall" else before["per_source"][name]
+        a = after["overall"] if name == "overall" else after["per_source"][name]
+        rows.append(
+            {
+                "source": name,
+                "tokens": b["tokens"],
+                "loss_before": b["loss"],
+                "loss_after": a["loss"],
+                "delta": a["loss"] - b["loss"],
+                "accuracy_before": b["accuracy"],
+                "accuracy_after": a["accuracy"],
+            }
+        )
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    log = get_logger()
+    log.info(
+        f"  {'held-out':20s} {'tokens':>9s} {'loss before':>11s} {'after':>8s} {'delta':>8s} {'acc before':>10s} {'after':>7s}"
+    )
+    for r in rows:
+        log.info(
+            f"  {r['source'][:20]:20s} {r['tokens']:9,d} {r['loss_before']:11.4f} {r['loss_after']:8.4f} "
+            f"{r['delta']:+8.4f} {r['accuracy_before']:10.2%} {r['accuracy_after']:7.2%}"
+        )
+
+
+def run(cfg: Config) -> Path:
+    from transformers import set_seed
+
+    log = get_logger()
+    started = time.perf_counter()
+    tcfg = cfg.train
+    rank, world_size = rank_and_world()
+    files, manifest_path, data_name = training_files(cfg)
+    run_dir = Path(cfg.out_dir) / "train" / (tcfg.name or f"{tcfg.objective}-{data_name}")
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.is_file():
+        if json.loads(metrics_path.read_text())["config"]["train"] != to_dict(tcfg):
+            raise ConfigError(
+                f"train.name: {run_dir} holds a run with another train config; give this one another name"
+            )
+        log.info(f"{run_dir}: already trained, nothing to do")
+        return run_dir
+    if tcfg.gather_losses and tcfg.objective in ("uniform", "weighted"):
+        log.warning(f"train.gather_losses does nothing for objective {tcfg.objective!r}")
+    precision = resolve_precision(tcfg.precision)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    set_seed(tcfg.seed)
+    if not torch.cuda.is_available():
+        tune_cpu_malloc()
+    loaded = load_model(dataclasses.replace(cfg.model, dtype="float32"))  # fp32 master weights
+    model, tokenizer = loaded.model, loaded.tokenizer
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    eval_kwargs = {
+        "max_tokens": tcfg.eval_max_tokens,
+        "batch_tokens": cfg.score.batch_tokens,
+        "add_bos": cfg.score.add_bos,
+        "autocast_dtype": autocast,
+    }
+    heldout = heldout_records(cfg) if tcfg.eval_paths else []
+    before_path = run_dir / "eval_before.json"
+    if heldout and rank == 0 and not before_path.is_file():
+        write_json_atomic(
+            before_path, evaluate(model, tokenizer, heldout, desc="held-out before", **eval_kwargs)
+        )
+
+    bos_id = bos_to_add(tokenizer, cfg.score.add_bos)
+    dataset, too_short = tokenize_dataset(
+        files, tcfg.text_field, tokenizer, max_tokens=tcfg.max_tokens, bos_id=bos_id
+    )
+    if too_short:
+        log.warning(f"{too_short} training rows have fewer than 2 tokens (too_short) and are not trained on")
+    if tcfg.objective == "weighted" and "weight" not in dataset.column_names:
+        raise ConfigError(
+            f"train.objective: 'weighted' needs a `weight` column, and {files[0]} has none "
+            "(select with weights: true, or pick another objective)"
+        )
+    if len(dataset) < tcfg.batch_size * world_size:
+        raise ConfigError(
+            f"train.batch_size: {len(dataset)} training samples cannot fill one batch of "
+            f"{tcfg.batch_size} x {world_size} rank(s)"
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out anyway
+    checkpoints = run_dir / "checkpoints"
+    resume = latest_checkpoint(checkpoints)
+    if resume:
+        log.info(f"resuming from {resume}")
+    trainer = make_trainer_class()(
+        model=model,
+        args=training_arguments(tcfg, checkpoints, precision),
+        train_dataset=dataset,
+        data_collator=TrainCollator(pad_id, tcfg.max_tokens, tcfg.pack),
+        train_cfg=tcfg,
+    )
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    tokens = trainer.target_tokens.clone()
+    if world_size > 1:
+        torch.distributed.all_reduce(tokens)
+    trainer.save_model(str(run_dir / "model"))
+    if rank != 0:
+        return run_dir
+    tokenizer.save_pretrained(run_dir / "model")
+    seconds = result.metrics["train_runtime"]
+    steps_run = result.global_step - (int(resume.name.split("-")[-1]) if resume else 0)
+    metrics: dict[str, Any] = {
+        "train": {
+            "objective": tcfg.objective,
+            "steps": result.global_step,
+            "steps_this_run": steps_run,
+            "samples_available": len(dataset),
+            "dropped_too_short": too_short,
+            "target_tokens_this_run": int(tokens),
+            "tokens_per_second": int(tokens) / seconds if seconds else math.nan,
+            "runtime_s": seconds,
+            "final_train_loss": result.training_loss,
+            "precision": precision,
+            "world_size": world_size,
+            "data": [str(f) for f in files],
+        },
+        "config": to_dict(cfg),
+    }
+    if heldout:
+        before = json.loads(before_path.read_text())
+        after = evaluate(trainer.model, tokenizer, heldout, desc="held-out after", **eval_kwargs)
+        metrics |= {"before": before, "after": after, "table": delta_table(before, after)}
+        print_table(metrics["table"])
+    if manifest_path is not None:
+        shutil.copyfile(manifest_path, run_dir / "selection_manifest.json")
+    save_config(cfg, run_dir)
+    write_json_atomic(metrics_path, metrics)
+    t = metrics["train"]
+    log.info(
+        f"trained {t['steps_this_run']} step(s) ({tcfg.objective}) on {len(dataset):,} samples, "
+        f"{t['target_tokens_this_run']:,} target tokens, {t['tokens_per_second']:,.0f} tok/s, "
+        f"{time.perf_counter() - started:.1f}s -> {run_dir / 'model'}"
+    )
+    return run_dir

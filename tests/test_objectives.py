@@ -1,0 +1,133 @@
+"""Training objectives against closed forms and brute force; masking of padding and packing."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.config import ConfigError, load_config
+from pipeline.objectives import irdro_weights, midranking_mask, objective_loss, per_sample_losses, token_nll
+from pipeline.train_data import TrainCollator
+from tests.helpers import make_texts
+
+
+@pytest.fixture(scope="module")
+def model_and_features(tiny_model_dir):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = [t for t in make_texts(40, seed=4) if len(t) > 10][:8]
+    features = [{"input_ids": [tokenizer.bos_token_id, *tokenizer(t)["input_ids"][:40]]} for t in texts]
+    return model, features
+
+
+def losses_of(model, features, pad_id=0, pack=False, max_tokens=128):
+    batch = TrainCollator(pad_id, max_tokens, pack)(features)
+    nll, segment = token_nll(model, batch)
+    return per_sample_losses(nll, segment, len(features)), nll
+
+
+def test_irdro_weights_and_loss_equal_the_closed_form():
+    losses = torch.tensor([1.0, 2.0, 3.5, 0.25], dtype=torch.float64, requires_grad=True)
+    for kl_reg in (0.5, 1.0, 4.0):
+        expected = [math.exp(x / kl_reg) for x in losses.tolist()]
+        expected = torch.tensor([e / sum(expected) for e in expected])
+        w = irdro_weights(losses, kl_reg)
+        assert w.dtype == torch.float32 and not w.requires_grad
+        torch.testing.assert_close(w, expected.float())
+        loss = objective_loss("irdro", losses, torch.ones(4, dtype=torch.long), losses, kl_reg=kl_reg)
+        assert loss.item() == pytest.approx(float((expected * losses.detach()).sum()), rel=1e-6)
+    extreme = torch.tensor([1e4, 1e4 - 1.0, 0.0, -50.0])
+    w = irdro_weights(extreme, 1.0)
+    assert torch.isfinite(w).all() and w.sum().item() == pytest.approx(1.0)
+    assert w[0].item() == pytest.approx(1 / (1 + math.exp(-1)), rel=1e-6) and w[2].item() == 0.0
+    w = irdro_weights(torch.tensor([1.0, 5.0]), 1e-6)  # lambda -> 0: the hardest sample only
+    assert w.tolist() == [0.0, 1.0]
+
+
+def test_irdro_gradient_tends_to_the_uniform_per_sample_mean(model_and_features):
+    model, features = model_and_features
+
+    def grads(objective_fn):
+        model.zero_grad()
+        (losses, counts), nll = losses_of(model, features)
+        objective_fn(losses, counts, nll).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    uniform = grads(lambda losses, counts, nll: losses.mean())
+    irdro = grads(lambda losses, counts, nll: objective_loss("irdro", losses, counts, nll, kl_reg=1e9))
+    for a, b in zip(uniform, irdro, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    sharp = grads(lambda losses, counts, nll: objective_loss("irdro", losses, counts, nll, kl_reg=0.05))
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(uniform, sharp, strict=True))
+
+
+@pytest.mark.parametrize(("n", "skip", "keep"), [(8, 0.1, 0.5), (10, 0.2, 0.3), (7, 0.0, 1.0), (5, 0.4, 0.2)])
+def test_midranking_online_trains_only_on_the_intended_ranks(n, skip, keep):
+    generator = torch.Generator().manual_seed(n)
+    values = torch.randint(0, 4, (n,), generator=generator).double()  # ties on purpose
+    losses = values.clone().requires_grad_(True)
+    loss = objective_loss(
+        "midranking_online", losses, torch.ones(n, dtype=torch.long), losses, skip=skip, keep=keep
+    )
+    loss.backward()
+    ranked = sorted(
+        range(n), key=lambda i: (-values[i].item(), i)
+    )  # brute force: hardest first, ties by position
+    n_skip, n_keep = int(skip * n + 0.5), int(keep * n + 0.5)
+    intended = set(ranked[n_skip : n_skip + n_keep])
+    trained = {i for i in range(n) if losses.grad[i] != 0}
+    assert trained == intended
+    assert torch.allclose(losses.grad[list(intended)], torch.full((n_keep,), 1 / n_keep, dtype=torch.float64))
+    assert loss.item() == pytest.approx(sum(values[i].item() for i in intended) / n_keep)
+
+
+def test_an_empty_online_band_is_an_error_not_nan(tmp_path):
+    with pytest.raises(ValueError, match="keeps no sample"):
+        midranking_mask(torch.tensor([1.0, 2.0, 3.0]), skip=0.1, keep=0.1)
+    config = tmp_path / "c.yaml"
+    config.write_text("corpus: {paths: [x.jsonl]}\nmodel: {path: m}\n")
+    with pytest.raises(ConfigError, match=r"train\.keep: a batch of 4 skips 0 and keeps 0"):
+        load_config(config, ["train.objective=midranking_online", "train.batch_size=4", "train.keep=0.1"])
+
+
+def test_weighted_objective_is_the_weighted_sample_mean():
+    losses = torch.tensor([1.0, 2.0, 4.0], requires_grad=True)
+    weights = torch.tensor([0.5, 1.0, 1.5])
+    loss = objective_loss("weighted", losses, torch.ones(3, dtype=torch.long), losses, weights=weights)
+    assert loss.item() == pytest.approx((0.5 + 2.0 + 6.0) / 3)
+    with pytest.raises(ValueError, match="weight"):
+        objective_loss("weighted", losses, torch.ones(3, dtype=torch.long), losses)
+
+
+def test_padding_never_contributes(model_and_features):
+    model, features = model_and_features
+    with torch.no_grad():
+        (batched, counts), nll = losses_of(model, features, pad_id=0)
+        (other_pad, _), _ = losses_of(model, features, pad_id=7)  # a pad id that is a real token
+        alone = [losses_of(model, [f])[0][0].item() for f in features]
+    assert counts.tolist() == [len(f["input_ids"]) - 1 for f in features]
+    assert nll.numel() == sum(counts.tolist())
+    torch.testing.assert_close(batched, torch.tensor(alone), atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched, other_pad, atol=1e-6, rtol=0)
+    uniform = objective_loss("uniform", batched, counts, nll)
+    assert uniform.item() == pytest.approx(nll.sum().item() / sum(counts.tolist()))
+
+
+def test_packed_rows_keep_per_sample_losses(model_and_features):
+    model, features = model_and_features
+    batch = TrainCollator(0, 128, pack=True)(features)
+    assert batch["input_ids"].shape[0] < len(features)  # several samples share rows
+    segment = batch["segment"]
+    for index, f in enumerate(features):  # every sample's targets, and only those, are marked
+        assert int((segment == index).sum()) == len(f["input_ids"]) - 1
+    starts = (batch["input_ids"] == features[0]["input_ids"][0]) & (batch["attention_mask"] == 1)
+    assert (segment[starts] == -1).all()  # a sample's BOS is context, never a target
+    with torch.no_grad():
+        nll, seg = token_nll(model, batch)
+        packed, counts = per_sample_losses(nll, seg, len(features))
+        alone = torch.tensor([losses_of(model, [f])[0][0].item() for f in features])
+    assert counts.tolist() == [len(f["input_ids"]) - 1 for f in features]
+    first_in_row = [int(segment[r][segment[r] >= 0][0]) for r in range(segment.shape[0])]
+    torch.testing.assert_close(packed[first_in_row], alone[first_in_row], atol=1e-5, rtol=0)

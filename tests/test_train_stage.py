@@ -1,0 +1,166 @@
+"""The train stage end to end on the tiny model: outputs, evaluation, kill and resume, torchrun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from pipeline.config import ConfigError, load_config
+from stages import score, select, train
+from tests.helpers import make_texts, write_config, write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_config(directory: Path, corpus: Path, model: Path, extra: str = "") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return write_config(
+        directory,
+        corpus,
+        model,
+        "train:\n  data_paths: ["
+        f"{corpus}]\n  max_tokens: 48\n  batch_size: 4\n  max_steps: 8\n  save_steps: 2\n  save_total_limit: 10\n"
+        f"  learning_rate: 0.001\n  warmup_steps: 0\n  precision: fp32\n  logging_steps: 1\n  name: run\n{extra}",
+    )
+
+
+def final_weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "out" / "train" / "run" / "model" / "model.safetensors")
+
+
+def midrank(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "corpus.jsonl", make_texts(48, seed=21))
+
+
+def test_train_on_a_band_with_evaluation(tmp_path, tiny_model_dir, corpus):
+    heldout = write_corpus(tmp_path / "heldout.jsonl", make_texts(12, seed=22))
+    config = write_config(tmp_path, corpus, tiny_model_dir)
+    overrides = [
+        f"train.eval_paths=[{heldout}]",
+        "train.max_steps=3",
+        "train.batch_size=4",
+        "train.max_tokens=48",
+        "train.learning_rate=0.001",
+        "train.objective=irdro",
+        "train.precision=fp32",
+    ]
+    cfg = load_config(config, overrides)
+    score.run(cfg)
+    select.run(cfg)
+    run_dir = train.run(cfg)
+    assert run_dir.name == "irdro-midranking-s0.1-k0.5-samples"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["before"]["per_source"]) == {"prose", "code", "noise", "shouting"}
+    assert metrics["before"]["overall"]["tokens"] == metrics["after"]["overall"]["tokens"] > 0
+    assert metrics["after"]["overall"]["loss"] < metrics["before"]["overall"]["loss"]
+    assert metrics["train"]["steps"] == 3 and metrics["train"]["tokens_per_second"] > 0
+    for row in metrics["table"]:
+        assert row["delta"] == pytest.approx(row["loss_after"] - row["loss_before"])
+    band_manifest = tmp_path / "out" / "selected" / "midranking-s0.1-k0.5-samples" / "manifest.json"
+    assert (run_dir / "selection_manifest.json").read_text() == band_manifest.read_text()
+    assert (run_dir / "config.yaml").is_file()
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")  # loads as it is
+    assert model.config.num_hidden_layers == 2
+    # a rerun does nothing; another train config under the same run name is refused
+    mtime = (run_dir / "metrics.json").stat().st_mtime_ns
+    train.run(cfg)
+    assert (run_dir / "metrics.json").stat().st_mtime_ns == mtime
+    with pytest.raises(ConfigError, match="another train config"):
+        train.run(
+            load_config(
+                config, [*overrides, "train.kl_reg=2.0", "train.name=irdro-midranking-s0.1-k0.5-samples"]
+            )
+        )
+
+
+def test_weighted_needs_a_weight_column(tmp_path, tiny_model_dir, corpus):
+    config = train_config(tmp_path, corpus, tiny_model_dir, "  objective: weighted\n")
+    with pytest.raises(ConfigError, match="needs a `weight` column"):
+        train.run(load_config(config))
+
+
+def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, tiny_model_dir, corpus):
+    reference = train_config(tmp_path / "ref", corpus, tiny_model_dir)
+    finished = midrank("train", "--config", str(reference))
+    assert finished.wait() == 0, finished.stdout.read()
+
+    config = train_config(tmp_path / "run", corpus, tiny_model_dir)
+    checkpoints = tmp_path / "run" / "out" / "train" / "run" / "checkpoints"
+    process = midrank("train", "--config", str(config))
+    deadline = time.time() + 120
+    while not (checkpoints / "checkpoint-4" / "trainer_state.json").is_file():
+        assert process.poll() is None, f"finished before the kill point:\n{process.stdout.read()}"
+        assert time.time() < deadline
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (checkpoints / "checkpoint-8").exists()
+
+    resumed = midrank("train", "--config", str(config))
+    output = resumed.stdout.read()
+    assert resumed.wait() == 0, output
+    assert "resuming from" in output
+    metrics = json.loads((tmp_path / "run" / "out" / "train" / "run" / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == 8 and metrics["train"]["steps_this_run"] < 8
+    expected, found = final_weights(tmp_path / "ref"), final_weights(tmp_path / "run")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(found[name], tensor, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["uniform", "irdro"])
+def test_torchrun_two_ranks_match_one_process_with_the_same_global_batch(
+    tmp_path, tiny_model_dir, corpus, objective
+):
+    # IR-DRO weights span the global batch only when the losses are gathered across ranks
+    extra = f"  objective: {objective}\n  gather_losses: {str(objective == 'irdro').lower()}\n"
+    one = train_config(tmp_path / "one", corpus, tiny_model_dir, extra)
+    single = midrank("train", "--config", str(one), "train.max_steps=3", "train.batch_size=4")
+    assert single.wait() == 0, single.stdout.read()
+    two = train_config(tmp_path / "two", corpus, tiny_model_dir, extra)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "pipeline.cli",
+            "train",
+            "--config",
+            str(two),
+            "train.max_steps=3",
+            "train.batch_size=2",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "two" / "out" / "train" / "run" / "metrics.json").read_text())
+    assert metrics["train"]["world_size"] == 2
+    expected, found = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(found[name], tensor, atol=1e-5, rtol=1e-4)
