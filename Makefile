@@ -7,11 +7,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 ARGS ?=
+# what `make demo` / `make compare` build first: the embedded corpus and model (tiny preset: INPUTS=tiny)
+INPUTS ?= data model
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup data model tiny corpus score select inspect train test test-slow quality clean-data
+.PHONY: setup data model tiny corpus score select inspect train demo compare test test-slow quality clean-data
 
 setup: $(STAMP)
 
@@ -57,6 +59,15 @@ inspect: $(STAMP)
 # Continual training on the selected band, held-out loss before/after -> $(out_dir)/train/<run>/
 train: $(STAMP)
 	$(VENV)/bin/midrank train --config $(CONFIG) $(ARGS)
+
+# The whole pipeline on the embedded default: build inputs, score, select, inspect, train, summary.
+demo: $(STAMP) $(INPUTS)
+	$(VENV)/bin/midrank demo --config $(CONFIG) $(ARGS)
+
+# The paper's experiment in miniature: equal-budget random/top/bottom/MidRanking/IR-DRO training sets,
+# held-out loss per arm -> $(out_dir)/reports/compare/ (ARGS="compare.seeds=[0,1,2]" for mean ± std)
+compare: $(STAMP) $(INPUTS)
+	$(VENV)/bin/midrank compare --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -6,6 +6,8 @@
     midrank select --config configs/default.yaml                          # stage two: keep the band(s)
     midrank inspect --config configs/default.yaml                         # histograms and a report
     midrank train --config configs/default.yaml                           # continual training + eval
+    midrank demo --config configs/default.yaml                            # all of the above
+    midrank compare --config configs/default.yaml 'compare.seeds=[0,1,2]' # strategies side by side
 
 Configuration errors and bad input end with one clear line and exit status 2, not a traceback.
 """
@@ -13,6 +15,7 @@ Configuration errors and bad input end with one clear line and exit status 2, no
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -72,6 +75,44 @@ def train(cfg: Config) -> None:
     train.run(cfg)
 
 
+def compare(cfg: Config) -> None:
+    from stages import compare
+
+    compare.run(cfg)
+
+
+def demo(cfg: Config) -> None:
+    """score -> select -> inspect -> train, each skipping what is done, then where everything went."""
+    from stages import inspect, score, select, train
+
+    started = time.perf_counter()
+    scores_dir = score.run(cfg)
+    band_dir = select.run(cfg)[0]
+    report_dir = inspect.run(cfg)
+    run_dir = train.run(cfg)
+    scored = json.loads((scores_dir / "summary.json").read_text())
+    band = json.loads((band_dir / "manifest.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    t = metrics["train"]
+    lines = [
+        f"midrank demo: done in {time.perf_counter() - started:.0f}s (stages only; reruns skip finished work)",
+        f"  scored    {scored['samples']:,} samples, {scored['tokens']:,} tokens -> {scores_dir}/",
+        f"  band      {band['band']}: loss {band['loss_thresholds']['min_kept']:.3f}..{band['loss_thresholds']['max_kept']:.3f}, "
+        f"kept {band['samples']['kept']:,}/{band['samples']['in']:,} samples, "
+        f"{band['tokens']['kept']:,}/{band['tokens']['in']:,} tokens -> {band_dir}/",
+        f"  report    {report_dir / 'index.html'}",
+        f"  trained   {t['steps']} steps ({t['objective']}), {t['target_tokens_this_run']:,} target tokens at "
+        f"{t['tokens_per_second']:,.0f} tok/s -> {run_dir / 'model'}/",
+    ]
+    if "after" in metrics:
+        b, a = metrics["before"]["overall"], metrics["after"]["overall"]
+        lines.append(
+            f"  held-out  loss {b['loss']:.4f} -> {a['loss']:.4f} ({a['loss'] - b['loss']:+.4f} nats/token), "
+            f"next-token accuracy {b['accuracy']:.2%} -> {a['accuracy']:.2%}"
+        )
+    print("\n".join(lines))
+
+
 COMMANDS = {
     "config": ("print the resolved configuration", lambda cfg: print(dump_config(cfg), end="")),
     "corpus": ("read every record and report counts and skipped rows by reason", check_corpus),
@@ -79,6 +120,8 @@ COMMANDS = {
     "select": ("rank the scores, keep the band(s) -> <out_dir>/selected/<band>/", select),
     "inspect": ("loss histograms, bands, examples -> <out_dir>/reports/<name>/index.html", inspect),
     "train": ("continual training on a selected band -> <out_dir>/train/<run>/", train),
+    "demo": ("score, select, inspect and train, then a summary of where everything went", demo),
+    "compare": ("train on random/top/bottom/MidRanking/IR-DRO sets, compare held-out loss", compare),
 }
 
 

@@ -384,6 +384,41 @@ class TrainConfig:
             )
 
 
+COMPARE_ARMS = ("random", "top", "bottom", "midranking", "irdro", "all")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class CompareConfig:
+    name: str = "compare"
+    """Results go to <out_dir>/reports/<name>/; the training runs to <out_dir>/train/<name>-<arm>-seed<s>/."""
+
+    arms: tuple[Literal[COMPARE_ARMS], ...] = ("random", "top", "bottom", "midranking", "irdro")  # type: ignore[valid-type]
+    """Training sets, all from one scoring pass and (except `all`) of equal token budget: a seeded
+    `random` sample, the hardest (`top`), the easiest (`bottom`), the MidRanking band, `irdro`
+    (online IR-DRO on the random sample), `all` (uniform on everything)."""
+
+    keep: float = 0.5
+    """Share of the corpus's tokens each arm's training set holds."""
+
+    skip: float = 0.1
+    """MidRanking: share of the tokens dropped from the top before the kept band."""
+
+    seeds: tuple[int, ...] = (0,)
+    """Each arm is trained once per seed (data order, and the random sample); with several seeds
+    the table reports mean ± std, so a difference can be told from noise."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.arms) > 0, "arms", "at least one arm is required")
+        _require(len(set(self.arms)) == len(self.arms), "arms", "an arm is listed twice")
+        _require(len(self.seeds) > 0, "seeds", "at least one seed is required")
+        _require(0 < self.keep <= 1, "keep", f"must be within (0, 1], got {self.keep}")
+        _require(
+            0 <= self.skip and self.skip + self.keep <= 1,
+            "skip",
+            f"skip + keep must be <= 1, got {self.skip} + {self.keep}",
+        )
+
+
 @dataclass(kw_only=True, slots=True, frozen=True)
 class Config:
     """The whole run. Stages read the sections they need."""
@@ -397,6 +432,7 @@ class Config:
     select: SelectConfig = field(default_factory=SelectConfig)
     inspect: InspectConfig = field(default_factory=InspectConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
 
 # ------------------------------------------------------------------------------------------------

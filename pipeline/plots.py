@@ -99,3 +99,43 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_compare(rows: list[dict], path: Path) -> Path:
+    """Held-out loss change per arm: overall (left) and per source (right), error bars = std over
+    seeds. Below zero is better."""
+    arms = [r["arm"] for r in rows]
+    sources = [s for s in rows[0]["delta"] if s != "overall"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [1, 2.4]})
+    means = [r["delta"]["overall"][0] for r in rows]
+    stds = [r["delta"]["overall"][1] for r in rows]
+    colors = [KEPT_COLOR if a == "midranking" else ALL_COLOR for a in arms]
+    left.bar(arms, means, yerr=stds, color=colors, capsize=4)
+    left.axhline(0, color="black", linewidth=0.8)
+    left.set_ylabel("held-out loss after - before (nats/token)")
+    left.set_title("overall", fontsize=10)
+    left.tick_params(axis="x", rotation=30)
+    width = 0.8 / len(arms)
+    x = np.arange(len(sources))
+    palette = plt.get_cmap("tab10")
+    for i, r in enumerate(rows):
+        right.bar(
+            x + (i - (len(arms) - 1) / 2) * width,
+            [r["delta"][s][0] for s in sources],
+            width,
+            yerr=[r["delta"][s][1] for s in sources],
+            label=r["arm"],
+            color=palette(i),
+            capsize=2,
+        )
+    right.axhline(0, color="black", linewidth=0.8)
+    right.set_xticks(x, sources, rotation=20, fontsize=9)
+    right.set_title("per source", fontsize=10)
+    right.legend(fontsize=8, ncols=min(len(arms), 3))
+    seeds = len(rows[0]["seeds"])
+    fig.suptitle(
+        f"Held-out loss change by training set ({seeds} seed{'s' if seeds > 1 else ''}; lower is better)",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,176 @@
+"""Compare: the paper's experiment in miniature — does MidRanking beat random data on *this* corpus?
+
+    midrank compare --config configs/default.yaml                        # one seed per arm
+    midrank compare --config configs/default.yaml 'compare.seeds=[0,1,2]'  # mean ± std over seeds
+
+From one scoring pass it selects equal-token-budget training sets (`random`, `top`, `bottom`,
+`midranking`; `irdro` trains with online IR-DRO on the random set), continually trains the same
+starting model on each with the same steps, learning rate and seed, and evaluates every run on the
+same held-out set. Writes `<out_dir>/reports/<name>/`: `table.md` (also printed), `results.json`
+(every run's numbers), `deltas.png` (held-out loss change per arm, overall and per source, with
+the spread over seeds) and `config.yaml`.
+
+Unlike the pipeline's stages this is an experiment built from them, so it calls `select` and
+`train` directly. Reruns reuse finished selections and training runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import write_json_atomic
+from pipeline.config import BandConfig, Config, ConfigError, SelectConfig, save_config
+from pipeline.log import get_logger
+from pipeline.plots import plot_compare
+from stages import score, select, train
+
+
+def arm_setup(cfg: Config, arm: str, seed: int) -> tuple[BandConfig, str]:
+    """(the training set's band, the training objective) of an arm."""
+    c = cfg.compare
+    tokens = {"measure": "tokens", "keep": c.keep}
+    bands = {
+        "random": BandConfig(strategy="random", seed=seed, **tokens),
+        "irdro": BandConfig(strategy="random", seed=seed, **tokens),
+        "top": BandConfig(strategy="top", **tokens),
+        "bottom": BandConfig(strategy="bottom", **tokens),
+        "midranking": BandConfig(strategy="midranking", skip=c.skip, **tokens),
+        "all": BandConfig(strategy="all", measure="tokens"),
+    }
+    return bands[arm], "irdro" if arm == "irdro" else "uniform"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(runs: list[dict[str, Any]], arms: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One row per arm: means and standard deviations over its seeds."""
+    rows = []
+    for arm in arms:
+        mine = [r for r in runs if r["arm"] == arm]
+        sources = list(mine[0]["metrics"]["before"]["per_source"])
+        delta = {
+            source: _mean_std(
+                [next(t["delta"] for t in r["metrics"]["table"] if t["source"] == source) for r in mine]
+            )
+            for source in [*sources, "overall"]
+        }
+        rows.append(
+            {
+                "arm": arm,
+                "band": mine[0]["band"],
+                "objective": mine[0]["objective"],
+                "seeds": [r["seed"] for r in mine],
+                "kept_tokens": _mean_std([r["kept_tokens"] for r in mine])[0],
+                "trained_tokens": _mean_std([r["metrics"]["train"]["target_tokens_this_run"] for r in mine])[
+                    0
+                ],
+                "loss_before": mine[0]["metrics"]["before"]["overall"]["loss"],
+                "loss_after": _mean_std([r["metrics"]["after"]["overall"]["loss"] for r in mine]),
+                "delta": delta,
+            }
+        )
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    sources = [s for s in rows[0]["delta"] if s != "overall"]
+    seeds = len(rows[0]["seeds"])
+    spread = f" (mean ± std over {seeds} seeds)" if seeds > 1 else " (one seed)"
+
+    def cell(pair: tuple[float, float]) -> str:
+        return f"{pair[0]:+.4f} ± {pair[1]:.4f}" if seeds > 1 else f"{pair[0]:+.4f}"
+
+    header = [
+        "arm",
+        "training set",
+        "objective",
+        "kept tokens",
+        "trained tokens",
+        "loss before",
+        "loss after",
+        "Δ overall",
+        *(f"Δ {s}" for s in sources),
+    ]
+    lines = [
+        f"Held-out loss (nats/token) before and after continual training; Δ = after - before, lower is better{spread}.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for r in rows:
+        after = f"{r['loss_after'][0]:.4f}" + (f" ± {r['loss_after'][1]:.4f}" if seeds > 1 else "")
+        cells = [
+            r["arm"],
+            r["band"],
+            r["objective"],
+            f"{r['kept_tokens']:,.0f}",
+            f"{r['trained_tokens']:,.0f}",
+            f"{r['loss_before']:.4f}",
+            after,
+            cell(r["delta"]["overall"]),
+            *(cell(r["delta"][s]) for s in sources),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: Config) -> Path:
+    log = get_logger()
+    c = cfg.compare
+    if not cfg.train.eval_paths:
+        raise ConfigError("train.eval_paths: compare needs a held-out set to evaluate every arm on")
+    score.run(cfg)  # one scoring pass for every arm; nothing to do when finished
+    plan = [(arm, seed, *arm_setup(cfg, arm, seed)) for seed in c.seeds for arm in c.arms]
+    unique_bands = list({band.resolved_name(): band for _, _, band, _ in plan}.values())
+    select.run(dataclasses.replace(cfg, select=SelectConfig(bands=tuple(unique_bands))))
+
+    runs = []
+    shared_before: Path | None = None
+    for index, (arm, seed, band, objective) in enumerate(plan, start=1):
+        name = f"{c.name}-{arm}-seed{seed}"
+        log.info(f"compare: arm {index}/{len(plan)}: {name} ({objective} on {band.resolved_name()})")
+        train_cfg = dataclasses.replace(
+            cfg.train, name=name, band=band.resolved_name(), data_paths=(), objective=objective, seed=seed
+        )
+        run_dir = Path(cfg.out_dir) / "train" / name
+        if shared_before is not None and not (run_dir / "eval_before.json").is_file():
+            # the starting model, held-out set and eval settings are the same for every arm
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shared_before, run_dir / "eval_before.json")
+        train.run(dataclasses.replace(cfg, train=train_cfg))
+        shared_before = run_dir / "eval_before.json"
+        manifest = json.loads((run_dir / "selection_manifest.json").read_text())
+        runs.append(
+            {
+                "arm": arm,
+                "seed": seed,
+                "band": band.resolved_name(),
+                "objective": objective,
+                "run_dir": str(run_dir),
+                "kept_tokens": manifest["tokens"]["kept"],
+                "metrics": {
+                    k: v
+                    for k, v in json.loads((run_dir / "metrics.json").read_text()).items()
+                    if k != "config"
+                },
+            }
+        )
+
+    rows = summarize(runs, c.arms)
+    report_dir = Path(cfg.out_dir) / "reports" / c.name
+    report_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows)
+    (report_dir / "table.md").write_text(table, encoding="utf-8")
+    write_json_atomic(report_dir / "results.json", {"arms": rows, "runs": runs})
+    plot_compare(rows, report_dir / "deltas.png")
+    save_config(cfg, report_dir)
+    print(table)
+    log.info(f"compared {len(c.arms)} arm(s) x {len(c.seeds)} seed(s) -> {report_dir}")
+    return report_dir
