@@ -142,6 +142,7 @@ def training_arguments(tcfg, checkpoints: Path, precision: str):
         logging_steps=tcfg.logging_steps,
         report_to="none",
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # every parameter gets a gradient: skip DDP's extra graph walk
         dataloader_drop_last=True,  # equal batches: IR-DRO weights and bands are comparable step to step
         activation_checkpointing=tcfg.gradient_checkpointing,
         fsdp=tcfg.fsdp,
@@ -254,41 +255,45 @@ def run(cfg: Config) -> Path:
     if world_size > 1:
         torch.distributed.all_reduce(tokens)
     trainer.save_model(str(run_dir / "model"))
-    if rank != 0:
-        return run_dir
-    tokenizer.save_pretrained(run_dir / "model")
-    seconds = result.metrics["train_runtime"]
-    steps_run = result.global_step - (int(resume.name.split("-")[-1]) if resume else 0)
-    metrics: dict[str, Any] = {
-        "train": {
-            "objective": tcfg.objective,
-            "steps": result.global_step,
-            "steps_this_run": steps_run,
-            "samples_available": len(dataset),
-            "dropped_too_short": too_short,
-            "target_tokens_this_run": int(tokens),
-            "tokens_per_second": int(tokens) / seconds if seconds else math.nan,
-            "runtime_s": seconds,
-            "final_train_loss": result.training_loss,
-            "precision": precision,
-            "world_size": world_size,
-            "data": [str(f) for f in files],
-        },
-        "config": to_dict(cfg),
-    }
-    if heldout:
-        before = json.loads(before_path.read_text())
-        after = evaluate(trainer.model, tokenizer, heldout, desc="held-out after", **eval_kwargs)
-        metrics |= {"before": before, "after": after, "table": delta_table(before, after)}
-        print_table(metrics["table"])
-    if manifest_path is not None:
-        shutil.copyfile(manifest_path, run_dir / "selection_manifest.json")
-    save_config(cfg, run_dir)
-    write_json_atomic(metrics_path, metrics)
-    t = metrics["train"]
-    log.info(
-        f"trained {t['steps_this_run']} step(s) ({tcfg.objective}) on {len(dataset):,} samples, "
-        f"{t['target_tokens_this_run']:,} target tokens, {t['tokens_per_second']:,.0f} tok/s, "
-        f"{time.perf_counter() - started:.1f}s -> {run_dir / 'model'}"
-    )
+    if rank == 0:  # results, evaluation and the summary come from one rank
+        tokenizer.save_pretrained(run_dir / "model")
+        seconds = result.metrics["train_runtime"]
+        steps_run = result.global_step - (int(resume.name.split("-")[-1]) if resume else 0)
+        metrics: dict[str, Any] = {
+            "train": {
+                "objective": tcfg.objective,
+                "steps": result.global_step,
+                "steps_this_run": steps_run,
+                "samples_available": len(dataset),
+                "dropped_too_short": too_short,
+                "target_tokens_this_run": int(tokens),
+                "tokens_per_second": int(tokens) / seconds if seconds else math.nan,
+                "runtime_s": seconds,
+                "final_train_loss": result.training_loss,
+                "precision": precision,
+                "world_size": world_size,
+                "data": [str(f) for f in files],
+            },
+            "config": to_dict(cfg),
+        }
+        if heldout:
+            before = json.loads(before_path.read_text())
+            after = evaluate(trainer.model, tokenizer, heldout, desc="held-out after", **eval_kwargs)
+            metrics |= {"before": before, "after": after, "table": delta_table(before, after)}
+            print_table(metrics["table"])
+        if manifest_path is not None:
+            shutil.copyfile(manifest_path, run_dir / "selection_manifest.json")
+        save_config(cfg, run_dir)
+        write_json_atomic(metrics_path, metrics)
+        t = metrics["train"]
+        log.info(
+            f"trained {t['steps_this_run']} step(s) ({tcfg.objective}) on {len(dataset):,} samples, "
+            f"{t['target_tokens_this_run']:,} target tokens, {t['tokens_per_second']:,.0f} tok/s, "
+            f"{time.perf_counter() - started:.1f}s -> {run_dir / 'model'}"
+        )
+    if world_size > 1:
+        # other ranks wait for rank 0's evaluation: a rank that exits while the process group is
+        # alive aborts the whole job
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return run_dir

@@ -151,6 +151,7 @@ def test_torchrun_two_ranks_match_one_process_with_the_same_global_batch(
             str(two),
             "train.max_steps=3",
             "train.batch_size=2",
+            f"train.eval_paths=[{corpus}]",  # rank 1 must wait for rank 0's evaluation, not abort
         ],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
@@ -160,7 +161,7 @@ def test_torchrun_two_ranks_match_one_process_with_the_same_global_batch(
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((tmp_path / "two" / "out" / "train" / "run" / "metrics.json").read_text())
-    assert metrics["train"]["world_size"] == 2
+    assert metrics["train"]["world_size"] == 2 and "after" in metrics
     expected, found = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for name, tensor in expected.items():
         torch.testing.assert_close(found[name], tensor, atol=1e-5, rtol=1e-4)
