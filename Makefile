@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup data model tiny corpus score select inspect train demo compare test test-slow quality clean-data
+.PHONY: setup data model tiny instruct corpus score select inspect train demo demo-instruct compare test test-slow quality clean-data
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ tiny: data/models/tiny/model.safetensors
 data/models/tiny/model.safetensors: data/build_tiny.py data/build_corpus.py | $(STAMP)
 	$(PY) -m data.build_tiny --corpus-out data/corpus-tiny --model-out data/models/tiny
 
+# The embedded instruction sample: Q/A chats from man pages and Python docs, some deliberately broken.
+instruct: data/instruct/manifest.json
+data/instruct/manifest.json: data/build_instruct.py data/build_corpus.py | $(STAMP)
+	$(PY) -m data.build_instruct --out data/instruct
+
 # Read every record of the configured corpus: counts per source, bad rows by reason.
 corpus: $(STAMP)
 	$(VENV)/bin/midrank corpus --config $(CONFIG) $(ARGS)
@@ -64,6 +69,11 @@ train: $(STAMP)
 demo: $(STAMP) $(INPUTS)
 	$(VENV)/bin/midrank demo --config $(CONFIG) $(ARGS)
 
+# The same on instruction data (responses only are scored and trained on), then where the broken pairs went.
+demo-instruct: $(STAMP) instruct model
+	$(VENV)/bin/midrank demo --config configs/instruct.yaml $(ARGS)
+	$(PY) -m data.check_instruct --config configs/instruct.yaml
+
 # The paper's experiment in miniature: equal-budget random/top/bottom/MidRanking/IR-DRO training sets,
 # held-out loss per arm -> $(out_dir)/reports/compare/ (ARGS="compare.seeds=[0,1,2]" for mean ± std)
 compare: $(STAMP) $(INPUTS)
@@ -81,4 +91,4 @@ quality: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 clean-data:
-	rm -rf data/corpus data/corpus-tiny data/models
+	rm -rf data/corpus data/corpus-tiny data/instruct data/models

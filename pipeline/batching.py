@@ -47,7 +47,8 @@ def collate(samples: list[Sample], pad_id: int, padding_side: str = "right") -> 
         start = 0 if padding_side == "right" else length - n
         input_ids[row, start : start + n] = torch.tensor(s.input_ids)
         attention_mask[row, start : start + n] = 1
-        target_mask[row, start + s.n_context : start + n] = True
+        for first, end in s.targets:
+            target_mask[row, start + first : start + end] = True
     return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask}
 
 
@@ -84,7 +85,13 @@ class ShardBatches(IterableDataset):
                 if record is None:
                     continue
                 made, reason = make_samples(
-                    record, self.tokenizer, self.bos_id, self.score.max_tokens, self.score.long_docs
+                    record,
+                    self.tokenizer,
+                    self.bos_id,
+                    self.score.max_tokens,
+                    self.score.long_docs,
+                    prompt_format=self.score.prompt_format,
+                    score_prompt=self.score.score_prompt,
                 )
                 samples.extend(made)
                 if reason:

@@ -44,8 +44,10 @@ class CorpusConfig:
     format: Literal["auto", "jsonl", "parquet", "hf_disk", "text"] = "auto"
     """Input format; `auto` decides per file from its suffix (and per directory from its content)."""
 
-    mode: Literal["text", "prompt_response", "chat"] = "text"
-    """What a record holds: a plain `text`, a prompt/response pair, or a chat `messages` list."""
+    mode: Literal["text", "prompt_response", "alpaca", "chat"] = "text"
+    """What a record holds: a plain `text`; a prompt/response pair; an Alpaca-style
+    instruction/input/output record (prompt = instruction, plus a blank line and the input when
+    there is one); or a chat `messages` list of {role, content}. Only responses are scored."""
 
     text_field: str = "text"
     """Field holding the document text (mode=text)."""
@@ -55,6 +57,15 @@ class CorpusConfig:
 
     response_field: str = "response"
     """Field holding the response (mode=prompt_response)."""
+
+    instruction_field: str = "instruction"
+    """mode=alpaca: the instruction (part of the prompt)."""
+
+    input_field: str = "input"
+    """mode=alpaca: the optional input (part of the prompt; may be missing or empty)."""
+
+    output_field: str = "output"
+    """mode=alpaca: the response."""
 
     messages_field: str = "messages"
     """Field holding a list of {role, content} messages (mode=chat)."""
@@ -122,6 +133,13 @@ class ScoreConfig:
 
     num_workers: int = 1
     """DataLoader workers reading and tokenizing ahead of the model (0: in the main process)."""
+
+    prompt_format: Literal["chat_template", "plain"] = "chat_template"
+    """Instruction data: render prompt and response with the tokenizer's chat template, or as
+    BOS + prompt + blank line + response (`plain`). Chat data always uses the template."""
+
+    score_prompt: bool = False
+    """Instruction data: score the prompt and template tokens too, not only the responses."""
 
     def __post_init__(self) -> None:
         _require(self.max_tokens >= 2, "max_tokens", f"must be >= 2, got {self.max_tokens}")

@@ -45,11 +45,16 @@ def evaluate(
     max_tokens: int,
     batch_tokens: int,
     add_bos: bool = True,
+    prompt_format: str = "chat_template",
     autocast_dtype: torch.dtype | None = None,
     desc: str = "evaluating",
 ) -> dict[str, Any]:
     bos_id = bos_to_add(tokenizer, add_bos)
-    samples = [s for r in records for s in make_samples(r, tokenizer, bos_id, max_tokens, "truncate")[0]]
+    samples = [
+        s
+        for r in records
+        for s in make_samples(r, tokenizer, bos_id, max_tokens, "truncate", prompt_format=prompt_format)[0]
+    ]
     samples.sort(key=lambda s: -len(s.input_ids))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training

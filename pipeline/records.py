@@ -87,6 +87,7 @@ def needed_columns(cfg: CorpusConfig) -> list[str]:
     columns = {
         "text": [cfg.text_field],
         "prompt_response": [cfg.prompt_field, cfg.response_field],
+        "alpaca": [cfg.instruction_field, cfg.input_field, cfg.output_field],
         "chat": [cfg.messages_field],
     }[cfg.mode]
     return columns + ([cfg.source_field] if cfg.source_field else [])
@@ -142,9 +143,22 @@ def _extract(f: InputFile, row: int, value: dict, cfg: CorpusConfig) -> Record:
         # Text files have no field names: their content is the text, whatever text_field says.
         text_field = "text" if f.format == "text" else cfg.text_field
         return Record(sample_id, source, _string_field(value, text_field))
+    # An empty response is not bad input: the sample builder counts it as `empty_response`.
     if cfg.mode == "prompt_response":
         prompt = _string_field(value, cfg.prompt_field, allow_empty=True)
-        return Record(sample_id, source, _string_field(value, cfg.response_field), prompt=prompt)
+        response = _string_field(value, cfg.response_field, allow_empty=True)
+        return Record(sample_id, source, response, prompt=prompt)
+    if cfg.mode == "alpaca":
+        prompt = _string_field(value, cfg.instruction_field, allow_empty=True)
+        extra = (
+            _string_field(value, cfg.input_field, allow_empty=True)
+            if value.get(cfg.input_field) is not None
+            else ""
+        )
+        prompt = f"{prompt}\n\n{extra}" if extra.strip() else prompt
+        return Record(
+            sample_id, source, _string_field(value, cfg.output_field, allow_empty=True), prompt=prompt
+        )
     return Record(sample_id, source, "", messages=_messages(value, cfg.messages_field))
 
 

@@ -1,6 +1,7 @@
-"""From records to token sequences ready for scoring: BOS, truncation or windows, target masks.
+"""From records to token sequences ready for scoring or training: BOS, templates, truncation or
+windows, and which positions are targets.
 
-BOS policy: when `score.add_bos` is on and the tokenizer has a BOS token, it is prepended (the text
+Plain text. When `score.add_bos` is on and the tokenizer has a BOS token, it is prepended (the text
 itself is encoded without special tokens, so it is never added twice). The BOS is context only:
 every real token is then a target, predicted from what precedes it. Without a BOS, the first token
 has nothing to be predicted from and is context only.
@@ -11,15 +12,27 @@ Long documents (`score.long_docs`):
   the previous one as context, so every target token of the document is scored exactly once and
   the windows' `nll_sum`s add up to the document's. Window k's sample_id is `<sample_id>#<k>`.
 
-A sequence with no target token (fewer than 2 tokens, e.g. a one-token text without BOS) is not a
-sample: it is counted as `too_short`.
+Instruction data (corpus.mode prompt_response / alpaca / chat). Only the responses are targets:
+the prompt and the template's tokens are context. With `score.prompt_format: chat_template` the
+conversation is rendered by the tokenizer's chat template; each assistant turn's characters are
+found by rendering the conversation up to that turn with and without it, and the tokens that start
+inside them are the targets (so the turn's end marker, e.g. `<|im_end|>`, is a target: the model
+must learn to stop). With `plain`, the sequence is BOS + prompt + a blank line + response, the
+response tokenized on its own. `score.score_prompt` makes every token after the first a target.
+Instruction samples are always truncated (a window without its prompt would be meaningless).
+
+A sequence with no target token is not a sample: `too_short` (fewer than 2 tokens),
+`empty_response` (no response text), `response_truncated` (max_tokens ends inside the prompt).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.config import ConfigError
 from pipeline.records import Record
+
+Span = tuple[int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,18 +41,18 @@ class Sample:
     source: str
     window: int
     input_ids: list[int]
-    n_context: int
-    """Leading tokens that are context only (the BOS, or the first token); targets follow them."""
+    targets: tuple[Span, ...]
+    """[start, end) runs of input_ids that are targets; everything else is context."""
     char_start: int
     """Span of the record's text covered by this sample's target tokens (for joining text back)."""
     char_end: int
     n_chars: int
-    """Characters in the whole record's text."""
+    """Characters in the whole record's text (the rendered conversation for instruction data)."""
     truncated: bool
 
     @property
     def n_tokens(self) -> int:
-        return len(self.input_ids) - self.n_context
+        return sum(end - start for start, end in self.targets)
 
 
 def bos_to_add(tokenizer, add_bos: bool) -> int | None:
@@ -47,9 +60,18 @@ def bos_to_add(tokenizer, add_bos: bool) -> int | None:
 
 
 def make_samples(
-    record: Record, tokenizer, bos_id: int | None, max_tokens: int, long_docs: str
+    record: Record,
+    tokenizer,
+    bos_id: int | None,
+    max_tokens: int,
+    long_docs: str,
+    *,
+    prompt_format: str = "chat_template",
+    score_prompt: bool = False,
 ) -> tuple[list[Sample], str | None]:
     """The samples of one record, or ([], reason) when it yields none."""
+    if record.messages is not None or record.prompt is not None:
+        return instruction_sample(record, tokenizer, bos_id, max_tokens, prompt_format, score_prompt)
     encoded = tokenizer(record.text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = encoded["input_ids"]
     offsets: list[tuple[int, int]] = encoded["offset_mapping"]
@@ -73,7 +95,7 @@ def make_samples(
                 record.source,
                 k,
                 window_ids,
-                1,
+                ((1, len(window_ids)),),
                 window_offsets[1][0],
                 window_offsets[-1][1],
                 len(record.text),
@@ -81,3 +103,84 @@ def make_samples(
             )
         )
     return samples, None
+
+
+def conversation_of(record: Record) -> tuple[dict[str, str], ...]:
+    if record.messages is not None:
+        return record.messages
+    prompt = [{"role": "user", "content": record.prompt}] if record.prompt else []
+    return (*prompt, {"role": "assistant", "content": record.text})
+
+
+def has_response(record: Record) -> bool:
+    return any(m["role"] == "assistant" and m["content"].strip() for m in conversation_of(record))
+
+
+def render_chat(messages: tuple[dict[str, str], ...], tokenizer) -> tuple[str, list[Span]]:
+    """The conversation through the chat template, and the character span of each assistant turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"model.path: the tokenizer ({tokenizer.name_or_path}) has no chat template; add one to its "
+            "tokenizer_config.json, or for prompt/response data set score.prompt_format=plain"
+        )
+
+    def render(turns, generation_prompt=False) -> str:
+        return tokenizer.apply_chat_template(
+            list(turns), tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    full = render(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(messages[:i], generation_prompt=True), render(messages[: i + 1])
+        if not (full.startswith(through) and through.startswith(before)):
+            raise ConfigError(
+                f"model.path: the chat template of {tokenizer.name_or_path} does not render a conversation "
+                "turn by turn (a prefix changes when a turn is added), so the responses cannot be located"
+            )
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def instruction_sample(
+    record: Record, tokenizer, bos_id: int | None, max_tokens: int, prompt_format: str, score_prompt: bool
+) -> tuple[list[Sample], str | None]:
+    if not has_response(record):
+        return [], "empty_response"
+    if prompt_format == "chat_template" or record.messages is not None:
+        text, char_spans = render_chat(conversation_of(record), tokenizer)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoded["input_ids"]
+        target = [any(s <= start < e for s, e in char_spans) for start, _ in encoded["offset_mapping"]]
+    else:
+        prompt = f"{record.prompt}\n\n" if record.prompt else ""
+        prefix = [] if bos_id is None else [bos_id]
+        prompt_ids = prefix + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(record.text, add_special_tokens=False)["input_ids"]
+        ids = prompt_ids + response_ids
+        target = [False] * len(prompt_ids) + [True] * len(response_ids)
+        text = prompt + record.text
+    if score_prompt:
+        target = [False] + [True] * (len(ids) - 1)
+    truncated = len(ids) > max_tokens
+    ids, target = ids[:max_tokens], target[:max_tokens]
+    target[0] = False  # the first token has nothing to be predicted from
+    spans = runs_of(target)
+    if not spans:
+        return [], "too_short" if len(ids) < 2 else "response_truncated"
+    return [
+        Sample(record.sample_id, record.source, 0, ids, spans, 0, len(record.text), len(text), truncated)
+    ], None
+
+
+def runs_of(flags: list[bool]) -> tuple[Span, ...]:
+    runs, start = [], None
+    for i, flag in enumerate([*flags, False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i))
+            start = None
+    return tuple(runs)

@@ -1,18 +1,20 @@
 """Training data: a selected band (or any Parquet/JSONL with a text field) as token sequences, and
 the collator that pads or packs them with a per-token sample index.
 
-    dataset, dropped = tokenize_dataset(files, "text", tokenizer, max_tokens=512, bos_id=1)
+    dataset, dropped = tokenize_dataset(files, "text", tokenizer, max_tokens=512, bos_id=1, prompt_format="chat_template")
     batch = TrainCollator(pad_id=0, max_tokens=512, pack=False)(features)
     batch["segment"]   # (rows, length): the feature index of each target token, -1 elsewhere
     batch["n_samples"] # len(features): with packing there are fewer rows than samples
 
 Sequences are built as in scoring (pipeline/samples.py): the tokenizer's BOS, when it has one, is
-prepended as context; the text is truncated to `max_tokens`. Tokenization runs through
+prepended as context; the text is truncated to `max_tokens`; for instruction data (a `prompt` or
+`messages` column) only the responses are targets. Tokenization runs through
 `datasets.map`, so it is cached on disk and memory-mapped rather than held in Python lists.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,12 @@ import datasets
 import torch
 
 from pipeline.config import ConfigError
+from pipeline.records import Record
+from pipeline.samples import make_samples
 
 
 def load_rows(files: list[Path], text_field: str) -> datasets.Dataset:
-    """Parquet or JSONL files as one dataset; the text field must be there."""
+    """Parquet or JSONL files as one dataset; the text field (or a `messages` list) must be there."""
     suffixes = {f.suffix for f in files}
     if suffixes <= {".parquet"}:
         dataset = datasets.Dataset.from_parquet([str(f) for f in files])
@@ -32,24 +36,46 @@ def load_rows(files: list[Path], text_field: str) -> datasets.Dataset:
         dataset = datasets.Dataset.from_json([str(f) for f in files])
     else:
         raise ConfigError(f"train.data_paths: Parquet or JSONL files only, got {', '.join(sorted(suffixes))}")
-    if text_field not in dataset.column_names:
+    if text_field not in dataset.column_names and "messages" not in dataset.column_names:
         raise ConfigError(
             f"train.text_field: {files[0]} has no {text_field!r} column (columns: {', '.join(dataset.column_names)})"
         )
     return dataset
 
 
+def record_of(row: dict[str, Any], text_field: str) -> Record:
+    """A training row as a corpus record: plain text, a prompt/response pair, or a chat."""
+    messages = row.get("messages")
+    return Record(
+        row.get("sample_id") or "",
+        row.get("source") or "",
+        row.get(text_field) or "",
+        prompt=row.get("prompt"),
+        messages=tuple(messages) if messages else None,
+    )
+
+
 def tokenize_dataset(
-    files: list[Path], text_field: str, tokenizer, *, max_tokens: int, bos_id: int | None
-) -> tuple[datasets.Dataset, int]:
-    """(dataset with `input_ids` and, when present, `weight` and `source`; rows dropped as too short)."""
+    files: list[Path], text_field: str, tokenizer, *, max_tokens: int, bos_id: int | None, prompt_format: str
+) -> tuple[datasets.Dataset, Counter]:
+    """(dataset with `input_ids`, `targets` and, when present, `weight`; rows dropped, by reason).
+
+    Sequences and targets are built by the scorer's own `make_samples`, truncated to max_tokens:
+    a response is trained on exactly where it was scored, prompts and templates are context."""
     rows = load_rows(files, text_field)
-    keep = [c for c in ("weight", "source") if c in rows.column_names]
-    prefix = [] if bos_id is None else [bos_id]
+    keep = [c for c in ("weight",) if c in rows.column_names]
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        encoded = tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]
-        return {"input_ids": [(prefix + ids)[:max_tokens] for ids in encoded]}
+        out: dict[str, list[Any]] = {"input_ids": [], "targets": [], "dropped": []}
+        for i in range(len(next(iter(batch.values())))):
+            record = record_of({k: v[i] for k, v in batch.items()}, text_field)
+            made, reason = make_samples(
+                record, tokenizer, bos_id, max_tokens, "truncate", prompt_format=prompt_format
+            )
+            out["input_ids"].append(made[0].input_ids if made else [])
+            out["targets"].append([list(span) for span in made[0].targets] if made else [])
+            out["dropped"].append(reason or "")
+        return out
 
     tokenized = rows.map(
         encode,
@@ -57,15 +83,18 @@ def tokenize_dataset(
         remove_columns=[c for c in rows.column_names if c not in keep],
         desc="tokenizing",
     )
-    usable = tokenized.filter(lambda ids: len(ids) >= 2, input_columns="input_ids", desc="dropping too_short")
-    return usable, len(tokenized) - len(usable)
+    dropped = Counter(reason for reason in tokenized["dropped"] if reason)
+    usable = tokenized.filter(
+        lambda reason: not reason, input_columns="dropped", desc="dropping unusable rows"
+    )
+    return usable.remove_columns("dropped"), dropped
 
 
 @dataclass(frozen=True, slots=True)
 class TrainCollator:
-    """Features -> padded rows. Without packing each sample has its own row; with packing samples
-    are placed in order into rows of at most `max_tokens`. A sample's first token (its BOS, or its
-    first text token) is context only, so a packed sample never predicts across a boundary."""
+    """Features (`input_ids`, `targets` spans) -> padded rows. Without packing each sample has its
+    own row; with packing samples are placed in order into rows of at most `max_tokens`. A sample's
+    first token is never a target, so a packed sample never predicts across a boundary."""
 
     pad_id: int
     max_tokens: int
@@ -89,7 +118,8 @@ class TrainCollator:
                 ids = features[index]["input_ids"]
                 input_ids[r, at : at + len(ids)] = torch.tensor(ids)
                 attention_mask[r, at : at + len(ids)] = 1
-                segment[r, at + 1 : at + len(ids)] = index
+                for first, last in features[index]["targets"]:
+                    segment[r, at + first : at + last] = index
                 at += len(ids)
         batch = {
             "input_ids": input_ids,

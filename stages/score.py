@@ -62,6 +62,8 @@ def make_provenance(cfg: Config, plan: ShardPlan) -> dict[str, Any]:
         "corpus_plan_sha256": digest(plan.to_dict()),
         "corpus_fields_sha256": digest(corpus_fields),
     }
+    if cfg.corpus.mode != "text":  # how instruction data becomes tokens; plain text ignores these
+        key |= {"prompt_format": cfg.score.prompt_format, "score_prompt": cfg.score.score_prompt}
     return {"key": key, "model_path": cfg.model.path, "code_version": code_version(), "config": to_dict(cfg)}
 
 

@@ -94,16 +94,23 @@ def manifest_for(
     }
 
 
+MESSAGES = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
+
+
 def write_part(rows: pl.DataFrame, records: dict, where: Path, shard: int) -> None:
-    """One shard's rows of a band with their text joined back from the corpus records."""
-    texts, prompts = [], []
+    """One shard's rows of a band with their text (and prompt or messages) joined back from the
+    corpus records."""
+    texts, prompts, messages = [], [], []
     for sample_id, char_start, char_end in rows.select("sample_id", "char_start", "char_end").iter_rows():
         record = records[record_id(sample_id)]
         texts.append(sample_text(record, sample_id, char_start, char_end))
         prompts.append(record.prompt)
+        messages.append(list(record.messages) if record.messages is not None else None)
     table = rows.with_columns(text=pl.Series(texts, dtype=pl.String))
     if any(p is not None for p in prompts):
         table = table.with_columns(prompt=pl.Series(prompts, dtype=pl.String))
+    if any(m is not None for m in messages):
+        table = table.with_columns(messages=pl.Series(messages, dtype=MESSAGES))
     write_table_atomic(table.to_arrow(), shard_path(where, shard), {})
 
 

@@ -181,6 +181,67 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def finished_run(run_dir: Path, tcfg) -> bool:
+    """True when this run is already trained; a different run under the same name is refused."""
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        return False
+    if json.loads(metrics_path.read_text())["config"]["train"] != to_dict(tcfg):
+        raise ConfigError(
+            f"train.name: {run_dir} holds a run with another train config; give this one another name"
+        )
+    return True
+
+
+def training_dataset(cfg: Config, files: list[Path], tokenizer, world_size: int):
+    """The tokenized training set, checked against the objective and the batch it must fill."""
+    tcfg = cfg.train
+    dataset, dropped = tokenize_dataset(
+        files,
+        tcfg.text_field,
+        tokenizer,
+        max_tokens=tcfg.max_tokens,
+        bos_id=bos_to_add(tokenizer, cfg.score.add_bos),
+        prompt_format=cfg.score.prompt_format,
+    )
+    if dropped:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items()))
+        get_logger().warning(
+            f"{sum(dropped.values())} training rows have no target token and are not trained on ({reasons})"
+        )
+    if tcfg.objective == "weighted" and "weight" not in dataset.column_names:
+        raise ConfigError(
+            f"train.objective: 'weighted' needs a `weight` column, and {files[0]} has none "
+            "(select with weights: true, or pick another objective)"
+        )
+    if len(dataset) < tcfg.batch_size * world_size:
+        raise ConfigError(
+            f"train.batch_size: {len(dataset)} training samples cannot fill one batch of "
+            f"{tcfg.batch_size} x {world_size} rank(s)"
+        )
+    return dataset, dropped
+
+
+def train_summary(
+    tcfg, result, resume: Path | None, tokens: int, dataset, dropped, files, precision: str
+) -> dict:
+    seconds = result.metrics["train_runtime"]
+    return {
+        "objective": tcfg.objective,
+        "steps": result.global_step,
+        "steps_this_run": result.global_step - (int(resume.name.split("-")[-1]) if resume else 0),
+        "samples_available": len(dataset),
+        "dropped": dict(dropped),
+        "target_tokens_this_run": tokens,
+        "tokens_per_second": tokens / seconds if seconds else math.nan,
+        "runtime_s": seconds,
+        "final_train_loss": result.training_loss,
+        "precision": precision,
+        "world_size": rank_and_world()[1],
+        "data": [str(f) for f in files],
+    }
+
+
 def run(cfg: Config) -> Path:
     from transformers import set_seed
 
@@ -190,12 +251,7 @@ def run(cfg: Config) -> Path:
     rank, world_size = rank_and_world()
     files, manifest_path, data_name = training_files(cfg)
     run_dir = Path(cfg.out_dir) / "train" / (tcfg.name or f"{tcfg.objective}-{data_name}")
-    metrics_path = run_dir / "metrics.json"
-    if metrics_path.is_file():
-        if json.loads(metrics_path.read_text())["config"]["train"] != to_dict(tcfg):
-            raise ConfigError(
-                f"train.name: {run_dir} holds a run with another train config; give this one another name"
-            )
+    if finished_run(run_dir, tcfg):
         log.info(f"{run_dir}: already trained, nothing to do")
         return run_dir
     if tcfg.gather_losses and tcfg.objective in ("uniform", "weighted"):
@@ -208,12 +264,12 @@ def run(cfg: Config) -> Path:
         tune_cpu_malloc()
     loaded = load_model(dataclasses.replace(cfg.model, dtype="float32"))  # fp32 master weights
     model, tokenizer = loaded.model, loaded.tokenizer
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     eval_kwargs = {
         "max_tokens": tcfg.eval_max_tokens,
         "batch_tokens": cfg.score.batch_tokens,
         "add_bos": cfg.score.add_bos,
-        "autocast_dtype": autocast,
+        "prompt_format": cfg.score.prompt_format,
+        "autocast_dtype": {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
     }
     heldout = heldout_records(cfg) if tcfg.eval_paths else []
     before_path = run_dir / "eval_before.json"
@@ -222,30 +278,14 @@ def run(cfg: Config) -> Path:
             before_path, evaluate(model, tokenizer, heldout, desc="held-out before", **eval_kwargs)
         )
 
-    bos_id = bos_to_add(tokenizer, cfg.score.add_bos)
-    dataset, too_short = tokenize_dataset(
-        files, tcfg.text_field, tokenizer, max_tokens=tcfg.max_tokens, bos_id=bos_id
-    )
-    if too_short:
-        log.warning(f"{too_short} training rows have fewer than 2 tokens (too_short) and are not trained on")
-    if tcfg.objective == "weighted" and "weight" not in dataset.column_names:
-        raise ConfigError(
-            f"train.objective: 'weighted' needs a `weight` column, and {files[0]} has none "
-            "(select with weights: true, or pick another objective)"
-        )
-    if len(dataset) < tcfg.batch_size * world_size:
-        raise ConfigError(
-            f"train.batch_size: {len(dataset)} training samples cannot fill one batch of "
-            f"{tcfg.batch_size} x {world_size} rank(s)"
-        )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out anyway
-    checkpoints = run_dir / "checkpoints"
-    resume = latest_checkpoint(checkpoints)
+    dataset, dropped = training_dataset(cfg, files, tokenizer, world_size)
+    resume = latest_checkpoint(run_dir / "checkpoints")
     if resume:
         log.info(f"resuming from {resume}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out anyway
     trainer = make_trainer_class()(
         model=model,
-        args=training_arguments(tcfg, checkpoints, precision),
+        args=training_arguments(tcfg, run_dir / "checkpoints", precision),
         train_dataset=dataset,
         data_collator=TrainCollator(pad_id, tcfg.max_tokens, tcfg.pack),
         train_cfg=tcfg,
@@ -257,25 +297,8 @@ def run(cfg: Config) -> Path:
     trainer.save_model(str(run_dir / "model"))
     if rank == 0:  # results, evaluation and the summary come from one rank
         tokenizer.save_pretrained(run_dir / "model")
-        seconds = result.metrics["train_runtime"]
-        steps_run = result.global_step - (int(resume.name.split("-")[-1]) if resume else 0)
-        metrics: dict[str, Any] = {
-            "train": {
-                "objective": tcfg.objective,
-                "steps": result.global_step,
-                "steps_this_run": steps_run,
-                "samples_available": len(dataset),
-                "dropped_too_short": too_short,
-                "target_tokens_this_run": int(tokens),
-                "tokens_per_second": int(tokens) / seconds if seconds else math.nan,
-                "runtime_s": seconds,
-                "final_train_loss": result.training_loss,
-                "precision": precision,
-                "world_size": world_size,
-                "data": [str(f) for f in files],
-            },
-            "config": to_dict(cfg),
-        }
+        summary = train_summary(tcfg, result, resume, int(tokens), dataset, dropped, files, precision)
+        metrics: dict[str, Any] = {"train": summary, "config": to_dict(cfg)}
         if heldout:
             before = json.loads(before_path.read_text())
             after = evaluate(trainer.model, tokenizer, heldout, desc="held-out after", **eval_kwargs)
@@ -284,11 +307,10 @@ def run(cfg: Config) -> Path:
         if manifest_path is not None:
             shutil.copyfile(manifest_path, run_dir / "selection_manifest.json")
         save_config(cfg, run_dir)
-        write_json_atomic(metrics_path, metrics)
-        t = metrics["train"]
+        write_json_atomic(run_dir / "metrics.json", metrics)
         log.info(
-            f"trained {t['steps_this_run']} step(s) ({tcfg.objective}) on {len(dataset):,} samples, "
-            f"{t['target_tokens_this_run']:,} target tokens, {t['tokens_per_second']:,.0f} tok/s, "
+            f"trained {summary['steps_this_run']} step(s) ({tcfg.objective}) on {len(dataset):,} samples, "
+            f"{summary['target_tokens_this_run']:,} target tokens, {summary['tokens_per_second']:,.0f} tok/s, "
             f"{time.perf_counter() - started:.1f}s -> {run_dir / 'model'}"
         )
     if world_size > 1:

@@ -18,7 +18,8 @@ def model_and_features(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     texts = [t for t in make_texts(40, seed=4) if len(t) > 10][:8]
-    features = [{"input_ids": [tokenizer.bos_token_id, *tokenizer(t)["input_ids"][:40]]} for t in texts]
+    ids = [[tokenizer.bos_token_id, *tokenizer(t)["input_ids"][:40]] for t in texts]
+    features = [{"input_ids": i, "targets": [[1, len(i)]]} for i in ids]
     return model, features
 
 

@@ -1,0 +1,195 @@
+"""Instruction data: formats, response-only targets against an independent computation, multi-turn
+chats, empty responses, a missing chat template, and score -> select -> train on chats."""
+
+import json
+import shutil
+
+import polars as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.batching import collate
+from pipeline.config import ConfigError, load_config
+from pipeline.nll import NLLScorer
+from pipeline.records import Record
+from pipeline.samples import make_samples
+from stages import score, select, train
+from tests.helpers import write_config
+from tests.test_readers import read_all
+
+# A ChatML template like SmolLM2's, without its default system prompt.
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with ChatML special tokens and a chat template."""
+    directory = tmp_path_factory.mktemp("chat") / "model"
+    shutil.copytree(tiny_model_dir, directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def chat_model(chat_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(chat_model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(chat_model_dir)
+
+
+def jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_each_instruction_format_reads_into_prompt_and_response(tmp_path):
+    alpaca = jsonl(
+        tmp_path / "alpaca.jsonl",
+        [
+            {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+            {"instruction": "Say hi.", "input": "", "output": "hi"},
+            {"instruction": "Say bye.", "output": "bye"},
+        ],
+    )
+    records, _ = read_all(paths=(str(alpaca),), mode="alpaca")
+    assert [(r.prompt, r.text) for r in records] == [
+        ("Add the numbers.\n\n2 and 3", "5"),
+        ("Say hi.", "hi"),
+        ("Say bye.", "bye"),
+    ]
+    pairs = jsonl(tmp_path / "pairs.jsonl", [{"q": "What is 2+2?", "a": "4"}])
+    records, _ = read_all(paths=(str(pairs),), mode="prompt_response", prompt_field="q", response_field="a")
+    assert (records[0].prompt, records[0].text) == ("What is 2+2?", "4")
+
+
+def nll_restricted(model, ids: list[int], positions: list[int]) -> float:
+    """Plain forward of the whole sequence, per-token NLL, summed over the given target positions."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    token_nll = F.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="none")
+    return float(sum(token_nll[p - 1] for p in positions))
+
+
+def scored(model, sample) -> tuple[float, int]:
+    out = NLLScorer(model)(**collate([sample], 0))
+    return out.nll_sum[0].item(), out.n_tokens[0].item()
+
+
+def test_plain_prompt_response_scores_only_the_response(chat_model):
+    model, tokenizer = chat_model
+    record = Record("p:0", "s", "the cat sat on the mat", prompt="Where did the cat sit?")
+    (sample,), _ = make_samples(
+        record, tokenizer, tokenizer.bos_token_id, 64, "truncate", prompt_format="plain"
+    )
+    prompt_ids = [
+        tokenizer.bos_token_id,
+        *tokenizer("Where did the cat sit?\n\n", add_special_tokens=False)["input_ids"],
+    ]
+    response_ids = tokenizer("the cat sat on the mat", add_special_tokens=False)["input_ids"]
+    assert sample.input_ids == prompt_ids + response_ids
+    positions = list(range(len(prompt_ids), len(prompt_ids) + len(response_ids)))
+    nll_sum, n_tokens = scored(model, sample)
+    assert n_tokens == len(response_ids)
+    assert nll_sum == pytest.approx(nll_restricted(model, sample.input_ids, positions), abs=1e-4)
+    (whole,), _ = make_samples(
+        record, tokenizer, tokenizer.bos_token_id, 64, "truncate", prompt_format="plain", score_prompt=True
+    )
+    assert whole.n_tokens == len(sample.input_ids) - 1
+
+
+def test_multi_turn_chat_scores_every_assistant_turn_and_only_those(chat_model):
+    model, tokenizer = chat_model
+    messages = (
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "what sat on the mat"},
+        {"role": "assistant", "content": "the cat"},
+        {"role": "user", "content": "and then"},
+        {"role": "assistant", "content": "it slept at night"},
+    )
+    (sample,), _ = make_samples(Record("c:0", "s", "", messages=messages), tokenizer, None, 128, "truncate")
+    # independently: tokenize the rendered text piece by piece; assistant content + its <|im_end|>
+    # are targets, everything else (roles, markers, user and system text) is context
+    pieces = [
+        ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nwhat sat on the mat<|im_end|>\n", False),
+        ("<|im_start|>assistant\n", False),
+        ("the cat<|im_end|>\n", True),
+        ("<|im_start|>user\nand then<|im_end|>\n<|im_start|>assistant\n", False),
+        ("it slept at night<|im_end|>\n", True),
+    ]
+    ids, positions = [], []
+    for text, is_target in pieces:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        positions += list(range(len(ids), len(ids) + len(piece))) if is_target else []
+        ids += piece
+    assert sample.input_ids == ids
+    assert [p for start, end in sample.targets for p in range(start, end)] == positions
+    assert len(sample.targets) == 2
+    nll_sum, n_tokens = scored(model, sample)
+    assert n_tokens == len(positions)
+    assert nll_sum == pytest.approx(nll_restricted(model, ids, positions), abs=1e-4)
+
+
+def test_empty_response_and_no_assistant_turn_are_skipped_with_a_reason(chat_model):
+    _, tokenizer = chat_model
+    empty = Record("e:0", "s", "   ", prompt="hello?")
+    assert make_samples(empty, tokenizer, None, 64, "truncate") == ([], "empty_response")
+    no_turn = Record("e:1", "s", "", messages=({"role": "user", "content": "hi"},))
+    assert make_samples(no_turn, tokenizer, None, 64, "truncate") == ([], "empty_response")
+    long_prompt = Record("e:2", "s", "yes", prompt="word " * 200)
+    assert make_samples(long_prompt, tokenizer, None, 32, "truncate") == ([], "response_truncated")
+
+
+def test_a_missing_chat_template_is_a_clear_error(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    record = Record(
+        "m:0", "s", "", messages=({"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"})
+    )
+    with pytest.raises(ConfigError, match="has no chat template"):
+        make_samples(record, tokenizer, None, 64, "truncate")
+    pair = Record("m:1", "s", "yo", prompt="hi")  # plain rendering needs no template
+    (sample,), _ = make_samples(
+        pair, tokenizer, tokenizer.bos_token_id, 64, "truncate", prompt_format="plain"
+    )
+    assert sample.n_tokens == len(tokenizer("yo", add_special_tokens=False)["input_ids"])
+
+
+def test_chats_score_select_and_train_with_responses_only(tmp_path, chat_model_dir):
+    rows = []
+    for i in range(24):
+        answer = "" if i == 5 else " ".join(["the cat sat on the mat"] * (1 + i % 4))
+        messages = [
+            {"role": "user", "content": f"question {i} about cats"},
+            {"role": "assistant", "content": answer},
+        ]
+        rows.append({"messages": messages, "source": "odd" if i % 2 else "even"})
+    corpus = jsonl(tmp_path / "chat.jsonl", rows)
+    config = write_config(tmp_path, corpus, chat_model_dir)
+    overrides = [
+        "corpus.mode=chat",
+        "train.max_steps=2",
+        "train.batch_size=4",
+        "train.max_tokens=64",
+        "train.precision=fp32",
+        "train.objective=midranking_online",
+        "train.skip=0.25",
+    ]
+    cfg = load_config(config, overrides)
+    scores_dir = score.run(cfg)
+    summary = json.loads((scores_dir / "summary.json").read_text())
+    assert summary["samples"] == 23 and summary["skipped"] == {"empty_response": 1}
+    (band_dir,) = select.run(cfg)
+    kept = pl.read_parquet(band_dir / "part-*.parquet")
+    assert kept["messages"].list.len().to_list() == [2] * kept.height
+    run_dir = train.run(cfg)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == 2 and metrics["train"]["dropped"] == {}
