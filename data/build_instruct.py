@@ -20,17 +20,10 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from data.build_corpus import (
-    MAN,
-    _first_dir,
-    log,
-    order_key,
-    read_text,
-    render_man,
-    write_jsonl,
-)
+from data.build_corpus import _first_dir, log, man_candidates, order_key, read_text, write_jsonl
 
 MAX_ANSWER_CHARS = 700
+RFC = re.compile(r":rfc:`(\d+)`")
 ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`~?([^`<]+?)(?:\s*<[^>]*>)?`")  # :class:`~a.b` -> a.b
 
 
@@ -58,12 +51,11 @@ def man_sections(rendered: str) -> dict[str, str]:
 
 
 def man_pairs(limit: int) -> list[dict]:
-    pages = sorted(
-        (p for p in (MAN / "man1").glob("*.gz") if not p.is_symlink()), key=lambda p: order_key(p.name)
-    )
+    # the corpus builder's man pages (a few per family, so gcloud_* does not crowd out the rest), section 1
+    candidates = [c for c in man_candidates() if c.origin.startswith("man/man1/")]
     pairs = []
-    for path in pages:
-        rendered = render_man(path)
+    for candidate in sorted(candidates, key=lambda c: order_key(c.origin)):
+        rendered = candidate.load()
         if not rendered:
             continue
         sections = man_sections(rendered)
@@ -76,9 +68,7 @@ def man_pairs(limit: int) -> list[dict]:
             continue
         answer = clip(f"`{command}` is used to {summary[0].lower()}{summary[1:].rstrip('.')}. {body[0]}")
         question = f"What does the command `{command.split(',')[0].strip()}` do?"
-        pairs.append(
-            {"question": question, "answer": answer, "source": "man", "origin": f"man/man1/{path.name}"}
-        )
+        pairs.append({"question": question, "answer": answer, "source": "man", "origin": candidate.origin})
         if len(pairs) == limit:
             break
     return pairs
@@ -93,9 +83,11 @@ def python_doc_pairs(limit: int) -> list[dict]:
         title = re.match(r":mod:`([^`]+)` -+ (.+)\n", text)
         if not title:
             continue
+        # top-level prose only: indented paragraphs belong to directives (function docs, notes)
+        raw = [p for p in re.split(r"\n\s*\n", text[title.end() :]) if p.strip() and not p[0].isspace()]
         prose = [
-            ROLE.sub(r"\1", p).replace("``", "`").replace("**", "")
-            for p in paragraphs(text[title.end() :])
+            ROLE.sub(r"\1", RFC.sub(r"RFC \1", p)).replace("``", "`").replace("**", "")
+            for p in (" ".join(r.split()) for r in raw)
             if not p.startswith(("..", "**Source", "---", ":", "=")) and len(p) > 60
         ]
         if not prose:

@@ -43,3 +43,24 @@ def test_tiny_model_builds_and_scores(tmp_path):
     # a random model is near-uniform over its vocabulary
     assert loss == pytest.approx(math.log(len(tokenizer)), abs=1.0)
     assert tokenizer.decode(tokenizer("héllo wörld").input_ids) == "héllo wörld"  # byte-level: lossless
+
+
+def test_instruction_sample_is_labelled_chat_data(tmp_path):
+    from data import build_instruct
+
+    if not any(s.name == "python-docs" and s.present() for s in build_corpus.SOURCES):
+        pytest.skip("python3-doc is not installed on this machine")  # CI machines have it
+    build_instruct.build(tmp_path / "a", 30)
+    build_instruct.build(tmp_path / "b", 30)
+    assert (tmp_path / "a" / "train.jsonl").read_bytes() == (tmp_path / "b" / "train.jsonl").read_bytes()
+    train = [json.loads(line) for line in (tmp_path / "a" / "train.jsonl").open()]
+    heldout = [json.loads(line) for line in (tmp_path / "a" / "heldout.jsonl").open()]
+    assert {r["kind"] for r in train} <= {"ok", "mismatched", "truncated"} and {
+        r["kind"] for r in heldout
+    } == {"ok"}
+    assert {r["origin"] for r in train}.isdisjoint(r["origin"] for r in heldout)
+    for record in train:
+        user, assistant = record["messages"]
+        assert user["role"] == "user" and assistant["role"] == "assistant" and assistant["content"].strip()
+        if record["kind"] == "truncated":
+            assert 3 <= len(assistant["content"].split()) <= 6
