@@ -45,13 +45,21 @@ from pipeline.log import get_logger
 from pipeline.model import fingerprint, load_model, resolve_device, resolve_dtype, tune_cpu_malloc
 from pipeline.nll import NLLScorer
 from pipeline.ranks import rank_and_world, shards_of_rank
+from pipeline.records import needed_columns
 from pipeline.samples import bos_to_add
 from pipeline.sharding import ShardPlan, plan_shards
 
 
 def make_provenance(cfg: Config, plan: ShardPlan) -> dict[str, Any]:
     dtype = resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))
-    corpus_fields = {k: v for k, v in to_dict(cfg.corpus).items() if k not in ("paths", "on_error")}
+    # only what decides a record's content: the fields its mode reads (renaming an unused field, or
+    # adding a config option, must not invalidate finished scores); the plan covers paths and shards
+    corpus_fields = {
+        "mode": cfg.corpus.mode,
+        "format": cfg.corpus.format,
+        "text_glob": cfg.corpus.text_glob,
+        "columns": needed_columns(cfg.corpus),
+    }
     key = {
         "scoring_version": SCORING_VERSION,
         **fingerprint(cfg.model),

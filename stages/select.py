@@ -138,13 +138,15 @@ def run(cfg: Config) -> list[Path]:
         outputs.append(band_dir)
         manifest_path = band_dir / "manifest.json"
         if manifest_path.is_file():
-            previous = json.loads(manifest_path.read_text())["parameters"]
-            if previous != to_dict(band_cfg):
+            previous = json.loads(manifest_path.read_text())
+            if previous["parameters"] != to_dict(band_cfg):
                 raise ConfigError(
                     f"select.bands: {band_dir} holds a different selection; give this band another name"
                 )
-            log.info(f"{name}: already selected, nothing to do")
-            continue
+            if previous["score_provenance"]["key"] == provenance["key"]:
+                log.info(f"{name}: already selected, nothing to do")
+                continue
+            log.info(f"{name}: the scores were recomputed since this band was selected; selecting again")
         decided = decide(scores, band_cfg, total_tokens)
         summary = summarize(decided)
         kept = summary.filter(pl.col("kept"))

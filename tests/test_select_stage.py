@@ -70,20 +70,30 @@ def test_empty_band_and_bad_parameters_are_clear_errors(scored):
         load_config(config, ["select.bands=[{skip: 1.5}]"])
 
 
-def test_mixed_provenance_is_refused(scored, tmp_path):
-    config, _ = scored
-    path = tmp_path / "out" / "scores" / "part-00001.parquet"
+def mark_rescored(path):
+    """Give a score shard the provenance of a rescoring in another dtype."""
     table = pq.read_table(path)
     provenance = json.loads(table.schema.metadata[PROVENANCE_KEY])
     provenance["key"]["dtype"] = "bfloat16"
-    pq.write_table(
-        table.replace_schema_metadata(
-            {**table.schema.metadata, PROVENANCE_KEY: json.dumps(provenance).encode()}
-        ),
-        path,
-    )
+    metadata = {**table.schema.metadata, PROVENANCE_KEY: json.dumps(provenance).encode()}
+    pq.write_table(table.replace_schema_metadata(metadata), path)
+
+
+def test_mixed_provenance_is_refused(scored, tmp_path):
+    config, _ = scored
+    mark_rescored(tmp_path / "out" / "scores" / "part-00001.parquet")
     with pytest.raises(ProvenanceError, match="refusing to mix"):
         select.run(load_config(config))
+
+
+def test_a_band_is_selected_again_after_the_scores_are_recomputed(scored, tmp_path):
+    config, _ = scored
+    (band_dir,) = select.run(load_config(config))
+    for path in (tmp_path / "out" / "scores").glob("part-*.parquet"):
+        mark_rescored(path)
+    select.run(load_config(config))
+    manifest = json.loads((band_dir / "manifest.json").read_text())
+    assert manifest["score_provenance"]["key"]["dtype"] == "bfloat16"
 
 
 def test_split_windows_get_their_own_span(tmp_path, tiny_model_dir):
