@@ -1,8 +1,13 @@
 """Test helpers: generated texts, small corpora and configs under tmp_path."""
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 WORDS = ("the cat sat on a mat while data flows through pipes and models learn from text at night").split()
 
@@ -42,3 +47,37 @@ def write_config(tmp_path: Path, corpus: Path, model: Path, extra: str = "") -> 
         f"score:\n  max_tokens: 64\n  batch_tokens: 256\n  window_rows: 8\n  num_workers: 0\n{extra}"
     )
     return config
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=N -m pipeline.cli ARGS` from the repository root."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "pipeline.cli",
+            *args,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def midrank(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python -m pipeline.cli ARGS` as a separate process (to be killed, or run beside torchrun)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )

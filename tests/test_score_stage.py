@@ -1,11 +1,8 @@
 """Stage one end to end: real Parquet, resumption after SIGKILL, torchrun ranks, provenance."""
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,26 +15,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.artifacts import PROVENANCE_KEY, STATS_KEY, ProvenanceError
 from pipeline.config import load_config
 from stages import score
-from tests.helpers import make_texts, write_config, write_corpus
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import make_texts, midrank, torchrun, write_config, write_corpus
 
 
 def read_scores(out: Path) -> list[dict]:
     rows = [r for p in sorted((out / "scores").glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
     return sorted(rows, key=lambda r: r["sample_id"])
-
-
-def midrank(*args, env=None, **kwargs):
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kwargs,
-    )
 
 
 def config_in(directory: Path, corpus: Path, model: Path, extra: str = "") -> Path:
@@ -190,25 +173,7 @@ def test_torchrun_two_ranks_equal_one_rank(tmp_path, tiny_model_dir):
     two = config_in(tmp_path / "two", corpus, tiny_model_dir)
     single = midrank("score", "--config", str(one))
     assert single.wait() == 0, single.stdout.read()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "pipeline.cli",
-            "score",
-            "--config",
-            str(two),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = torchrun("score", "--config", str(two))
     assert result.returncode == 0, result.stdout + result.stderr
     parts = sorted((tmp_path / "two" / "out" / "scores").glob("part-*.parquet"))
     assert len(parts) == 3

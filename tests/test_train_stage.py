@@ -1,10 +1,7 @@
 """The train stage end to end on the tiny model: outputs, evaluation, kill and resume, torchrun."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,9 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.config import ConfigError, load_config
 from stages import score, select, train
-from tests.helpers import make_texts, write_config, write_corpus
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import make_texts, midrank, torchrun, write_config, write_corpus
 
 
 def train_config(directory: Path, corpus: Path, model: Path, extra: str = "") -> Path:
@@ -34,17 +29,6 @@ def train_config(directory: Path, corpus: Path, model: Path, extra: str = "") ->
 
 def final_weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(directory / "out" / "train" / "run" / "model" / "model.safetensors")
-
-
-def midrank(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 @pytest.fixture
@@ -137,27 +121,13 @@ def test_torchrun_two_ranks_match_one_process_with_the_same_global_batch(
     single = midrank("train", "--config", str(one), "train.max_steps=3", "train.batch_size=4")
     assert single.wait() == 0, single.stdout.read()
     two = train_config(tmp_path / "two", corpus, tiny_model_dir, extra)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "pipeline.cli",
-            "train",
-            "--config",
-            str(two),
-            "train.max_steps=3",
-            "train.batch_size=2",
-            f"train.eval_paths=[{corpus}]",  # rank 1 must wait for rank 0's evaluation, not abort
-        ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = torchrun(
+        "train",
+        "--config",
+        str(two),
+        "train.max_steps=3",
+        "train.batch_size=2",
+        f"train.eval_paths=[{corpus}]",  # rank 1 must wait for rank 0's evaluation, not abort
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((tmp_path / "two" / "out" / "train" / "run" / "metrics.json").read_text())
