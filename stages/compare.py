@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -64,7 +65,10 @@ def summarize(runs: list[dict[str, Any]], arms: tuple[str, ...]) -> list[dict[st
         rows.append(
             {
                 "arm": arm,
-                "band": mine[0]["band"],
+                # the random sample differs per seed: random-k0.5-seed*-tokens
+                "band": mine[0]["band"]
+                if len({r["band"] for r in mine}) == 1
+                else re.sub(r"seed\d+", "seed*", mine[0]["band"]),
                 "objective": mine[0]["objective"],
                 "seeds": [r["seed"] for r in mine],
                 "kept_tokens": _mean_std([r["kept_tokens"] for r in mine])[0],

@@ -43,6 +43,7 @@ def test_compare_trains_every_arm_and_seed_and_reports_mean_and_std(tmp_path, ti
         assert len(befores) == 1  # every arm starts from the same model, evaluated on the same set
     random_runs = [r for r in results["runs"] if r["arm"] == "random"]
     assert random_runs[0]["band"] != random_runs[1]["band"]  # the random sample changes with the seed
+    assert by_arm["random"]["band"] == "random-k0.5-seed*-tokens"
     assert by_arm["irdro"]["objective"] == "irdro" and by_arm["midranking"]["objective"] == "uniform"
     total = json.loads(
         (tmp_path / "out" / "selected" / "midranking-s0.1-k0.5-tokens" / "manifest.json").read_text()
