@@ -12,6 +12,7 @@ swapped in whole. All binning happens in Polars queries; rows are read only for 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -57,8 +58,6 @@ def source_table(scores: pl.LazyFrame, top_decile: float) -> list[dict[str, Any]
 
 
 def load_band(band_dir: Path) -> dict[str, Any]:
-    import json
-
     manifest = json.loads((band_dir / "manifest.json").read_text())
     kept = pl.scan_parquet(sorted(band_dir.glob("part-*.parquet")))
     by_loss = manifest["positions"]["order"] == "loss"
@@ -125,7 +124,14 @@ def attach_texts(cfg: Config, rows: list[dict[str, Any]], max_chars: int) -> Non
         if record is None:
             row["text"], row["text_cut"] = None, False
             continue
-        text = sample_text(record, row["sample_id"], row["char_start"], row["char_end"])
+        if (
+            record.messages is not None
+        ):  # instruction data: the question shows why an answer scores as it does
+            text = "\n".join(f"[{m['role']}] {m['content']}" for m in record.messages)
+        elif record.prompt is not None:
+            text = f"[prompt] {record.prompt}\n[response] {record.text}"
+        else:
+            text = sample_text(record, row["sample_id"], row["char_start"], row["char_end"])
         row["text"], row["text_cut"] = text[:max_chars], len(text) > max_chars
 
 
