@@ -64,6 +64,14 @@ def _examples(regions: list[dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
+def _figures(images: dict[str, str], wanted) -> str:
+    return "".join(
+        f'<figure><img src="{escape(file)}" alt="{escape(caption)}"><figcaption>{escape(caption)}</figcaption></figure>'
+        for file, caption in images.items()
+        if wanted(file)
+    )
+
+
 def _band_section(band: dict[str, Any], images: dict[str, str]) -> str:
     m = band["manifest"]
     name = band["name"]
@@ -120,11 +128,7 @@ def _band_section(band: dict[str, Any], images: dict[str, str]) -> str:
         ],
         mix_rows,
     )
-    figures = "".join(
-        f'<figure><img src="{escape(file)}" alt="{escape(caption)}"><figcaption>{escape(caption)}</figcaption></figure>'
-        for file, caption in images.items()
-        if file.endswith(f"-{name}.png")
-    )
+    figures = _figures(images, lambda file: file.endswith(f"-{name}.png"))
     return (
         f"<h2>Band {escape(name)}</h2><p>strategy {escape(m['strategy'])}, positions "
         f"{m['positions']['start']:g} .. {m['positions']['stop']:g} of the {escape(m['positions']['measure'])} "
@@ -157,10 +161,8 @@ def render_report(summary: dict[str, Any]) -> str:
         sources += (
             f'<p class="muted">panels show the {plotted} largest of {len(summary["sources"])} sources</p>'
         )
-    general = "".join(
-        f'<figure><img src="{escape(file)}" alt="{escape(caption)}"><figcaption>{escape(caption)}</figcaption></figure>'
-        for file, caption in summary["images"].items()
-        if not any(file.endswith(f"-{b['name']}.png") for b in summary["bands"])
+    general = _figures(
+        summary["images"], lambda file: not any(file.endswith(f"-{b['name']}.png") for b in summary["bands"])
     )
     if summary["bands"]:
         bands = "".join(_band_section(b, summary["images"]) for b in summary["bands"])

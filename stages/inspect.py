@@ -124,9 +124,8 @@ def attach_texts(cfg: Config, rows: list[dict[str, Any]], max_chars: int) -> Non
         if record is None:
             row["text"], row["text_cut"] = None, False
             continue
-        if (
-            record.messages is not None
-        ):  # instruction data: the question shows why an answer scores as it does
+        # instruction data: the question shows why an answer scores as it does
+        if record.messages is not None:
             text = "\n".join(f"[{m['role']}] {m['content']}" for m in record.messages)
         elif record.prompt is not None:
             text = f"[prompt] {record.prompt}\n[response] {record.text}"
@@ -135,9 +134,14 @@ def attach_texts(cfg: Config, rows: list[dict[str, Any]], max_chars: int) -> Non
         row["text"], row["text_cut"] = text[:max_chars], len(text) > max_chars
 
 
-def panels_for(scores: pl.LazyFrame, edges: np.ndarray, band: dict | None, sources: list[str]) -> list[Panel]:
-    everything = histogram(scores, LOSS, edges)
-    by_source = histogram(scores, LOSS, edges, by="source")
+def panels_for(
+    corpus: tuple[np.ndarray, dict[str, np.ndarray]],
+    edges: np.ndarray,
+    band: dict | None,
+    sources: list[str],
+) -> list[Panel]:
+    """The whole corpus's counts (overall, per source) with a band's kept counts drawn over them."""
+    everything, by_source = corpus
     kept_all = kept_by_source = None
     if band is not None:
         kept_all = histogram(band["kept"], LOSS, edges)
@@ -212,11 +216,12 @@ def run(cfg: Config) -> Path:
     shown = sorted(sources, key=lambda s: -s["samples"])[: icfg.max_sources]
     shown_names = [s["source"] for s in sources if s in shown]  # keep the hardest-first order
     edges = uniform_edges(*value_range(scores, LOSS), icfg.bins)
+    corpus_counts = (histogram(scores, LOSS, edges), histogram(scores, LOSS, edges, by="source"))
     images: dict[str, str] = {}
     for band in bands or [None]:
         suffix = f"-{band['name']}" if band else ""
         title = f"band {band['name']}" if band else "no band selected yet"
-        panels = panels_for(scores, edges, band, shown_names)
+        panels = panels_for(corpus_counts, edges, band, shown_names)
         name = f"loss_hist{suffix}.png"
         plot_histograms(panels, edges, work / name, xlabel="loss (nats/token)", title=title)
         images[name] = f"Loss per sample, {title}"
