@@ -11,9 +11,11 @@ falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +29,20 @@ class ConfigError(ValueError):
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
+
+
+def exact_share(value: float | int | Fraction) -> Fraction:
+    """A share as the decimal the user wrote it: 0.1 is 1/10, not the binary float nearest to it, so
+    sums like skip + keep and products like share x total are exact (0.2 + 0.1 is 0.3 here, and
+    0.30000000000000004 in floats, enough to move a sample across a band's boundary)."""
+    if isinstance(value, Fraction):
+        return value
+    return Fraction(repr(value)) if isinstance(value, float) else Fraction(value)
+
+
+def share_of(n: int, share: float) -> int:
+    """`share` of n items, rounded half up, exactly (0.15 of 10 is 2, where float rounding may say 1)."""
+    return math.floor(exact_share(share) * n + Fraction(1, 2))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,7 +231,7 @@ class BandConfig:
         _require(self.keep > 0 or self.target_tokens > 0, "keep", "must be > 0 (an empty band keeps nothing)")
         if self.strategy == "midranking":
             _require(
-                self.skip + self.keep <= 1.0,
+                exact_share(self.skip) + exact_share(self.keep) <= 1,
                 "keep",
                 f"skip + keep must be <= 1, got {self.skip} + {self.keep}",
             )
@@ -393,7 +409,7 @@ class TrainConfig:
         _require(self.eval_max_tokens >= 2, "eval_max_tokens", f"must be >= 2, got {self.eval_max_tokens}")
         _require("/" not in self.name, "name", f"must be a plain name, got {self.name!r}")
         if self.objective == "midranking_online":
-            n_skip, n_keep = int(self.skip * self.batch_size + 0.5), int(self.keep * self.batch_size + 0.5)
+            n_skip, n_keep = share_of(self.batch_size, self.skip), share_of(self.batch_size, self.keep)
             _require(
                 n_keep >= 1 and n_skip + n_keep <= self.batch_size,
                 "keep",
@@ -431,7 +447,7 @@ class CompareConfig:
         _require(len(self.seeds) > 0, "seeds", "at least one seed is required")
         _require(0 < self.keep <= 1, "keep", f"must be within (0, 1], got {self.keep}")
         _require(
-            0 <= self.skip and self.skip + self.keep <= 1,
+            0 <= self.skip and exact_share(self.skip) + exact_share(self.keep) <= 1,
             "skip",
             f"skip + keep must be <= 1, got {self.skip} + {self.keep}",
         )

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pipeline.config import share_of
+
 Objective = Literal["uniform", "irdro", "midranking_online", "weighted"]
 
 
@@ -61,15 +63,11 @@ def irdro_weights(losses: torch.Tensor, kl_reg: float) -> torch.Tensor:
     return torch.softmax(losses.detach().float() / kl_reg, dim=0)
 
 
-def band_size(n: int, fraction: float) -> int:
-    return int(fraction * n + 0.5)
-
-
 def midranking_mask(losses: torch.Tensor, skip: float, keep: float) -> torch.Tensor:
     """The paper's per-batch band: rank by loss (hardest first, ties by position), drop the top
     `skip` share, keep the next `keep` share."""
     n = losses.numel()
-    n_skip, n_keep = band_size(n, skip), band_size(n, keep)
+    n_skip, n_keep = share_of(n, skip), share_of(n, keep)
     if n_keep < 1 or n_skip >= n:
         raise ValueError(f"a batch of {n} keeps no sample with skip={skip}, keep={keep}")
     order = torch.sort(losses.detach(), descending=True, stable=True).indices

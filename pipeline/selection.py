@@ -7,10 +7,13 @@
 Every sample is placed on one line, hardest first: by `loss` descending, ties by `sample_id`
 ascending, so a selection is deterministic (the `random` strategy orders by a seeded hash of the
 sample_id instead). A sample's position is the share of the measure (samples, or tokens) that
-comes before it; a band keeps the samples whose position falls in [start, stop) (compared as
-`start x total <= before < stop x total`, so a sample exactly on a boundary is never misplaced by
-rounding). In tokens, the kept total is therefore within one sample of (stop - start) x total. With `by_source`, positions
-are computed within each source, so each source keeps its own band and the domain mix is kept.
+comes before it; a band keeps the samples whose position falls in [start, stop), that is
+`start x total <= before < stop x total`. The shares are exact rationals of the decimals the user
+wrote (skip 0.2 + keep 0.1 is 3/10, not 0.30000000000000004), turned once into integer thresholds
+(`ceil(start x total)`), so a sample exactly on a boundary is never misplaced by rounding: 10
+equal samples with skip 0.2, keep 0.1 keep exactly one. In tokens, the kept total is within one
+sample of (stop - start) x total. With `by_source`, positions are computed within each source, so
+each source keeps its own band and the domain mix is kept.
 The whole table is never sorted: the band's two ends are found from the numeric keys alone (the
 sample_ids of the one or two tied groups at each end are read to break ties), then each row is
 decided by comparing its (key, sample_id) with the two ends, which streams. On 10M samples this
@@ -19,46 +22,65 @@ takes a third of the memory of sorting everything with pandas (bench/select.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal
 
 import numpy as np
 import polars as pl
 
+from pipeline.config import exact_share
+
 Strategy = Literal["midranking", "band", "top", "bottom", "random", "all"]
 Reason = pl.Enum(["too_hard", "too_easy", "not_sampled"])
 
 
+Share = float | Fraction
+
+
 @dataclass(frozen=True, slots=True)
 class Band:
-    start: float
-    """Share of the measure, counted from the highest loss, that comes before the band."""
-    stop: float
+    start: Fraction
+    """Share of the measure, counted from the highest loss, that comes before the band (floats are
+    taken as the decimal they print as: 0.1 is 1/10)."""
+    stop: Fraction
     """Share of the measure, counted from the highest loss, at which the band ends."""
     order: Literal["loss", "random"] = "loss"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.start < self.stop <= 1.0:
-            raise ValueError(f"a band needs 0 <= start < stop <= 1, got [{self.start}, {self.stop})")
+        object.__setattr__(self, "start", exact_share(self.start))
+        object.__setattr__(self, "stop", exact_share(self.stop))
+        if not 0 <= self.start < self.stop <= 1:
+            raise ValueError(
+                f"a band needs 0 <= start < stop <= 1, got [{float(self.start)}, {float(self.stop)})"
+            )
+
+    def thresholds(self, total: int) -> tuple[int, int]:
+        """The band in integer positions: a sample with `before` of the measure ahead of it is kept
+        when first <= before < last. Exact: `before >= start x total` is `before >= ceil(...)`."""
+        return math.ceil(self.start * total), math.ceil(self.stop * total)
 
 
 def band_for(
-    strategy: Strategy, *, skip: float = 0.0, keep: float = 1.0, low: float = 0.0, high: float = 1.0
+    strategy: Strategy, *, skip: Share = 0, keep: Share = 1, low: Share = 0, high: Share = 1
 ) -> Band:
     """The band of a strategy. `skip`/`keep` count from the hardest sample; `low`/`high` are loss
-    quantiles counted from the easiest, as cc_net and Marion et al. state their bands."""
+    quantiles counted from the easiest, as cc_net and Marion et al. state their bands. All in exact
+    rationals, so skip + keep is the sum of the decimals as written."""
+    skip, keep, low, high = map(exact_share, (skip, keep, low, high))
     if strategy == "midranking":
-        return Band(skip, min(1.0, skip + keep))
+        return Band(skip, skip + keep)
     if strategy == "top":
-        return Band(0.0, keep)
+        return Band(Fraction(0), keep)
     if strategy == "bottom":
-        return Band(1.0 - keep, 1.0)
+        return Band(1 - keep, Fraction(1))
     if strategy == "band":
-        return Band(1.0 - high, 1.0 - low)
+        return Band(1 - high, 1 - low)
     if strategy == "random":
-        return Band(0.0, keep, order="random")
+        return Band(Fraction(0), keep, order="random")
     if strategy == "all":
-        return Band(0.0, 1.0)
+        return Band(Fraction(0), Fraction(1))
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
@@ -67,7 +89,7 @@ def _order_key(band: Band, seed: int) -> pl.Expr:
     return -pl.col("loss").cast(pl.Float64) if band.order == "loss" else pl.col("sample_id").hash(seed)
 
 
-def _boundary(scores: pl.LazyFrame, keys: np.ndarray, sizes: np.ndarray, threshold: float) -> tuple | None:
+def _boundary(scores: pl.LazyFrame, keys: np.ndarray, sizes: np.ndarray, threshold: int) -> tuple | None:
     """The (key, sample_id) of the first sample, in (key, sample_id) order, that has at least
     `threshold` of the measure before it; None when no sample does. Only the numeric keys are
     sorted; sample_ids are read for the one or two tied groups at the boundary."""
@@ -75,7 +97,7 @@ def _boundary(scores: pl.LazyFrame, keys: np.ndarray, sizes: np.ndarray, thresho
     sorted_keys, sorted_sizes = keys[order], sizes[order]
     starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
     before = np.r_[0, np.cumsum(sorted_sizes)][starts]  # measure before each tied group
-    total = float(sorted_sizes.sum())
+    total = int(sorted_sizes.sum())
     if threshold >= total:
         return None
     group = int(np.searchsorted(before, threshold, side="right")) - 1
@@ -120,9 +142,9 @@ def select(
         part = keyed.filter(pl.col("source") == source) if by_source else keyed
         numeric = part.select("_key", "_size").collect()
         keys, sizes = numeric["_key"].to_numpy(), numeric["_size"].to_numpy()
-        total = float(sizes.sum())
-        start = _boundary(part, keys, sizes, band.start * total)
-        stop = _boundary(part, keys, sizes, band.stop * total)
+        first, last = band.thresholds(int(sizes.sum()))
+        start = _boundary(part, keys, sizes, first)
+        stop = _boundary(part, keys, sizes, last)
         after_start, after_stop = _at_or_after(start), _at_or_after(stop)
         kept = after_start & ~after_stop
         if band.order == "random":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,15 @@ from pipeline.artifacts import (
     write_json_atomic,
     write_table_atomic,
 )
-from pipeline.config import BAND_PRESETS, BandConfig, Config, ConfigError, save_config, to_dict
+from pipeline.config import (
+    BAND_PRESETS,
+    BandConfig,
+    Config,
+    ConfigError,
+    exact_share,
+    save_config,
+    to_dict,
+)
 from pipeline.log import get_logger
 from pipeline.records import ReadStats, record_id, sample_text
 from pipeline.selection import Band, band_for, irdro_weight_expr, select
@@ -36,7 +45,16 @@ from pipeline.sharding import iter_shard, plan_shards
 
 def band_of(cfg: BandConfig, total_tokens: int) -> tuple[Band, str]:
     measure = "tokens" if cfg.target_tokens else cfg.measure
-    keep = min(1.0, cfg.target_tokens / total_tokens) if cfg.target_tokens else cfg.keep
+    keep = Fraction(cfg.target_tokens, max(total_tokens, 1)) if cfg.target_tokens else cfg.keep
+    if cfg.target_tokens:
+        skip = exact_share(cfg.skip) if cfg.strategy == "midranking" else 0
+        if skip + keep > 1:
+            after_skip = f" after skip {cfg.skip} drops {float(skip):.1%} of them" if skip else ""
+            raise ConfigError(
+                f"select.bands: {cfg.resolved_name()}: target_tokens {cfg.target_tokens:,} is more than the "
+                f"{total_tokens:,} scored tokens leave{after_skip} ({float(skip):.1%} + "
+                f"{float(keep):.1%} > 100%); lower target_tokens or skip"
+            )
     if cfg.strategy in BAND_PRESETS:
         low, high = BAND_PRESETS[cfg.strategy]
         return band_for("band", low=low, high=high), measure
@@ -83,7 +101,12 @@ def manifest_for(
         "band": band_cfg.resolved_name(),
         "strategy": band_cfg.strategy,
         "parameters": to_dict(band_cfg),
-        "positions": {"start": band.start, "stop": band.stop, "order": band.order, "measure": measure},
+        "positions": {
+            "start": float(band.start),
+            "stop": float(band.stop),
+            "order": band.order,
+            "measure": measure,
+        },
         "loss_thresholds": {"max_kept": kept["max_loss"].max(), "min_kept": kept["min_loss"].min()},
         "samples": {"in": int(summary["samples"].sum()), "kept": int(kept["samples"].sum())},
         "tokens": {"in": int(summary["tokens"].sum()), "kept": int(kept["tokens"].sum())},

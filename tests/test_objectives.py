@@ -1,6 +1,7 @@
 """Training objectives against closed forms and brute force; masking of padding and packing."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -64,7 +65,11 @@ def test_irdro_gradient_tends_to_the_uniform_per_sample_mean(model_and_features)
     assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(uniform, sharp, strict=True))
 
 
-@pytest.mark.parametrize(("n", "skip", "keep"), [(8, 0.1, 0.5), (10, 0.2, 0.3), (7, 0.0, 1.0), (5, 0.4, 0.2)])
+@pytest.mark.parametrize(
+    ("n", "skip", "keep"),
+    # 0.29 x 50 = 14.5 rounds half up to 15; in floats it is 14.499999999999998
+    [(8, 0.1, 0.5), (10, 0.2, 0.3), (7, 0.0, 1.0), (5, 0.4, 0.2), (50, 0.29, 0.57)],
+)
 def test_midranking_online_trains_only_on_the_intended_ranks(n, skip, keep):
     generator = torch.Generator().manual_seed(n)
     values = torch.randint(0, 4, (n,), generator=generator).double()  # ties on purpose
@@ -76,7 +81,7 @@ def test_midranking_online_trains_only_on_the_intended_ranks(n, skip, keep):
     ranked = sorted(
         range(n), key=lambda i: (-values[i].item(), i)
     )  # brute force: hardest first, ties by position
-    n_skip, n_keep = int(skip * n + 0.5), int(keep * n + 0.5)
+    n_skip, n_keep = (math.floor(Fraction(str(x)) * n + Fraction(1, 2)) for x in (skip, keep))  # half up
     intended = set(ranked[n_skip : n_skip + n_keep])
     trained = {i for i in range(n) if losses.grad[i] != 0}
     assert trained == intended

@@ -116,3 +116,20 @@ def test_absolute_token_budget(scored, tmp_path):
     longest = pl.read_parquet(tmp_path / "out" / "scores" / "part-*.parquet")["n_tokens"].max()
     assert abs(kept["n_tokens"].sum() - 500) <= longest
     assert band_dir.name == "midranking-s0.1-t500-tokens"
+
+
+def test_a_token_budget_beyond_what_skip_leaves_is_an_error(scored, tmp_path):
+    config, _ = scored
+    total = pl.read_parquet(tmp_path / "out" / "scores" / "part-*.parquet")["n_tokens"].sum()
+    target = int(total * 0.95)
+    with pytest.raises(
+        ConfigError,
+        match=rf"target_tokens {target:,} .* after skip 0.1 drops 10.0% of them \(10.0% \+ 9\d\.\d% > 100%\)",
+    ):
+        select.run(
+            load_config(
+                config, [f"select.bands=[{{strategy: midranking, skip: 0.1, target_tokens: {target}}}]"]
+            )
+        )
+    with pytest.raises(ConfigError, match=rf"target_tokens {total + 1:,} is more than the {total:,} scored"):
+        select.run(load_config(config, [f"select.bands=[{{strategy: top, target_tokens: {total + 1}}}]"]))

@@ -2,6 +2,7 @@
 
 import math
 import random
+from fractions import Fraction
 
 import numpy as np
 import polars as pl
@@ -30,8 +31,25 @@ def scores(tmp_path):
     return rows, pl.scan_parquet(tmp_path / "part-*.parquet")
 
 
-def brute_force(rows, band: Band, measure: str, by_source: bool, order_key=None) -> set[str]:
-    """Kept ids: sort hardest first (ties by id), walk the cumulative measure, keep starts in band."""
+def exact_ends(strategy: str, params: dict) -> tuple[Fraction, Fraction]:
+    """The band's [start, stop) as exact rationals of the decimals as written, from the strategy's
+    own definition (DESIGN.md §1) — independent of `Band` and `band_for`."""
+    q = {k: Fraction(str(v)) for k, v in params.items()}
+    skip, keep, low, high = q.get("skip", 0), q.get("keep", 1), q.get("low", 0), q.get("high", 1)
+    return {
+        "midranking": (skip, skip + keep),
+        "top": (Fraction(0), keep),
+        "random": (Fraction(0), keep),
+        "bottom": (1 - keep, Fraction(1)),
+        "band": (1 - high, 1 - low),
+        "all": (Fraction(0), Fraction(1)),
+    }[strategy]
+
+
+def brute_force(rows, ends, measure: str, by_source: bool, order_key=None) -> set[str]:
+    """Kept ids: sort hardest first (ties by id), walk the cumulative measure, keep the samples whose
+    share before them lies in [start, stop), compared in exact rationals."""
+    start, stop = ends
     groups = {}
     for row in rows:
         groups.setdefault(row["source"] if by_source else "", []).append(row)
@@ -42,7 +60,7 @@ def brute_force(rows, band: Band, measure: str, by_source: bool, order_key=None)
         size = [r["n_tokens"] if measure == "tokens" else 1 for r in ordered]
         total, before = sum(size), 0
         for row, s in zip(ordered, size, strict=True):
-            if band.start * total <= before < band.stop * total:
+            if start <= Fraction(before, total) < stop:
                 kept.add(row["sample_id"])
             before += s
     return kept
@@ -68,7 +86,7 @@ def test_kept_set_equals_brute_force(scores, strategy, params, measure, by_sourc
     decided = select(lazy, band, measure=measure, by_source=by_source).collect()
     assert decided.height == len(rows)  # every sample is decided
     kept = set(decided.filter(pl.col("kept"))["sample_id"])
-    assert kept == brute_force(rows, band, measure, by_source)
+    assert kept == brute_force(rows, exact_ends(strategy, params), measure, by_source)
     rejected = decided.filter(~pl.col("kept"))
     assert rejected["reason"].null_count() == 0 and decided.filter(pl.col("kept"))[
         "reason"
@@ -78,6 +96,67 @@ def test_kept_set_equals_brute_force(scores, strategy, params, measure, by_sourc
         hard = rejected.filter(pl.col("reason") == "too_hard")
         if not by_source and hard.height and kept:
             assert hard["loss"].min() >= decided.filter(pl.col("kept"))["loss"].max()
+
+
+def equal_samples(n: int) -> pl.LazyFrame:
+    return pl.LazyFrame(
+        {"sample_id": [f"s{i:03d}" for i in range(n)], "loss": [float(n - i) for i in range(n)]}
+    )
+
+
+@pytest.mark.parametrize(
+    ("strategy", "params", "expected"),
+    [
+        # float arithmetic puts each of these on the wrong side of a boundary: 0.2 + 0.1 > 0.3,
+        # 1 - 0.7 > 0.3 and 0.1 + 0.2 > 0.3
+        ("midranking", {"skip": 0.2, "keep": 0.1}, 1),
+        ("midranking", {"skip": 0.1, "keep": 0.2}, 2),
+        ("bottom", {"keep": 0.7}, 7),
+    ],
+)
+def test_samples_exactly_on_a_boundary_fall_on_the_right_side(strategy, params, expected):
+    decided = select(equal_samples(10), band_for(strategy, **params)).collect()
+    kept = decided.filter(pl.col("kept"))
+    assert kept.height == expected
+    rows = [
+        {"sample_id": s, "loss": x, "n_tokens": 1, "source": ""}
+        for s, x in equal_samples(10).collect().rows()
+    ]
+    assert set(kept["sample_id"]) == brute_force(rows, exact_ends(strategy, params), "samples", False)
+
+
+def test_random_bands_with_decimal_shares_equal_brute_force():
+    """A few hundred random bands with shares of one to three decimals, over sets whose sizes make
+    many boundaries land exactly on a sample."""
+    rng = random.Random(12)
+    for case in range(300):
+        n = rng.choice([5, 10, 20, 40, 100, 1000, rng.randint(1, 60)])
+        rows = [
+            {
+                "sample_id": f"s{i:04d}",
+                "source": rng.choice("ab"),
+                "n_tokens": rng.choice([1, 1, 2, 5, 10]),
+                "loss": round(rng.uniform(0, 3), rng.choice([0, 1, 3])),
+            }
+            for i in range(n)
+        ]
+        decimals = rng.choice([1, 2, 3])
+        a, b = sorted(rng.sample(range(10**decimals + 1), 2))
+        strategy = rng.choice(["midranking", "top", "bottom", "band"])
+        params = {
+            "midranking": {"skip": a / 10**decimals, "keep": (b - a) / 10**decimals},
+            "top": {"keep": b / 10**decimals},
+            "bottom": {"keep": b / 10**decimals},
+            "band": {"low": a / 10**decimals, "high": b / 10**decimals},
+        }[strategy]
+        if b == 0:
+            continue
+        measure, by_source = rng.choice(["samples", "tokens"]), rng.random() < 0.3
+        frame = pl.LazyFrame(rows)
+        decided = select(frame, band_for(strategy, **params), measure=measure, by_source=by_source).collect()
+        kept = set(decided.filter(pl.col("kept"))["sample_id"])
+        expected = brute_force(rows, exact_ends(strategy, params), measure, by_source)
+        assert kept == expected, (case, strategy, params, measure, by_source, n)
 
 
 def test_random_strategy_is_seeded_and_brute_forced(scores):
@@ -94,7 +173,11 @@ def test_random_strategy_is_seeded_and_brute_forced(scores):
     )
     keys = dict(zip(lazy.collect()["sample_id"], lazy.collect()["sample_id"].hash(7), strict=True))
     assert kept == brute_force(
-        rows, band, "samples", False, order_key=lambda r: (keys[r["sample_id"]], r["sample_id"])
+        rows,
+        exact_ends("random", {"keep": 0.25}),
+        "samples",
+        False,
+        order_key=lambda r: (keys[r["sample_id"]], r["sample_id"]),
     )
     assert set(first.filter(~pl.col("kept"))["reason"]) == {"not_sampled"}
     assert len(kept) == 100
