@@ -22,7 +22,7 @@ from torch.utils.data import IterableDataset
 
 from pipeline.config import CorpusConfig, ScoreConfig
 from pipeline.records import ReadStats
-from pipeline.samples import Sample, make_samples
+from pipeline.samples import Sample, SamplePolicy, make_samples
 from pipeline.sharding import ShardPlan, iter_shard_rows
 
 
@@ -65,12 +65,12 @@ class ShardBatches(IterableDataset):
         corpus: CorpusConfig,
         score: ScoreConfig,
         tokenizer: Any,
-        bos_id: int | None,
         pad_id: int,
         start_row: int = 0,
     ):
         self.plan, self.shard, self.corpus, self.score = plan, shard, corpus, score
-        self.tokenizer, self.bos_id, self.pad_id, self.start_row = tokenizer, bos_id, pad_id, start_row
+        self.tokenizer, self.pad_id, self.start_row = tokenizer, pad_id, start_row
+        self.policy = SamplePolicy.of(score, tokenizer)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         stats = ReadStats()
@@ -84,15 +84,7 @@ class ShardBatches(IterableDataset):
             for record in window:
                 if record is None:
                     continue
-                made, reason = make_samples(
-                    record,
-                    self.tokenizer,
-                    self.bos_id,
-                    self.score.max_tokens,
-                    self.score.long_docs,
-                    prompt_format=self.score.prompt_format,
-                    score_prompt=self.score.score_prompt,
-                )
+                made, reason = make_samples(record, self.tokenizer, self.policy)
                 samples.extend(made)
                 if reason:
                     skipped[reason] += 1

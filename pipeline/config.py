@@ -131,8 +131,14 @@ class ScoreConfig:
     """Longest sequence scored at once (tokens, BOS included)."""
 
     long_docs: Literal["truncate", "split"] = "truncate"
-    """A document longer than max_tokens is cut to it (`truncate`) or scored as consecutive windows
+    """A document longer than max_tokens is cut to it (`truncate`) or scored as strided windows
     that become separate samples, `sample_id` + window index (`split`)."""
+
+    split_context_tokens: int | None = None
+    """long_docs=split: each window after the first conditions on up to this many preceding tokens
+    (context only, never targets; within max_tokens). More context scores later windows closer to
+    how the whole document would be, at max_tokens / (max_tokens - C) the compute per target.
+    Default: a quarter of max_tokens."""
 
     batch_tokens: int = 8192
     """Token budget of one batch (padded length x rows); halved automatically on out-of-memory."""
@@ -159,6 +165,13 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         _require(self.max_tokens >= 2, "max_tokens", f"must be >= 2, got {self.max_tokens}")
+        if self.split_context_tokens is not None:
+            _require(
+                1 <= self.split_context_tokens < self.max_tokens,
+                "split_context_tokens",
+                f"must be within [1, max_tokens - 1] = [1, {self.max_tokens - 1}] (a window needs one "
+                f"context token and one target), got {self.split_context_tokens}",
+            )
         _require(self.window_rows >= 1, "window_rows", f"must be >= 1, got {self.window_rows}")
         _require(
             self.head_chunk_tokens >= 1, "head_chunk_tokens", f"must be >= 1, got {self.head_chunk_tokens}"
@@ -169,6 +182,11 @@ class ScoreConfig:
             "batch_tokens",
             f"must be >= max_tokens ({self.max_tokens}), got {self.batch_tokens}",
         )
+
+    def resolved_split_context(self) -> int:
+        if self.split_context_tokens is not None:
+            return self.split_context_tokens
+        return max(1, self.max_tokens // 4)
 
 
 # Peers' bands, as loss quantiles counted from the easiest sample (low, high).

@@ -1,6 +1,7 @@
 """Held-out evaluation: loss, perplexity and next-token accuracy, overall and per source.
 
-    metrics = evaluate(model, tokenizer, records, max_tokens=512, batch_tokens=8192, add_bos=True)
+    metrics = evaluate(model, tokenizer, records, policy=SamplePolicy.of(cfg.score, tokenizer, max_tokens=512),
+                       batch_tokens=8192)
     metrics["overall"]   # {"samples", "tokens", "loss", "perplexity", "accuracy"}
     metrics["per_source"]["man"]
 
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from pipeline.batching import collate, pack_batches
 from pipeline.nll import NLLScorer
 from pipeline.records import Record
-from pipeline.samples import bos_to_add, make_samples
+from pipeline.samples import SamplePolicy, make_samples
 
 
 def _metrics(nll: float, tokens: int, correct: int, samples: int) -> dict[str, Any]:
@@ -42,19 +43,12 @@ def evaluate(
     tokenizer,
     records: Iterable[Record],
     *,
-    max_tokens: int,
+    policy: SamplePolicy,
     batch_tokens: int,
-    add_bos: bool = True,
-    prompt_format: str = "chat_template",
     autocast_dtype: torch.dtype | None = None,
     desc: str = "evaluating",
 ) -> dict[str, Any]:
-    bos_id = bos_to_add(tokenizer, add_bos)
-    samples = [
-        s
-        for r in records
-        for s in make_samples(r, tokenizer, bos_id, max_tokens, "truncate", prompt_format=prompt_format)[0]
-    ]
+    samples = [s for r in records for s in make_samples(r, tokenizer, policy)[0]]
     samples.sort(key=lambda s: -len(s.input_ids))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training

@@ -8,9 +8,16 @@ has nothing to be predicted from and is context only.
 
 Long documents (`score.long_docs`):
 - `truncate`: keep the first `max_tokens` tokens (BOS included); `truncated` is set.
-- `split`: consecutive windows of at most `max_tokens` tokens, each starting with the last token of
-  the previous one as context, so every target token of the document is scored exactly once and
-  the windows' `nll_sum`s add up to the document's. Window k's sample_id is `<sample_id>#<k>`.
+- `split`: strided windows of at most `max_tokens` tokens. Every token after the first is a target
+  in exactly one window (so the windows' `n_tokens` add up to the document's); each window after
+  the first also holds, as context only, up to `score.split_context_tokens` (C) tokens that precede
+  its targets — the BOS too, when the context reaches back to the start. The targets are shared
+  out evenly: n = ceil(T / (max_tokens - C)) windows for T targets, each with T/n of them (to
+  within one), so no window is a stub of a few tokens whose loss would rank it at an extreme.
+  A window whose context reaches the document's start sees exactly what the unsplit document
+  sees, so its `nll_sum` equals the unsplit one's over the same targets; otherwise it is the loss
+  given the last C tokens (more context: closer, at max_tokens / (max_tokens - C) the compute per
+  target). Window k's sample_id is `<sample_id>#<k>`.
 
 Instruction data (corpus.mode prompt_response / alpaca / chat). Only the responses are targets:
 the prompt and the template's tokens are context. With `score.prompt_format: chat_template` the
@@ -27,9 +34,10 @@ A sequence with no target token is not a sample: `too_short` (fewer than 2 token
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, ScoreConfig
 from pipeline.records import Record
 
 Span = tuple[int, int]
@@ -55,54 +63,94 @@ class Sample:
         return sum(end - start for start, end in self.targets)
 
 
-def bos_to_add(tokenizer, add_bos: bool) -> int | None:
-    return tokenizer.bos_token_id if add_bos and tokenizer.bos_token_id is not None else None
+@dataclass(frozen=True, slots=True)
+class SamplePolicy:
+    """How records become token sequences. Scoring, training and evaluation each build one from the
+    same `score` settings, so a sample is trained and evaluated on exactly the targets it was scored on."""
+
+    max_tokens: int
+    bos_id: int | None
+    long_docs: str = "truncate"
+    split_context_tokens: int = 1
+    prompt_format: str = "chat_template"
+    score_prompt: bool = False
+
+    @classmethod
+    def of(cls, score: ScoreConfig, tokenizer, *, max_tokens: int | None = None) -> SamplePolicy:
+        """The scoring policy of `score`; with `max_tokens` (training, evaluation), the same
+        targets truncated to that length."""
+        return cls(
+            max_tokens=max_tokens or score.max_tokens,
+            bos_id=tokenizer.bos_token_id if score.add_bos else None,
+            long_docs="truncate" if max_tokens else score.long_docs,
+            split_context_tokens=score.resolved_split_context(),
+            prompt_format=score.prompt_format,
+            score_prompt=score.score_prompt,
+        )
 
 
-def make_samples(
-    record: Record,
-    tokenizer,
-    bos_id: int | None,
-    max_tokens: int,
-    long_docs: str,
-    *,
-    prompt_format: str = "chat_template",
-    score_prompt: bool = False,
-) -> tuple[list[Sample], str | None]:
+def make_samples(record: Record, tokenizer, policy: SamplePolicy) -> tuple[list[Sample], str | None]:
     """The samples of one record, or ([], reason) when it yields none."""
     if record.messages is not None or record.prompt is not None:
-        return instruction_sample(record, tokenizer, bos_id, max_tokens, prompt_format, score_prompt)
+        return instruction_sample(record, tokenizer, policy)
     encoded = tokenizer(record.text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = encoded["input_ids"]
     offsets: list[tuple[int, int]] = encoded["offset_mapping"]
-    if bos_id is not None:
-        ids = [bos_id, *ids]
+    if policy.bos_id is not None:
+        ids = [policy.bos_id, *ids]
         offsets = [(0, 0), *offsets]
     if len(ids) < 2:
         return [], "too_short"
-    if len(ids) <= max_tokens or long_docs == "truncate":
-        starts, suffix = [0], False  # the whole document, or its first max_tokens
-    else:
-        # consecutive windows share one token: the last target of one is the next one's context
-        starts, suffix = list(range(0, len(ids) - 1, max_tokens - 1)), True
+    max_tokens = policy.max_tokens
+    if len(ids) <= max_tokens or policy.long_docs == "truncate":
+        truncated = len(ids) > max_tokens
+        ids, offsets = ids[:max_tokens], offsets[:max_tokens]
+        sample = Sample(
+            record.sample_id,
+            record.source,
+            0,
+            ids,
+            ((1, len(ids)),),
+            offsets[1][0],
+            offsets[-1][1],
+            len(record.text),
+            truncated,
+        )
+        return [sample], None
     samples = []
-    for k, start in enumerate(starts):
-        window_ids = ids[start : start + max_tokens]
-        window_offsets = offsets[start : start + max_tokens]
+    for k, (context, first, end) in enumerate(
+        split_windows(len(ids), max_tokens, policy.split_context_tokens)
+    ):
         samples.append(
             Sample(
-                f"{record.sample_id}#{k}" if suffix else record.sample_id,
+                f"{record.sample_id}#{k}",
                 record.source,
                 k,
-                window_ids,
-                ((1, len(window_ids)),),
-                window_offsets[1][0],
-                window_offsets[-1][1],
+                ids[context:end],
+                ((first - context, end - context),),
+                offsets[first][0],
+                offsets[end - 1][1],
                 len(record.text),
-                not suffix and len(ids) > max_tokens,
+                False,
             )
         )
     return samples, None
+
+
+def split_windows(length: int, max_tokens: int, context: int) -> list[tuple[int, int, int]]:
+    """(context start, first target, end) of each window of a `length`-token sequence whose first
+    token is context only: targets 1..length-1 shared evenly among windows of at most max_tokens,
+    each preceded by up to `context` tokens.
+
+        positions   0  1  2  3  4  5  6  7  8  9        length 10, max_tokens 6, context 2
+        window 0    c  t  t  t                          targets 1..3 (9 targets, 3 windows of 3)
+        window 1          c  c  t  t  t                 targets 4..6, context 2..3
+        window 2                   c  c  t  t  t        targets 7..9, context 5..6
+    """
+    targets, per_window = length - 1, max_tokens - context
+    n = -(-targets // per_window)
+    bounds = [1 + targets * k // n for k in range(n + 1)]
+    return [(max(0, first - context), first, end) for first, end in itertools.pairwise(bounds)]
 
 
 def conversation_of(record: Record) -> tuple[dict[str, str], ...]:
@@ -144,28 +192,26 @@ def render_chat(messages: tuple[dict[str, str], ...], tokenizer) -> tuple[str, l
     return full, spans
 
 
-def instruction_sample(
-    record: Record, tokenizer, bos_id: int | None, max_tokens: int, prompt_format: str, score_prompt: bool
-) -> tuple[list[Sample], str | None]:
+def instruction_sample(record: Record, tokenizer, policy: SamplePolicy) -> tuple[list[Sample], str | None]:
     if not has_response(record):
         return [], "empty_response"
-    if prompt_format == "chat_template" or record.messages is not None:
+    if policy.prompt_format == "chat_template" or record.messages is not None:
         text, char_spans = render_chat(conversation_of(record), tokenizer)
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = encoded["input_ids"]
         target = [any(s <= start < e for s, e in char_spans) for start, _ in encoded["offset_mapping"]]
     else:
         prompt = f"{record.prompt}\n\n" if record.prompt else ""
-        prefix = [] if bos_id is None else [bos_id]
+        prefix = [] if policy.bos_id is None else [policy.bos_id]
         prompt_ids = prefix + tokenizer(prompt, add_special_tokens=False)["input_ids"]
         response_ids = tokenizer(record.text, add_special_tokens=False)["input_ids"]
         ids = prompt_ids + response_ids
         target = [False] * len(prompt_ids) + [True] * len(response_ids)
         text = prompt + record.text
-    if score_prompt:
+    if policy.score_prompt:
         target = [False] + [True] * (len(ids) - 1)
-    truncated = len(ids) > max_tokens
-    ids, target = ids[:max_tokens], target[:max_tokens]
+    truncated = len(ids) > policy.max_tokens
+    ids, target = ids[: policy.max_tokens], target[: policy.max_tokens]
     target[0] = False  # the first token has nothing to be predicted from
     spans = runs_of(target)
     if not spans:

@@ -1,14 +1,15 @@
 """Training data: a selected band (or any Parquet/JSONL with a text field) as token sequences, and
 the collator that pads or packs them with a per-token sample index.
 
-    dataset, dropped = tokenize_dataset(files, "text", tokenizer, max_tokens=512, bos_id=1, prompt_format="chat_template")
+    dataset, dropped = tokenize_dataset(files, "text", tokenizer, SamplePolicy.of(cfg.score, tokenizer, max_tokens=512))
     batch = TrainCollator(pad_id=0, max_tokens=512, pack=False)(features)
     batch["segment"]   # (rows, length): the feature index of each target token, -1 elsewhere
     batch["n_samples"] # len(features): with packing there are fewer rows than samples
 
-Sequences are built as in scoring (pipeline/samples.py): the tokenizer's BOS, when it has one, is
-prepended as context; the text is truncated to `max_tokens`; for instruction data (a `prompt` or
-`messages` column) only the responses are targets. Tokenization runs through
+Sequences are built by the scorer's own policy (pipeline/samples.py, `SamplePolicy.of(cfg.score,
+...)`): the tokenizer's BOS, when it has one, is prepended as context; the text is truncated to
+`max_tokens`; for instruction data (a `prompt` or `messages` column) the targets are the ones that
+were scored — the responses, or every token with `score.score_prompt`. Tokenization runs through
 `datasets.map`, so it is cached on disk and memory-mapped rather than held in Python lists.
 """
 
@@ -24,7 +25,7 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.records import Record
-from pipeline.samples import make_samples
+from pipeline.samples import SamplePolicy, make_samples
 
 
 def load_rows(files: list[Path], text_field: str) -> datasets.Dataset:
@@ -56,7 +57,7 @@ def record_of(row: dict[str, Any], text_field: str) -> Record:
 
 
 def tokenize_dataset(
-    files: list[Path], text_field: str, tokenizer, *, max_tokens: int, bos_id: int | None, prompt_format: str
+    files: list[Path], text_field: str, tokenizer, policy: SamplePolicy
 ) -> tuple[datasets.Dataset, Counter]:
     """(dataset with `input_ids`, `targets` and, when present, `weight`; rows dropped, by reason).
 
@@ -69,9 +70,7 @@ def tokenize_dataset(
         out: dict[str, list[Any]] = {"input_ids": [], "targets": [], "dropped": []}
         for i in range(len(next(iter(batch.values())))):
             record = record_of({k: v[i] for k, v in batch.items()}, text_field)
-            made, reason = make_samples(
-                record, tokenizer, bos_id, max_tokens, "truncate", prompt_format=prompt_format
-            )
+            made, reason = make_samples(record, tokenizer, policy)
             out["input_ids"].append(made[0].input_ids if made else [])
             out["targets"].append([list(span) for span in made[0].targets] if made else [])
             out["dropped"].append(reason or "")

@@ -46,7 +46,6 @@ from pipeline.model import fingerprint, load_model, resolve_device, resolve_dtyp
 from pipeline.nll import NLLScorer
 from pipeline.ranks import rank_and_world, shards_of_rank
 from pipeline.records import needed_columns
-from pipeline.samples import bos_to_add
 from pipeline.sharding import ShardPlan, plan_shards
 
 
@@ -70,6 +69,8 @@ def make_provenance(cfg: Config, plan: ShardPlan) -> dict[str, Any]:
         "corpus_plan_sha256": digest(plan.to_dict()),
         "corpus_fields_sha256": digest(corpus_fields),
     }
+    if cfg.score.long_docs == "split":  # how windows are laid out; truncation ignores it
+        key["split_context_tokens"] = cfg.score.resolved_split_context()
     if cfg.corpus.mode != "text":  # how instruction data becomes tokens; plain text ignores these
         key |= {"prompt_format": cfg.score.prompt_format, "score_prompt": cfg.score.score_prompt}
     return {"key": key, "model_path": cfg.model.path, "code_version": code_version(), "config": to_dict(cfg)}
@@ -175,7 +176,6 @@ def score_shard(
         cfg.corpus,
         cfg.score,
         tokenizer,
-        bos_to_add(tokenizer, cfg.score.add_bos),
         pad_id,
         writer.rows_done,
     )

@@ -35,7 +35,7 @@ from pipeline.model import cpu_supports_bf16, load_model, tune_cpu_malloc
 from pipeline.objectives import objective_loss, per_sample_losses, token_nll
 from pipeline.ranks import rank_and_world
 from pipeline.records import ReadStats
-from pipeline.samples import bos_to_add
+from pipeline.samples import SamplePolicy
 from pipeline.sharding import iter_corpus, plan_shards
 from pipeline.train_data import TrainCollator, tokenize_dataset
 
@@ -197,12 +197,7 @@ def training_dataset(cfg: Config, files: list[Path], tokenizer, world_size: int)
     """The tokenized training set, checked against the objective and the batch it must fill."""
     tcfg = cfg.train
     dataset, dropped = tokenize_dataset(
-        files,
-        tcfg.text_field,
-        tokenizer,
-        max_tokens=tcfg.max_tokens,
-        bos_id=bos_to_add(tokenizer, cfg.score.add_bos),
-        prompt_format=cfg.score.prompt_format,
+        files, tcfg.text_field, tokenizer, SamplePolicy.of(cfg.score, tokenizer, max_tokens=tcfg.max_tokens)
     )
     if dropped:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items()))
@@ -265,10 +260,8 @@ def run(cfg: Config) -> Path:
     loaded = load_model(dataclasses.replace(cfg.model, dtype="float32"))  # fp32 master weights
     model, tokenizer = loaded.model, loaded.tokenizer
     eval_kwargs = {
-        "max_tokens": tcfg.eval_max_tokens,
+        "policy": SamplePolicy.of(cfg.score, tokenizer, max_tokens=tcfg.eval_max_tokens),
         "batch_tokens": cfg.score.batch_tokens,
-        "add_bos": cfg.score.add_bos,
-        "prompt_format": cfg.score.prompt_format,
         "autocast_dtype": {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
     }
     heldout = heldout_records(cfg) if tcfg.eval_paths else []

@@ -14,7 +14,7 @@ from pipeline.batching import collate
 from pipeline.config import ConfigError, load_config
 from pipeline.nll import NLLScorer
 from pipeline.records import Record
-from pipeline.samples import make_samples
+from pipeline.samples import SamplePolicy, make_samples
 from stages import score, select, train
 from tests.helpers import write_config
 from tests.test_readers import read_all
@@ -89,7 +89,7 @@ def test_plain_prompt_response_scores_only_the_response(chat_model):
     model, tokenizer = chat_model
     record = Record("p:0", "s", "the cat sat on the mat", prompt="Where did the cat sit?")
     (sample,), _ = make_samples(
-        record, tokenizer, tokenizer.bos_token_id, 64, "truncate", prompt_format="plain"
+        record, tokenizer, SamplePolicy(64, tokenizer.bos_token_id, prompt_format="plain")
     )
     prompt_ids = [
         tokenizer.bos_token_id,
@@ -102,7 +102,7 @@ def test_plain_prompt_response_scores_only_the_response(chat_model):
     assert n_tokens == len(response_ids)
     assert nll_sum == pytest.approx(nll_restricted(model, sample.input_ids, positions), abs=1e-4)
     (whole,), _ = make_samples(
-        record, tokenizer, tokenizer.bos_token_id, 64, "truncate", prompt_format="plain", score_prompt=True
+        record, tokenizer, SamplePolicy(64, tokenizer.bos_token_id, prompt_format="plain", score_prompt=True)
     )
     assert whole.n_tokens == len(sample.input_ids) - 1
 
@@ -116,7 +116,7 @@ def test_multi_turn_chat_scores_every_assistant_turn_and_only_those(chat_model):
         {"role": "user", "content": "and then"},
         {"role": "assistant", "content": "it slept at night"},
     )
-    (sample,), _ = make_samples(Record("c:0", "s", "", messages=messages), tokenizer, None, 128, "truncate")
+    (sample,), _ = make_samples(Record("c:0", "s", "", messages=messages), tokenizer, SamplePolicy(128, None))
     # independently: tokenize the rendered text piece by piece; assistant content + its <|im_end|>
     # are targets, everything else (roles, markers, user and system text) is context
     pieces = [
@@ -142,11 +142,11 @@ def test_multi_turn_chat_scores_every_assistant_turn_and_only_those(chat_model):
 def test_empty_response_and_no_assistant_turn_are_skipped_with_a_reason(chat_model):
     _, tokenizer = chat_model
     empty = Record("e:0", "s", "   ", prompt="hello?")
-    assert make_samples(empty, tokenizer, None, 64, "truncate") == ([], "empty_response")
+    assert make_samples(empty, tokenizer, SamplePolicy(64, None)) == ([], "empty_response")
     no_turn = Record("e:1", "s", "", messages=({"role": "user", "content": "hi"},))
-    assert make_samples(no_turn, tokenizer, None, 64, "truncate") == ([], "empty_response")
+    assert make_samples(no_turn, tokenizer, SamplePolicy(64, None)) == ([], "empty_response")
     long_prompt = Record("e:2", "s", "yes", prompt="word " * 200)
-    assert make_samples(long_prompt, tokenizer, None, 32, "truncate") == ([], "response_truncated")
+    assert make_samples(long_prompt, tokenizer, SamplePolicy(32, None)) == ([], "response_truncated")
 
 
 def test_a_missing_chat_template_is_a_clear_error(tiny_model_dir):
@@ -155,10 +155,10 @@ def test_a_missing_chat_template_is_a_clear_error(tiny_model_dir):
         "m:0", "s", "", messages=({"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"})
     )
     with pytest.raises(ConfigError, match="has no chat template"):
-        make_samples(record, tokenizer, None, 64, "truncate")
+        make_samples(record, tokenizer, SamplePolicy(64, None))
     pair = Record("m:1", "s", "yo", prompt="hi")  # plain rendering needs no template
     (sample,), _ = make_samples(
-        pair, tokenizer, tokenizer.bos_token_id, 64, "truncate", prompt_format="plain"
+        pair, tokenizer, SamplePolicy(64, tokenizer.bos_token_id, prompt_format="plain")
     )
     assert sample.n_tokens == len(tokenizer("yo", add_special_tokens=False)["input_ids"])
 

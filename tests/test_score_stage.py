@@ -122,7 +122,7 @@ def test_split_long_docs_windows_in_scores(tmp_path, tiny_model_dir):
         range(len(long_rows))
     )
     key = json.loads(pq.read_schema(scores_dir / "part-00000.parquet").metadata[PROVENANCE_KEY])["key"]
-    assert key["long_docs"] == "split"
+    assert key["long_docs"] == "split" and key["split_context_tokens"] == 64 // 4  # the default: a quarter
 
 
 def kill_when(process, scores_dir: Path, condition, timeout=120) -> str:

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.batching import collate, pack_batches
 from pipeline.nll import NLLScorer
 from pipeline.records import Record
-from pipeline.samples import Sample, bos_to_add, make_samples
+from pipeline.samples import Sample, SamplePolicy, make_samples, split_windows
 from tests.helpers import make_texts
 
 
@@ -32,11 +32,15 @@ def reference(model, ids: list[int], n_context: int = 1) -> tuple[float, int, fl
     return token_nll.sum().item(), token_nll.numel(), token_nll.max().item(), correct
 
 
-def samples_of(tokenizer, texts, max_tokens=64, long_docs="truncate", add_bos=True):
+def policy(max_tokens, bos_id, long_docs="truncate", context=1):
+    return SamplePolicy(max_tokens, bos_id, long_docs, split_context_tokens=context)
+
+
+def samples_of(tokenizer, texts, max_tokens=64):
     out = []
     for i, text in enumerate(texts):
         made, _ = make_samples(
-            Record(f"doc:{i}", "s", text), tokenizer, bos_to_add(tokenizer, add_bos), max_tokens, long_docs
+            Record(f"doc:{i}", "s", text), tokenizer, policy(max_tokens, tokenizer.bos_token_id)
         )
         out.extend(made)
     return out
@@ -89,14 +93,10 @@ def test_bos_policy(model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
     text = "the cat sat on the mat"
     plain = tokenizer(text, add_special_tokens=False).input_ids
-    (with_bos,), _ = make_samples(
-        Record("x:0", "s", text), tokenizer, bos_to_add(tokenizer, True), 64, "truncate"
-    )
+    (with_bos,), _ = make_samples(Record("x:0", "s", text), tokenizer, policy(64, tokenizer.bos_token_id))
     assert with_bos.input_ids == [tokenizer.bos_token_id, *plain]
     assert with_bos.n_tokens == len(plain)  # every real token is a target, BOS is context
-    (no_bos,), _ = make_samples(
-        Record("x:0", "s", text), tokenizer, bos_to_add(tokenizer, False), 64, "truncate"
-    )
+    (no_bos,), _ = make_samples(Record("x:0", "s", text), tokenizer, policy(64, None))
     assert no_bos.input_ids == plain and no_bos.n_tokens == len(plain) - 1  # first token is context
     assert (with_bos.char_start, with_bos.char_end) == (0, len(text))
 
@@ -105,11 +105,9 @@ def test_too_short_is_a_reason_not_a_sample(model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
     one_token = tokenizer.convert_ids_to_tokens(20)
     text = tokenizer.convert_tokens_to_string([one_token])
-    samples, reason = make_samples(Record("x:0", "s", text), tokenizer, None, 64, "truncate")
+    samples, reason = make_samples(Record("x:0", "s", text), tokenizer, policy(64, None))
     assert samples == [] and reason == "too_short"
-    samples, reason = make_samples(
-        Record("x:0", "s", text), tokenizer, tokenizer.bos_token_id, 64, "truncate"
-    )
+    samples, reason = make_samples(Record("x:0", "s", text), tokenizer, policy(64, tokenizer.bos_token_id))
     assert len(samples) == 1 and samples[0].n_tokens == 1 and reason is None
 
 
@@ -118,26 +116,78 @@ def test_truncate_and_split_long_documents(model_and_tokenizer):
     text = " ".join(f"word{i}" for i in range(200))
     full = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False).input_ids]
     assert len(full) > 3 * 32
-    (truncated,), _ = make_samples(
-        Record("d:0", "s", text), tokenizer, tokenizer.bos_token_id, 32, "truncate"
-    )
+    (truncated,), _ = make_samples(Record("d:0", "s", text), tokenizer, policy(32, tokenizer.bos_token_id))
     assert truncated.truncated and truncated.input_ids == full[:32] and truncated.n_tokens == 31
     assert text.startswith(text[: truncated.char_end]) and truncated.char_end < len(text)
 
-    windows, _ = make_samples(Record("d:0", "s", text), tokenizer, tokenizer.bos_token_id, 32, "split")
+    windows, _ = make_samples(
+        Record("d:0", "s", text), tokenizer, policy(32, tokenizer.bos_token_id, "split", context=8)
+    )
     assert [w.sample_id for w in windows] == [f"d:0#{k}" for k in range(len(windows))]
     assert all(len(w.input_ids) <= 32 for w in windows)
-    # every target token of the document is scored exactly once across the windows
-    assert sum(w.n_tokens for w in windows) == len(full) - 1
-    rebuilt = windows[0].input_ids + [t for w in windows[1:] for t in w.input_ids[1:]]
-    assert rebuilt == full
+    # every target token of the document is scored exactly once across the windows, evenly shared
+    targets = [t for w in windows for a, b in w.targets for t in w.input_ids[a:b]]
+    assert targets == full[1:]
+    assert max(w.n_tokens for w in windows) - min(w.n_tokens for w in windows) <= 1
+    # each later window holds the 8 tokens before its targets as context
+    for w in windows[1:]:
+        ((first, _),) = w.targets
+        assert first == 8 and not w.truncated
     assert windows[0].char_start == 0 and windows[-1].char_end == len(text)
-    assert all(a.char_end <= b.char_end for a, b in itertools.pairwise(windows))
+    assert all(a.char_end <= b.char_start + 1 for a, b in itertools.pairwise(windows))
     # and each window scores like the same tokens scored alone
     tensors = collate(windows, tokenizer.pad_token_id)
     out = NLLScorer(model)(**tensors)
     for row, w in enumerate(windows):
-        assert out.nll_sum[row].item() == pytest.approx(reference(model, w.input_ids)[0], abs=1e-3)
+        ((first, _),) = w.targets
+        assert out.nll_sum[row].item() == pytest.approx(reference(model, w.input_ids, first)[0], abs=1e-3)
+
+
+def test_split_windows_whose_context_reaches_the_start_score_as_the_whole_document(model_and_tokenizer):
+    """A window holds at most max_tokens tokens, so the windows whose targets start within
+    `split_context_tokens` of the document's start see its whole prefix (BOS included): their
+    nll_sums equal the unsplit document's over the same targets. With one token of context (the
+    old layout) a later window's loss is not the document's."""
+    model, tokenizer = model_and_tokenizer
+    record = Record("d:0", "s", " ".join(f"word{i % 17} and{i % 5}" for i in range(30)))
+    (whole,), _ = make_samples(record, tokenizer, policy(4096, tokenizer.bos_token_id))
+    ids = whole.input_ids
+    assert len(ids) > 2 * 32
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    token_nll = F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none").tolist()  # [j-1]: token j
+    scorer = NLLScorer(model)
+
+    def scored_windows(context):
+        windows, _ = make_samples(record, tokenizer, policy(32, tokenizer.bos_token_id, "split", context))
+        layout = split_windows(len(ids), 32, context)
+        assert [w.input_ids for w in windows] == [ids[start:end] for start, _, end in layout]
+        out = scorer(**collate(windows, tokenizer.pad_token_id))
+        assert sum(out.n_tokens.tolist()) == len(ids) - 1  # every token of the document, once
+        return layout, out.nll_sum.tolist()
+
+    layout, sums = scored_windows(24)
+    whole_prefix = [
+        (first, end, s) for (start, first, end), s in zip(layout, sums, strict=True) if start == 0
+    ]
+    assert len(whole_prefix) >= 3
+    for first, end, nll_sum in whole_prefix:
+        assert nll_sum == pytest.approx(sum(token_nll[first - 1 : end - 1]), abs=1e-4)
+    narrow_layout, narrow_sums = scored_windows(1)
+    start, first, end = narrow_layout[1]
+    assert start > 0 and abs(narrow_sums[1] - sum(token_nll[first - 1 : end - 1])) > 1e-3
+
+
+@pytest.mark.parametrize("length", [2, 3, 10, 33, 100, 513])
+@pytest.mark.parametrize(("max_tokens", "context"), [(2, 1), (8, 1), (8, 7), (32, 8), (512, 128)])
+def test_split_windows_cover_every_target_once_within_max_tokens(length, max_tokens, context):
+    windows = split_windows(length, max_tokens, context)
+    covered = [t for _, first, end in windows for t in range(first, end)]
+    assert covered == list(range(1, length))
+    for start, first, end in windows:
+        assert end - start <= max_tokens and first - start == min(context, first) and first < end
+    sizes = [end - first for _, first, end in windows]
+    assert max(sizes) - min(sizes) <= 1 and len(windows) == -(-(length - 1) // (max_tokens - context))
 
 
 def test_pack_batches_respects_the_budget():
