@@ -193,3 +193,34 @@ def test_chats_score_select_and_train_with_responses_only(tmp_path, chat_model_d
     run_dir = train.run(cfg)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["train"]["steps"] == 2 and metrics["train"]["dropped"] == {}
+
+
+@pytest.mark.parametrize("score_prompt", [False, True])
+def test_training_targets_are_the_scored_targets(tmp_path, chat_model_dir, score_prompt):
+    """Score chats, select them all, build the training set: every sample is trained on as many
+    target tokens as were scored, with score.score_prompt off (responses) and on (every token)."""
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"question {i} about " + "cats " * (i % 5)},
+                {"role": "assistant", "content": "the cat sat " * (1 + i % 3)},
+            ],
+            "source": "chat",
+        }
+        for i in range(12)
+    ]
+    config = write_config(tmp_path, jsonl(tmp_path / "chat.jsonl", rows), chat_model_dir)
+    cfg = load_config(
+        config,
+        ["corpus.mode=chat", f"score.score_prompt={str(score_prompt).lower()}", "select.bands=[{strategy: all}]"],
+    )
+    score.run(cfg)
+    (band_dir,) = select.run(cfg)
+    files = sorted(band_dir.glob("part-*.parquet"))
+    scored = pl.read_parquet(files)["n_tokens"].to_list()
+    tokenizer = AutoTokenizer.from_pretrained(chat_model_dir)
+    dataset, dropped = train.training_dataset(cfg, files, tokenizer, world_size=1)
+    trained = [sum(end - start for start, end in spans) for spans in dataset["targets"]]
+    assert dropped == {} and trained == scored
+    prompt_tokens = [len(ids) - 1 for ids in dataset["input_ids"]]  # every token after the first
+    assert (trained == prompt_tokens) is score_prompt
