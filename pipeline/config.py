@@ -360,8 +360,10 @@ class TrainConfig:
     """Longest training sequence (BOS included); longer texts are truncated."""
 
     pack: bool = False
-    """Pack several samples into each row of max_tokens (they attend to earlier samples of the
-    row, as in pre-training; each keeps its own loss). Off: one sample per row, padded."""
+    """Pack several samples into each row of max_tokens, kept apart: positions restart and
+    attention stays inside each sample, so every sample's loss is the one it has alone (and the
+    IR-DRO weights and online band do not depend on which samples share a row). Off: one sample
+    per row, padded."""
 
     batch_size: int = 8
     """Samples per device per step (before gradient accumulation)."""

@@ -31,10 +31,13 @@ def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
     input_ids   BOS  a1  a2  BOS  b1  PAD        (a packed row: samples a and b)
     segment     -1   0   0   -1   1   -1         (-1: context or padding, never a target)
     logits[j] predicts input_ids[j + 1], so targets are where segment[:, 1:] >= 0.
+
+    Padded rows come with an `attention_mask`; packed rows with restarting `position_ids` and no
+    mask, so each sample attends only to itself (see TrainCollator).
     """
     logits = model(
         input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
+        attention_mask=batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),
         use_cache=False,
     ).logits

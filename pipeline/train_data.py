@@ -91,9 +91,17 @@ def tokenize_dataset(
 
 @dataclass(frozen=True, slots=True)
 class TrainCollator:
-    """Features (`input_ids`, `targets` spans) -> padded rows. Without packing each sample has its
-    own row; with packing samples are placed in order into rows of at most `max_tokens`. A sample's
-    first token is never a target, so a packed sample never predicts across a boundary."""
+    """Features (`input_ids`, `targets` spans) -> rows. Without packing each sample has its own
+    row, right-padded, with an `attention_mask`. With packing, samples are placed in order into
+    rows of at most `max_tokens` and kept apart: `position_ids` restart at 0 for each sample and
+    there is no 2-D `attention_mask`, which transformers reads as packed sequences — a
+    block-diagonal causal mask (SDPA, eager) or the variable-length kernel (flash-attention) — so
+    a packed sample's loss is the loss it has alone, whatever shares its row.
+
+        input_ids     BOS a1 a2 BOS b1 b2 b3 PAD
+        position_ids   0  1  2   0  1  2  3   0      (each padding token is a sequence of its own)
+        segment       -1  0  0  -1  1  1  1  -1
+    """
 
     pad_id: int
     max_tokens: int
@@ -101,15 +109,19 @@ class TrainCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows: list[list[int]] = []
+        lengths: list[int] = []
         for index, feature in enumerate(features):
             n = len(feature["input_ids"])
-            if self.pack and rows and len(rows[-1]) + n <= self.max_tokens:
+            if self.pack and rows and lengths[-1] + n <= self.max_tokens:
                 rows[-1].append(index)
+                lengths[-1] += n
             else:
                 rows.append([index])
-        length = max(sum(len(features[i]["input_ids"]) for i in row) for row in rows)
+                lengths.append(n)
+        length = max(lengths)
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        position_ids = torch.zeros((len(rows), length), dtype=torch.long)
         segment = torch.full((len(rows), length), -1, dtype=torch.long)
         for r, row in enumerate(rows):
             at = 0
@@ -117,15 +129,15 @@ class TrainCollator:
                 ids = features[index]["input_ids"]
                 input_ids[r, at : at + len(ids)] = torch.tensor(ids)
                 attention_mask[r, at : at + len(ids)] = 1
+                position_ids[r, at : at + len(ids)] = torch.arange(len(ids))
                 for first, last in features[index]["targets"]:
                     segment[r, at + first : at + last] = index
                 at += len(ids)
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "segment": segment,
-            "n_samples": torch.tensor(len(features)),
-        }
+        batch = {"input_ids": input_ids, "segment": segment, "n_samples": torch.tensor(len(features))}
+        if self.pack:
+            batch["position_ids"] = position_ids
+        else:
+            batch["attention_mask"] = attention_mask
         if "weight" in features[0]:
             batch["weight"] = torch.tensor([f["weight"] for f in features], dtype=torch.float32)
         return batch

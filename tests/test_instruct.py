@@ -212,7 +212,11 @@ def test_training_targets_are_the_scored_targets(tmp_path, chat_model_dir, score
     config = write_config(tmp_path, jsonl(tmp_path / "chat.jsonl", rows), chat_model_dir)
     cfg = load_config(
         config,
-        ["corpus.mode=chat", f"score.score_prompt={str(score_prompt).lower()}", "select.bands=[{strategy: all}]"],
+        [
+            "corpus.mode=chat",
+            f"score.score_prompt={str(score_prompt).lower()}",
+            "select.bands=[{strategy: all}]",
+        ],
     )
     score.run(cfg)
     (band_dir,) = select.run(cfg)
