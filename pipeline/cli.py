@@ -101,7 +101,7 @@ def demo(cfg: Config) -> None:
         f"kept {band['samples']['kept']:,}/{band['samples']['in']:,} samples, "
         f"{band['tokens']['kept']:,}/{band['tokens']['in']:,} tokens -> {band_dir}/",
         f"  report    {report_dir / 'index.html'}",
-        f"  trained   {t['steps']} steps ({t['objective']}), {t['target_tokens_this_run']:,} target tokens at "
+        f"  trained   {t['steps']} steps ({t['objective']}), {t['trained_tokens']:,} target tokens trained on, "
         f"{t['tokens_per_second']:,.0f} tok/s -> {run_dir / 'model'}/",
     ]
     if "after" in metrics:

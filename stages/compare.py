@@ -72,9 +72,7 @@ def summarize(runs: list[dict[str, Any]], arms: tuple[str, ...]) -> list[dict[st
                 "objective": mine[0]["objective"],
                 "seeds": [r["seed"] for r in mine],
                 "kept_tokens": _mean_std([r["kept_tokens"] for r in mine])[0],
-                "trained_tokens": _mean_std([r["metrics"]["train"]["target_tokens_this_run"] for r in mine])[
-                    0
-                ],
+                "trained_tokens": _mean_std([r["metrics"]["train"]["trained_tokens"] for r in mine])[0],
                 "loss_before": mine[0]["metrics"]["before"]["overall"]["loss"],
                 "loss_after": _mean_std([r["metrics"]["after"]["overall"]["loss"] for r in mine]),
                 "delta": delta,

@@ -85,15 +85,42 @@ def heldout_records(cfg: Config) -> list:
 
 
 def make_trainer_class():
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    class TrainedTokens(TrainerCallback, ExportableState):
+        """Target tokens the objective trained on (for midranking_online, the band's only), summed
+        over ranks and steps. Saved in each checkpoint's trainer_state.json, so a resumed run
+        continues the count rather than restarting it."""
+
+        def __init__(self, tokens: int = 0):
+            self.tokens = tokens
+            self.pending: torch.Tensor | None = None  # this rank's count since the last step
+
+        def add(self, tokens: torch.Tensor) -> None:
+            self.pending = tokens if self.pending is None else self.pending + tokens
+
+        def on_step_end(self, args, state, control, **kwargs):
+            # one all-reduce per optimizer step, beside DDP's gradient all-reduce; every rank has
+            # run the same number of micro-batches (drop_last), so every rank gets here
+            step = torch.zeros((), dtype=torch.long) if self.pending is None else self.pending.detach()
+            if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                step = step.clone()
+                torch.distributed.all_reduce(step)
+            self.tokens += int(step)
+            self.pending = None
+
+        def state(self) -> dict:
+            return {"args": {"tokens": self.tokens}, "attributes": {}}
 
     class ObjectiveTrainer(Trainer):
         """The Trainer with midrank's per-sample objectives as its loss."""
 
         loss_is_scaled_for_ga = False  # each micro-batch's objective is a mean; the Trainer averages
 
-        def __init__(self, *args, train_cfg, **kwargs):
-            super().__init__(*args, **kwargs)
+        def __init__(self, *args, train_cfg, trained_tokens: int = 0, **kwargs):
+            self.trained = TrainedTokens(trained_tokens)
+            super().__init__(*args, callbacks=[self.trained], **kwargs)
             self.train_cfg = train_cfg
             self.target_tokens = torch.zeros((), dtype=torch.long)
 
@@ -101,7 +128,7 @@ def make_trainer_class():
             c = self.train_cfg
             nll, segment = token_nll(model, inputs)
             losses, counts = per_sample_losses(nll, segment, int(inputs["n_samples"]))
-            loss = objective_loss(
+            loss, trained = objective_loss(
                 c.objective,
                 losses,
                 counts,
@@ -113,6 +140,7 @@ def make_trainer_class():
                 gather=c.gather_losses,
             )
             self.target_tokens = self.target_tokens.to(counts.device) + counts.sum().detach()
+            self.trained.add(counts[trained].sum().detach())
             return (loss, None) if return_outputs else loss
 
     return ObjectiveTrainer
@@ -217,8 +245,21 @@ def training_dataset(cfg: Config, files: list[Path], tokenizer, world_size: int)
     return dataset, dropped
 
 
+def trained_tokens_at(checkpoint: Path | None) -> int:
+    """The trained-token count a checkpoint carries (0 for a fresh run)."""
+    if checkpoint is None:
+        return 0
+    callbacks = json.loads((checkpoint / "trainer_state.json").read_text()).get("stateful_callbacks", {})
+    if "TrainedTokens" not in callbacks:
+        raise ConfigError(
+            f"train.name: {checkpoint} was written by an older midrank and does not carry the count of "
+            "trained tokens; delete its run directory to train again, or give this run another name"
+        )
+    return int(callbacks["TrainedTokens"]["args"]["tokens"])
+
+
 def train_summary(
-    tcfg, result, resume: Path | None, tokens: int, dataset, dropped, files, precision: str
+    tcfg, result, resume: Path | None, tokens: int, trained: int, dataset, dropped, files, precision: str
 ) -> dict:
     seconds = result.metrics["train_runtime"]
     return {
@@ -227,6 +268,7 @@ def train_summary(
         "steps_this_run": result.global_step - (int(resume.name.split("-")[-1]) if resume else 0),
         "samples_available": len(dataset),
         "dropped": dict(dropped),
+        "trained_tokens": trained,
         "target_tokens_this_run": tokens,
         "tokens_per_second": tokens / seconds if seconds else math.nan,
         "runtime_s": seconds,
@@ -282,6 +324,7 @@ def run(cfg: Config) -> Path:
         train_dataset=dataset,
         data_collator=TrainCollator(pad_id, tcfg.max_tokens, tcfg.pack),
         train_cfg=tcfg,
+        trained_tokens=trained_tokens_at(resume),
     )
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     tokens = trainer.target_tokens.clone()
@@ -290,7 +333,9 @@ def run(cfg: Config) -> Path:
     trainer.save_model(str(run_dir / "model"))
     if rank == 0:  # results, evaluation and the summary come from one rank
         tokenizer.save_pretrained(run_dir / "model")
-        summary = train_summary(tcfg, result, resume, int(tokens), dataset, dropped, files, precision)
+        summary = train_summary(
+            tcfg, result, resume, int(tokens), trainer.trained.tokens, dataset, dropped, files, precision
+        )
         metrics: dict[str, Any] = {"train": summary, "config": to_dict(cfg)}
         if heldout:
             before = json.loads(before_path.read_text())
@@ -303,7 +348,8 @@ def run(cfg: Config) -> Path:
         write_json_atomic(run_dir / "metrics.json", metrics)
         log.info(
             f"trained {summary['steps_this_run']} step(s) ({tcfg.objective}) on {len(dataset):,} samples, "
-            f"{summary['target_tokens_this_run']:,} target tokens, {summary['tokens_per_second']:,.0f} tok/s, "
+            f"{summary['target_tokens_this_run']:,} target tokens this run at {summary['tokens_per_second']:,.0f} "
+            f"tok/s, {summary['trained_tokens']:,} trained on in all, "
             f"{time.perf_counter() - started:.1f}s -> {run_dir / 'model'}"
         )
     if world_size > 1:

@@ -38,7 +38,10 @@ def test_irdro_weights_and_loss_equal_the_closed_form():
         w = irdro_weights(losses, kl_reg)
         assert w.dtype == torch.float32 and not w.requires_grad
         torch.testing.assert_close(w, expected.float())
-        loss = objective_loss("irdro", losses, torch.ones(4, dtype=torch.long), losses, kl_reg=kl_reg)
+        loss, trained = objective_loss(
+            "irdro", losses, torch.ones(4, dtype=torch.long), losses, kl_reg=kl_reg
+        )
+        assert trained.all()
         assert loss.item() == pytest.approx(float((expected * losses.detach()).sum()), rel=1e-6)
     extreme = torch.tensor([1e4, 1e4 - 1.0, 0.0, -50.0])
     w = irdro_weights(extreme, 1.0)
@@ -58,10 +61,10 @@ def test_irdro_gradient_tends_to_the_uniform_per_sample_mean(model_and_features)
         return [p.grad.clone() for p in model.parameters()]
 
     uniform = grads(lambda losses, counts, nll: losses.mean())
-    irdro = grads(lambda losses, counts, nll: objective_loss("irdro", losses, counts, nll, kl_reg=1e9))
+    irdro = grads(lambda losses, counts, nll: objective_loss("irdro", losses, counts, nll, kl_reg=1e9)[0])
     for a, b in zip(uniform, irdro, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
-    sharp = grads(lambda losses, counts, nll: objective_loss("irdro", losses, counts, nll, kl_reg=0.05))
+    sharp = grads(lambda losses, counts, nll: objective_loss("irdro", losses, counts, nll, kl_reg=0.05)[0])
     assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(uniform, sharp, strict=True))
 
 
@@ -74,7 +77,7 @@ def test_midranking_online_trains_only_on_the_intended_ranks(n, skip, keep):
     generator = torch.Generator().manual_seed(n)
     values = torch.randint(0, 4, (n,), generator=generator).double()  # ties on purpose
     losses = values.clone().requires_grad_(True)
-    loss = objective_loss(
+    loss, marked = objective_loss(
         "midranking_online", losses, torch.ones(n, dtype=torch.long), losses, skip=skip, keep=keep
     )
     loss.backward()
@@ -84,7 +87,7 @@ def test_midranking_online_trains_only_on_the_intended_ranks(n, skip, keep):
     n_skip, n_keep = (math.floor(Fraction(str(x)) * n + Fraction(1, 2)) for x in (skip, keep))  # half up
     intended = set(ranked[n_skip : n_skip + n_keep])
     trained = {i for i in range(n) if losses.grad[i] != 0}
-    assert trained == intended
+    assert trained == intended == set(marked.nonzero().flatten().tolist())
     assert torch.allclose(losses.grad[list(intended)], torch.full((n_keep,), 1 / n_keep, dtype=torch.float64))
     assert loss.item() == pytest.approx(sum(values[i].item() for i in intended) / n_keep)
 
@@ -101,7 +104,10 @@ def test_an_empty_online_band_is_an_error_not_nan(tmp_path):
 def test_weighted_objective_is_the_weighted_sample_mean():
     losses = torch.tensor([1.0, 2.0, 4.0], requires_grad=True)
     weights = torch.tensor([0.5, 1.0, 1.5])
-    loss = objective_loss("weighted", losses, torch.ones(3, dtype=torch.long), losses, weights=weights)
+    loss, trained = objective_loss(
+        "weighted", losses, torch.ones(3, dtype=torch.long), losses, weights=weights
+    )
+    assert trained.all()
     assert loss.item() == pytest.approx((0.5 + 2.0 + 6.0) / 3)
     with pytest.raises(ValueError, match="weight"):
         objective_loss("weighted", losses, torch.ones(3, dtype=torch.long), losses)
@@ -117,7 +123,8 @@ def test_padding_never_contributes(model_and_features):
     assert nll.numel() == sum(counts.tolist())
     torch.testing.assert_close(batched, torch.tensor(alone), atol=1e-5, rtol=0)
     torch.testing.assert_close(batched, other_pad, atol=1e-6, rtol=0)
-    uniform = objective_loss("uniform", batched, counts, nll)
+    uniform, trained = objective_loss("uniform", batched, counts, nll)
+    assert trained.all()
     assert uniform.item() == pytest.approx(nll.sum().item() / sum(counts.tolist()))
 
 

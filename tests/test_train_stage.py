@@ -106,6 +106,10 @@ def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, tin
     assert "resuming from" in output
     metrics = json.loads((tmp_path / "run" / "out" / "train" / "run" / "metrics.json").read_text())
     assert metrics["train"]["steps"] == 8 and metrics["train"]["steps_this_run"] < 8
+    reference_metrics = json.loads((tmp_path / "ref" / "out" / "train" / "run" / "metrics.json").read_text())
+    # the count of trained tokens continues across the resume
+    assert metrics["train"]["trained_tokens"] == reference_metrics["train"]["trained_tokens"]
+    assert metrics["train"]["target_tokens_this_run"] < reference_metrics["train"]["trained_tokens"]
     expected, found = final_weights(tmp_path / "ref"), final_weights(tmp_path / "run")
     for name, tensor in expected.items():
         torch.testing.assert_close(found[name], tensor, atol=1e-6, rtol=1e-5)
@@ -132,6 +136,25 @@ def test_torchrun_two_ranks_match_one_process_with_the_same_global_batch(
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((tmp_path / "two" / "out" / "train" / "run" / "metrics.json").read_text())
     assert metrics["train"]["world_size"] == 2 and "after" in metrics
+    single_metrics = json.loads((tmp_path / "one" / "out" / "train" / "run" / "metrics.json").read_text())
+    assert (
+        metrics["train"]["trained_tokens"] == single_metrics["train"]["trained_tokens"] > 0
+    )  # summed over ranks
     expected, found = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for name, tensor in expected.items():
         torch.testing.assert_close(found[name], tensor, atol=1e-5, rtol=1e-4)
+
+
+def test_online_midranking_counts_only_the_band_as_trained(tmp_path, tiny_model_dir):
+    """Every sample is cut to 16 tokens (15 targets), so 3 steps of batches of 4 that train on the
+    band of 2 (skip 1, keep 2) train on exactly 3 x 2 x 15 tokens, of 3 x 4 x 15 processed."""
+    corpus = write_corpus(tmp_path / "long.jsonl", [" ".join(["the cat sat on the mat"] * 20)] * 24)
+    config = train_config(
+        tmp_path,
+        corpus,
+        tiny_model_dir,
+        "  objective: midranking_online\n  skip: 0.25\n  keep: 0.5\n",
+    )
+    run_dir = train.run(load_config(config, ["train.max_tokens=16", "train.max_steps=3"]))
+    summary = json.loads((run_dir / "metrics.json").read_text())["train"]
+    assert summary["trained_tokens"] == 3 * 2 * 15 and summary["target_tokens_this_run"] == 3 * 4 * 15
