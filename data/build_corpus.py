@@ -12,7 +12,9 @@ dominates: man pages are most of the bytes on the machine, fortunes most of the 
 Writes `train.jsonl` and `heldout.jsonl` (fields: text, source, origin) and `manifest.json`.
 Choices are made by hashing each document's origin, never by randomness or file timestamps, so
 building twice gives the same bytes. Missing Debian packages are installed with apt-get when this
-runs as root and apt-get works; a source that stays unavailable is left out and named in the log.
+runs as root and apt-get works; a source that stays unavailable stops the build with the packages
+to install, unless `--allow-missing`, which builds without it and lists it, with the reason, under
+`missing_sources` in the manifest.
 """
 
 from __future__ import annotations
@@ -235,13 +237,14 @@ SOURCES = (
 # Building
 
 
-def install_missing(sources: tuple[Source, ...]) -> None:
+def install_missing(sources: tuple[Source, ...]) -> str | None:
+    """Install the Debian packages of the sources that are not present. None when there was
+    nothing to do or apt-get succeeded; otherwise why the packages could not be installed."""
     missing = sorted({p for s in sources if not s.present() for p in s.packages})
     if not missing:
-        return
+        return None
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        log(f"not root or no apt-get: cannot install {', '.join(missing)}; those sources are left out")
-        return
+        return "not root, or no apt-get: cannot install them"
     log(f"installing Debian packages: {', '.join(missing)}")
     command = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -249,7 +252,41 @@ def install_missing(sources: tuple[Source, ...]) -> None:
         subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=False)
         result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         if result.returncode != 0:
-            log(f"apt-get install failed; continuing without them:\n{result.stderr.strip()[-500:]}")
+            return f"apt-get install failed: {result.stderr.strip()[-300:]}"
+    return None
+
+
+class MissingSources(RuntimeError):
+    """Sources that could not be built, each with the reason; the message names the packages."""
+
+    def __init__(self, missing: dict[str, str], packages: list[str]):
+        self.missing = missing
+        lines = "\n".join(f"  {name}: {why}" for name, why in missing.items())
+        super().__init__(
+            f"{len(missing)} source(s) unavailable:\n{lines}\n"
+            f"install them with `apt-get install {' '.join(packages)}` (as root), or build without them "
+            "with --allow-missing (`make data ALLOW_MISSING=1`)"
+        )
+
+
+def available_sources(
+    sources: tuple[Source, ...], *, install: bool, allow_missing: bool
+) -> tuple[list[Source], dict[str, str]]:
+    """(the sources present, after installing what is missing when `install`; each source that is
+    not, with why). Missing sources are an error unless `allow_missing`: a corpus silently short
+    of a source would change every result built on it."""
+    why = install_missing(sources) if install else "not installed, and installing was not asked for"
+    missing = {
+        s.name: f"needs Debian package(s) {', '.join(s.packages)}: {why or 'still absent after installing'}"
+        for s in sources
+        if not s.present()
+    }
+    if missing and not allow_missing:
+        packages = sorted({p for s in sources if s.name in missing for p in s.packages})
+        raise MissingSources(missing, packages)
+    for name, reason in missing.items():
+        log(f"{name:17s} left out: {reason}")
+    return [s for s in sources if s.name not in missing], missing
 
 
 def order_key(origin: str) -> str:
@@ -299,13 +336,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def build(out: Path, per_source: int, max_chars: int, sources: tuple[Source, ...], install: bool) -> dict:
-    if install:
-        install_missing(sources)
-    available = [s for s in sources if s.present()]
-    for s in sources:
-        if s not in available:
-            log(f"{s.name:17s} unavailable (needs Debian package(s) {', '.join(s.packages)}); left out")
+def build(
+    out: Path,
+    per_source: int,
+    max_chars: int,
+    sources: tuple[Source, ...],
+    install: bool,
+    allow_missing: bool = False,
+) -> dict:
+    available, missing = available_sources(sources, install=install, allow_missing=allow_missing)
     train, heldout = [], []
     for source in available:
         docs = choose(source, per_source, max_chars)
@@ -334,7 +373,7 @@ def build(out: Path, per_source: int, max_chars: int, sources: tuple[Source, ...
         "heldout_every": HELDOUT_EVERY,
         "python": sys.version.split()[0],
         "packages": package_versions(sources),
-        "missing_sources": [s.name for s in sources if s not in available],
+        "missing_sources": missing,
         "files": {
             "train.jsonl": {"documents": len(train), "bytes": (out / "train.jsonl").stat().st_size},
             "heldout.jsonl": {"documents": len(heldout), "bytes": (out / "heldout.jsonl").stat().st_size},
@@ -359,13 +398,28 @@ def main() -> None:
     )
     parser.add_argument("--sources", default=",".join(s.name for s in SOURCES), help="comma-separated subset")
     parser.add_argument("--no-install", action="store_true", help="never call apt-get")
+    parser.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="build from the sources that are available (the manifest lists the others and why)",
+    )
     args = parser.parse_args()
     wanted = args.sources.split(",")
     unknown = sorted(set(wanted) - {s.name for s in SOURCES})
     if unknown:
         parser.error(f"unknown source(s) {', '.join(unknown)}; known: {', '.join(s.name for s in SOURCES)}")
     sources = tuple(s for s in SOURCES if s.name in wanted)
-    manifest = build(args.out, args.per_source, args.max_chars, sources, install=not args.no_install)
+    try:
+        manifest = build(
+            args.out,
+            args.per_source,
+            args.max_chars,
+            sources,
+            install=not args.no_install,
+            allow_missing=args.allow_missing,
+        )
+    except MissingSources as err:
+        sys.exit(f"[build_corpus] error: {err}")
     files = manifest["files"]
     total_mb = sum(f["bytes"] for f in files.values()) / 1e6
     log(

@@ -17,10 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
-from data.build_corpus import _first_dir, log, man_candidates, order_key, read_text, write_jsonl
+from data.build_corpus import (
+    SOURCES,
+    MissingSources,
+    _first_dir,
+    available_sources,
+    log,
+    man_candidates,
+    order_key,
+    read_text,
+    write_jsonl,
+)
 
 MAX_ANSWER_CHARS = 700
 RFC = re.compile(r":rfc:`(\d+)`")
@@ -126,7 +137,10 @@ def as_chat(pair: dict) -> dict:
     return {"messages": messages, "source": pair["source"], "kind": pair["kind"], "origin": pair["origin"]}
 
 
-def build(out: Path, per_source: int) -> dict:
+def build(out: Path, per_source: int, install: bool = True) -> dict:
+    # the two sources the pairs come from; without either the sample would silently change
+    needed = tuple(s for s in SOURCES if s.name in ("man", "python-docs"))
+    available_sources(needed, install=install, allow_missing=False)
     pairs = man_pairs(per_source) + python_doc_pairs(per_source)
     pairs.sort(key=lambda p: order_key(p["origin"]))
     heldout = [p | {"kind": "ok"} for i, p in enumerate(pairs) if i % 10 == 9]
@@ -151,8 +165,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/instruct"))
     parser.add_argument("--per-source", type=int, default=250)
+    parser.add_argument("--no-install", action="store_true", help="never call apt-get")
     args = parser.parse_args()
-    build(args.out, args.per_source)
+    try:
+        build(args.out, args.per_source, install=not args.no_install)
+    except MissingSources as err:
+        sys.exit(f"[build_instruct] error: {err}")
 
 
 if __name__ == "__main__":

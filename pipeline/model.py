@@ -56,7 +56,7 @@ def tune_cpu_malloc() -> None:
     Measured here: with glibc defaults, batched CPU inference spent more time in page faults than
     it gained from batching (52 s of system time in one run), because every batch's activations
     were mmap'ed and unmapped afresh; with this, bf16 scoring runs ~30% faster (training too). The cost is a
-    resident set that stays near its high-water mark (bench/score.py prints it)."""
+    resident set that stays near its high-water mark (bench/bench_score.py prints it)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

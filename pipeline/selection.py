@@ -17,7 +17,7 @@ each source keeps its own band and the domain mix is kept.
 The whole table is never sorted: the band's two ends are found from the numeric keys alone (the
 sample_ids of the one or two tied groups at each end are read to break ties), then each row is
 decided by comparing its (key, sample_id) with the two ends, which streams. On 10M samples this
-takes a third of the memory of sorting everything with pandas (bench/select.py).
+takes a third of the memory of sorting everything with pandas (bench/bench_select.py).
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -134,20 +133,14 @@ def run(cfg: Config) -> Path:
     select.run(dataclasses.replace(cfg, select=SelectConfig(bands=tuple(unique_bands))))
 
     runs = []
-    shared_before: Path | None = None
     for index, (arm, seed, band, objective) in enumerate(plan, start=1):
         name = f"{c.name}-{arm}-seed{seed}"
         log.info(f"compare: arm {index}/{len(plan)}: {name} ({objective} on {band.resolved_name()})")
         train_cfg = dataclasses.replace(
             cfg.train, name=name, band=band.resolved_name(), data_paths=(), objective=objective, seed=seed
         )
-        run_dir = Path(cfg.out_dir) / "train" / name
-        if shared_before is not None and not (run_dir / "eval_before.json").is_file():
-            # the starting model, held-out set and eval settings are the same for every arm
-            run_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(shared_before, run_dir / "eval_before.json")
-        train.run(dataclasses.replace(cfg, train=train_cfg))
-        shared_before = run_dir / "eval_before.json"
+        # every arm starts from the same model: train evaluates it once, and the arms share that
+        run_dir = train.run(dataclasses.replace(cfg, train=train_cfg))
         manifest = json.loads((run_dir / "selection_manifest.json").read_text())
         runs.append(
             {

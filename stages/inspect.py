@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.artifacts import NoScoresError, common_provenance, score_files, write_json_atomic
-from pipeline.config import Config, save_config
+from pipeline.artifacts import NoScoresError, common_provenance, digest, score_files, write_json_atomic
+from pipeline.config import Config, save_config, to_dict
 from pipeline.histograms import histogram, histogram_2d, quantiles, uniform_edges, value_range
 from pipeline.log import get_logger
 from pipeline.plots import Panel, plot_histograms, plot_loss_vs_length
@@ -207,6 +207,18 @@ def run(cfg: Config) -> Path:
             )
 
     report_dir = out / "reports" / icfg.name
+    inputs_key = digest(
+        {
+            "scores": provenance["key"],
+            "bands": [digest(band["manifest"]) for band in bands],
+            "inspect": to_dict(icfg),
+        }
+    )
+    previous = report_dir / "summary.json"
+    if previous.is_file() and json.loads(previous.read_text()).get("inputs_key") == inputs_key:
+        terminal_summary(json.loads(previous.read_text()))
+        log.info(f"{report_dir}: up to date with the scores and bands, nothing to do")
+        return report_dir
     work = report_dir.with_name(f".{icfg.name}.{os.getpid()}.tmp")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -257,6 +269,7 @@ def run(cfg: Config) -> Path:
     )
 
     summary = {
+        "inputs_key": inputs_key,
         "out_dir": str(out),
         "model": {"path": provenance["model_path"], "dtype": provenance["key"]["dtype"]},
         "samples": samples,

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from pipeline.artifacts import write_json_atomic
+from pipeline.artifacts import digest, write_json_atomic
 from pipeline.config import Config, ConfigError, save_config, to_dict
 from pipeline.evaluation import evaluate
 from pipeline.log import get_logger
-from pipeline.model import cpu_supports_bf16, load_model, tune_cpu_malloc
+from pipeline.model import cpu_supports_bf16, fingerprint, load_model, tune_cpu_malloc
 from pipeline.objectives import objective_loss, per_sample_losses, token_nll
 from pipeline.ranks import rank_and_world
 from pipeline.records import ReadStats
@@ -82,6 +82,19 @@ def heldout_records(cfg: Config) -> list:
     corpus = dataclasses.replace(cfg.corpus, paths=tcfg.eval_paths, num_shards=1)
     records = list(iter_corpus(plan_shards(corpus), corpus, ReadStats()))
     return records[: tcfg.eval_max_samples] if tcfg.eval_max_samples else records
+
+
+def before_evaluation_path(cfg: Config, heldout: list, eval_kwargs: dict[str, Any]) -> Path:
+    """Where the starting model's held-out metrics are kept, shared by every run under out_dir
+    that starts from the same weights and evaluates the same records the same way (compare's
+    arms, reruns under new names): the name is a hash of exactly those inputs."""
+    key = {
+        "model": fingerprint(cfg.model),
+        "records": digest([(r.sample_id, r.source, r.text, r.prompt, r.messages) for r in heldout]),
+        "policy": dataclasses.asdict(eval_kwargs["policy"]),
+        "autocast": str(eval_kwargs["autocast_dtype"]),
+    }
+    return Path(cfg.out_dir) / "train" / "eval-before" / f"{digest(key)[:24]}.json"
 
 
 def make_trainer_class():
@@ -307,8 +320,9 @@ def run(cfg: Config) -> Path:
         "autocast_dtype": {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
     }
     heldout = heldout_records(cfg) if tcfg.eval_paths else []
-    before_path = run_dir / "eval_before.json"
+    before_path = before_evaluation_path(cfg, heldout, eval_kwargs)
     if heldout and rank == 0 and not before_path.is_file():
+        before_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(
             before_path, evaluate(model, tokenizer, heldout, desc="held-out before", **eval_kwargs)
         )

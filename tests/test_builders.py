@@ -30,6 +30,19 @@ def test_corpus_build_is_deterministic_and_split(tmp_path):
     assert all(d["text"].strip() and len(d["text"]) <= 3000 for d in train)
 
 
+def test_a_source_that_cannot_be_built_stops_the_build_unless_allowed(tmp_path):
+    ghost = build_corpus.Source("ghost", ("ghost-doc",), lambda: False, lambda: iter(()))
+    chosen = (*sources("python-code"), ghost)
+    with pytest.raises(
+        build_corpus.MissingSources, match=r"ghost: needs Debian package\(s\) ghost-doc"
+    ) as err:
+        build_corpus.build(tmp_path / "strict", 5, 3000, chosen, install=False)
+    assert "apt-get install ghost-doc" in str(err.value) and not (tmp_path / "strict").exists()
+    manifest = build_corpus.build(tmp_path / "lenient", 5, 3000, chosen, install=False, allow_missing=True)
+    assert list(manifest["missing_sources"]) == ["ghost"]
+    assert "ghost-doc" in manifest["missing_sources"]["ghost"] and set(manifest["train"]) == {"python-code"}
+
+
 def test_tiny_model_builds_and_scores(tmp_path):
     texts = ["the cat sat on the mat. " * 20, "def f(x):\n    return x + 1\n" * 10]
     out = build_tiny_model(texts, tmp_path / "tiny", vocab_size=400)
@@ -49,9 +62,9 @@ def test_instruction_sample_is_labelled_chat_data(tmp_path):
     from data import build_instruct
 
     if not any(s.name == "python-docs" and s.present() for s in build_corpus.SOURCES):
-        pytest.skip("python3-doc is not installed on this machine")  # CI machines have it
-    build_instruct.build(tmp_path / "a", 30)
-    build_instruct.build(tmp_path / "b", 30)
+        pytest.skip("python3-doc is not installed on this machine")  # .ci/run installs it and allows no skip
+    build_instruct.build(tmp_path / "a", 30, install=False)
+    build_instruct.build(tmp_path / "b", 30, install=False)
     assert (tmp_path / "a" / "train.jsonl").read_bytes() == (tmp_path / "b" / "train.jsonl").read_bytes()
     train = [json.loads(line) for line in (tmp_path / "a" / "train.jsonl").open()]
     heldout = [json.loads(line) for line in (tmp_path / "a" / "heldout.jsonl").open()]

@@ -179,3 +179,19 @@ def test_render_escapes_every_data_string():
     }
     page = render_report(summary)
     assert "<img" not in page and page.count("&lt;img src=x onerror=alert(1)&gt;") == 7
+
+
+def test_rerun_with_the_same_inputs_does_nothing_and_a_new_band_redraws(scored, caplog):
+    cfg = load_config(scored)
+    select.run(cfg)
+    report = inspect.run(cfg)
+    stamp = (report / "index.html").stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="midrank"):
+        inspect.run(cfg)
+    assert "up to date with the scores and bands, nothing to do" in caplog.text
+    assert (report / "index.html").stat().st_mtime_ns == stamp
+    other = load_config(scored, ["select.bands=[{strategy: top, keep: 0.2}]"])
+    select.run(other)
+    inspect.run(other)
+    assert (report / "index.html").stat().st_mtime_ns != stamp
+    assert "top-k0.2-samples" in (report / "index.html").read_text()

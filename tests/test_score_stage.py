@@ -140,6 +140,7 @@ def chunks(scores_dir: Path) -> int:
     return len(list(scores_dir.glob(".part-*.chunks/chunk-*.parquet")))
 
 
+@pytest.mark.slow  # real processes: SIGKILL / torchrun
 def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     corpus = write_corpus(tmp_path / "corpus.jsonl", make_texts(300, seed=11))
     extra = "  window_rows: 4\n  num_workers: 1\n"
@@ -167,6 +168,7 @@ def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path, ti
     assert summary["rows"] == summary["samples"] == 300
 
 
+@pytest.mark.slow  # real processes: SIGKILL / torchrun
 def test_torchrun_two_ranks_equal_one_rank(tmp_path, tiny_model_dir):
     corpus = write_corpus(tmp_path / "corpus.jsonl", make_texts(60, seed=5))
     one = config_in(tmp_path / "one", corpus, tiny_model_dir)

@@ -83,6 +83,7 @@ def test_weighted_needs_a_weight_column(tmp_path, tiny_model_dir, corpus):
         train.run(load_config(config))
 
 
+@pytest.mark.slow  # real processes: SIGKILL / torchrun
 def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, tiny_model_dir, corpus):
     reference = train_config(tmp_path / "ref", corpus, tiny_model_dir)
     finished = midrank("train", "--config", str(reference))
@@ -115,6 +116,7 @@ def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, tin
         torch.testing.assert_close(found[name], tensor, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow  # real processes: SIGKILL / torchrun
 @pytest.mark.parametrize("objective", ["uniform", "irdro"])
 def test_torchrun_two_ranks_match_one_process_with_the_same_global_batch(
     tmp_path, tiny_model_dir, corpus, objective

@@ -1,7 +1,7 @@
 """Benchmark the selection maths against the naive approach, on synthetic score shards.
 
-    .venv/bin/python bench/select.py                 # 10M samples in 20 shards
-    .venv/bin/python bench/select.py --samples 1000000
+    .venv/bin/python bench/bench_select.py                 # 10M samples in 20 shards
+    .venv/bin/python bench/bench_select.py --samples 1000000
 
 (a) naive: pandas reads every score file whole, sorts by loss (ties by sample_id) and slices the
     MidRanking band by position.
@@ -12,22 +12,19 @@ Each runs in its own process, so peak RSS is its own; both must keep the same se
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import resource
+import subprocess
 import sys
+import tempfile
+import time
+from fractions import Fraction
 from pathlib import Path
 
-# This file shares its name with the standard library's `select`, which subprocess imports: keep
-# its own directory off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
+import numpy as np
+import polars as pl
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -75,7 +72,8 @@ def run_naive(files: list[str], out: Path) -> int:
     frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     frame = frame.sort_values(["loss", "sample_id"], ascending=[False, True], kind="stable")
     n = len(frame)
-    kept = frame[["sample_id"]].iloc[int(SKIP * n) : int((SKIP + KEEP) * n)]
+    skip, keep = Fraction(str(SKIP)), Fraction(str(KEEP))
+    kept = frame[["sample_id"]].iloc[math.ceil(skip * n) : math.ceil((skip + keep) * n)]
     kept.to_parquet(out)
     return len(kept)
 
@@ -120,7 +118,7 @@ def main() -> None:
         files = make_shards(work, args.samples, args.shards)
         size = sum(f.stat().st_size for f in files) / 1e6
         print(
-            f"# bench/select.py — {args.samples:,} samples in {args.shards} shards ({size:,.0f} MB), made in {time.perf_counter() - started:.0f}s"
+            f"# bench/bench_select.py — {args.samples:,} samples in {args.shards} shards ({size:,.0f} MB), made in {time.perf_counter() - started:.0f}s"
         )
         print(f"# MidRanking skip {SKIP:.0%}, keep {KEEP:.0%}, ranked by loss (ties by sample_id)")
         results = {}

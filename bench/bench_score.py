@@ -1,7 +1,9 @@
 """Benchmark stage one against the loop a user would otherwise write, on the same model and documents.
 
-    .venv/bin/python bench/score.py                      # the embedded 135M model and a ~30M model
-    .venv/bin/python bench/score.py --models 30m --docs 64
+    .venv/bin/python bench/bench_score.py                      # the embedded 135M model and a ~30M model
+    .venv/bin/python bench/bench_score.py --models 30m --docs 64
+    .venv/bin/python bench/bench_score.py --models embedded --embedded-model data/models/tiny \
+        --corpus data/corpus-tiny/train.jsonl --docs 16 --memory-scale 0   # a seconds-long smoke (CI)
 
 (a) naive: documents in file order, fixed batches of 16 padded to the longest, fp32, HF
     `model(...)` with full logits, then a masked cross-entropy on the flat (N, V) view.
@@ -190,7 +192,11 @@ def write_corpus(docs: list[dict], path: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="135m,30m", help="comma-separated: 135m, 30m")
+    parser.add_argument(
+        "--models",
+        default="embedded,30m",
+        help="comma-separated: embedded (the --embedded-model), 30m (a random ~30M Llama with its tokenizer)",
+    )
     parser.add_argument("--docs", type=int, default=160, help="documents per run (file order)")
     parser.add_argument("--corpus", default="data/corpus/train.jsonl")
     parser.add_argument("--embedded-model", default="data/models/smollm2-135m")
@@ -208,7 +214,7 @@ def main() -> None:
             sys.exit(f"{path} is missing: run `make data model` first")
 
     print(
-        f"# bench/score.py — {os.cpu_count()} CPU threads, torch {torch.__version__}, {args.docs} documents"
+        f"# bench/bench_score.py — {os.cpu_count()} CPU threads, torch {torch.__version__}, {args.docs} documents"
     )
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     print(
@@ -218,12 +224,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         corpus = write_corpus(all_docs[: args.docs], work / "docs.jsonl")
-        models = {}
+        models = {}  # label -> model directory
         for name in args.models.split(","):
-            models[name] = (
-                args.embedded_model if name == "135m" else build_30m_model(work / "m30", args.embedded_model)
-            )
-        header = f"{'model':8s} {'run':14s} {'tokens/s':>9s} {'ratio':>6s} {'peak RSS':>9s} {'MFU':>6s} {'max|Δloss| vs (a)':>18s}"
+            if name == "embedded":
+                models[Path(args.embedded_model).name] = args.embedded_model
+            elif name == "30m":
+                models["30m"] = build_30m_model(work / "m30", args.embedded_model)
+            else:
+                parser.error(f"--models: unknown model {name!r}; known: embedded, 30m")
+        header = f"{'model':12s} {'run':16s} {'tokens/s':>9s} {'ratio':>6s} {'peak RSS':>9s} {'MFU':>6s} {'max|Δloss| vs (a)':>18s}"
         print(header)
         print("-" * len(header))
         for name, model_dir in models.items():
@@ -241,7 +250,7 @@ def main() -> None:
                 peak = peaks["bfloat16" if "bf16" in label else "float32"]
                 mfu = 2 * params * run["tokens_per_s"] / peak
                 print(
-                    f"{name:8s} {label:14s} {run['tokens_per_s']:9,.0f} {run['tokens_per_s'] / naive['tokens_per_s']:5.2f}x "
+                    f"{name:12s} {label:16s} {run['tokens_per_s']:9,.0f} {run['tokens_per_s'] / naive['tokens_per_s']:5.2f}x "
                     f"{run['peak_rss_mb']:7,.0f}MB {mfu:6.1%} {np.abs(losses - reference).max():18.2e}"
                 )
             fp32 = np.array([runs["(b) midrank fp32"]["losses"][i] for i in ids])
@@ -249,7 +258,7 @@ def main() -> None:
             rho = np.corrcoef(ranks(fp32), ranks(bf16))[0, 1]
             a, b = band(fp32), band(bf16)
             print(
-                f"{name:8s} bf16 vs fp32: Spearman {rho:.4f}; MidRanking band (skip 10%, keep 30%) "
+                f"{name:12s} bf16 vs fp32: Spearman {rho:.4f}; MidRanking band (skip 10%, keep 30%) "
                 f"membership differs for {len(a ^ b) // 2} of {len(a)} samples; {params / 1e6:.1f}M parameters\n"
             )
         if args.memory_scale:
