@@ -93,8 +93,10 @@ test-slow: $(STAMP)
 bench-smoke: $(STAMP) tiny
 	for f in bench/*.py; do $(PY) $$f --help > /dev/null || exit 1; done
 	$(PY) bench/bench_select.py --samples 20000 --shards 2
-	$(PY) bench/bench_score.py --models embedded --embedded-model data/models/tiny \
-		--corpus data/corpus-tiny/train.jsonl --docs 16 --memory-scale 0
+	$(PY) bench/bench_score.py --models embedded,30m --embedded-model data/models/tiny \
+		--corpus data/corpus-tiny/train.jsonl --docs 4 --memory-scale 2
+	$(PY) bench/bench_split_context.py --model data/models/tiny --corpus data/corpus-tiny/train.jsonl \
+		--docs 2 --min-tokens 100 --max-tokens 64 --contexts 1,16,48
 
 quality: $(STAMP)
 	$(VENV)/bin/ruff check .

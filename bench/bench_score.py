@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/bench_score.py                      # the embedded 135M model and a ~30M model
     .venv/bin/python bench/bench_score.py --models 30m --docs 64
-    .venv/bin/python bench/bench_score.py --models embedded --embedded-model data/models/tiny \
-        --corpus data/corpus-tiny/train.jsonl --docs 16 --memory-scale 0   # a seconds-long smoke (CI)
+    .venv/bin/python bench/bench_score.py --models embedded,30m --embedded-model data/models/tiny \
+        --corpus data/corpus-tiny/train.jsonl --docs 4 --memory-scale 2   # a smoke of every branch (CI)
 
 (a) naive: documents in file order, fixed batches of 16 padded to the longest, fp32, HF
     `model(...)` with full logits, then a masked cross-entropy on the flat (N, V) view.
@@ -232,6 +232,7 @@ def main() -> None:
                 models["30m"] = build_30m_model(work / "m30", args.embedded_model)
             else:
                 parser.error(f"--models: unknown model {name!r}; known: embedded, 30m")
+        failures: list[str] = []
         header = f"{'model':12s} {'run':16s} {'tokens/s':>9s} {'ratio':>6s} {'peak RSS':>9s} {'MFU':>6s} {'max|Δloss| vs (a)':>18s}"
         print(header)
         print("-" * len(header))
@@ -249,6 +250,10 @@ def main() -> None:
                 losses = np.array([run["losses"][i] for i in ids])
                 peak = peaks["bfloat16" if "bf16" in label else "float32"]
                 mfu = 2 * params * run["tokens_per_s"] / peak
+                if "fp32" in label and np.abs(losses - reference).max() > 1e-3:
+                    failures.append(
+                        f"{name} {label}: losses differ from (a) by up to {np.abs(losses - reference).max():.2e}"
+                    )
                 print(
                     f"{name:12s} {label:16s} {run['tokens_per_s']:9,.0f} {run['tokens_per_s'] / naive['tokens_per_s']:5.2f}x "
                     f"{run['peak_rss_mb']:7,.0f}MB {mfu:6.1%} {np.abs(losses - reference).max():18.2e}"
@@ -281,6 +286,8 @@ def main() -> None:
                 f"{args.docs * args.memory_scale} docs ({args.memory_scale}x) {large[0]:,.0f} / {large[1]:,.0f} MB; "
                 f"change of the larger peak {max(large) / max(small) - 1:+.1%}"
             )
+        if failures:
+            sys.exit("bench_score: " + "; ".join(failures))
 
 
 if __name__ == "__main__":

@@ -140,10 +140,13 @@ def main() -> None:
         print(f"{'run':22s} {'seconds':>8s} {'peak RSS':>10s} {'kept':>11s}")
         for label, r in (("(a) naive pandas", naive), ("(b) midrank polars", mine)):
             print(f"{label:22s} {r['seconds']:8.1f} {r['peak_rss_mb']:8,.0f}MB {r['kept']:11,d}")
+        same = same_ids(work / "naive.parquet", work / "midrank.parquet")
         print(
             f"speed-up {naive['seconds'] / mine['seconds']:.1f}x, peak RSS {mine['peak_rss_mb'] / naive['peak_rss_mb']:.0%} of naive, "
-            f"same kept set: {same_ids(work / 'naive.parquet', work / 'midrank.parquet')}"
+            f"same kept set: {same}"
         )
+        if not same:
+            sys.exit("bench_select: midrank kept another set of samples than the naive sort")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,17 +32,19 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def exact_share(value: float | int | Fraction) -> Fraction:
+def exact_share(value: numbers.Real) -> Fraction:
     """A share as the decimal the user wrote it: 0.1 is 1/10, not the binary float nearest to it, so
     sums like skip + keep and products like share x total are exact (0.2 + 0.1 is 0.3 here, and
-    0.30000000000000004 in floats, enough to move a sample across a band's boundary)."""
-    if isinstance(value, Fraction):
-        return value
-    return Fraction(repr(value)) if isinstance(value, float) else Fraction(value)
+    0.30000000000000004 in floats, enough to move a sample across a band's boundary). Floats of any
+    kind (NumPy's too) are read as the shortest decimal that prints them."""
+    if isinstance(value, numbers.Rational):
+        return Fraction(value)
+    return Fraction(repr(float(value)))
 
 
 def share_of(n: int, share: float) -> int:
-    """`share` of n items, rounded half up, exactly (0.15 of 10 is 2, where float rounding may say 1)."""
+    """`share` of n items, rounded half up, exactly (0.29 of 50 is 15, where float arithmetic gives
+    14.499999999999998 and rounds to 14)."""
     return math.floor(exact_share(share) * n + Fraction(1, 2))
 
 
@@ -247,7 +250,12 @@ class BandConfig:
             value = getattr(self, key)
             _require(0.0 <= value <= 1.0, key, f"must be within [0, 1], got {value}")
         _require(self.keep > 0 or self.target_tokens > 0, "keep", "must be > 0 (an empty band keeps nothing)")
-        if self.strategy == "midranking":
+        _require(
+            not self.target_tokens or self.strategy in ("midranking", "top", "bottom", "random"),
+            "target_tokens",
+            f"sets the size of a midranking/top/bottom/random band; {self.strategy!r} has fixed ends",
+        )
+        if self.strategy == "midranking" and not self.target_tokens:
             _require(
                 exact_share(self.skip) + exact_share(self.keep) <= 1,
                 "keep",
@@ -427,7 +435,11 @@ class TrainConfig:
         _require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _require(self.eval_max_samples >= 0, "eval_max_samples", f"must be >= 0, got {self.eval_max_samples}")
         _require(self.eval_max_tokens >= 2, "eval_max_tokens", f"must be >= 2, got {self.eval_max_tokens}")
-        _require("/" not in self.name, "name", f"must be a plain name, got {self.name!r}")
+        _require(
+            "/" not in self.name and not self.name.startswith("."),
+            "name",
+            f"must be a plain name (no '/', not starting with '.'), got {self.name!r}",
+        )
         if self.objective == "midranking_online":
             n_skip, n_keep = share_of(self.batch_size, self.skip), share_of(self.batch_size, self.keep)
             _require(

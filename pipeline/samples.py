@@ -16,8 +16,10 @@ Long documents (`score.long_docs`):
   within one), so no window is a stub of a few tokens whose loss would rank it at an extreme.
   A window whose context reaches the document's start sees exactly what the unsplit document
   sees, so its `nll_sum` equals the unsplit one's over the same targets; otherwise it is the loss
-  given the last C tokens (more context: closer, at max_tokens / (max_tokens - C) the compute per
-  target). Window k's sample_id is `<sample_id>#<k>`.
+  given only the C tokens before its targets, with no BOS (more context: closer, at
+  max_tokens / (max_tokens - C) the compute per target; a BOS in place of the first context token
+  was measured not to help, bench/bench_split_context.py). Window k's sample_id is
+  `<sample_id>#<k>`.
 
 Instruction data (corpus.mode prompt_response / alpaca / chat). Only the responses are targets:
 the prompt and the template's tokens are context. With `score.prompt_format: chat_template` the
@@ -66,7 +68,10 @@ class Sample:
 @dataclass(frozen=True, slots=True)
 class SamplePolicy:
     """How records become token sequences. Scoring, training and evaluation each build one from the
-    same `score` settings, so a sample is trained and evaluated on exactly the targets it was scored on."""
+    same `score` settings (BOS, prompt format, whether prompts are targets), so a record is trained
+    and evaluated on the targets it was scored on — up to the length limit each one sets. A split
+    window is selected as its target text and trained as a document of its own, without the
+    context it was scored with."""
 
     max_tokens: int
     bos_id: int | None

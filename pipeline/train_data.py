@@ -120,24 +120,21 @@ class TrainCollator:
                 lengths.append(n)
         length = max(lengths)
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        position_ids = torch.zeros((len(rows), length), dtype=torch.long)
         segment = torch.full((len(rows), length), -1, dtype=torch.long)
+        # packed: each sample's positions count from 0; padded: the real tokens are attended to
+        where = "position_ids" if self.pack else "attention_mask"
+        placement = torch.zeros((len(rows), length), dtype=torch.long)
         for r, row in enumerate(rows):
             at = 0
             for index in row:
                 ids = features[index]["input_ids"]
                 input_ids[r, at : at + len(ids)] = torch.tensor(ids)
-                attention_mask[r, at : at + len(ids)] = 1
-                position_ids[r, at : at + len(ids)] = torch.arange(len(ids))
+                placement[r, at : at + len(ids)] = torch.arange(len(ids)) if self.pack else 1
                 for first, last in features[index]["targets"]:
                     segment[r, at + first : at + last] = index
                 at += len(ids)
         batch = {"input_ids": input_ids, "segment": segment, "n_samples": torch.tensor(len(features))}
-        if self.pack:
-            batch["position_ids"] = position_ids
-        else:
-            batch["attention_mask"] = attention_mask
+        batch[where] = placement
         if "weight" in features[0]:
             batch["weight"] = torch.tensor([f["weight"] for f in features], dtype=torch.float32)
         return batch

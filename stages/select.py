@@ -178,11 +178,12 @@ def run(cfg: Config) -> list[Path]:
         share = kept["tokens"].sum() / max(total_tokens, 1)
         if share < 0.01:
             log.warning(f"{name}: keeps only {share:.2%} of the tokens")
-        shutil.rmtree(band_dir, ignore_errors=True)  # a previous run cut short before its manifest
-        (band_dir / "rejected" if cfg.select.write_rejected else band_dir).mkdir(parents=True)
         todo[name] = (band_cfg, decided, summary, band_dir)
     if not todo:
         return outputs
+    for _, _, _, band_dir in todo.values():  # every band checked first: a bad one touches nothing
+        shutil.rmtree(band_dir, ignore_errors=True)  # a previous run cut short before its manifest
+        (band_dir / "rejected" if cfg.select.write_rejected else band_dir).mkdir(parents=True)
 
     stats = ReadStats()
     for shard in range(len(plan.shards)):

@@ -32,7 +32,7 @@ from pipeline.config import Config, ConfigError, save_config, to_dict
 from pipeline.evaluation import evaluate
 from pipeline.log import get_logger
 from pipeline.model import cpu_supports_bf16, fingerprint, load_model, tune_cpu_malloc
-from pipeline.objectives import objective_loss, per_sample_losses, token_nll
+from pipeline.objectives import objective_loss, packing_isolates, per_sample_losses, token_nll
 from pipeline.ranks import rank_and_world
 from pipeline.records import ReadStats
 from pipeline.samples import SamplePolicy
@@ -94,7 +94,7 @@ def before_evaluation_path(cfg: Config, heldout: list, eval_kwargs: dict[str, An
         "policy": dataclasses.asdict(eval_kwargs["policy"]),
         "autocast": str(eval_kwargs["autocast_dtype"]),
     }
-    return Path(cfg.out_dir) / "train" / "eval-before" / f"{digest(key)[:24]}.json"
+    return Path(cfg.out_dir) / "train" / ".eval-before" / f"{digest(key)[:24]}.json"
 
 
 def make_trainer_class():
@@ -157,6 +157,21 @@ def make_trainer_class():
             return (loss, None) if return_outputs else loss
 
     return ObjectiveTrainer
+
+
+def check_packing(model, dataset, collator: TrainCollator) -> None:
+    """Refuse to pack for a model that lets packed samples attend to each other: three short
+    training samples that share one row must have the losses they have alone."""
+    lengths = [len(ids) for ids in dataset.select(range(min(len(dataset), 256)))["input_ids"]]
+    shortest = sorted(range(len(lengths)), key=lengths.__getitem__)[:3]
+    features = [dataset[i] for i in shortest]
+    if len(features) < 2 or sum(lengths[i] for i in shortest) > collator.max_tokens:
+        return  # nothing that would share a row to check with
+    if not packing_isolates(model, features, collator):
+        raise ConfigError(
+            "train.pack: this model lets packed samples attend to each other (its attention does not "
+            "read restarting position_ids as separate sequences); set train.pack=false"
+        )
 
 
 def training_arguments(tcfg, checkpoints: Path, precision: str):
@@ -227,9 +242,15 @@ def finished_run(run_dir: Path, tcfg) -> bool:
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file():
         return False
-    if json.loads(metrics_path.read_text())["config"]["train"] != to_dict(tcfg):
+    metrics = json.loads(metrics_path.read_text())
+    if metrics["config"]["train"] != to_dict(tcfg):
         raise ConfigError(
             f"train.name: {run_dir} holds a run with another train config; give this one another name"
+        )
+    if "trained_tokens" not in metrics["train"]:
+        raise ConfigError(
+            f"train.name: {run_dir} was trained by an older midrank that did not count the tokens it "
+            "trained on; delete that directory to train it again, or give this run another name"
         )
     return True
 
@@ -319,9 +340,9 @@ def run(cfg: Config) -> Path:
         "batch_tokens": cfg.score.batch_tokens,
         "autocast_dtype": {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
     }
-    heldout = heldout_records(cfg) if tcfg.eval_paths else []
-    before_path = before_evaluation_path(cfg, heldout, eval_kwargs)
-    if heldout and rank == 0 and not before_path.is_file():
+    heldout = heldout_records(cfg) if tcfg.eval_paths and rank == 0 else []  # rank 0 evaluates
+    before_path = before_evaluation_path(cfg, heldout, eval_kwargs) if heldout else None
+    if before_path is not None and not before_path.is_file():
         before_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(
             before_path, evaluate(model, tokenizer, heldout, desc="held-out before", **eval_kwargs)
@@ -332,11 +353,14 @@ def run(cfg: Config) -> Path:
     if resume:
         log.info(f"resuming from {resume}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out anyway
+    collator = TrainCollator(pad_id, tcfg.max_tokens, tcfg.pack)
+    if tcfg.pack:
+        check_packing(model, dataset, collator)
     trainer = make_trainer_class()(
         model=model,
         args=training_arguments(tcfg, run_dir / "checkpoints", precision),
         train_dataset=dataset,
-        data_collator=TrainCollator(pad_id, tcfg.max_tokens, tcfg.pack),
+        data_collator=collator,
         train_cfg=tcfg,
         trained_tokens=trained_tokens_at(resume),
     )

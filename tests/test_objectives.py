@@ -150,3 +150,19 @@ def test_every_packed_sample_has_the_loss_it_has_alone(model_and_features, tiny_
         alone = torch.tensor([losses_of(model, [f])[0][0].item() for f in features])
     assert counts.tolist() == [len(f["input_ids"]) - 1 for f in features]
     torch.testing.assert_close(packed, alone, atol=1e-4, rtol=0)
+
+
+def test_a_model_that_lets_packed_samples_attend_to_each_other_is_caught(
+    model_and_features, tiny_model_dir, monkeypatch
+):
+    from transformers import masking_utils
+
+    from pipeline.objectives import packing_isolates
+
+    _, features = model_and_features
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    collator = TrainCollator(0, 128, pack=True)
+    assert packing_isolates(model, features[:3], collator)
+    # a model whose attention ignores the restarting positions: plain causal attention over the row
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    assert not packing_isolates(model, features[:3], collator)

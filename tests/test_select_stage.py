@@ -133,3 +133,22 @@ def test_a_token_budget_beyond_what_skip_leaves_is_an_error(scored, tmp_path):
         )
     with pytest.raises(ConfigError, match=rf"target_tokens {total + 1:,} is more than the {total:,} scored"):
         select.run(load_config(config, [f"select.bands=[{{strategy: top, target_tokens: {total + 1}}}]"]))
+
+
+def test_a_bad_band_stops_before_any_band_directory_is_touched(scored, tmp_path):
+    config, _ = scored
+    (first,) = select.run(load_config(config, ["select.bands=[{name: first, keep: 0.3}]"]))
+    (first / "manifest.json").unlink()  # as if cut short: this band would be selected again
+    bands = "select.bands=[{name: first, keep: 0.3}, {name: empty, strategy: bottom, keep: 0.001}]"
+    with pytest.raises(ConfigError, match="empty keeps no sample"):
+        select.run(load_config(config, [bands]))
+    # the half-finished band was left as it was, not emptied; the bad one was never made
+    assert list(first.glob("part-*.parquet")) and not (tmp_path / "out" / "selected" / "empty").exists()
+
+
+def test_target_tokens_only_where_it_sizes_the_band(scored):
+    config, _ = scored
+    with pytest.raises(ConfigError, match=r"select\.bands\[0\]\.target_tokens: sets the size of"):
+        load_config(config, ["select.bands=[{strategy: cc_net_middle, target_tokens: 100}]"])
+    # with a token budget, the (unused) default keep does not cap skip
+    load_config(config, ["select.bands=[{strategy: midranking, skip: 0.6, target_tokens: 100}]"])

@@ -160,3 +160,53 @@ def test_online_midranking_counts_only_the_band_as_trained(tmp_path, tiny_model_
     run_dir = train.run(load_config(config, ["train.max_tokens=16", "train.max_steps=3"]))
     summary = json.loads((run_dir / "metrics.json").read_text())["train"]
     assert summary["trained_tokens"] == 3 * 2 * 15 and summary["target_tokens_this_run"] == 3 * 4 * 15
+
+
+def test_the_starting_models_evaluation_is_shared_only_by_runs_with_the_same_inputs(
+    tmp_path, tiny_model_dir, corpus
+):
+    """train/.eval-before/<hash>.json is keyed by the weights, the held-out records and the eval
+    settings: the same inputs reuse it, a different held-out set or starting model does not."""
+    heldout = write_corpus(tmp_path / "heldout.jsonl", make_texts(8, seed=41))
+    other_heldout = write_corpus(tmp_path / "other.jsonl", make_texts(8, seed=42))
+    config = train_config(tmp_path, corpus, tiny_model_dir, "  max_steps: 2\n")
+    cache = tmp_path / "out" / "train" / ".eval-before"
+
+    def trained(*overrides):
+        run_dir = train.run(load_config(config, list(overrides)))
+        return json.loads((run_dir / "metrics.json").read_text())
+
+    a = trained(f"train.eval_paths=[{heldout}]", "train.name=a")
+    b = trained(f"train.eval_paths=[{heldout}]", "train.name=b", "train.learning_rate=0.01")
+    assert len(list(cache.glob("*.json"))) == 1 and a["before"] == b["before"]
+    c = trained(f"train.eval_paths=[{other_heldout}]", "train.name=c")
+    assert len(list(cache.glob("*.json"))) == 2 and c["before"] != a["before"]
+    # a run that starts from run a's trained weights is evaluated afresh: its "before" is a's "after"
+    d = trained(
+        f"train.eval_paths=[{heldout}]",
+        "train.name=d",
+        f"model.path={tmp_path / 'out' / 'train' / 'a' / 'model'}",
+    )
+    assert len(list(cache.glob("*.json"))) == 3
+    assert d["before"]["overall"]["loss"] == pytest.approx(a["after"]["overall"]["loss"], abs=1e-5)
+
+
+def test_a_finished_run_from_an_older_version_is_named_not_misread(tmp_path, tiny_model_dir, corpus):
+    config = train_config(tmp_path, corpus, tiny_model_dir, "  max_steps: 1\n")
+    run_dir = train.run(load_config(config))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    del metrics["train"]["trained_tokens"]
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ConfigError, match="trained by an older midrank"):
+        train.run(load_config(config))
+
+
+def test_packing_is_refused_for_a_model_that_does_not_isolate_packed_samples(
+    tmp_path, tiny_model_dir, corpus, monkeypatch
+):
+    from transformers import masking_utils
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    config = train_config(tmp_path, corpus, tiny_model_dir, "  pack: true\n")
+    with pytest.raises(ConfigError, match="lets packed samples attend to each other"):
+        train.run(load_config(config))
