@@ -250,13 +250,13 @@ def main() -> None:
                 losses = np.array([run["losses"][i] for i in ids])
                 peak = peaks["bfloat16" if "bf16" in label else "float32"]
                 mfu = 2 * params * run["tokens_per_s"] / peak
-                if "fp32" in label and np.abs(losses - reference).max() > 1e-3:
-                    failures.append(
-                        f"{name} {label}: losses differ from (a) by up to {np.abs(losses - reference).max():.2e}"
-                    )
+                worst = np.abs(losses - reference).max()
+                # fp32 must agree with the naive loop; bf16 moves losses (printed) but must stay finite
+                if not np.isfinite(losses).all() or ("fp32" in label and not worst <= 1e-3):
+                    failures.append(f"{name} {label}: losses differ from (a) by up to {worst:.2e}")
                 print(
                     f"{name:12s} {label:16s} {run['tokens_per_s']:9,.0f} {run['tokens_per_s'] / naive['tokens_per_s']:5.2f}x "
-                    f"{run['peak_rss_mb']:7,.0f}MB {mfu:6.1%} {np.abs(losses - reference).max():18.2e}"
+                    f"{run['peak_rss_mb']:7,.0f}MB {mfu:6.1%} {worst:18.2e}"
                 )
             fp32 = np.array([runs["(b) midrank fp32"]["losses"][i] for i in ids])
             bf16 = np.array([runs["(b) midrank bf16"]["losses"][i] for i in ids])

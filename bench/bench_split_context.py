@@ -4,12 +4,15 @@
     .venv/bin/python bench/bench_split_context.py --model data/models/tiny \
         --corpus data/corpus-tiny/train.jsonl --docs 2 --min-tokens 100 --max-tokens 64 --contexts 1,16,48
 
-Under `score.long_docs: split`, every window after the first sees only the C tokens before its
-targets (`score.split_context_tokens`). For each long document this scores the whole document in
-one pass (fp32, BOS first) and each later window of `split_windows` the way the scorer does, then
+Under `score.long_docs: split`, a window sees at most the C tokens before its targets
+(`score.split_context_tokens`); the first windows, whose context reaches the document's start,
+see all of it. For each long document this scores the whole document in one pass (fp32, BOS
+first) and every window of `split_windows` the way the scorer does. Windows that see the whole
+prefix must equal the document over their targets (checked; exit 1 otherwise); for the others it
 prints, per C, the window loss minus the whole-document loss over the same targets (nats/token):
-the price of a bounded context. It also tries the window with a BOS in place of its first context
-token, to see whether a BOS at the window start helps. Needs `make data model` for the default.
+the price of a bounded context. It also tries those windows with a BOS in place of their first
+context token, to see whether a BOS at the window start helps. Needs `make data model` for the
+default.
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ def main() -> None:
             logits = model(torch.tensor([ids])).logits[0, :-1].float()
         return F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
 
+    if not documents:
+        sys.exit(f"no document of {args.min_tokens}-{args.max_doc_tokens} tokens in {args.corpus}")
     whole = [token_nll(ids) for ids in documents]  # whole[d][j - 1]: token j given all before it
     print(
         f"# bench/bench_split_context.py — {Path(args.model).name}, fp32, {len(documents)} documents of "
@@ -76,9 +81,14 @@ def main() -> None:
         errors: dict[str, list[float]] = {"C tokens": [], "BOS + C-1": []}
         for ids, reference in zip(documents, whole, strict=True):
             for start, first, end in split_windows(len(ids), args.max_tokens, context):
-                if start == 0:  # sees the whole prefix: equal by construction (tests/test_scoring.py)
-                    continue
                 target = reference[first - 1 : end - 1].sum().item()
+                if start == 0:  # sees the whole prefix: must score as the document does
+                    nll = token_nll(ids[:end])[first - 1 :].sum().item()
+                    if abs(nll - target) > 1e-3 * (end - first):
+                        sys.exit(
+                            f"a window that sees the whole prefix differs from the document: {nll} vs {target}"
+                        )
+                    continue
                 for name, window in (
                     ("C tokens", ids[start:end]),
                     ("BOS + C-1", [bos, *ids[start + 1 : end]]),

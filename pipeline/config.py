@@ -36,10 +36,10 @@ def exact_share(value: numbers.Real) -> Fraction:
     """A share as the decimal the user wrote it: 0.1 is 1/10, not the binary float nearest to it, so
     sums like skip + keep and products like share x total are exact (0.2 + 0.1 is 0.3 here, and
     0.30000000000000004 in floats, enough to move a sample across a band's boundary). Floats of any
-    kind (NumPy's too) are read as the shortest decimal that prints them."""
+    kind (NumPy's float32 too) are read as the shortest decimal that prints them."""
     if isinstance(value, numbers.Rational):
         return Fraction(value)
-    return Fraction(repr(float(value)))
+    return Fraction(str(value))
 
 
 def share_of(n: int, share: float) -> int:

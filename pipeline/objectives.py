@@ -53,11 +53,19 @@ def packing_isolates(model: torch.nn.Module, features: list[dict], collator) -> 
     `position_ids` with no attention mask as separate sequences, as transformers' own models do;
     a model with attention code of its own may not, and would let packed samples attend to each
     other. Checked on a few real samples: their losses packed into one row against alone."""
+    device = next(model.parameters()).device
+
+    def losses(batch_features: list[dict]) -> torch.Tensor:
+        batch = {k: v.to(device) for k, v in collator(batch_features).items()}
+        return per_sample_losses(*token_nll(model, batch), len(batch_features))[0]
+
+    if collator(features)["input_ids"].shape[0] != 1:
+        raise ValueError("packing_isolates needs features that share one packed row")
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        packed = per_sample_losses(*token_nll(model, collator(features)), len(features))[0]
-        alone = torch.cat([per_sample_losses(*token_nll(model, collator([f])), 1)[0] for f in features])
+        packed = losses(features)
+        alone = torch.cat([losses([f]) for f in features])
     model.train(was_training)
     return bool(torch.allclose(packed.float(), alone.float(), atol=1e-3, rtol=0))
 

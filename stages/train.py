@@ -31,7 +31,7 @@ from pipeline.artifacts import digest, write_json_atomic
 from pipeline.config import Config, ConfigError, save_config, to_dict
 from pipeline.evaluation import evaluate
 from pipeline.log import get_logger
-from pipeline.model import cpu_supports_bf16, fingerprint, load_model, tune_cpu_malloc
+from pipeline.model import cpu_supports_bf16, fingerprint, hash_files, load_model, tune_cpu_malloc
 from pipeline.objectives import objective_loss, packing_isolates, per_sample_losses, token_nll
 from pipeline.ranks import rank_and_world
 from pipeline.records import ReadStats
@@ -90,6 +90,8 @@ def before_evaluation_path(cfg: Config, heldout: list, eval_kwargs: dict[str, An
     arms, reruns under new names): the name is a hash of exactly those inputs."""
     key = {
         "model": fingerprint(cfg.model),
+        "model_config": hash_files([Path(cfg.model.path) / "config.json"]),
+        "attention": cfg.model.attn_implementation,
         "records": digest([(r.sample_id, r.source, r.text, r.prompt, r.messages) for r in heldout]),
         "policy": dataclasses.asdict(eval_kwargs["policy"]),
         "autocast": str(eval_kwargs["autocast_dtype"]),
@@ -160,14 +162,19 @@ def make_trainer_class():
 
 
 def check_packing(model, dataset, collator: TrainCollator) -> None:
-    """Refuse to pack for a model that lets packed samples attend to each other: three short
-    training samples that share one row must have the losses they have alone."""
+    """Refuse to pack for a model that lets packed samples attend to each other: the shortest
+    training samples (of the first 256), as many as share one row, must have the losses they
+    have alone. When not even two fit in a row, nothing is ever packed and there is nothing to check."""
     lengths = [len(ids) for ids in dataset.select(range(min(len(dataset), 256)))["input_ids"]]
-    shortest = sorted(range(len(lengths)), key=lengths.__getitem__)[:3]
-    features = [dataset[i] for i in shortest]
-    if len(features) < 2 or sum(lengths[i] for i in shortest) > collator.max_tokens:
-        return  # nothing that would share a row to check with
-    if not packing_isolates(model, features, collator):
+    chosen, used = [], 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__)[:4]:
+        if used + lengths[i] > collator.max_tokens:
+            break
+        chosen.append(i)
+        used += lengths[i]
+    if len(chosen) < 2:
+        return
+    if not packing_isolates(model, [dataset[i] for i in chosen], collator):
         raise ConfigError(
             "train.pack: this model lets packed samples attend to each other (its attention does not "
             "read restarting position_ids as separate sequences); set train.pack=false"

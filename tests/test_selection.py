@@ -237,3 +237,9 @@ def test_irdro_extreme_losses_do_not_overflow_and_limits_hold():
     assert hardest == pytest.approx([0.0, 0.0, 3.0])
     with pytest.raises(ValueError, match="kl_reg must be > 0"):
         irdro_weights(pl.LazyFrame({"loss": [1.0]}), 0.0)
+
+
+def test_numpy_shares_are_read_as_the_decimals_they_print():
+    band = band_for("midranking", skip=np.float32(0.2), keep=np.float64(0.1))
+    assert (band.start, band.stop) == (Fraction(1, 5), Fraction(3, 10))
+    assert select(equal_samples(10), band).collect()["kept"].sum() == 1

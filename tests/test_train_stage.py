@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import ConfigError, load_config
 from stages import score, select, train
@@ -177,10 +177,14 @@ def test_the_starting_models_evaluation_is_shared_only_by_runs_with_the_same_inp
         return json.loads((run_dir / "metrics.json").read_text())
 
     a = trained(f"train.eval_paths=[{heldout}]", "train.name=a")
+    (kept,) = cache.glob("*.json")
+    marked = json.loads(kept.read_text()) | {"marker": "reused"}
+    kept.write_text(json.dumps(marked))  # run b must read this file, not evaluate again
     b = trained(f"train.eval_paths=[{heldout}]", "train.name=b", "train.learning_rate=0.01")
-    assert len(list(cache.glob("*.json"))) == 1 and a["before"] == b["before"]
+    assert len(list(cache.glob("*.json"))) == 1 and b["before"] == marked
     c = trained(f"train.eval_paths=[{other_heldout}]", "train.name=c")
-    assert len(list(cache.glob("*.json"))) == 2 and c["before"] != a["before"]
+    assert len(list(cache.glob("*.json"))) == 2 and "marker" not in c["before"]
+    assert c["before"]["overall"] != a["before"]["overall"]
     # a run that starts from run a's trained weights is evaluated afresh: its "before" is a's "after"
     d = trained(
         f"train.eval_paths=[{heldout}]",
@@ -210,3 +214,22 @@ def test_packing_is_refused_for_a_model_that_does_not_isolate_packed_samples(
     config = train_config(tmp_path, corpus, tiny_model_dir, "  pack: true\n")
     with pytest.raises(ConfigError, match="lets packed samples attend to each other"):
         train.run(load_config(config))
+    # samples of n tokens with max_tokens 2n + 1: two share a row, three never do; still checked
+    text = "the cat sat on the mat " * 3
+    n = 1 + len(AutoTokenizer.from_pretrained(tiny_model_dir)(text, add_special_tokens=False).input_ids)
+    same = write_corpus(tmp_path / "same.jsonl", [text] * 12)
+    config = train_config(tmp_path / "same", same, tiny_model_dir, "  pack: true\n")
+    with pytest.raises(ConfigError, match="lets packed samples attend to each other"):
+        train.run(load_config(config, [f"train.max_tokens={2 * n + 1}"]))
+
+
+def test_old_checkpoints_and_hidden_run_names_are_refused(tmp_path):
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 4, "stateful_callbacks": {}}))
+    with pytest.raises(ConfigError, match="older midrank"):
+        train.trained_tokens_at(checkpoint)
+    config = tmp_path / "c.yaml"
+    config.write_text("corpus: {paths: [x.jsonl]}\nmodel: {path: m}\n")
+    with pytest.raises(ConfigError, match=r"train\.name: must be a plain name"):
+        load_config(config, ["train.name=.eval-before"])
