@@ -209,7 +209,7 @@ def run(cfg: Config) -> Path:
     report_dir = out / "reports" / icfg.name
     inputs_key = digest(
         {
-            "scores": provenance["key"],
+            "score_key": provenance["key"],
             "bands": [digest(band["manifest"]) for band in bands],
             "inspect": to_dict(icfg),
         }
