@@ -17,11 +17,12 @@ from pathlib import Path
 import polars as pl
 
 from pipeline.config import load_config
+from pipeline.layout import Layout, part_files
 
 
-def decisions(band_dir: Path) -> dict[str, str]:
-    kept = pl.read_parquet(band_dir / "part-*.parquet", columns=["sample_id"])
-    rejected = pl.read_parquet(band_dir / "rejected" / "part-*.parquet", columns=["sample_id", "reason"])
+def decisions(layout: Layout, band: str) -> dict[str, str]:
+    kept = pl.read_parquet(part_files(layout.band(band).dir), columns=["sample_id"])
+    rejected = pl.read_parquet(part_files(layout.band(band).rejected), columns=["sample_id", "reason"])
     out = dict.fromkeys(kept["sample_id"].to_list(), "kept")
     out |= {sid: str(reason) for sid, reason in rejected.iter_rows()}
     return out
@@ -33,14 +34,14 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config)
     corpus = Path(cfg.corpus.paths[0])
-    band_dir = Path(cfg.out_dir) / "selected" / cfg.select.bands[0].resolved_name()
-    placed = decisions(band_dir)
+    band = cfg.select.bands[0].resolved_name()
+    placed = decisions(Layout(cfg.out_dir), band)
     counts: Counter = Counter()
     for row, line in enumerate(corpus.open(encoding="utf-8")):
         kind = json.loads(line)["kind"]
         counts[kind, placed.get(f"{corpus.name}:{row}", "not_scored")] += 1
     columns = ["too_hard", "kept", "too_easy", "not_scored"]
-    print(f"band {band_dir.name}: where each kind of pair went")
+    print(f"band {band}: where each kind of pair went")
     print(f"  {'kind':12s} {'pairs':>6s} " + " ".join(f"{c:>16s}" for c in columns))
     for kind in ("ok", "mismatched", "truncated"):
         total = sum(counts[kind, c] for c in columns)

@@ -65,11 +65,10 @@ class ShardBatches(IterableDataset):
         corpus: CorpusConfig,
         score: ScoreConfig,
         tokenizer: Any,
-        pad_id: int,
         start_row: int = 0,
     ):
         self.plan, self.shard, self.corpus, self.score = plan, shard, corpus, score
-        self.tokenizer, self.pad_id, self.start_row = tokenizer, pad_id, start_row
+        self.tokenizer, self.start_row = tokenizer, start_row
         self.policy = SamplePolicy.of(score, tokenizer)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -91,7 +90,7 @@ class ShardBatches(IterableDataset):
             samples.sort(key=lambda s: -len(s.input_ids))
             for batch in pack_batches(samples, self.score.batch_tokens):
                 meta = {name: [getattr(s, name) for s in batch] for name in META_FIELDS}
-                yield {"batch": collate(batch, self.pad_id) | {"meta": meta}, "window_end": None}
+                yield {"batch": collate(batch, self.policy.pad_id) | {"meta": meta}, "window_end": None}
             yield {
                 "batch": None,
                 "window_end": position,

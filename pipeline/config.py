@@ -565,16 +565,21 @@ def build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix}{err}") from None
 
 
+def optional_of(tp: Any) -> Any | None:
+    """X for an `X | None` annotation; None for any other type."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return inner
+    return None
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         return build(tp, value, prefix=f"{key}.")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
+    if (inner := optional_of(tp)) is not None:
+        return None if value is None else _coerce(inner, value, key)
     if origin is Literal:
         _require(value in args, key, f"{value!r} is not one of {', '.join(map(repr, args))}")
         return value

@@ -2,8 +2,8 @@
 
     metrics = evaluate(model, tokenizer, records, policy=SamplePolicy.of(cfg.score, tokenizer, max_tokens=512),
                        batch_tokens=8192)
-    metrics["overall"]   # {"samples", "tokens", "loss", "perplexity", "accuracy"}
-    metrics["per_source"]["man"]
+    metrics.overall      # SplitMetrics: samples, tokens, loss, perplexity, accuracy
+    metrics.per_source["man"]
 
 It runs the scoring kernel (pipeline/nll.py), so held-out losses are computed exactly as the scores
 were: BOS as context, fp32 log-softmax, no padding in any number. Loss is token-weighted (summed NLL
@@ -13,29 +13,36 @@ over summed target tokens); accuracy is the share of targets that are the model'
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from pipeline.artifacts import digest
 from pipeline.batching import collate, pack_batches
+from pipeline.config import ModelConfig
+from pipeline.log import get_logger
+from pipeline.model import fingerprint, hash_files
 from pipeline.nll import NLLScorer
+from pipeline.outputs import DeltaRow, Evaluation, SplitMetrics
 from pipeline.records import Record
 from pipeline.samples import SamplePolicy, make_samples
 
 
-def _metrics(nll: float, tokens: int, correct: int, samples: int) -> dict[str, Any]:
+def _metrics(nll: float, tokens: int, correct: int, samples: int) -> SplitMetrics:
     loss = nll / tokens if tokens else float("nan")
-    return {
-        "samples": samples,
-        "tokens": tokens,
-        "loss": loss,
-        "perplexity": math.exp(loss) if tokens else float("nan"),
-        "accuracy": correct / tokens if tokens else float("nan"),
-    }
+    return SplitMetrics(
+        samples=samples,
+        tokens=tokens,
+        loss=loss,
+        perplexity=math.exp(loss) if tokens else float("nan"),
+        accuracy=correct / tokens if tokens else float("nan"),
+    )
 
 
 def evaluate(
@@ -47,10 +54,9 @@ def evaluate(
     batch_tokens: int,
     autocast_dtype: torch.dtype | None = None,
     desc: str = "evaluating",
-) -> dict[str, Any]:
+) -> Evaluation:
     samples = [s for r in records for s in make_samples(r, tokenizer, policy)[0]]
     samples.sort(key=lambda s: -len(s.input_ids))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -63,7 +69,7 @@ def evaluate(
     )
     with autocast, tqdm(total=sum(s.n_tokens for s in samples), unit="tok", desc=desc, disable=None) as bar:
         for batch in pack_batches(samples, batch_tokens):
-            out = scorer(**collate(batch, pad_id))
+            out = scorer(**collate(batch, policy.pad_id))
             rows = torch.stack([out.nll_sum, out.n_tokens.double(), out.n_correct.double()]).cpu().tolist()
             for sample, nll, tokens, correct in zip(batch, *rows, strict=True):
                 total = totals[sample.source]
@@ -75,4 +81,49 @@ def evaluate(
     model.train(was_training)
     per_source = {source: _metrics(*totals[source]) for source in sorted(totals)}
     overall = [sum(t[i] for t in totals.values()) for i in range(4)]
-    return {"overall": _metrics(*overall), "per_source": per_source}
+    return Evaluation(overall=_metrics(*overall), per_source=per_source)
+
+
+def evaluation_key(model: ModelConfig, records: list[Record], policy: SamplePolicy, autocast: Any) -> str:
+    """A hash of everything a held-out evaluation of `model`'s starting weights depends on: the
+    weights, tokenizer and model config, the attention kernel, the records, how they become
+    tokens, and the autocast dtype. Runs that share it share the evaluation."""
+    key = {
+        "model": fingerprint(model),
+        "model_config": hash_files([Path(model.path) / "config.json"]),
+        "attention": model.attn_implementation,
+        "records": digest([(r.sample_id, r.source, r.text, r.prompt, r.messages) for r in records]),
+        "policy": dataclasses.asdict(policy),
+        "autocast": str(autocast),
+    }
+    return digest(key)[:24]
+
+
+def delta_table(before: Evaluation, after: Evaluation) -> list[DeltaRow]:
+    """Per source, then overall: held-out loss and accuracy before and after, and the change."""
+    pairs = [(s, before.per_source[s], after.per_source[s]) for s in before.per_source]
+    pairs.append(("overall", before.overall, after.overall))
+    return [
+        DeltaRow(
+            source=name,
+            tokens=b.tokens,
+            loss_before=b.loss,
+            loss_after=a.loss,
+            delta=a.loss - b.loss,
+            accuracy_before=b.accuracy,
+            accuracy_after=a.accuracy,
+        )
+        for name, b, a in pairs
+    ]
+
+
+def log_delta_table(rows: list[DeltaRow]) -> None:
+    log = get_logger()
+    log.info(
+        f"  {'held-out':20s} {'tokens':>9s} {'loss before':>11s} {'after':>8s} {'delta':>8s} {'acc before':>10s} {'after':>7s}"
+    )
+    for r in rows:
+        log.info(
+            f"  {r.source[:20]:20s} {r.tokens:9,d} {r.loss_before:11.4f} {r.loss_after:8.4f} "
+            f"{r.delta:+8.4f} {r.accuracy_before:10.2%} {r.accuracy_after:7.2%}"
+        )

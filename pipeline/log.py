@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
+
+from tqdm import tqdm
 
 from pipeline.ranks import rank_and_world
 
@@ -25,3 +28,27 @@ def get_logger() -> logging.Logger:
         log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
         log.propagate = False
     return log
+
+
+def format_counts(counts: Mapping[str, int]) -> str:
+    """`reason=n, ...` sorted by name, or `none`: how skipped rows are reported everywhere."""
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"
+
+
+class RowProgress:
+    """A progress bar over rows (rate and ETA), with this run's tokens/s beside it."""
+
+    def __init__(self, total_rows: int, desc: str, disable: bool | None = False):
+        self.bar = tqdm(total=total_rows, unit="row", desc=desc, disable=disable, dynamic_ncols=True)
+        self.tokens = 0
+
+    def advance(self, rows: int, tokens: int) -> None:
+        self.bar.update(rows)
+        self.tokens += tokens
+        self.bar.set_postfix_str(f"{self.tokens / max(self.bar.format_dict['elapsed'], 1e-9):,.0f} tok/s")
+
+    def __enter__(self) -> RowProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()

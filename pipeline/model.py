@@ -1,6 +1,6 @@
 """Loading the reference model and tokenizer from a local directory, with provenance hashes.
 
-    loaded = load_model(cfg.model)     # -> LoadedModel(model, tokenizer, device, dtype, ...)
+    loaded = load_model(cfg.model)     # -> LoadedModel(model, tokenizer, device)
 
 Weights load from safetensors only and `trust_remote_code` stays off unless the config turns it on.
 `dtype: auto` picks bf16 on CUDA devices and CPUs that support it (AVX512-BF16/AMX), fp32 elsewhere.
@@ -27,7 +27,6 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     device: torch.device
-    dtype: torch.dtype
 
 
 def resolve_device(name: str) -> torch.device:
@@ -122,9 +121,4 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             f"model.path: {cfg.path!r}: a fast (Rust) tokenizer is needed for character offsets"
         )
     get_logger().info(f"model {path} on {device} in {str(dtype).removeprefix('torch.')}")
-    return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        device=device,
-        dtype=dtype,
-    )
+    return LoadedModel(model=model, tokenizer=tokenizer, device=device)

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pipeline.log import get_logger
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +62,9 @@ class NLLScorer:
         mask = torch.ones_like(ids)
         reference = F.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
         hidden = self.body(input_ids=ids, attention_mask=mask).last_hidden_state
-        mine = F.log_softmax(self._logits(hidden[0]), dim=-1)
+        via_head = F.log_softmax(self._logits(hidden[0]), dim=-1)
         tolerance = 1e-3 if self.head.weight.dtype == torch.float32 else 0.1
-        return bool(torch.allclose(mine, reference[0], atol=tolerance, rtol=0))
+        return bool(torch.allclose(via_head, reference[0], atol=tolerance, rtol=0))
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.fp32_logits_from_mm:
@@ -112,3 +115,43 @@ class NLLScorer:
             0, rows, correct.long()
         )
         return BatchNLL(nll_sum, predicted.sum(1), max_nll, n_correct)
+
+
+class BudgetedScorer:
+    """Scores collated batches within a token budget: a batch larger than the budget is split in
+    halves, and on a CUDA out-of-memory error the budget halves (never below one row) and the
+    batch is retried. Results come back to the host once per batch."""
+
+    def __init__(self, scorer: NLLScorer, batch_tokens: int):
+        self.scorer = scorer
+        self.batch_tokens = batch_tokens
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        """(3, rows) array of nll_sum, n_tokens, max_token_nll."""
+        rows, length = batch["input_ids"].shape
+        if rows > 1 and rows * length > self.batch_tokens:
+            half = rows // 2
+            parts = [{k: v[:half] for k, v in batch.items()}, {k: v[half:] for k, v in batch.items()}]
+            return np.concatenate([self(p) for p in parts], axis=1)
+        try:
+            out = self.scorer(batch["input_ids"], batch["attention_mask"], batch["target_mask"])
+        except torch.OutOfMemoryError:
+            if rows == 1:
+                raise
+            torch.cuda.empty_cache()
+            self.batch_tokens = max(length, self.batch_tokens // 2)
+            get_logger().warning(
+                f"out of memory at {rows}x{length} tokens; batch_tokens halved to {self.batch_tokens}"
+            )
+            return self(batch)
+        return torch.stack([out.nll_sum, out.n_tokens.double(), out.max_token_nll.double()]).cpu().numpy()
+
+    def probe_worst_batch(self, max_tokens: int, vocab_size: int) -> None:
+        """Score one batch of the largest shape first: an out-of-memory error surfaces (and the
+        budget shrinks) before any real work, and on CPU the heap reaches its high-water mark at
+        once, so peak memory does not depend on which documents come later."""
+        rows = max(1, self.batch_tokens // max_tokens)
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab_size, (rows, max_tokens), generator=generator)
+        mask = torch.ones_like(ids)
+        self({"input_ids": ids, "attention_mask": mask, "target_mask": mask.bool()})

@@ -162,12 +162,12 @@ def objective_loss(
         samples = _sum_across_ranks(torch.tensor(losses.numel(), device=losses.device))
         w = weights.to(losses.dtype)
         return (w * losses).sum() / samples * world, w != 0
-    pool, mine = _gather(losses) if gather else (losses.detach(), slice(0, losses.numel()))
+    pool, own = _gather(losses) if gather else (losses.detach(), slice(0, losses.numel()))
     scale = world if gather else 1  # gathered: each rank holds part of one global objective
     if objective == "irdro":
-        w = irdro_weights(pool, kl_reg)[mine]
+        w = irdro_weights(pool, kl_reg)[own]
         return (w * losses).sum() * scale, w != 0
     if objective == "midranking_online":
         kept = midranking_mask(pool, skip, keep)
-        return losses[kept[mine]].sum() / kept.sum() * scale, kept[mine]
+        return losses[kept[own]].sum() / kept.sum() * scale, kept[own]
     raise ValueError(f"unknown objective {objective!r}")

@@ -12,18 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import CorpusConfig
-from pipeline.log import get_logger
+from pipeline.log import format_counts, get_logger
 from pipeline.readers import InputFile, RowProblem
 
-SKIP_REASONS = (
-    "blank_line",
-    "malformed_json",
-    "not_utf8",
-    "not_an_object",
-    "missing_field",
-    "wrong_type",
-    "empty_text",
-)
 _EXAMPLES_LOGGED = 3
 
 
@@ -68,8 +59,7 @@ class ReadStats:
         self.per_source.update(other.per_source)
 
     def summary(self) -> str:
-        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
-        return f"{self.rows} rows -> {self.records} records; skipped: {skipped}"
+        return f"{self.rows} rows -> {self.records} records; skipped: {format_counts(self.skipped)}"
 
 
 def sample_id_of(f: InputFile, row: int) -> str:

@@ -175,7 +175,3 @@ def irdro_weight_expr(kept: pl.LazyFrame, kl_reg: float) -> pl.Expr:
     top = kept.select(loss.max()).collect().item()
     mean = kept.select(((loss - top) / kl_reg).exp().mean()).collect().item()
     return ((loss - top) / kl_reg).exp() / mean
-
-
-def irdro_weights(kept: pl.LazyFrame, kl_reg: float) -> pl.LazyFrame:
-    return kept.with_columns(weight=irdro_weight_expr(kept, kl_reg))

@@ -102,3 +102,13 @@ def iter_shard(plan: ShardPlan, shard: int, cfg: CorpusConfig, stats: ReadStats)
 def iter_corpus(plan: ShardPlan, cfg: CorpusConfig, stats: ReadStats) -> Iterator[Record]:
     for shard in range(len(plan.shards)):
         yield from iter_shard(plan, shard, cfg, stats)
+
+
+def shard_records(
+    plan: ShardPlan, shard: int, cfg: CorpusConfig, stats: ReadStats, wanted: set[str] | None = None
+) -> dict[str, Record]:
+    """The valid records of one shard by sample_id (only the `wanted` ids, when given): how texts
+    are joined back to score rows."""
+    return {
+        r.sample_id: r for r in iter_shard(plan, shard, cfg, stats) if wanted is None or r.sample_id in wanted
+    }

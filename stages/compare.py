@@ -10,14 +10,14 @@ same held-out set. Writes `<out_dir>/reports/<name>/`: `table.md` (also printed)
 (every run's numbers), `deltas.png` (held-out loss change per arm, overall and per source, with
 the spread over seeds) and `config.yaml`.
 
-Unlike the pipeline's stages this is an experiment built from them, so it calls `select` and
-`train` directly. Reruns reuse finished selections and training runs.
+Unlike the pipeline's stages this is an experiment built from them, so it calls `score`, `select`
+and `train` directly (STYLE.md has stages share code only through pipeline/; a composition of
+stages is the one exception, like `demo`). Reruns reuse finished selections and training runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import statistics
 from pathlib import Path
@@ -25,7 +25,9 @@ from typing import Any
 
 from pipeline.artifacts import write_json_atomic
 from pipeline.config import BandConfig, Config, ConfigError, SelectConfig, save_config
+from pipeline.layout import Layout
 from pipeline.log import get_logger
+from pipeline.outputs import BandManifest, RunMetrics, to_json
 from pipeline.plots import plot_compare
 from stages import score, select, train
 
@@ -49,31 +51,54 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(runs: list[dict[str, Any]], arms: tuple[str, ...]) -> list[dict[str, Any]]:
+@dataclasses.dataclass(frozen=True, slots=True)
+class ArmRun:
+    """One training run of the experiment and what it read and wrote."""
+
+    arm: str
+    seed: int
+    band: str
+    objective: str
+    run_dir: Path
+    selection: BandManifest
+    metrics: RunMetrics
+
+    def record(self) -> dict[str, Any]:
+        """The run as results.json lists it (its metrics without the config)."""
+        return {
+            "arm": self.arm,
+            "seed": self.seed,
+            "band": self.band,
+            "objective": self.objective,
+            "run_dir": str(self.run_dir),
+            "kept_tokens": self.selection.tokens.kept,
+            "metrics": {k: v for k, v in to_json(self.metrics).items() if k != "config"},
+        }
+
+
+def summarize(runs: list[ArmRun], arms: tuple[str, ...]) -> list[dict[str, Any]]:
     """One row per arm: means and standard deviations over its seeds."""
     rows = []
     for arm in arms:
-        mine = [r for r in runs if r["arm"] == arm]
-        sources = list(mine[0]["metrics"]["before"]["per_source"])
+        seeds = [r for r in runs if r.arm == arm]
+        sources = list(seeds[0].metrics.before.per_source)
         delta = {
-            source: _mean_std(
-                [next(t["delta"] for t in r["metrics"]["table"] if t["source"] == source) for r in mine]
-            )
+            source: _mean_std([next(t.delta for t in r.metrics.table if t.source == source) for r in seeds])
             for source in [*sources, "overall"]
         }
         rows.append(
             {
                 "arm": arm,
                 # the random sample differs per seed: random-k0.5-seed*-tokens
-                "band": mine[0]["band"]
-                if len({r["band"] for r in mine}) == 1
-                else re.sub(r"seed\d+", "seed*", mine[0]["band"]),
-                "objective": mine[0]["objective"],
-                "seeds": [r["seed"] for r in mine],
-                "kept_tokens": _mean_std([r["kept_tokens"] for r in mine])[0],
-                "trained_tokens": _mean_std([r["metrics"]["train"]["trained_tokens"] for r in mine])[0],
-                "loss_before": mine[0]["metrics"]["before"]["overall"]["loss"],
-                "loss_after": _mean_std([r["metrics"]["after"]["overall"]["loss"] for r in mine]),
+                "band": seeds[0].band
+                if len({r.band for r in seeds}) == 1
+                else re.sub(r"seed\d+", "seed*", seeds[0].band),
+                "objective": seeds[0].objective,
+                "seeds": [r.seed for r in seeds],
+                "kept_tokens": _mean_std([r.selection.tokens.kept for r in seeds])[0],
+                "trained_tokens": _mean_std([r.metrics.train.trained_tokens for r in seeds])[0],
+                "loss_before": seeds[0].metrics.before.overall.loss,
+                "loss_after": _mean_std([r.metrics.after.overall.loss for r in seeds]),
                 "delta": delta,
             }
         )
@@ -122,16 +147,13 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(cfg: Config) -> Path:
+def train_arms(cfg: Config) -> list[ArmRun]:
+    """Select every arm's training set, then train each arm for each seed (finished work is kept)."""
     log = get_logger()
-    c = cfg.compare
-    if not cfg.train.eval_paths:
-        raise ConfigError("train.eval_paths: compare needs a held-out set to evaluate every arm on")
-    score.run(cfg)  # one scoring pass for every arm; nothing to do when finished
+    c, layout = cfg.compare, Layout(cfg.out_dir)
     plan = [(arm, seed, *arm_setup(cfg, arm, seed)) for seed in c.seeds for arm in c.arms]
     unique_bands = list({band.resolved_name(): band for _, _, band, _ in plan}.values())
     select.run(dataclasses.replace(cfg, select=SelectConfig(bands=tuple(unique_bands))))
-
     runs = []
     for index, (arm, seed, band, objective) in enumerate(plan, start=1):
         name = f"{c.name}-{arm}-seed{seed}"
@@ -141,31 +163,28 @@ def run(cfg: Config) -> Path:
         )
         # every arm starts from the same model: train evaluates it once, and the arms share that
         run_dir = train.run(dataclasses.replace(cfg, train=train_cfg))
-        manifest = json.loads((run_dir / "selection_manifest.json").read_text())
-        runs.append(
-            {
-                "arm": arm,
-                "seed": seed,
-                "band": band.resolved_name(),
-                "objective": objective,
-                "run_dir": str(run_dir),
-                "kept_tokens": manifest["tokens"]["kept"],
-                "metrics": {
-                    k: v
-                    for k, v in json.loads((run_dir / "metrics.json").read_text()).items()
-                    if k != "config"
-                },
-            }
+        selection, metrics = (
+            BandManifest.read(layout.run(name).selection),
+            RunMetrics.read(layout.run(name).metrics),
         )
+        runs.append(ArmRun(arm, seed, band.resolved_name(), objective, run_dir, selection, metrics))
+    return runs
 
+
+def run(cfg: Config) -> Path:
+    c = cfg.compare
+    if not cfg.train.eval_paths:
+        raise ConfigError("train.eval_paths: compare needs a held-out set to evaluate every arm on")
+    score.run(cfg)  # one scoring pass for every arm; nothing to do when finished
+    runs = train_arms(cfg)
     rows = summarize(runs, c.arms)
-    report_dir = Path(cfg.out_dir) / "reports" / c.name
+    report_dir = Layout(cfg.out_dir).report_dir(c.name)
     report_dir.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
     (report_dir / "table.md").write_text(table, encoding="utf-8")
-    write_json_atomic(report_dir / "results.json", {"arms": rows, "runs": runs})
+    write_json_atomic(report_dir / "results.json", {"arms": rows, "runs": [r.record() for r in runs]})
     plot_compare(rows, report_dir / "deltas.png")
     save_config(cfg, report_dir)
     print(table)
-    log.info(f"compared {len(c.arms)} arm(s) x {len(c.seeds)} seed(s) -> {report_dir}")
+    get_logger().info(f"compared {len(c.arms)} arm(s) x {len(c.seeds)} seed(s) -> {report_dir}")
     return report_dir

@@ -23,15 +23,18 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.artifacts import NoScoresError, common_provenance, digest, score_files, write_json_atomic
+from pipeline.artifacts import NoScoresError, digest, write_json_atomic
 from pipeline.config import Config, save_config, to_dict
 from pipeline.histograms import histogram, histogram_2d, quantiles, uniform_edges, value_range
+from pipeline.layout import Layout, part_files
 from pipeline.log import get_logger
+from pipeline.outputs import BandManifest, to_json
 from pipeline.plots import Panel, plot_histograms, plot_loss_vs_length
 from pipeline.readers import InputError
 from pipeline.records import CorpusError, ReadStats, record_id, sample_text
 from pipeline.report import render_report
-from pipeline.sharding import iter_shard, plan_shards
+from pipeline.scores import common_provenance, score_files
+from pipeline.sharding import plan_shards, shard_records
 
 LOSS = pl.col("loss")
 MANIFEST_FIELDS = ("strategy", "positions", "loss_thresholds", "samples", "tokens", "rejected", "per_source")
@@ -57,29 +60,42 @@ def source_table(scores: pl.LazyFrame, top_decile: float) -> list[dict[str, Any]
     return table.to_dicts()
 
 
-def load_band(band_dir: Path) -> dict[str, Any]:
-    manifest = json.loads((band_dir / "manifest.json").read_text())
-    kept = pl.scan_parquet(sorted(band_dir.glob("part-*.parquet")))
-    by_loss = manifest["positions"]["order"] == "loss"
+@dataclasses.dataclass(frozen=True, slots=True)
+class DrawnBand:
+    """A selected band as the report draws it."""
+
+    manifest: BandManifest
+    kept: pl.LazyFrame
+    interval: tuple[float, float] | None
+    """The band's loss interval when it is one (a global band by loss), else None."""
+    source_intervals: dict[str, tuple[float, float]]
+
+    @property
+    def name(self) -> str:
+        return self.manifest.band
+
+
+def load_band(layout: Layout, name: str) -> DrawnBand:
+    manifest = BandManifest.read(layout.band(name).manifest)
+    kept = pl.scan_parquet(part_files(layout.band(name).dir))
+    by_loss = manifest.positions.order == "loss"
     per_source = (
         kept.group_by("source").agg(low=LOSS.min(), high=LOSS.max()).collect()
         if by_loss
         else pl.DataFrame({"source": [], "low": [], "high": []})
     )
-    interval = (manifest["loss_thresholds"]["min_kept"], manifest["loss_thresholds"]["max_kept"])
-    global_band = by_loss and not manifest["parameters"]["by_source"]
-    return {
-        "name": manifest["band"],
-        "manifest": manifest,
-        "kept": kept,
-        "interval": interval if global_band else None,
-        "source_intervals": {r["source"]: (r["low"], r["high"]) for r in per_source.to_dicts()}
-        if manifest["parameters"]["by_source"]
+    interval = (manifest.loss_thresholds.min_kept, manifest.loss_thresholds.max_kept)
+    return DrawnBand(
+        manifest,
+        kept,
+        interval if by_loss and not manifest.by_source else None,
+        {r["source"]: (r["low"], r["high"]) for r in per_source.to_dicts()}
+        if manifest.by_source
         else dict.fromkeys(per_source["source"].to_list(), interval),
-    }
+    )
 
 
-def example_regions(scores: pl.LazyFrame, band: dict | None, k: int) -> dict[str, pl.LazyFrame]:
+def example_regions(scores: pl.LazyFrame, band: DrawnBand | None, k: int) -> dict[str, pl.LazyFrame]:
     """The rows to show, by region, lowest loss first: the bottom is boilerplate, the top noise."""
     lowest = scores.bottom_k(k, by=["loss", "sample_id"])
     highest = scores.top_k(k, by=["loss", "sample_id"])
@@ -90,11 +106,11 @@ def example_regions(scores: pl.LazyFrame, band: dict | None, k: int) -> dict[str
             "median": scores.filter(LOSS >= median).bottom_k(k, by="loss"),
             "highest loss": highest,
         }
-    median = band["kept"].select(LOSS.median()).collect().item()
-    inside = band["kept"].filter(LOSS >= median).bottom_k(k, by="loss").select(EXAMPLE_COLUMNS)
-    if band["interval"] is None:
+    median = band.kept.select(LOSS.median()).collect().item()
+    inside = band.kept.filter(LOSS >= median).bottom_k(k, by="loss").select(EXAMPLE_COLUMNS)
+    if band.interval is None:
         return {"lowest loss": lowest, "kept (around its median)": inside, "highest loss": highest}
-    low, high = band["interval"]
+    low, high = band.interval
     return {
         "lowest loss": lowest,
         "just below the band": scores.filter(LOSS < low).top_k(k, by="loss"),
@@ -106,7 +122,6 @@ def example_regions(scores: pl.LazyFrame, band: dict | None, k: int) -> dict[str
 
 def attach_texts(cfg: Config, rows: list[dict[str, Any]], max_chars: int) -> None:
     """Join each example row with the first `max_chars` of its text, reading only its shards."""
-    log = get_logger()
     wanted: dict[int, set[str]] = defaultdict(set)
     for row in rows:
         wanted[row["shard"]].add(record_id(row["sample_id"]))
@@ -114,11 +129,9 @@ def attach_texts(cfg: Config, rows: list[dict[str, Any]], max_chars: int) -> Non
     try:
         plan = plan_shards(cfg.corpus)
         for shard, ids in sorted(wanted.items()):
-            records |= {
-                r.sample_id: r for r in iter_shard(plan, shard, cfg.corpus, ReadStats()) if r.sample_id in ids
-            }
+            records |= shard_records(plan, shard, cfg.corpus, ReadStats(), ids)
     except (InputError, CorpusError, OSError) as err:
-        log.warning(f"example texts unavailable, the corpus could not be read: {err}")
+        get_logger().warning(f"example texts unavailable, the corpus could not be read: {err}")
     for row in rows:
         record = records.get(record_id(row["sample_id"]))
         if record is None:
@@ -137,19 +150,19 @@ def attach_texts(cfg: Config, rows: list[dict[str, Any]], max_chars: int) -> Non
 def panels_for(
     corpus: tuple[np.ndarray, dict[str, np.ndarray]],
     edges: np.ndarray,
-    band: dict | None,
+    band: DrawnBand | None,
     sources: list[str],
 ) -> list[Panel]:
     """The whole corpus's counts (overall, per source) with a band's kept counts drawn over them."""
     everything, by_source = corpus
     kept_all = kept_by_source = None
     if band is not None:
-        kept_all = histogram(band["kept"], LOSS, edges)
-        kept_by_source = histogram(band["kept"], LOSS, edges, by="source")
+        kept_all = histogram(band.kept, LOSS, edges)
+        kept_by_source = histogram(band.kept, LOSS, edges, by="source")
     zeros = np.zeros(len(edges) - 1, dtype=np.int64)
-    panels = [Panel("all sources", everything, kept_all, band and band["interval"])]
+    panels = [Panel("all sources", everything, kept_all, band and band.interval)]
     for source in sources:
-        interval = band["source_intervals"].get(source) if band else None
+        interval = band.source_intervals.get(source) if band else None
         kept = kept_by_source.get(source, zeros) if kept_by_source is not None else None
         panels.append(Panel(source, by_source.get(source, zeros), kept, interval))
     return panels
@@ -181,59 +194,36 @@ def terminal_summary(summary: dict[str, Any]) -> None:
         )
 
 
-def run(cfg: Config) -> Path:
-    log = get_logger()
-    started = time.perf_counter()
-    out = Path(cfg.out_dir)
-    icfg = cfg.inspect
-    plan = plan_shards(cfg.corpus)
-    files = score_files(out / "scores", len(plan.shards))
-    provenance = common_provenance(files)
+def load_scores(cfg: Config, layout: Layout) -> tuple[pl.LazyFrame, dict[str, Any]]:
+    """The score set (the columns the report reads) and its provenance; an empty set is an error."""
+    files = score_files(layout, len(plan_shards(cfg.corpus).shards))
     scores = pl.scan_parquet(files).select(EXAMPLE_COLUMNS)
-    samples, tokens = scores.select(pl.len(), pl.col("n_tokens").cast(pl.Int64).sum()).collect().row(0)
-    if samples == 0:
+    if scores.select(pl.len()).collect().item() == 0:
         raise NoScoresError(
-            f"{out / 'scores'} holds no scored samples (every row skipped?); nothing to inspect"
+            f"{layout.scores_dir} holds no scored samples (every row skipped?); nothing to inspect"
         )
+    return scores, common_provenance(files)
 
+
+def selected_bands(cfg: Config, layout: Layout) -> list[DrawnBand]:
     bands = []
-    for band_cfg in cfg.select.bands:
-        band_dir = out / "selected" / band_cfg.resolved_name()
-        if (band_dir / "manifest.json").is_file():
-            bands.append(load_band(band_dir))
+    for name in (b.resolved_name() for b in cfg.select.bands):
+        if layout.band(name).manifest.is_file():
+            bands.append(load_band(layout, name))
         else:
-            log.warning(
-                f"band {band_cfg.resolved_name()} is not selected yet (run `midrank select`); not drawn"
-            )
+            get_logger().warning(f"band {name} is not selected yet (run `midrank select`); not drawn")
+    return bands
 
-    report_dir = out / "reports" / icfg.name
-    inputs_key = digest(
-        {
-            "score_key": provenance["key"],
-            "bands": [digest(band["manifest"]) for band in bands],
-            "inspect": to_dict(icfg),
-        }
-    )
-    previous = report_dir / "summary.json"
-    if previous.is_file() and json.loads(previous.read_text()).get("inputs_key") == inputs_key:
-        terminal_summary(json.loads(previous.read_text()))
-        log.info(f"{report_dir}: up to date with the scores and bands, nothing to do")
-        return report_dir
-    work = report_dir.with_name(f".{icfg.name}.{os.getpid()}.tmp")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
 
-    qs = quantiles(scores, LOSS)
-    sources = source_table(scores, qs[0.9])
-    shown = sorted(sources, key=lambda s: -s["samples"])[: icfg.max_sources]
-    shown_names = [s["source"] for s in sources if s in shown]  # keep the hardest-first order
+def draw_figures(scores: pl.LazyFrame, bands: list[DrawnBand], icfg, sources: list[str], work: Path) -> dict:
+    """The loss (and perplexity) histograms per band and the loss-vs-length map -> {file: caption}."""
     edges = uniform_edges(*value_range(scores, LOSS), icfg.bins)
     corpus_counts = (histogram(scores, LOSS, edges), histogram(scores, LOSS, edges, by="source"))
     images: dict[str, str] = {}
     for band in bands or [None]:
-        suffix = f"-{band['name']}" if band else ""
-        title = f"band {band['name']}" if band else "no band selected yet"
-        panels = panels_for(corpus_counts, edges, band, shown_names)
+        suffix = f"-{band.name}" if band else ""
+        title = f"band {band.name}" if band else "no band selected yet"
+        panels = panels_for(corpus_counts, edges, band, sources)
         name = f"loss_hist{suffix}.png"
         plot_histograms(panels, edges, work / name, xlabel="loss (nats/token)", title=title)
         images[name] = f"Loss per sample, {title}"
@@ -248,29 +238,42 @@ def run(cfg: Config) -> Path:
     length = pl.col("n_tokens").cast(pl.Float64).log10()
     length_edges = uniform_edges(*value_range(scores, length), icfg.bins)
     counts = histogram_2d(scores, length, length_edges, LOSS, edges)
-    intervals = {b["name"]: b["interval"] for b in bands if b["interval"] is not None}
+    intervals = {b.name: b.interval for b in bands if b.interval is not None}
     plot_loss_vs_length(counts, 10**length_edges, edges, work / "loss_vs_length.png", bands=intervals)
     images["loss_vs_length.png"] = "Loss against length (scored tokens)"
+    return images
 
+
+def examples_by_band(cfg: Config, scores: pl.LazyFrame, bands: list[DrawnBand]) -> list[tuple]:
+    """(band, its example regions with texts) per band, or (None, regions) with no band."""
     regions_per_band = [
         (
             band,
             [
                 {"region": r, "rows": f.sort("loss", "sample_id").collect().to_dicts()}
-                for r, f in example_regions(scores, band, icfg.examples).items()
+                for r, f in example_regions(scores, band, cfg.inspect.examples).items()
             ],
         )
         for band in bands or [None]
     ]
-    attach_texts(
-        cfg,
-        [row for _, regions in regions_per_band for r in regions for row in r["rows"]],
-        icfg.example_chars,
-    )
+    rows = [row for _, regions in regions_per_band for r in regions for row in r["rows"]]
+    attach_texts(cfg, rows, cfg.inspect.example_chars)
+    return regions_per_band
 
-    summary = {
-        "inputs_key": inputs_key,
-        "out_dir": str(out),
+
+def build_summary(
+    cfg: Config, scores: pl.LazyFrame, provenance: dict, bands: list[DrawnBand], work: Path
+) -> dict:
+    """Every number and figure of the report (figures drawn into `work`)."""
+    samples, tokens = scores.select(pl.len(), pl.col("n_tokens").cast(pl.Int64).sum()).collect().row(0)
+    qs = quantiles(scores, LOSS)
+    sources = source_table(scores, qs[0.9])
+    shown = sorted(sources, key=lambda s: -s["samples"])[: cfg.inspect.max_sources]
+    shown_names = [s["source"] for s in sources if s in shown]  # keep the hardest-first order
+    images = draw_figures(scores, bands, cfg.inspect, shown_names, work)
+    regions_per_band = examples_by_band(cfg, scores, bands)
+    return {
+        "out_dir": str(Path(cfg.out_dir)),
         "model": {"path": provenance["model_path"], "dtype": provenance["key"]["dtype"]},
         "samples": samples,
         "tokens": tokens,
@@ -280,9 +283,9 @@ def run(cfg: Config) -> Path:
         "images": images,
         "bands": [
             {
-                "name": band["name"],
-                "interval": band["interval"],
-                "manifest": {key: band["manifest"][key] for key in MANIFEST_FIELDS},
+                "name": band.name,
+                "interval": band.interval,
+                "manifest": {key: to_json(band.manifest)[key] for key in MANIFEST_FIELDS},
                 "examples": regions,
             }
             for band, regions in regions_per_band
@@ -290,15 +293,38 @@ def run(cfg: Config) -> Path:
         ],
         "examples": None if bands else regions_per_band[0][1],
     }
+
+
+def run(cfg: Config) -> Path:
+    log = get_logger()
+    started = time.perf_counter()
+    layout = Layout(cfg.out_dir)
+    scores, provenance = load_scores(cfg, layout)
+    bands = selected_bands(cfg, layout)
+    report_dir = layout.report_dir(cfg.inspect.name)
+    inputs = {
+        "score_key": provenance["key"],
+        "bands": [digest(to_json(band.manifest)) for band in bands],
+        "inspect": to_dict(cfg.inspect),
+    }
+    previous = report_dir / "summary.json"
+    if previous.is_file() and json.loads(previous.read_text()).get("inputs_key") == digest(inputs):
+        terminal_summary(json.loads(previous.read_text()))
+        log.info(f"{report_dir}: up to date with the scores and bands, nothing to do")
+        return report_dir
+    # built in a temporary folder and swapped in whole: a report is never half old, half new
+    work = report_dir.with_name(f".{cfg.inspect.name}.{os.getpid()}.tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    summary = {"inputs_key": digest(inputs)} | build_summary(cfg, scores, provenance, bands, work)
     (work / "index.html").write_text(render_report(summary), encoding="utf-8")
     write_json_atomic(work / "summary.json", summary)
     save_config(cfg, work)
     shutil.rmtree(report_dir, ignore_errors=True)
     os.replace(work, report_dir)
-
     terminal_summary(summary)
     log.info(
-        f"inspected {samples:,} samples, {len(bands)} band(s): {len(images)} figure(s) in "
+        f"inspected {summary['samples']:,} samples, {len(bands)} band(s): {len(summary['images'])} figure(s) in "
         f"{time.perf_counter() - started:.1f}s -> {report_dir / 'index.html'}"
     )
     return report_dir

@@ -12,22 +12,15 @@ band directory holding a different config is refused, never overwritten.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
-from pipeline.artifacts import (
-    common_provenance,
-    score_files,
-    shard_path,
-    write_json_atomic,
-    write_table_atomic,
-)
+from pipeline.artifacts import write_table_atomic
 from pipeline.config import (
     BAND_PRESETS,
     BandConfig,
@@ -37,10 +30,13 @@ from pipeline.config import (
     save_config,
     to_dict,
 )
+from pipeline.layout import Layout, part_files, part_path
 from pipeline.log import get_logger
+from pipeline.outputs import BandManifest, Counts, LossRange, Positions, SourceCount, SourceMix
 from pipeline.records import ReadStats, record_id, sample_text
+from pipeline.scores import common_provenance, score_files
 from pipeline.selection import Band, band_for, irdro_weight_expr, select
-from pipeline.sharding import iter_shard, plan_shards
+from pipeline.sharding import plan_shards, shard_records
 
 
 def band_of(cfg: BandConfig, total_tokens: int) -> tuple[Band, str]:
@@ -86,35 +82,28 @@ def summarize(decided: pl.LazyFrame) -> pl.DataFrame:
     )
 
 
-def source_mix(summary: pl.DataFrame) -> dict[str, dict[str, int]]:
+def source_mix(summary: pl.DataFrame) -> dict[str, SourceCount]:
     grouped = summary.group_by("source").agg(pl.col("samples").sum(), pl.col("tokens").sum()).sort("source")
-    return {row["source"]: {"samples": row["samples"], "tokens": row["tokens"]} for row in grouped.to_dicts()}
+    return {row["source"]: SourceCount(row["samples"], row["tokens"]) for row in grouped.to_dicts()}
 
 
-def manifest_for(
-    cfg: Config, band_cfg: BandConfig, summary: pl.DataFrame, provenance: dict
-) -> dict[str, Any]:
+def manifest_for(cfg: Config, band_cfg: BandConfig, summary: pl.DataFrame, provenance: dict) -> BandManifest:
     kept = summary.filter(pl.col("kept"))
     rejected = summary.filter(~pl.col("kept")).group_by("reason").agg(pl.col("samples").sum())
     band, measure = band_of(band_cfg, int(summary["tokens"].sum()))
-    return {
-        "band": band_cfg.resolved_name(),
-        "strategy": band_cfg.strategy,
-        "parameters": to_dict(band_cfg),
-        "positions": {
-            "start": float(band.start),
-            "stop": float(band.stop),
-            "order": band.order,
-            "measure": measure,
-        },
-        "loss_thresholds": {"max_kept": kept["max_loss"].max(), "min_kept": kept["min_loss"].min()},
-        "samples": {"in": int(summary["samples"].sum()), "kept": int(kept["samples"].sum())},
-        "tokens": {"in": int(summary["tokens"].sum()), "kept": int(kept["tokens"].sum())},
-        "rejected": {str(r["reason"]): int(r["samples"]) for r in rejected.sort("reason").to_dicts()},
-        "per_source": {"before": source_mix(summary), "after": source_mix(kept)},
-        "score_provenance": provenance,
-        "config": to_dict(cfg),
-    }
+    return BandManifest(
+        band=band_cfg.resolved_name(),
+        strategy=band_cfg.strategy,
+        parameters=to_dict(band_cfg),
+        positions=Positions(float(band.start), float(band.stop), band.order, measure),
+        loss_thresholds=LossRange(min_kept=kept["min_loss"].min(), max_kept=kept["max_loss"].max()),
+        samples=Counts(int(summary["samples"].sum()), int(kept["samples"].sum())),
+        tokens=Counts(int(summary["tokens"].sum()), int(kept["tokens"].sum())),
+        rejected={str(r["reason"]): int(r["samples"]) for r in rejected.sort("reason").to_dicts()},
+        per_source=SourceMix(before=source_mix(summary), after=source_mix(kept)),
+        score_provenance=provenance,
+        config=to_dict(cfg),
+    )
 
 
 MESSAGES = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
@@ -134,39 +123,34 @@ def write_part(rows: pl.DataFrame, records: dict, where: Path, shard: int) -> No
         table = table.with_columns(prompt=pl.Series(prompts, dtype=pl.String))
     if any(m is not None for m in messages):
         table = table.with_columns(messages=pl.Series(messages, dtype=MESSAGES))
-    write_table_atomic(table.to_arrow(), shard_path(where, shard), {})
+    write_table_atomic(table.to_arrow(), part_path(where, shard), {})
 
 
-def write_jsonl(band_dir: Path) -> None:
-    frame = pl.read_parquet(sorted(band_dir.glob("part-*.parquet")))
-    frame.select("sample_id", "source", "loss", "text").write_ndjson(band_dir / "data.jsonl")
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A band to (re)select: its config, every sample's decision (lazy) and the decision's totals."""
+
+    config: BandConfig
+    decided: pl.LazyFrame
+    summary: pl.DataFrame
 
 
-def run(cfg: Config) -> list[Path]:
+def bands_to_select(
+    cfg: Config, layout: Layout, scores: pl.LazyFrame, provenance: dict, total_tokens: int
+) -> dict[str, Pending]:
+    """The bands that are not selected yet (or whose scores changed), each decided and checked; a
+    name already holding another selection, or a band that keeps nothing, is an error."""
     log = get_logger()
-    started = time.perf_counter()
-    out = Path(cfg.out_dir)
-    scores_dir = out / "scores"
-    plan = plan_shards(cfg.corpus)
-    files = score_files(scores_dir, len(plan.shards))
-    provenance = common_provenance(files)
-    scores = pl.scan_parquet(files)
-    total_tokens = int(scores.select(pl.col("n_tokens").sum()).collect().item())
-
-    todo: dict[str, tuple[BandConfig, pl.LazyFrame, pl.DataFrame, Path]] = {}
-    outputs = []
+    pending = {}
     for band_cfg in cfg.select.bands:
         name = band_cfg.resolved_name()
-        band_dir = out / "selected" / name
-        outputs.append(band_dir)
-        manifest_path = band_dir / "manifest.json"
-        if manifest_path.is_file():
-            previous = json.loads(manifest_path.read_text())
-            if previous["parameters"] != to_dict(band_cfg):
+        if layout.band(name).manifest.is_file():
+            previous = BandManifest.read(layout.band(name).manifest)
+            if previous.parameters != to_dict(band_cfg):
                 raise ConfigError(
-                    f"select.bands: {band_dir} holds a different selection; give this band another name"
+                    f"select.bands: {layout.band(name).dir} holds a different selection; give this band another name"
                 )
-            if previous["score_provenance"]["key"] == provenance["key"]:
+            if previous.score_provenance["key"] == provenance["key"]:
                 log.info(f"{name}: already selected, nothing to do")
                 continue
             log.info(f"{name}: the scores were recomputed since this band was selected; selecting again")
@@ -178,31 +162,58 @@ def run(cfg: Config) -> list[Path]:
         share = kept["tokens"].sum() / max(total_tokens, 1)
         if share < 0.01:
             log.warning(f"{name}: keeps only {share:.2%} of the tokens")
-        todo[name] = (band_cfg, decided, summary, band_dir)
-    if not todo:
-        return outputs
-    for _, _, _, band_dir in todo.values():  # every band checked first: a bad one touches nothing
-        shutil.rmtree(band_dir, ignore_errors=True)  # a previous run cut short before its manifest
-        (band_dir / "rejected" if cfg.select.write_rejected else band_dir).mkdir(parents=True)
+        pending[name] = Pending(band_cfg, decided, summary)
+    return pending
 
+
+def write_bands(cfg: Config, layout: Layout, plan, pending: dict[str, Pending]) -> None:
+    """Every band's kept (and rejected) rows with their texts, reading the corpus once, shard by shard."""
+    for name in pending:  # every band was checked first: a bad one touched nothing
+        band = layout.band(name)
+        shutil.rmtree(band.dir, ignore_errors=True)  # a run cut short before its manifest
+        (band.rejected if cfg.select.write_rejected else band.dir).mkdir(parents=True)
     stats = ReadStats()
     for shard in range(len(plan.shards)):
-        records = {r.sample_id: r for r in iter_shard(plan, shard, cfg.corpus, stats)}
-        for _, decided, _, band_dir in todo.values():
-            part = decided.filter(pl.col("shard") == shard).collect()
-            write_part(part.filter(pl.col("kept")).drop("kept", "reason"), records, band_dir, shard)
+        records = shard_records(plan, shard, cfg.corpus, stats)
+        for name, band in pending.items():
+            part = band.decided.filter(pl.col("shard") == shard).collect()
+            write_part(
+                part.filter(pl.col("kept")).drop("kept", "reason"), records, layout.band(name).dir, shard
+            )
             if cfg.select.write_rejected:
-                write_part(part.filter(~pl.col("kept")).drop("kept"), records, band_dir / "rejected", shard)
-    for name, (band_cfg, _, summary, band_dir) in todo.items():
-        if cfg.select.jsonl:
-            write_jsonl(band_dir)
-        manifest = manifest_for(cfg, band_cfg, summary, provenance)
-        save_config(cfg, band_dir)
-        write_json_atomic(band_dir / "manifest.json", manifest)
-        log.info(
-            f"{name}: kept {manifest['samples']['kept']} of {manifest['samples']['in']} samples, "
-            f"{manifest['tokens']['kept']:,} of {manifest['tokens']['in']:,} tokens, "
-            f"loss {manifest['loss_thresholds']['min_kept']:.3f}..{manifest['loss_thresholds']['max_kept']:.3f} -> {band_dir}"
-        )
-    log.info(f"selected {len(todo)} band(s) in {time.perf_counter() - started:.1f}s")
-    return outputs
+                write_part(
+                    part.filter(~pl.col("kept")).drop("kept"), records, layout.band(name).rejected, shard
+                )
+
+
+def finish_band(cfg: Config, layout: Layout, name: str, band: Pending, provenance: dict) -> None:
+    """The band's optional JSONL, its config and, last, its manifest."""
+    paths = layout.band(name)
+    if cfg.select.jsonl:
+        frame = pl.read_parquet(part_files(paths.dir))
+        frame.select("sample_id", "source", "loss", "text").write_ndjson(paths.jsonl)
+    manifest = manifest_for(cfg, band.config, band.summary, provenance)
+    save_config(cfg, paths.dir)
+    manifest.write(paths.manifest)
+    get_logger().info(
+        f"{name}: kept {manifest.samples.kept} of {manifest.samples.total} samples, "
+        f"{manifest.tokens.kept:,} of {manifest.tokens.total:,} tokens, "
+        f"loss {manifest.loss_thresholds.min_kept:.3f}..{manifest.loss_thresholds.max_kept:.3f} -> {paths.dir}"
+    )
+
+
+def run(cfg: Config) -> list[Path]:
+    started = time.perf_counter()
+    layout = Layout(cfg.out_dir)
+    plan = plan_shards(cfg.corpus)
+    files = score_files(layout, len(plan.shards))
+    provenance = common_provenance(files)
+    scores = pl.scan_parquet(files)
+    total_tokens = int(scores.select(pl.col("n_tokens").sum()).collect().item())
+    pending = bands_to_select(cfg, layout, scores, provenance, total_tokens)
+    if pending:
+        write_bands(cfg, layout, plan, pending)
+        for name, band in pending.items():
+            finish_band(cfg, layout, name, band, provenance)
+        get_logger().info(f"selected {len(pending)} band(s) in {time.perf_counter() - started:.1f}s")
+    return [layout.band(b.resolved_name()).dir for b in cfg.select.bands]

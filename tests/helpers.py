@@ -50,7 +50,7 @@ def write_config(tmp_path: Path, corpus: Path, model: Path, extra: str = "") -> 
 
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=N -m pipeline.cli ARGS` from the repository root."""
+    """`torchrun --standalone --nproc_per_node=N -m stages.cli ARGS` from the repository root."""
     return subprocess.run(
         [
             sys.executable,
@@ -59,7 +59,7 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
             "--standalone",
             f"--nproc_per_node={nproc}",
             "-m",
-            "pipeline.cli",
+            "stages.cli",
             *args,
         ],
         cwd=ROOT,
@@ -72,9 +72,9 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
 
 
 def midrank(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """`python -m pipeline.cli ARGS` as a separate process (to be killed, or run beside torchrun)."""
+    """`python -m stages.cli ARGS` as a separate process (to be killed, or run beside torchrun)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "stages.cli", *args],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
         stdout=subprocess.PIPE,

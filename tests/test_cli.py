@@ -7,7 +7,7 @@ import sys
 
 def midrank(*args, cwd=None):
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd, check=False
+        [sys.executable, "-m", "stages.cli", *args], capture_output=True, text=True, cwd=cwd, check=False
     )
 
 

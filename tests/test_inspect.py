@@ -7,11 +7,11 @@ import polars as pl
 import pytest
 
 from pipeline.artifacts import NoScoresError
-from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.histograms import histogram, histogram_2d, quantiles, uniform_edges, value_range
 from pipeline.report import render_report
 from stages import inspect, score, select
+from stages.cli import main
 from tests.helpers import make_texts, write_config, write_corpus
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.nll import BatchNLL
+from pipeline.nll import BatchNLL, BudgetedScorer
 from pipeline.ranks import rank_and_world, shards_of_rank
-from stages.score import Budget, score_batch
 
 LAUNCHER_VARS = (
     "RANK",
@@ -58,15 +57,16 @@ class RunsOutOfMemory:
 
 
 def test_out_of_memory_halves_the_budget_and_keeps_every_row():
-    scorer, budget = RunsOutOfMemory(limit=40), Budget(1000)
+    scorer = RunsOutOfMemory(limit=40)
+    budgeted = BudgetedScorer(scorer, 1000)
     ids = torch.arange(16 * 10).view(16, 10)
     batch = {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
         "target_mask": torch.ones_like(ids).bool(),
     }
-    out = score_batch(scorer, batch, budget)
-    assert budget.tokens < 1000  # halved until batches fit
+    out = budgeted(batch)
+    assert budgeted.batch_tokens < 1000  # halved until batches fit
     assert np.array_equal(out[0], ids[:, 0].numpy())  # every row, in order
     assert all(rows * length <= 40 for rows, length in scorer.shapes)
 
@@ -75,4 +75,4 @@ def test_a_single_row_that_does_not_fit_is_an_error():
     ids = torch.ones(1, 100, dtype=torch.long)
     batch = {"input_ids": ids, "attention_mask": ids, "target_mask": ids.bool()}
     with pytest.raises(torch.OutOfMemoryError):
-        score_batch(RunsOutOfMemory(limit=10), batch, Budget(1000))
+        BudgetedScorer(RunsOutOfMemory(limit=10), 1000)(batch)

@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.artifacts import PROVENANCE_KEY, STATS_KEY, ProvenanceError
+from pipeline.artifacts import ProvenanceError
 from pipeline.config import load_config
+from pipeline.scores import PROVENANCE_KEY, STATS_KEY
 from stages import score
 from tests.helpers import make_texts, midrank, torchrun, write_config, write_corpus
 

@@ -7,8 +7,9 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.artifacts import PROVENANCE_KEY, ProvenanceError
+from pipeline.artifacts import ProvenanceError
 from pipeline.config import ConfigError, load_config
+from pipeline.scores import PROVENANCE_KEY
 from stages import score, select
 from tests.helpers import make_texts, write_config, write_corpus
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.selection import Band, band_for, irdro_weights, select
+from pipeline.selection import Band, band_for, irdro_weight_expr, select
 
 
 @pytest.fixture
@@ -211,6 +211,11 @@ def test_selection_is_deterministic_with_ties(scores):
 def test_band_outside_unit_interval_is_refused(params):
     with pytest.raises(ValueError, match="a band needs 0 <= start < stop <= 1"):
         Band(**params)
+
+
+def irdro_weights(kept: pl.LazyFrame, kl_reg: float) -> pl.LazyFrame:
+    """The weight column as the select stage adds it."""
+    return kept.with_columns(weight=irdro_weight_expr(kept, kl_reg))
 
 
 def closed_form(losses, kl_reg):

@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import ConfigError, load_config
+from pipeline.outputs import OutputError
+from pipeline.trainer import trained_tokens_at
 from stages import score, select, train
 from tests.helpers import make_texts, midrank, torchrun, write_config, write_corpus
 
@@ -178,12 +180,13 @@ def test_the_starting_models_evaluation_is_shared_only_by_runs_with_the_same_inp
 
     a = trained(f"train.eval_paths=[{heldout}]", "train.name=a")
     (kept,) = cache.glob("*.json")
-    marked = json.loads(kept.read_text()) | {"marker": "reused"}
-    kept.write_text(json.dumps(marked))  # run b must read this file, not evaluate again
+    marked = json.loads(kept.read_text())
+    marked["overall"]["loss"] = 123.0  # run b must read this file, not evaluate again
+    kept.write_text(json.dumps(marked))
     b = trained(f"train.eval_paths=[{heldout}]", "train.name=b", "train.learning_rate=0.01")
     assert len(list(cache.glob("*.json"))) == 1 and b["before"] == marked
     c = trained(f"train.eval_paths=[{other_heldout}]", "train.name=c")
-    assert len(list(cache.glob("*.json"))) == 2 and "marker" not in c["before"]
+    assert len(list(cache.glob("*.json"))) == 2 and c["before"]["overall"]["loss"] != 123.0
     assert c["before"]["overall"] != a["before"]["overall"]
     # a run that starts from run a's trained weights is evaluated afresh: its "before" is a's "after"
     d = trained(
@@ -201,7 +204,9 @@ def test_a_finished_run_from_an_older_version_is_named_not_misread(tmp_path, tin
     metrics = json.loads((run_dir / "metrics.json").read_text())
     del metrics["train"]["trained_tokens"]
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
-    with pytest.raises(ConfigError, match="trained by an older midrank"):
+    with pytest.raises(
+        OutputError, match=r"metrics\.json\.train: no field 'trained_tokens' \(written by another version"
+    ):
         train.run(load_config(config))
 
 
@@ -228,7 +233,7 @@ def test_old_checkpoints_and_hidden_run_names_are_refused(tmp_path):
     checkpoint.mkdir()
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 4, "stateful_callbacks": {}}))
     with pytest.raises(ConfigError, match="older midrank"):
-        train.trained_tokens_at(checkpoint)
+        trained_tokens_at(checkpoint)
     config = tmp_path / "c.yaml"
     config.write_text("corpus: {paths: [x.jsonl]}\nmodel: {path: m}\n")
     with pytest.raises(ConfigError, match=r"train\.name: must be a plain name"):

@@ -1,0 +1,113 @@
+"""Where every stage reads and writes under `out_dir`: the one place that names the run's files.
+
+    layout = Layout(cfg.out_dir)
+    layout.score_shard(3)              # out/scores/part-00003.parquet
+    layout.band("mid").manifest        # out/selected/mid/manifest.json
+    layout.run("uniform-mid").metrics  # out/train/uniform-mid/metrics.json
+
+    out_dir/
+      scores/        part-{shard:05d}.parquet, .part-{shard:05d}.chunks/, plan.json, summary.json, config.yaml
+      selected/<band>/   part-{shard:05d}.parquet, rejected/, data.jsonl, manifest.json, config.yaml
+      reports/<name>/    index.html, *.png, summary.json, config.yaml (compare: table.md, results.json)
+      train/<run>/       model/, checkpoints/, metrics.json, selection_manifest.json, config.yaml
+      train/.eval-before/<hash>.json   the starting model's held-out evaluation, shared by runs
+
+Stages ask the layout for paths and never join names under `out_dir` themselves, so renaming a
+file or a folder is a change here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def part_path(directory: Path, shard: int) -> Path:
+    """The file of one shard in a folder of shards (scores, a band, its rejected rows)."""
+    return directory / f"part-{shard:05d}.parquet"
+
+
+def part_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("part-*.parquet"))
+
+
+@dataclass(frozen=True, slots=True)
+class BandPaths:
+    """A selected band: `dir` holds its kept rows with their text (`part-{shard:05d}.parquet`);
+    `manifest` (a `BandManifest`) is written last, so a band without one is unfinished;
+    `rejected` holds every dropped row with its reason, `jsonl` the kept rows as JSONL."""
+
+    dir: Path
+    manifest: Path
+    rejected: Path
+    jsonl: Path
+
+
+@dataclass(frozen=True, slots=True)
+class RunPaths:
+    """A training run: `metrics` (a `RunMetrics`) is written last, so a run with it is finished;
+    `selection` is the manifest of the band it trained on, copied beside its results; `model` the
+    trained model and tokenizer (save_pretrained); `checkpoints` the Trainer's checkpoint-N
+    folders, resumed from after a kill."""
+
+    dir: Path
+    metrics: Path
+    selection: Path
+    model: Path
+    checkpoints: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    out_dir: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+
+    # stage one: scores
+    @property
+    def scores_dir(self) -> Path:
+        return self.out_dir / "scores"
+
+    def score_shard(self, shard: int) -> Path:
+        """A finished shard's scores (`SCORE_SCHEMA` rows; provenance and stats in its metadata)."""
+        return part_path(self.scores_dir, shard)
+
+    def score_chunks(self, shard: int) -> Path:
+        """Checkpoints of a shard being scored; gone once the shard is finished."""
+        return self.scores_dir / f".part-{shard:05d}.chunks"
+
+    @property
+    def score_plan(self) -> Path:
+        """How the corpus was cut into shards: every later run must cut it the same way."""
+        return self.scores_dir / "plan.json"
+
+    @property
+    def scores_summary(self) -> Path:
+        """`ScoresSummary`: totals over every shard, written once all are finished."""
+        return self.scores_dir / "summary.json"
+
+    # stage two: selected bands
+    def band(self, name: str) -> BandPaths:
+        folder = self.out_dir / "selected" / name
+        return BandPaths(folder, folder / "manifest.json", folder / "rejected", folder / "data.jsonl")
+
+    # reports (inspect, compare)
+    def report_dir(self, name: str) -> Path:
+        return self.out_dir / "reports" / name
+
+    # training runs
+    def run(self, name: str) -> RunPaths:
+        folder = self.out_dir / "train" / name
+        return RunPaths(
+            folder,
+            folder / "metrics.json",
+            folder / "selection_manifest.json",
+            folder / "model",
+            folder / "checkpoints",
+        )
+
+    def eval_before(self, key: str) -> Path:
+        """The starting model's held-out evaluation; `key` hashes everything it depends on. Run
+        names may not start with '.', so this folder is never a run."""
+        return self.out_dir / "train" / ".eval-before" / f"{key}.json"

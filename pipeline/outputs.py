@@ -1,0 +1,244 @@
+"""Typed records of what stages hand each other on disk: the scores summary, a band's manifest,
+a training run's metrics (and the held-out evaluation inside it).
+
+    manifest = BandManifest.read(layout.band("mid").manifest)
+    manifest.samples.kept, manifest.loss_thresholds.max_kept
+    metrics = RunMetrics.read(layout.run("uniform-mid").metrics)
+    metrics.train.trained_tokens, metrics.after.overall.loss
+
+Every reader and writer of these files goes through the classes here, so a field is renamed in
+one place. Reading is strict: a missing or unknown field is an `OutputError` naming the file and
+the field (a file written by another version of midrank, or edited by hand), not a KeyError deep
+inside a stage. Files are JSON, written atomically with sorted keys; an optional field that is
+None is left out, as the stages always wrote them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import write_json_atomic
+from pipeline.config import optional_of
+
+
+class OutputError(ValueError):
+    """A stage's output file does not hold what this version of midrank reads."""
+
+
+def _json_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("json", f.name)
+
+
+def to_json(value: Any) -> Any:
+    """Plain JSON data of a record (nested records, dicts and lists included)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            _json_name(f): to_json(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if not (f.default is None and getattr(value, f.name) is None)
+        }
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    return value
+
+
+def from_json(tp: Any, data: Any, where: str) -> Any:
+    """`data` as type `tp`; `where` names the file and field for errors."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(data, dict):
+            raise OutputError(f"{where}: expected an object, got {type(data).__name__}")
+        hints = typing.get_type_hints(tp)
+        fields = {_json_name(f): f for f in dataclasses.fields(tp)}
+        unknown = sorted(set(data) - set(fields))
+        missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING]
+        if unknown or missing:
+            what = f"no field {missing[0]!r}" if missing else f"an unknown field {unknown[0]!r}"
+            raise OutputError(f"{where}: {what} (written by another version of midrank?)")
+        return tp(
+            **{
+                f.name: from_json(hints[f.name], data[n], f"{where}.{n}")
+                for n, f in fields.items()
+                if n in data
+            }
+        )
+    if (inner := optional_of(tp)) is not None:
+        return None if data is None else from_json(inner, data, where)
+    if origin is dict:
+        if not isinstance(data, dict):
+            raise OutputError(f"{where}: expected an object, got {type(data).__name__}")
+        return {k: from_json(args[1], v, f"{where}.{k}") for k, v in data.items()}
+    if origin is list:
+        if not isinstance(data, list):
+            raise OutputError(f"{where}: expected a list, got {type(data).__name__}")
+        return [from_json(args[0], v, f"{where}[{i}]") for i, v in enumerate(data)]
+    expected = {float: (int, float), int: (int,), str: (str,), bool: (bool,)}.get(tp)
+    if expected and (not isinstance(data, expected) or (tp is not bool and isinstance(data, bool))):
+        raise OutputError(f"{where}: expected {tp.__name__}, got {data!r}")
+    return data
+
+
+class Record:
+    """read(path) / write(path) for the dataclasses below."""
+
+    @classmethod
+    def read(cls, path: Path):
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise OutputError(f"{path}: cannot be read as JSON ({err})") from None
+        return from_json(cls, data, str(path))
+
+    def write(self, path: Path) -> None:
+        write_json_atomic(Path(path), to_json(self))
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage one: scores/summary.json
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScoresSummary(Record):
+    rows: int
+    """Rows read from the corpus; each is a record or a count in `skipped`."""
+    records: int
+    samples: int
+    tokens: int
+    """Target tokens scored (samples: a record split into windows gives several)."""
+    seconds: float
+    """Scoring time, summed over every window of every shard."""
+    shards: int
+    skipped: dict[str, int]
+    """Rows and records not scored, by reason (bad input, too_short, non_finite, ...)."""
+    provenance: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage two: selected/<band>/manifest.json
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    total: int = field(metadata={"json": "in"})
+    kept: int
+
+
+@dataclass(frozen=True, slots=True)
+class Positions:
+    """The band on the ranking line, as shares of the measure counted from the highest loss."""
+
+    start: float
+    stop: float
+    order: str
+    """`loss` (hardest first) or `random` (a seeded hash of the sample_id)."""
+    measure: str
+    """What the shares count: `samples` or `tokens`."""
+
+
+@dataclass(frozen=True, slots=True)
+class LossRange:
+    min_kept: float
+    max_kept: float
+
+
+@dataclass(frozen=True, slots=True)
+class SourceCount:
+    samples: int
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class SourceMix:
+    before: dict[str, SourceCount]
+    after: dict[str, SourceCount]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BandManifest(Record):
+    band: str
+    strategy: str
+    parameters: dict[str, Any]
+    """The band's config section (BandConfig as data)."""
+    positions: Positions
+    loss_thresholds: LossRange
+    """The lowest and highest loss kept."""
+    samples: Counts
+    tokens: Counts
+    rejected: dict[str, int]
+    """Samples dropped, by reason: too_hard, too_easy, not_sampled."""
+    per_source: SourceMix
+    score_provenance: dict[str, Any]
+    """The scores' provenance; a band is selected again when its `key` changes."""
+    config: dict[str, Any]
+
+    @property
+    def by_source(self) -> bool:
+        return bool(self.parameters["by_source"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Training: train/<run>/metrics.json (and train/.eval-before/<hash>.json, an Evaluation)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitMetrics:
+    """Held-out metrics of one source, or of all of them."""
+
+    samples: int
+    tokens: int
+    """Target tokens: the loss is their summed NLL over this count (token-weighted)."""
+    loss: float
+    perplexity: float
+    accuracy: float
+    """Share of the targets that are the model's argmax prediction."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Evaluation(Record):
+    overall: SplitMetrics
+    per_source: dict[str, SplitMetrics]
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaRow:
+    source: str
+    tokens: int
+    loss_before: float
+    loss_after: float
+    delta: float
+    accuracy_before: float
+    accuracy_after: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainSummary:
+    objective: str
+    steps: int
+    steps_this_run: int
+    samples_available: int
+    dropped: dict[str, int]
+    trained_tokens: int
+    """Target tokens the objective trained on (the online band's only), over ranks and resumes."""
+    target_tokens_this_run: int
+    tokens_per_second: float
+    runtime_s: float
+    final_train_loss: float
+    precision: str
+    world_size: int
+    data: list[str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunMetrics(Record):
+    train: TrainSummary
+    config: dict[str, Any]
+    before: Evaluation | None = None
+    after: Evaluation | None = None
+    table: list[DeltaRow] | None = None

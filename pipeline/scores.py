@@ -1,0 +1,225 @@
+"""Score files: their schema and provenance, checkpointed shard writing, and reading them back.
+
+    scores/plan.json                       the shard plan (identical for every rank)
+    scores/part-00003.parquet              one finished shard: rows + provenance + stats metadata
+    scores/.part-00003.chunks/chunk-*.parquet   checkpoints of an unfinished shard
+    scores/summary.json                    totals, written once every shard is finished
+
+A finished shard is never recomputed, and its provenance `key` (model and tokenizer hashes,
+scoring policy, dtype, corpus plan) must match the current run's: mixing is refused. Paths come
+from `pipeline.layout`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.artifacts import (
+    ProvenanceError,
+    check_same_key,
+    code_version,
+    digest,
+    read_json_metadata,
+    write_json_atomic,
+    write_table_atomic,
+)
+from pipeline.config import Config, to_dict
+from pipeline.layout import Layout
+from pipeline.model import fingerprint, resolve_device, resolve_dtype
+from pipeline.outputs import ScoresSummary
+from pipeline.records import needed_columns
+from pipeline.sharding import ShardPlan
+
+SCORING_VERSION = 1  # bump when a change alters the numbers a scorer writes
+PROVENANCE_KEY = b"midrank.provenance"
+STATS_KEY = b"midrank.stats"
+
+# A row: where the sample came from; what was scored (n_tokens targets, their summed NLL; the loss is
+# derived, the worst token flags garbage); the span of the record's text it covers, to join it back.
+SCORE_SCHEMA = pa.schema(
+    {"sample_id": pa.string(), "shard": pa.int32(), "source": pa.string(), "window": pa.int32()}
+    | {"n_tokens": pa.int32(), "nll_sum": pa.float64(), "loss": pa.float64(), "max_token_nll": pa.float32()}
+    | {"n_chars": pa.int32(), "char_start": pa.int32(), "char_end": pa.int32(), "truncated": pa.bool_()}
+)
+
+
+def score_provenance(cfg: Config, plan: ShardPlan) -> dict[str, Any]:
+    """What decides the numbers a scorer writes (`key`), and where they came from."""
+    dtype = resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))
+    # only what decides a record's content: the fields its mode reads (renaming an unused field, or
+    # adding a config option, must not invalidate finished scores); the plan covers paths and shards
+    corpus_fields = {
+        "mode": cfg.corpus.mode,
+        "format": cfg.corpus.format,
+        "text_glob": cfg.corpus.text_glob,
+        "columns": needed_columns(cfg.corpus),
+    }
+    key = {
+        "scoring_version": SCORING_VERSION,
+        **fingerprint(cfg.model),
+        "dtype": str(dtype).removeprefix("torch."),
+        "max_tokens": cfg.score.max_tokens,
+        "long_docs": cfg.score.long_docs,
+        "add_bos": cfg.score.add_bos,
+        "corpus_plan_sha256": digest(plan.to_dict()),
+        "corpus_fields_sha256": digest(corpus_fields),
+    }
+    if cfg.score.long_docs == "split":  # how windows are laid out; truncation ignores it
+        key["split_context_tokens"] = cfg.score.resolved_split_context()
+    if cfg.corpus.mode != "text":  # how instruction data becomes tokens; plain text ignores these
+        key |= {"prompt_format": cfg.score.prompt_format, "score_prompt": cfg.score.score_prompt}
+    return {"key": key, "model_path": cfg.model.path, "code_version": code_version(), "config": to_dict(cfg)}
+
+
+def save_plan(layout: Layout, plan: ShardPlan) -> None:
+    """The shard plan beside the scores; a later run with another plan is refused."""
+    path = layout.score_plan
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        where = f"{layout.scores_dir} (its corpus plan)"
+        check_same_key({"plan": digest(previous)}, {"plan": digest(plan.to_dict())}, where)
+    else:
+        write_json_atomic(path, plan.to_dict())
+
+
+def window_table(
+    shard: int, metas: list[dict[str, list]], results: list[np.ndarray]
+) -> tuple[pa.Table, list[str]]:
+    """The rows of one window of scored samples (`results`: (3, rows) arrays of nll_sum,
+    n_tokens, max_token_nll per batch); samples with a non-finite loss are left out and returned
+    by id."""
+    if not results:
+        return SCORE_SCHEMA.empty_table(), []
+    values = np.concatenate(results, axis=1)
+    meta = {k: [v for m in metas for v in m[k]] for k in metas[0]}
+    nll_sum, n_tokens, max_nll = values[0], values[1].astype(np.int32), values[2].astype(np.float32)
+    finite = np.isfinite(nll_sum)
+    bad = [sid for sid, ok in zip(meta["sample_id"], finite, strict=True) if not ok]
+    columns = {
+        "sample_id": meta["sample_id"],
+        "shard": np.full(len(nll_sum), shard, dtype=np.int32),
+        "source": meta["source"],
+        "window": np.asarray(meta["window"], dtype=np.int32),
+        "n_tokens": n_tokens,
+        "nll_sum": nll_sum,
+        "loss": nll_sum / np.maximum(n_tokens, 1),
+        "max_token_nll": max_nll,
+        "n_chars": np.asarray(meta["n_chars"], dtype=np.int32),
+        "char_start": np.asarray(meta["char_start"], dtype=np.int32),
+        "char_end": np.asarray(meta["char_end"], dtype=np.int32),
+        "truncated": np.asarray(meta["truncated"], dtype=bool),
+    }
+    table = pa.Table.from_pydict(columns, schema=SCORE_SCHEMA)
+    return (table.filter(pa.array(finite)) if bad else table), bad
+
+
+COUNTS = ("rows", "records", "samples", "tokens", "seconds")
+
+
+def empty_stats() -> dict[str, Any]:
+    return dict.fromkeys(COUNTS, 0) | {"skipped": {}}
+
+
+def add_stats(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    skipped = Counter(total["skipped"])
+    skipped.update(part["skipped"])
+    return {k: total[k] + part[k] for k in COUNTS} | {"skipped": dict(skipped)}
+
+
+class ShardWriter:
+    """Results of one shard, checkpointed as chunk files, finished into `part-XXXXX.parquet`."""
+
+    def __init__(self, layout: Layout, shard: int, provenance: dict[str, Any]):
+        self.shard = shard
+        self.path = layout.score_shard(shard)
+        self.chunk_dir = layout.score_chunks(shard)
+        self.provenance = provenance
+        self.stats = empty_stats()
+        self.rows_done = 0
+        self.chunks = 0
+        marker = self.chunk_dir / "provenance.json"
+        for stale in self.chunk_dir.glob(".*.tmp"):  # a write cut short by a kill
+            stale.unlink()
+        if marker.is_file():
+            check_same_key(json.loads(marker.read_text())["key"], provenance["key"], str(self.chunk_dir))
+            for chunk in sorted(self.chunk_dir.glob("chunk-*.parquet")):
+                meta = read_json_metadata(chunk, STATS_KEY)
+                self.stats = add_stats(self.stats, meta["stats"])
+                self.rows_done = meta["rows_end"]
+                self.chunks += 1
+        else:
+            self.chunk_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(marker, provenance)
+
+    def write_chunk(self, table: pa.Table, rows_end: int, stats: dict[str, Any]) -> None:
+        meta = {STATS_KEY: json.dumps({"rows_end": rows_end, "stats": stats}).encode()}
+        write_table_atomic(table, self.chunk_dir / f"chunk-{self.chunks:06d}.parquet", meta)
+        self.chunks += 1
+        self.rows_done = rows_end
+        self.stats = add_stats(self.stats, stats)
+
+    def finish(self) -> dict[str, Any]:
+        chunks = sorted(self.chunk_dir.glob("chunk-*.parquet"))
+        tables = [pq.read_table(c, schema=SCORE_SCHEMA).replace_schema_metadata(None) for c in chunks]
+        table = pa.concat_tables(tables) if tables else SCORE_SCHEMA.empty_table()
+        metadata = {
+            PROVENANCE_KEY: json.dumps(self.provenance).encode(),
+            STATS_KEY: json.dumps(self.stats).encode(),
+        }
+        write_table_atomic(table.replace_schema_metadata(None), self.path, metadata)
+        shutil.rmtree(self.chunk_dir)
+        return self.stats
+
+
+def check_finished(layout: Layout, shard: int, provenance: dict[str, Any]) -> bool:
+    """Whether a shard is already scored (under this provenance; another one is refused). Clears
+    the checkpoints a kill between the final rename and their removal left behind."""
+    if not layout.score_shard(shard).is_file():
+        return False
+    found = read_json_metadata(layout.score_shard(shard), PROVENANCE_KEY)["key"]
+    check_same_key(found, provenance["key"], str(layout.score_shard(shard)))
+    shutil.rmtree(layout.score_chunks(shard), ignore_errors=True)
+    return True
+
+
+def score_files(layout: Layout, num_shards: int) -> list[Path]:
+    """Every shard's file; an unfinished score set is an error that says what to run."""
+    files = [layout.score_shard(s) for s in range(num_shards)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ProvenanceError(
+            f"{layout.scores_dir}: {len(missing)} of {num_shards} score shards are missing ({', '.join(missing[:3])}...); "
+            "run `midrank score` to finish scoring first"
+        )
+    return files
+
+
+def common_provenance(files: list[Path]) -> dict[str, Any]:
+    """The provenance every file shares; files scored under other conditions are refused."""
+    first = read_json_metadata(files[0], PROVENANCE_KEY)
+    for path in files[1:]:
+        check_same_key(read_json_metadata(path, PROVENANCE_KEY)["key"], first["key"], str(path))
+    return first
+
+
+def write_summary(layout: Layout, num_shards: int) -> ScoresSummary | None:
+    """Totals over every shard, once all are finished (by whichever rank finishes last)."""
+    paths = [layout.score_shard(s) for s in range(num_shards)]
+    if not all(p.is_file() for p in paths):
+        return None
+    total = empty_stats()
+    for p in paths:
+        total = add_stats(total, read_json_metadata(p, STATS_KEY))
+    summary = ScoresSummary(
+        **total, shards=num_shards, provenance=read_json_metadata(paths[0], PROVENANCE_KEY)
+    )
+    summary.write(layout.scores_summary)
+    return summary

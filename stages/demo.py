@@ -1,0 +1,47 @@
+"""Demo: the whole pipeline in order — score, select, inspect, train — then where everything went.
+
+    midrank demo --config configs/default.yaml       # make demo: builds the embedded inputs first
+
+Each stage skips what is already done, so a rerun only prints the summary. Like `compare`, this is
+a composition of stages, so it calls their `run` directly (the one exception to stages sharing
+code only through pipeline/).
+"""
+
+from __future__ import annotations
+
+import time
+
+from pipeline.config import Config
+from pipeline.layout import Layout
+from pipeline.outputs import BandManifest, RunMetrics, ScoresSummary
+from stages import inspect, score, select, train
+
+
+def run(cfg: Config) -> None:
+    started = time.perf_counter()
+    layout = Layout(cfg.out_dir)
+    scores_dir = score.run(cfg)
+    band_dir = select.run(cfg)[0]
+    report_dir = inspect.run(cfg)
+    run_dir = train.run(cfg)
+    scored = ScoresSummary.read(layout.scores_summary)
+    band = BandManifest.read(layout.band(band_dir.name).manifest)
+    metrics = RunMetrics.read(layout.run(run_dir.name).metrics)
+    t = metrics.train
+    lines = [
+        f"midrank demo: done in {time.perf_counter() - started:.0f}s (stages only; reruns skip finished work)",
+        f"  scored    {scored.samples:,} samples, {scored.tokens:,} tokens -> {scores_dir}/",
+        f"  band      {band.band}: loss {band.loss_thresholds.min_kept:.3f}..{band.loss_thresholds.max_kept:.3f}, "
+        f"kept {band.samples.kept:,}/{band.samples.total:,} samples, "
+        f"{band.tokens.kept:,}/{band.tokens.total:,} tokens -> {band_dir}/",
+        f"  report    {report_dir / 'index.html'}",
+        f"  trained   {t.steps} steps ({t.objective}), {t.trained_tokens:,} target tokens trained on, "
+        f"{t.tokens_per_second:,.0f} tok/s -> {layout.run(run_dir.name).model}/",
+    ]
+    if metrics.after is not None:
+        b, a = metrics.before.overall, metrics.after.overall
+        lines.append(
+            f"  held-out  loss {b.loss:.4f} -> {a.loss:.4f} ({a.loss - b.loss:+.4f} nats/token), "
+            f"next-token accuracy {b.accuracy:.2%} -> {a.accuracy:.2%}"
+        )
+    print("\n".join(lines))
