@@ -93,7 +93,8 @@ def evaluation_key(model: ModelConfig, records: list[Record], policy: SamplePoli
         "model_config": hash_files([Path(model.path) / "config.json"]),
         "attention": model.attn_implementation,
         "records": digest([(r.sample_id, r.source, r.text, r.prompt, r.messages) for r in records]),
-        "policy": dataclasses.asdict(policy),
+        # padding is masked out: the pad id never changes a number
+        "policy": {k: v for k, v in dataclasses.asdict(policy).items() if k != "pad_id"},
         "autocast": str(autocast),
     }
     return digest(key)[:24]
