@@ -32,6 +32,20 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _require_shares(section: Any, *keys: str) -> None:
+    """Each named field is a share: within [0, 1]."""
+    for key in keys:
+        value = getattr(section, key)
+        _require(0.0 <= value <= 1.0, key, f"must be within [0, 1], got {value}")
+
+
+def _require_band_fits(skip: float, keep: float) -> None:
+    """skip + keep <= 1, in exact decimals."""
+    _require(
+        exact_share(skip) + exact_share(keep) <= 1, "keep", f"skip + keep must be <= 1, got {skip} + {keep}"
+    )
+
+
 def exact_share(value: numbers.Real) -> Fraction:
     """A share as the decimal the user wrote it: 0.1 is 1/10, not the binary float nearest to it, so
     sums like skip + keep and products like share x total are exact (0.2 + 0.1 is 0.3 here, and
@@ -246,9 +260,7 @@ class BandConfig:
     """IR-DRO lambda: large -> uniform weights, small -> the hardest sample only."""
 
     def __post_init__(self) -> None:
-        for key in ("skip", "keep", "low", "high"):
-            value = getattr(self, key)
-            _require(0.0 <= value <= 1.0, key, f"must be within [0, 1], got {value}")
+        _require_shares(self, "skip", "keep", "low", "high")
         _require(self.keep > 0 or self.target_tokens > 0, "keep", "must be > 0 (an empty band keeps nothing)")
         _require(
             not self.target_tokens or self.strategy in ("midranking", "top", "bottom", "random"),
@@ -256,11 +268,7 @@ class BandConfig:
             f"sets the size of a midranking/top/bottom/random band; {self.strategy!r} has fixed ends",
         )
         if self.strategy == "midranking" and not self.target_tokens:
-            _require(
-                exact_share(self.skip) + exact_share(self.keep) <= 1,
-                "keep",
-                f"skip + keep must be <= 1, got {self.skip} + {self.keep}",
-            )
+            _require_band_fits(self.skip, self.keep)
         if self.strategy == "band":
             _require(self.low < self.high, "high", f"must be > low ({self.low}), got {self.high}")
         _require(self.target_tokens >= 0, "target_tokens", f"must be >= 0, got {self.target_tokens}")
@@ -417,9 +425,7 @@ class TrainConfig:
     """Truncation of held-out samples."""
 
     def __post_init__(self) -> None:
-        for key in ("skip", "keep"):
-            value = getattr(self, key)
-            _require(0.0 <= value <= 1.0, key, f"must be within [0, 1], got {value}")
+        _require_shares(self, "skip", "keep")
         _require(self.kl_reg > 0, "kl_reg", f"must be > 0, got {self.kl_reg}")
         _require(self.max_tokens >= 2, "max_tokens", f"must be >= 2, got {self.max_tokens}")
         for key in (
@@ -477,12 +483,9 @@ class CompareConfig:
         _require(len(self.arms) > 0, "arms", "at least one arm is required")
         _require(len(set(self.arms)) == len(self.arms), "arms", "an arm is listed twice")
         _require(len(self.seeds) > 0, "seeds", "at least one seed is required")
-        _require(0 < self.keep <= 1, "keep", f"must be within (0, 1], got {self.keep}")
-        _require(
-            0 <= self.skip and exact_share(self.skip) + exact_share(self.keep) <= 1,
-            "skip",
-            f"skip + keep must be <= 1, got {self.skip} + {self.keep}",
-        )
+        _require_shares(self, "skip", "keep")
+        _require(self.keep > 0, "keep", f"must be within (0, 1], got {self.keep}")
+        _require_band_fits(self.skip, self.keep)
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
