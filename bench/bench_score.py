@@ -101,6 +101,8 @@ def run_midrank(model_dir: str, corpus: Path, dtype: str, out_dir: str) -> dict:
     import pyarrow.parquet as pq
 
     from pipeline.config import load_config
+    from pipeline.layout import Layout
+    from pipeline.outputs import ScoresSummary
     from stages import score
 
     cfg = load_config(
@@ -114,12 +116,13 @@ def run_midrank(model_dir: str, corpus: Path, dtype: str, out_dir: str) -> dict:
             f"score.max_tokens={MAX_TOKENS}",
         ],
     )
-    scores_dir = score.run(cfg)
-    summary = json.loads((scores_dir / "summary.json").read_text())
-    table = pq.read_table(scores_dir / "part-00000.parquet", columns=["sample_id", "loss"]).to_pylist()
+    score.run(cfg)
+    layout = Layout(cfg.out_dir)
+    summary = ScoresSummary.read(layout.scores_summary)
+    table = pq.read_table(layout.score_shard(0), columns=["sample_id", "loss"]).to_pylist()
     # sample_id is "<file>:<row>", the row being the document's index in the corpus file
     losses = {int(r["sample_id"].rsplit(":", 1)[1]): r["loss"] for r in table}
-    return {"tokens": summary["tokens"], "seconds": summary["seconds"], "losses": losses}
+    return {"tokens": summary.tokens, "seconds": summary.seconds, "losses": losses}
 
 
 def child(args: argparse.Namespace) -> None:

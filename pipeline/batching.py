@@ -37,6 +37,12 @@ def pack_batches(samples: list[Sample], batch_tokens: int) -> list[list[Sample]]
     return batches
 
 
+def pad_id_of(tokenizer) -> int:
+    """The id rows are padded with: the tokenizer's pad token, else 0. Padding is masked out (never
+    attended to, never a target), so any id will do."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def collate(samples: list[Sample], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     length = max(len(s.input_ids) for s in samples)
     input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
@@ -70,6 +76,7 @@ class ShardBatches(IterableDataset):
         self.plan, self.shard, self.corpus, self.score = plan, shard, corpus, score
         self.tokenizer, self.start_row = tokenizer, start_row
         self.policy = SamplePolicy.of(score, tokenizer)
+        self.pad_id = pad_id_of(tokenizer)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         stats = ReadStats()
@@ -90,7 +97,7 @@ class ShardBatches(IterableDataset):
             samples.sort(key=lambda s: -len(s.input_ids))
             for batch in pack_batches(samples, self.score.batch_tokens):
                 meta = {name: [getattr(s, name) for s in batch] for name in META_FIELDS}
-                yield {"batch": collate(batch, self.policy.pad_id) | {"meta": meta}, "window_end": None}
+                yield {"batch": collate(batch, self.pad_id) | {"meta": meta}, "window_end": None}
             yield {
                 "batch": None,
                 "window_end": position,

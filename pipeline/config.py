@@ -39,10 +39,10 @@ def _require_shares(section: Any, *keys: str) -> None:
         _require(0.0 <= value <= 1.0, key, f"must be within [0, 1], got {value}")
 
 
-def _require_band_fits(skip: float, keep: float) -> None:
+def _require_band_fits(skip: float, keep: float, key: str = "keep") -> None:
     """skip + keep <= 1, in exact decimals."""
     _require(
-        exact_share(skip) + exact_share(keep) <= 1, "keep", f"skip + keep must be <= 1, got {skip} + {keep}"
+        exact_share(skip) + exact_share(keep) <= 1, key, f"skip + keep must be <= 1, got {skip} + {keep}"
     )
 
 
@@ -485,7 +485,7 @@ class CompareConfig:
         _require(len(self.seeds) > 0, "seeds", "at least one seed is required")
         _require_shares(self, "skip", "keep")
         _require(self.keep > 0, "keep", f"must be within (0, 1], got {self.keep}")
-        _require_band_fits(self.skip, self.keep)
+        _require_band_fits(self.skip, self.keep, key="skip")
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

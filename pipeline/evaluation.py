@@ -24,12 +24,12 @@ import torch
 from tqdm import tqdm
 
 from pipeline.artifacts import digest
-from pipeline.batching import collate, pack_batches
+from pipeline.batching import collate, pack_batches, pad_id_of
 from pipeline.config import ModelConfig
 from pipeline.log import get_logger
 from pipeline.model import fingerprint, hash_files
 from pipeline.nll import NLLScorer
-from pipeline.outputs import DeltaRow, Evaluation, SplitMetrics
+from pipeline.outputs import DeltaRow, Evaluation, OutputError, SplitMetrics
 from pipeline.records import Record
 from pipeline.samples import SamplePolicy, make_samples
 
@@ -56,6 +56,7 @@ def evaluate(
     desc: str = "evaluating",
 ) -> Evaluation:
     samples = [s for r in records for s in make_samples(r, tokenizer, policy)[0]]
+    pad_id = pad_id_of(tokenizer)
     samples.sort(key=lambda s: -len(s.input_ids))
     was_training = model.training
     model.eval()
@@ -69,7 +70,7 @@ def evaluate(
     )
     with autocast, tqdm(total=sum(s.n_tokens for s in samples), unit="tok", desc=desc, disable=None) as bar:
         for batch in pack_batches(samples, batch_tokens):
-            out = scorer(**collate(batch, policy.pad_id))
+            out = scorer(**collate(batch, pad_id))
             rows = torch.stack([out.nll_sum, out.n_tokens.double(), out.n_correct.double()]).cpu().tolist()
             for sample, nll, tokens, correct in zip(batch, *rows, strict=True):
                 total = totals[sample.source]
@@ -93,8 +94,7 @@ def evaluation_key(model: ModelConfig, records: list[Record], policy: SamplePoli
         "model_config": hash_files([Path(model.path) / "config.json"]),
         "attention": model.attn_implementation,
         "records": digest([(r.sample_id, r.source, r.text, r.prompt, r.messages) for r in records]),
-        # padding is masked out: the pad id never changes a number
-        "policy": {k: v for k, v in dataclasses.asdict(policy).items() if k != "pad_id"},
+        "policy": dataclasses.asdict(policy),
         "autocast": str(autocast),
     }
     return digest(key)[:24]
@@ -128,3 +128,37 @@ def log_delta_table(rows: list[DeltaRow]) -> None:
             f"  {r.source[:20]:20s} {r.tokens:9,d} {r.loss_before:11.4f} {r.loss_after:8.4f} "
             f"{r.delta:+8.4f} {r.accuracy_before:10.2%} {r.accuracy_after:7.2%}"
         )
+
+
+class HeldOutSet:
+    """The held-out records and how they are evaluated, with the starting model's evaluation
+    kept at a path named by `key` (a hash of its inputs) and shared by every run with the same inputs."""
+
+    def __init__(
+        self, records: list[Record], tokenizer, policy: SamplePolicy, model_cfg: ModelConfig, **kwargs
+    ):
+        self.records, self.tokenizer, self.policy = records, tokenizer, policy
+        self.batch_tokens, self.autocast = kwargs["batch_tokens"], kwargs["autocast"]
+        self.key = evaluation_key(model_cfg, records, policy, self.autocast) if records else None
+
+    def evaluate(self, model, desc: str) -> Evaluation:
+        return evaluate(
+            model,
+            self.tokenizer,
+            self.records,
+            policy=self.policy,
+            batch_tokens=self.batch_tokens,
+            autocast_dtype=self.autocast,
+            desc=desc,
+        )
+
+    def before(self, model, path: Path) -> Evaluation:
+        """The starting model's evaluation: read from `path`, or computed and written there. Call it
+        before training starts: `model` must be the starting model."""
+        try:
+            return Evaluation.read(path)
+        except OutputError:  # not there yet, or written by another version: compute it again
+            evaluation = self.evaluate(model, "held-out before")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            evaluation.write(path)
+            return evaluation

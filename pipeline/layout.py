@@ -3,12 +3,12 @@
     layout = Layout(cfg.out_dir)
     layout.score_shard(3)              # out/scores/part-00003.parquet
     layout.band("mid").manifest        # out/selected/mid/manifest.json
-    layout.run("uniform-mid").metrics  # out/train/uniform-mid/metrics.json
+    layout.train_run("uniform-mid").metrics  # out/train/uniform-mid/metrics.json
 
     out_dir/
       scores/        part-{shard:05d}.parquet, .part-{shard:05d}.chunks/, plan.json, summary.json, config.yaml
       selected/<band>/   part-{shard:05d}.parquet, rejected/, data.jsonl, manifest.json, config.yaml
-      reports/<name>/    index.html, *.png, summary.json, config.yaml (compare: table.md, results.json)
+      reports/<name>/    index.html, *.png, summary.json, config.yaml (compare: table.md, results.json, deltas.png)
       train/<run>/       model/, checkpoints/, metrics.json, selection_manifest.json, config.yaml
       train/.eval-before/<hash>.json   the starting model's held-out evaluation, shared by runs
 
@@ -18,6 +18,7 @@ file or a folder is a change here and nowhere else.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,25 @@ class RunPaths:
 
 
 @dataclass(frozen=True, slots=True)
+class ReportPaths:
+    """A report folder: inspect writes `index` (HTML, the figures beside it) and `summary` (a
+    `ReportSummary`); compare writes `table` (markdown), `results` (JSON) and `deltas` (a chart).
+    Both write the resolved config.yaml."""
+
+    dir: Path
+    index: Path
+    summary: Path
+    table: Path
+    results: Path
+    deltas: Path
+
+    @classmethod
+    def at(cls, folder: Path) -> ReportPaths:
+        names = ("index.html", "summary.json", "table.md", "results.json", "deltas.png")
+        return cls(folder, *(folder / name for name in names))
+
+
+@dataclass(frozen=True, slots=True)
 class Layout:
     out_dir: Path
 
@@ -77,6 +97,17 @@ class Layout:
         """Checkpoints of a shard being scored; gone once the shard is finished."""
         return self.scores_dir / f".part-{shard:05d}.chunks"
 
+    def score_chunk(self, shard: int, index: int) -> Path:
+        """One checkpoint: the rows of one window, with how far into the shard it reaches."""
+        return self.score_chunks(shard) / f"chunk-{index:06d}.parquet"
+
+    def score_chunk_files(self, shard: int) -> list[Path]:
+        return sorted(self.score_chunks(shard).glob("chunk-*.parquet"))
+
+    def score_chunk_provenance(self, shard: int) -> Path:
+        """The provenance the checkpoints were made under: resuming under another is refused."""
+        return self.score_chunks(shard) / "provenance.json"
+
     @property
     def score_plan(self) -> Path:
         """How the corpus was cut into shards: every later run must cut it the same way."""
@@ -93,11 +124,15 @@ class Layout:
         return BandPaths(folder, folder / "manifest.json", folder / "rejected", folder / "data.jsonl")
 
     # reports (inspect, compare)
-    def report_dir(self, name: str) -> Path:
-        return self.out_dir / "reports" / name
+    def report(self, name: str) -> ReportPaths:
+        return ReportPaths.at(self.out_dir / "reports" / name)
+
+    def report_staging(self, name: str) -> ReportPaths:
+        """Where a report is built before it is swapped in whole (one per process)."""
+        return ReportPaths.at(self.out_dir / "reports" / f".{name}.{os.getpid()}.tmp")
 
     # training runs
-    def run(self, name: str) -> RunPaths:
+    def train_run(self, name: str) -> RunPaths:
         folder = self.out_dir / "train" / name
         return RunPaths(
             folder,

@@ -36,16 +36,18 @@ def format_counts(counts: Mapping[str, int]) -> str:
 
 
 class RowProgress:
-    """A progress bar over rows (rate and ETA), with this run's tokens/s beside it."""
+    """A progress bar over rows (rate and ETA), with this run's tokens/s beside it when tokens are
+    counted."""
 
     def __init__(self, total_rows: int, desc: str, disable: bool | None = False):
         self.bar = tqdm(total=total_rows, unit="row", desc=desc, disable=disable, dynamic_ncols=True)
         self.tokens = 0
 
-    def advance(self, rows: int, tokens: int) -> None:
+    def advance(self, rows: int, tokens: int | None = None) -> None:
         self.bar.update(rows)
-        self.tokens += tokens
-        self.bar.set_postfix_str(f"{self.tokens / max(self.bar.format_dict['elapsed'], 1e-9):,.0f} tok/s")
+        if tokens is not None:
+            self.tokens += tokens
+            self.bar.set_postfix_str(f"{self.tokens / max(self.bar.format_dict['elapsed'], 1e-9):,.0f} tok/s")
 
     def __enter__(self) -> RowProgress:
         return self

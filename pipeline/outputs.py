@@ -3,7 +3,7 @@ a training run's metrics (and the held-out evaluation inside it).
 
     manifest = BandManifest.read(layout.band("mid").manifest)
     manifest.samples.kept, manifest.loss_thresholds.max_kept
-    metrics = RunMetrics.read(layout.run("uniform-mid").metrics)
+    metrics = RunMetrics.read(layout.train_run("uniform-mid").metrics)
     metrics.train.trained_tokens, metrics.after.overall.loss
 
 Every reader and writer of these files goes through the classes here, so a field is renamed in
@@ -20,7 +20,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from pipeline.artifacts import write_json_atomic
 from pipeline.config import optional_of
@@ -85,13 +85,15 @@ def from_json(tp: Any, data: Any, where: str) -> Any:
     return data
 
 
-class Record:
+class JsonRecord:
     """read(path) / write(path) for the dataclasses below."""
 
     @classmethod
-    def read(cls, path: Path):
+    def read(cls, path: Path) -> Self:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise OutputError(f"{path}: missing") from None
         except (OSError, ValueError) as err:
             raise OutputError(f"{path}: cannot be read as JSON ({err})") from None
         return from_json(cls, data, str(path))
@@ -105,7 +107,7 @@ class Record:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ScoresSummary(Record):
+class ScoresSummary(JsonRecord):
     rows: int
     """Rows read from the corpus; each is a record or a count in `skipped`."""
     records: int
@@ -161,11 +163,10 @@ class SourceMix:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class BandManifest(Record):
-    band: str
+class BandExcerpt:
+    """What a band kept and dropped: the part of its manifest the report shows."""
+
     strategy: str
-    parameters: dict[str, Any]
-    """The band's config section (BandConfig as data)."""
     positions: Positions
     loss_thresholds: LossRange
     """The lowest and highest loss kept."""
@@ -174,6 +175,17 @@ class BandManifest(Record):
     rejected: dict[str, int]
     """Samples dropped, by reason: too_hard, too_easy, not_sampled."""
     per_source: SourceMix
+
+    @classmethod
+    def of(cls, manifest: BandExcerpt) -> BandExcerpt:
+        return cls(**{f.name: getattr(manifest, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BandManifest(BandExcerpt, JsonRecord):
+    band: str
+    parameters: dict[str, Any]
+    """The band's config section (BandConfig as data)."""
     score_provenance: dict[str, Any]
     """The scores' provenance; a band is selected again when its `key` changes."""
     config: dict[str, Any]
@@ -201,7 +213,7 @@ class SplitMetrics:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Evaluation(Record):
+class Evaluation(JsonRecord):
     overall: SplitMetrics
     per_source: dict[str, SplitMetrics]
 
@@ -236,9 +248,43 @@ class TrainSummary:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RunMetrics(Record):
+class RunMetrics(JsonRecord):
     train: TrainSummary
     config: dict[str, Any]
     before: Evaluation | None = None
     after: Evaluation | None = None
     table: list[DeltaRow] | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Inspect: reports/<name>/summary.json (every number of the HTML report)
+
+
+@dataclass(frozen=True, slots=True)
+class ReportBand:
+    name: str
+    interval: list[float] | None
+    """[low, high] loss kept, when the band is one interval of the whole corpus (by loss, global)."""
+    manifest: BandExcerpt
+    examples: list[dict[str, Any]]
+    """Regions ({region, rows}) of example samples, lowest loss first."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportSummary(JsonRecord):
+    inputs_key: str
+    """A hash of the scores' provenance, the bands' manifests and the inspect settings: a report
+    with the same key is up to date."""
+    out_dir: str
+    model: dict[str, Any]
+    samples: int
+    tokens: int
+    quantiles: dict[str, float]
+    sources: list[dict[str, Any]]
+    """Per source: samples, tokens, mean and median loss, share of the top-10% loss."""
+    sources_plotted: list[str]
+    images: dict[str, str]
+    """Figure file -> caption."""
+    bands: list[ReportBand]
+    examples: list[dict[str, Any]] | None
+    """Example regions when no band is selected yet."""

@@ -1,8 +1,8 @@
 """The inspect report as one self-contained HTML page (the PNGs sit next to it).
 
-    (report_dir / "index.html").write_text(render_report(summary))
+    paths.index.write_text(render_report(summary))
 
-`summary` is the dict `stages/inspect.py` also writes as summary.json. Every string that comes
+`summary` is the `ReportSummary` that `stages/inspect.py` also writes as summary.json. Every string that comes
 from the data (texts, sample ids, source and band names) goes through `html.escape`: corpus text
 is hostile input, and a `<script>` in a document must show as text.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from html import escape
 from typing import Any
+
+from pipeline.outputs import ReportBand, ReportSummary, SourceCount
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #212529; }
@@ -72,48 +74,36 @@ def _figures(images: dict[str, str], wanted) -> str:
     )
 
 
-def _band_section(band: dict[str, Any], images: dict[str, str]) -> str:
-    m = band["manifest"]
-    name = band["name"]
-    interval = band["interval"]
+def _band_section(band: ReportBand, images: dict[str, str]) -> str:
+    m = band.manifest
     where = (
-        f"kept loss {interval[0]:.3f} .. {interval[1]:.3f} nats/token"
-        if interval
+        f"kept loss {band.interval[0]:.3f} .. {band.interval[1]:.3f} nats/token"
+        if band.interval
         else "not a single loss interval of the whole corpus (random or per-source band)"
     )
     totals = table(
         ["", "in", "kept", "kept share"],
         [
-            [
-                "samples",
-                m["samples"]["in"],
-                m["samples"]["kept"],
-                _share(m["samples"]["kept"], m["samples"]["in"]),
-            ],
-            [
-                "tokens",
-                m["tokens"]["in"],
-                m["tokens"]["kept"],
-                _share(m["tokens"]["kept"], m["tokens"]["in"]),
-            ],
+            [label, c.total, c.kept, _share(c.kept, c.total)]
+            for label, c in (("samples", m.samples), ("tokens", m.tokens))
         ],
     )
-    rejected = table(["rejected because", "samples"], [[k, v] for k, v in m["rejected"].items()])
-    before, after = m["per_source"]["before"], m["per_source"]["after"]
-    all_before = sum(v["tokens"] for v in before.values())
-    all_after = sum(v["tokens"] for v in after.values())
+    rejected = table(["rejected because", "samples"], [[k, v] for k, v in m.rejected.items()])
+    before, after = m.per_source.before, m.per_source.after
+    all_before = sum(v.tokens for v in before.values())
+    all_after = sum(v.tokens for v in after.values())
     mix_rows = []
     for source, b in before.items():
-        a = after.get(source, {"samples": 0, "tokens": 0})
+        a = after.get(source, SourceCount(0, 0))
         mix_rows.append(
             [
                 source,
-                b["samples"],
-                a["samples"],
-                b["tokens"],
-                a["tokens"],
-                _share(b["tokens"], all_before),
-                _share(a["tokens"], all_after),
+                b.samples,
+                a.samples,
+                b.tokens,
+                a.tokens,
+                _share(b.tokens, all_before),
+                _share(a.tokens, all_after),
             ]
         )
     mix = table(
@@ -128,19 +118,19 @@ def _band_section(band: dict[str, Any], images: dict[str, str]) -> str:
         ],
         mix_rows,
     )
-    figures = _figures(images, lambda file: file.endswith(f"-{name}.png"))
+    figures = _figures(images, lambda file: file.endswith(f"-{band.name}.png"))
     return (
-        f"<h2>Band {escape(name)}</h2><p>strategy {escape(m['strategy'])}, positions "
-        f"{m['positions']['start']:g} .. {m['positions']['stop']:g} of the {escape(m['positions']['measure'])} "
+        f"<h2>Band {escape(band.name)}</h2><p>strategy {escape(m.strategy)}, positions "
+        f"{m.positions.start:g} .. {m.positions.stop:g} of the {escape(m.positions.measure)} "
         f"(from the hardest); {escape(where)}</p>{totals}{rejected}<h3>Mix per source</h3>{mix}{figures}"
-        f"<h3>Examples by region</h3>{_examples(band['examples'])}"
+        f"<h3>Examples by region</h3>{_examples(band.examples)}"
     )
 
 
-def render_report(summary: dict[str, Any]) -> str:
+def render_report(summary: ReportSummary) -> str:
     quantile_table = table(
-        ["quantile", *(f"{float(q):g}" for q in summary["quantiles"])],
-        [["loss", *summary["quantiles"].values()]],
+        ["quantile", *(f"{float(q):g}" for q in summary.quantiles)],
+        [["loss", *summary.quantiles.values()]],
     )
     sources = table(
         ["source", "samples", "tokens", "mean loss", "median loss", "share of the top-10% loss"],
@@ -153,29 +143,27 @@ def render_report(summary: dict[str, Any]) -> str:
                 s["median_loss"],
                 f"{s['top_decile_share']:.1%}",
             ]
-            for s in summary["sources"]
+            for s in summary.sources
         ],
     )
-    plotted = len(summary["sources_plotted"])
-    if plotted < len(summary["sources"]):
-        sources += (
-            f'<p class="muted">panels show the {plotted} largest of {len(summary["sources"])} sources</p>'
-        )
+    plotted = len(summary.sources_plotted)
+    if plotted < len(summary.sources):
+        sources += f'<p class="muted">panels show the {plotted} largest of {len(summary.sources)} sources</p>'
     general = _figures(
-        summary["images"], lambda file: not any(file.endswith(f"-{b['name']}.png") for b in summary["bands"])
+        summary.images, lambda file: not any(file.endswith(f"-{b.name}.png") for b in summary.bands)
     )
-    if summary["bands"]:
-        bands = "".join(_band_section(b, summary["images"]) for b in summary["bands"])
+    if summary.bands:
+        bands = "".join(_band_section(b, summary.images) for b in summary.bands)
     else:
         bands = '<p class="muted">No band selected yet: run <code>midrank select</code>.</p>' + _examples(
-            summary["examples"]
+            summary.examples
         )
-    model = summary["model"]
+    model = summary.model
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>midrank report: {escape(summary["out_dir"])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>midrank report: {escape(summary.out_dir)}</title>
 <style>{STYLE}</style></head><body>
 <h1>midrank: loss report</h1>
-<p>{summary["samples"]:,} samples, {summary["tokens"]:,} scored tokens in {escape(summary["out_dir"])};
+<p>{summary.samples:,} samples, {summary.tokens:,} scored tokens in {escape(summary.out_dir)};
 reference model {escape(str(model.get("path")))} ({escape(str(model.get("dtype")))}).</p>
 <h2>Loss distribution</h2>{quantile_table}{sources}{general}
 {bands}

@@ -79,8 +79,6 @@ class SamplePolicy:
     split_context_tokens: int = 1
     prompt_format: str = "chat_template"
     score_prompt: bool = False
-    pad_id: int = 0
-    """Fills rows up to the batch's longest; masked out, so any id will do when there is none."""
 
     @classmethod
     def of(cls, score: ScoreConfig, tokenizer, *, max_tokens: int | None = None) -> SamplePolicy:
@@ -93,7 +91,6 @@ class SamplePolicy:
             split_context_tokens=score.resolved_split_context(),
             prompt_format=score.prompt_format,
             score_prompt=score.score_prompt,
-            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         )
 
 

@@ -33,7 +33,6 @@ from pipeline.artifacts import (
 )
 from pipeline.config import Config, to_dict
 from pipeline.layout import Layout
-from pipeline.model import fingerprint, resolve_device, resolve_dtype
 from pipeline.outputs import ScoresSummary
 from pipeline.records import needed_columns
 from pipeline.sharding import ShardPlan
@@ -51,8 +50,11 @@ SCORE_SCHEMA = pa.schema(
 )
 
 
-def score_provenance(cfg: Config, plan: ShardPlan) -> dict[str, Any]:
+def make_provenance(cfg: Config, plan: ShardPlan) -> dict[str, Any]:
     """What decides the numbers a scorer writes (`key`), and where they came from."""
+    # here, not at the top: select and inspect read score files and need no torch
+    from pipeline.model import fingerprint, resolve_device, resolve_dtype
+
     dtype = resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))
     # only what decides a record's content: the fields its mode reads (renaming an unused field, or
     # adding a config option, must not invalidate finished scores); the plan covers paths and shards
@@ -138,6 +140,7 @@ class ShardWriter:
     """Results of one shard, checkpointed as chunk files, finished into `part-XXXXX.parquet`."""
 
     def __init__(self, layout: Layout, shard: int, provenance: dict[str, Any]):
+        self.layout = layout
         self.shard = shard
         self.path = layout.score_shard(shard)
         self.chunk_dir = layout.score_chunks(shard)
@@ -145,12 +148,12 @@ class ShardWriter:
         self.stats = empty_stats()
         self.rows_done = 0
         self.chunks = 0
-        marker = self.chunk_dir / "provenance.json"
+        marker = layout.score_chunk_provenance(shard)
         for stale in self.chunk_dir.glob(".*.tmp"):  # a write cut short by a kill
             stale.unlink()
         if marker.is_file():
             check_same_key(json.loads(marker.read_text())["key"], provenance["key"], str(self.chunk_dir))
-            for chunk in sorted(self.chunk_dir.glob("chunk-*.parquet")):
+            for chunk in layout.score_chunk_files(shard):
                 meta = read_json_metadata(chunk, STATS_KEY)
                 self.stats = add_stats(self.stats, meta["stats"])
                 self.rows_done = meta["rows_end"]
@@ -161,13 +164,13 @@ class ShardWriter:
 
     def write_chunk(self, table: pa.Table, rows_end: int, stats: dict[str, Any]) -> None:
         meta = {STATS_KEY: json.dumps({"rows_end": rows_end, "stats": stats}).encode()}
-        write_table_atomic(table, self.chunk_dir / f"chunk-{self.chunks:06d}.parquet", meta)
+        write_table_atomic(table, self.layout.score_chunk(self.shard, self.chunks), meta)
         self.chunks += 1
         self.rows_done = rows_end
         self.stats = add_stats(self.stats, stats)
 
     def finish(self) -> dict[str, Any]:
-        chunks = sorted(self.chunk_dir.glob("chunk-*.parquet"))
+        chunks = self.layout.score_chunk_files(self.shard)
         tables = [pq.read_table(c, schema=SCORE_SCHEMA).replace_schema_metadata(None) for c in chunks]
         table = pa.concat_tables(tables) if tables else SCORE_SCHEMA.empty_table()
         metadata = {
@@ -179,15 +182,19 @@ class ShardWriter:
         return self.stats
 
 
-def check_finished(layout: Layout, shard: int, provenance: dict[str, Any]) -> bool:
-    """Whether a shard is already scored (under this provenance; another one is refused). Clears
-    the checkpoints a kill between the final rename and their removal left behind."""
+def is_scored(layout: Layout, shard: int, provenance: dict[str, Any]) -> bool:
+    """Whether a shard is already scored; one scored under another provenance is refused."""
     if not layout.score_shard(shard).is_file():
         return False
     found = read_json_metadata(layout.score_shard(shard), PROVENANCE_KEY)["key"]
     check_same_key(found, provenance["key"], str(layout.score_shard(shard)))
-    shutil.rmtree(layout.score_chunks(shard), ignore_errors=True)
     return True
+
+
+def clear_finished_checkpoints(layout: Layout, shard: int) -> None:
+    """The checkpoints of a scored shard, left behind by a kill between its final rename and
+    their removal."""
+    shutil.rmtree(layout.score_chunks(shard), ignore_errors=True)
 
 
 def score_files(layout: Layout, num_shards: int) -> list[Path]:

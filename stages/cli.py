@@ -12,7 +12,8 @@
 
 Each command is a stage module's `run(cfg)`, imported only when asked for (a stage pulls in torch
 and transformers). Configuration errors and bad input end with one clear line and exit status 2,
-not a traceback.
+not a traceback. This module lives in stages/, not beside the library as STYLE.md's layout has
+it, because it dispatches to the stages and the library must not import them.
 """
 
 from __future__ import annotations

@@ -80,25 +80,27 @@ def summarize(runs: list[ArmRun], arms: tuple[str, ...]) -> list[dict[str, Any]]
     """One row per arm: means and standard deviations over its seeds."""
     rows = []
     for arm in arms:
-        seeds = [r for r in runs if r.arm == arm]
-        sources = list(seeds[0].metrics.before.per_source)
+        arm_runs = [r for r in runs if r.arm == arm]
+        sources = list(arm_runs[0].metrics.before.per_source)
         delta = {
-            source: _mean_std([next(t.delta for t in r.metrics.table if t.source == source) for r in seeds])
+            source: _mean_std(
+                [next(t.delta for t in r.metrics.table if t.source == source) for r in arm_runs]
+            )
             for source in [*sources, "overall"]
         }
         rows.append(
             {
                 "arm": arm,
                 # the random sample differs per seed: random-k0.5-seed*-tokens
-                "band": seeds[0].band
-                if len({r.band for r in seeds}) == 1
-                else re.sub(r"seed\d+", "seed*", seeds[0].band),
-                "objective": seeds[0].objective,
-                "seeds": [r.seed for r in seeds],
-                "kept_tokens": _mean_std([r.selection.tokens.kept for r in seeds])[0],
-                "trained_tokens": _mean_std([r.metrics.train.trained_tokens for r in seeds])[0],
-                "loss_before": seeds[0].metrics.before.overall.loss,
-                "loss_after": _mean_std([r.metrics.after.overall.loss for r in seeds]),
+                "band": arm_runs[0].band
+                if len({r.band for r in arm_runs}) == 1
+                else re.sub(r"seed\d+", "seed*", arm_runs[0].band),
+                "objective": arm_runs[0].objective,
+                "seeds": [r.seed for r in arm_runs],
+                "kept_tokens": _mean_std([r.selection.tokens.kept for r in arm_runs])[0],
+                "trained_tokens": _mean_std([r.metrics.train.trained_tokens for r in arm_runs])[0],
+                "loss_before": arm_runs[0].metrics.before.overall.loss,
+                "loss_after": _mean_std([r.metrics.after.overall.loss for r in arm_runs]),
                 "delta": delta,
             }
         )
@@ -164,8 +166,8 @@ def train_arms(cfg: Config) -> list[ArmRun]:
         # every arm starts from the same model: train evaluates it once, and the arms share that
         run_dir = train.run(dataclasses.replace(cfg, train=train_cfg))
         selection, metrics = (
-            BandManifest.read(layout.run(name).selection),
-            RunMetrics.read(layout.run(name).metrics),
+            BandManifest.read(layout.train_run(name).selection),
+            RunMetrics.read(layout.train_run(name).metrics),
         )
         runs.append(ArmRun(arm, seed, band.resolved_name(), objective, run_dir, selection, metrics))
     return runs
@@ -178,13 +180,13 @@ def run(cfg: Config) -> Path:
     score.run(cfg)  # one scoring pass for every arm; nothing to do when finished
     runs = train_arms(cfg)
     rows = summarize(runs, c.arms)
-    report_dir = Layout(cfg.out_dir).report_dir(c.name)
-    report_dir.mkdir(parents=True, exist_ok=True)
+    paths = Layout(cfg.out_dir).report(c.name)
+    paths.dir.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
-    (report_dir / "table.md").write_text(table, encoding="utf-8")
-    write_json_atomic(report_dir / "results.json", {"arms": rows, "runs": [r.record() for r in runs]})
-    plot_compare(rows, report_dir / "deltas.png")
-    save_config(cfg, report_dir)
+    paths.table.write_text(table, encoding="utf-8")
+    write_json_atomic(paths.results, {"arms": rows, "runs": [r.record() for r in runs]})
+    plot_compare(rows, paths.deltas)
+    save_config(cfg, paths.dir)
     print(table)
-    get_logger().info(f"compared {len(c.arms)} arm(s) x {len(c.seeds)} seed(s) -> {report_dir}")
-    return report_dir
+    get_logger().info(f"compared {len(c.arms)} arm(s) x {len(c.seeds)} seed(s) -> {paths.dir}")
+    return paths.dir

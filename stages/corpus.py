@@ -28,7 +28,7 @@ def run(cfg: Config) -> ReadStats:
             for _ in iter_shard(plan, shard, cfg.corpus, shard_stats):
                 pass
             stats.merge(shard_stats)
-            progress.advance(shard_stats.rows, 0)
+            progress.advance(shard_stats.rows)
     for source, count in sorted(stats.per_source.items()):
         log.info(f"  {source:24s} {count:>10d} records")
     log.info(f"corpus: {stats.summary()} in {time.perf_counter() - started:.1f}s")

@@ -20,23 +20,24 @@ from stages import inspect, score, select, train
 def run(cfg: Config) -> None:
     started = time.perf_counter()
     layout = Layout(cfg.out_dir)
-    scores_dir = score.run(cfg)
-    band_dir = select.run(cfg)[0]
-    report_dir = inspect.run(cfg)
-    run_dir = train.run(cfg)
+    score.run(cfg)
+    select.run(cfg)
+    inspect.run(cfg)
+    run = layout.train_run(train.run(cfg).name)  # the run's name is derived inside train
     scored = ScoresSummary.read(layout.scores_summary)
-    band = BandManifest.read(layout.band(band_dir.name).manifest)
-    metrics = RunMetrics.read(layout.run(run_dir.name).metrics)
+    band_paths = layout.band(cfg.train.band or cfg.select.bands[0].resolved_name())  # the band trained on
+    band = BandManifest.read(band_paths.manifest)
+    metrics = RunMetrics.read(run.metrics)
     t = metrics.train
     lines = [
         f"midrank demo: done in {time.perf_counter() - started:.0f}s (stages only; reruns skip finished work)",
-        f"  scored    {scored.samples:,} samples, {scored.tokens:,} tokens -> {scores_dir}/",
+        f"  scored    {scored.samples:,} samples, {scored.tokens:,} tokens -> {layout.scores_dir}/",
         f"  band      {band.band}: loss {band.loss_thresholds.min_kept:.3f}..{band.loss_thresholds.max_kept:.3f}, "
         f"kept {band.samples.kept:,}/{band.samples.total:,} samples, "
-        f"{band.tokens.kept:,}/{band.tokens.total:,} tokens -> {band_dir}/",
-        f"  report    {report_dir / 'index.html'}",
+        f"{band.tokens.kept:,}/{band.tokens.total:,} tokens -> {band_paths.dir}/",
+        f"  report    {layout.report(cfg.inspect.name).index}",
         f"  trained   {t.steps} steps ({t.objective}), {t.trained_tokens:,} target tokens trained on, "
-        f"{t.tokens_per_second:,.0f} tok/s -> {layout.run(run_dir.name).model}/",
+        f"{t.tokens_per_second:,.0f} tok/s -> {run.model}/",
     ]
     if metrics.after is not None:
         b, a = metrics.before.overall, metrics.after.overall

@@ -12,7 +12,6 @@ swapped in whole. All binning happens in Polars queries; rows are read only for 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -23,12 +22,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.artifacts import NoScoresError, digest, write_json_atomic
+from pipeline.artifacts import NoScoresError, digest
 from pipeline.config import Config, save_config, to_dict
 from pipeline.histograms import histogram, histogram_2d, quantiles, uniform_edges, value_range
-from pipeline.layout import Layout, part_files
+from pipeline.layout import Layout, ReportPaths, part_files
 from pipeline.log import get_logger
-from pipeline.outputs import BandManifest, to_json
+from pipeline.outputs import BandExcerpt, BandManifest, OutputError, ReportBand, ReportSummary, to_json
 from pipeline.plots import Panel, plot_histograms, plot_loss_vs_length
 from pipeline.readers import InputError
 from pipeline.records import CorpusError, ReadStats, record_id, sample_text
@@ -37,7 +36,6 @@ from pipeline.scores import common_provenance, score_files
 from pipeline.sharding import plan_shards, shard_records
 
 LOSS = pl.col("loss")
-MANIFEST_FIELDS = ("strategy", "positions", "loss_thresholds", "samples", "tokens", "rejected", "per_source")
 EXAMPLE_COLUMNS = ("sample_id", "shard", "source", "loss", "n_tokens", "char_start", "char_end")
 
 
@@ -173,25 +171,34 @@ def in_perplexity(panel: Panel) -> Panel:
     return dataclasses.replace(panel, band=band)
 
 
-def terminal_summary(summary: dict[str, Any]) -> None:
+def terminal_summary(summary: ReportSummary) -> None:
     log = get_logger()
-    qs = "  ".join(f"q{float(q) * 100:g}={v:.3f}" for q, v in summary["quantiles"].items())
-    log.info(f"loss over {summary['samples']:,} samples, {summary['tokens']:,} tokens: {qs}")
+    qs = "  ".join(f"q{float(q) * 100:g}={v:.3f}" for q, v in summary.quantiles.items())
+    log.info(f"loss over {summary.samples:,} samples, {summary.tokens:,} tokens: {qs}")
     log.info(f"  {'source':24s} {'samples':>8s} {'tokens':>11s} {'mean':>6s} {'median':>6s} {'top-10%':>8s}")
-    for s in summary["sources"]:
+    for s in summary.sources:
         log.info(
             f"  {s['source'][:24]:24s} {s['samples']:8,d} {s['tokens']:11,d} {s['mean_loss']:6.3f} "
             f"{s['median_loss']:6.3f} {s['top_decile_share']:8.1%}"
         )
-    for band in summary["bands"]:
-        m = band["manifest"]
-        interval = band["interval"]
+    for band in summary.bands:
+        samples, tokens = band.manifest.samples, band.manifest.tokens
+        interval = band.interval
         where = f"loss {interval[0]:.3f}..{interval[1]:.3f}" if interval else "not a single loss interval"
         log.info(
-            f"  band {band['name']}: {where}; kept {m['samples']['kept']:,}/{m['samples']['in']:,} samples "
-            f"({m['samples']['kept'] / m['samples']['in']:.1%}), {m['tokens']['kept']:,}/{m['tokens']['in']:,} "
-            f"tokens ({m['tokens']['kept'] / max(m['tokens']['in'], 1):.1%})"
+            f"  band {band.name}: {where}; kept {samples.kept:,}/{samples.total:,} samples "
+            f"({samples.kept / samples.total:.1%}), {tokens.kept:,}/{tokens.total:,} "
+            f"tokens ({tokens.kept / max(tokens.total, 1):.1%})"
         )
+
+
+def up_to_date(paths: ReportPaths, inputs_key: str) -> ReportSummary | None:
+    """The report's summary when it was made from the same inputs (else None: draw it again)."""
+    try:
+        previous = ReportSummary.read(paths.summary)
+    except OutputError:  # none yet, or written by another version
+        return None
+    return previous if previous.inputs_key == inputs_key else None
 
 
 def load_scores(cfg: Config, layout: Layout) -> tuple[pl.LazyFrame, dict[str, Any]]:
@@ -262,8 +269,8 @@ def examples_by_band(cfg: Config, scores: pl.LazyFrame, bands: list[DrawnBand]) 
 
 
 def build_summary(
-    cfg: Config, scores: pl.LazyFrame, provenance: dict, bands: list[DrawnBand], work: Path
-) -> dict:
+    cfg: Config, scores: pl.LazyFrame, provenance: dict, bands: list[DrawnBand], inputs_key: str, work: Path
+) -> ReportSummary:
     """Every number and figure of the report (figures drawn into `work`)."""
     samples, tokens = scores.select(pl.len(), pl.col("n_tokens").cast(pl.Int64).sum()).collect().row(0)
     qs = quantiles(scores, LOSS)
@@ -272,27 +279,28 @@ def build_summary(
     shown_names = [s["source"] for s in sources if s in shown]  # keep the hardest-first order
     images = draw_figures(scores, bands, cfg.inspect, shown_names, work)
     regions_per_band = examples_by_band(cfg, scores, bands)
-    return {
-        "out_dir": str(Path(cfg.out_dir)),
-        "model": {"path": provenance["model_path"], "dtype": provenance["key"]["dtype"]},
-        "samples": samples,
-        "tokens": tokens,
-        "quantiles": {str(q): v for q, v in qs.items()},
-        "sources": sources,
-        "sources_plotted": shown_names,
-        "images": images,
-        "bands": [
-            {
-                "name": band.name,
-                "interval": band.interval,
-                "manifest": {key: to_json(band.manifest)[key] for key in MANIFEST_FIELDS},
-                "examples": regions,
-            }
+    return ReportSummary(
+        inputs_key=inputs_key,
+        out_dir=str(Path(cfg.out_dir)),
+        model={"path": provenance["model_path"], "dtype": provenance["key"]["dtype"]},
+        samples=samples,
+        tokens=tokens,
+        quantiles={str(q): v for q, v in qs.items()},
+        sources=sources,
+        sources_plotted=shown_names,
+        images=images,
+        bands=[
+            ReportBand(
+                band.name,
+                None if band.interval is None else list(band.interval),
+                BandExcerpt.of(band.manifest),
+                regions,
+            )
             for band, regions in regions_per_band
             if band is not None
         ],
-        "examples": None if bands else regions_per_band[0][1],
-    }
+        examples=None if bands else regions_per_band[0][1],
+    )
 
 
 def run(cfg: Config) -> Path:
@@ -301,30 +309,31 @@ def run(cfg: Config) -> Path:
     layout = Layout(cfg.out_dir)
     scores, provenance = load_scores(cfg, layout)
     bands = selected_bands(cfg, layout)
-    report_dir = layout.report_dir(cfg.inspect.name)
-    inputs = {
-        "score_key": provenance["key"],
-        "bands": [digest(to_json(band.manifest)) for band in bands],
-        "inspect": to_dict(cfg.inspect),
-    }
-    previous = report_dir / "summary.json"
-    if previous.is_file() and json.loads(previous.read_text()).get("inputs_key") == digest(inputs):
-        terminal_summary(json.loads(previous.read_text()))
-        log.info(f"{report_dir}: up to date with the scores and bands, nothing to do")
-        return report_dir
+    paths = layout.report(cfg.inspect.name)
+    inputs_key = digest(
+        {
+            "score_key": provenance["key"],
+            "bands": [digest(to_json(band.manifest)) for band in bands],
+            "inspect": to_dict(cfg.inspect),
+        }
+    )
+    if (previous := up_to_date(paths, inputs_key)) is not None:
+        terminal_summary(previous)
+        log.info(f"{paths.dir}: up to date with the scores and bands, nothing to do")
+        return paths.dir
     # built in a temporary folder and swapped in whole: a report is never half old, half new
-    work = report_dir.with_name(f".{cfg.inspect.name}.{os.getpid()}.tmp")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    summary = {"inputs_key": digest(inputs)} | build_summary(cfg, scores, provenance, bands, work)
-    (work / "index.html").write_text(render_report(summary), encoding="utf-8")
-    write_json_atomic(work / "summary.json", summary)
-    save_config(cfg, work)
-    shutil.rmtree(report_dir, ignore_errors=True)
-    os.replace(work, report_dir)
+    work = layout.report_staging(cfg.inspect.name)
+    shutil.rmtree(work.dir, ignore_errors=True)
+    work.dir.mkdir(parents=True)
+    summary = build_summary(cfg, scores, provenance, bands, inputs_key, work.dir)
+    work.index.write_text(render_report(summary), encoding="utf-8")
+    summary.write(work.summary)
+    save_config(cfg, work.dir)
+    shutil.rmtree(paths.dir, ignore_errors=True)
+    os.replace(work.dir, paths.dir)
     terminal_summary(summary)
     log.info(
-        f"inspected {summary['samples']:,} samples, {len(bands)} band(s): {len(summary['images'])} figure(s) in "
-        f"{time.perf_counter() - started:.1f}s -> {report_dir / 'index.html'}"
+        f"inspected {summary.samples:,} samples, {len(bands)} band(s): {len(summary.images)} figure(s) in "
+        f"{time.perf_counter() - started:.1f}s -> {paths.index}"
     )
-    return report_dir
+    return paths.dir

@@ -30,10 +30,11 @@ from pipeline.ranks import rank_and_world, shards_of_rank
 from pipeline.scores import (
     ShardWriter,
     add_stats,
-    check_finished,
+    clear_finished_checkpoints,
     empty_stats,
+    is_scored,
+    make_provenance,
     save_plan,
-    score_provenance,
     window_table,
     write_summary,
 )
@@ -93,9 +94,11 @@ def run(cfg: Config) -> Path:
     layout.scores_dir.mkdir(parents=True, exist_ok=True)
     plan = plan_shards(cfg.corpus)
     save_plan(layout, plan)
-    provenance = score_provenance(cfg, plan)
+    provenance = make_provenance(cfg, plan)
     assigned = shards_of_rank(len(plan.shards), rank, world_size)
-    todo = [shard for shard in assigned if not check_finished(layout, shard, provenance)]
+    todo = [shard for shard in assigned if not is_scored(layout, shard, provenance)]
+    for shard in set(assigned) - set(todo):
+        clear_finished_checkpoints(layout, shard)
     if not todo:
         log.info(
             f"nothing to do: the {len(assigned)} shard(s) of rank {rank} in {layout.scores_dir} are already scored"

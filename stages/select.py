@@ -36,7 +36,7 @@ from pipeline.outputs import BandManifest, Counts, LossRange, Positions, SourceC
 from pipeline.records import ReadStats, record_id, sample_text
 from pipeline.scores import common_provenance, score_files
 from pipeline.selection import Band, band_for, irdro_weight_expr, select
-from pipeline.sharding import plan_shards, shard_records
+from pipeline.sharding import ShardPlan, plan_shards, shard_records
 
 
 def band_of(cfg: BandConfig, total_tokens: int) -> tuple[Band, str]:
@@ -166,24 +166,21 @@ def bands_to_select(
     return pending
 
 
-def write_bands(cfg: Config, layout: Layout, plan, pending: dict[str, Pending]) -> None:
+def write_bands(cfg: Config, layout: Layout, plan: ShardPlan, pending: dict[str, Pending]) -> None:
     """Every band's kept (and rejected) rows with their texts, reading the corpus once, shard by shard."""
     for name in pending:  # every band was checked first: a bad one touched nothing
-        band = layout.band(name)
-        shutil.rmtree(band.dir, ignore_errors=True)  # a run cut short before its manifest
-        (band.rejected if cfg.select.write_rejected else band.dir).mkdir(parents=True)
+        paths = layout.band(name)
+        shutil.rmtree(paths.dir, ignore_errors=True)  # a run cut short before its manifest
+        (paths.rejected if cfg.select.write_rejected else paths.dir).mkdir(parents=True)
     stats = ReadStats()
     for shard in range(len(plan.shards)):
         records = shard_records(plan, shard, cfg.corpus, stats)
         for name, band in pending.items():
+            paths = layout.band(name)
             part = band.decided.filter(pl.col("shard") == shard).collect()
-            write_part(
-                part.filter(pl.col("kept")).drop("kept", "reason"), records, layout.band(name).dir, shard
-            )
+            write_part(part.filter(pl.col("kept")).drop("kept", "reason"), records, paths.dir, shard)
             if cfg.select.write_rejected:
-                write_part(
-                    part.filter(~pl.col("kept")).drop("kept"), records, layout.band(name).rejected, shard
-                )
+                write_part(part.filter(~pl.col("kept")).drop("kept"), records, paths.rejected, shard)
 
 
 def finish_band(cfg: Config, layout: Layout, name: str, band: Pending, provenance: dict) -> None:

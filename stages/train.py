@@ -21,16 +21,20 @@ import glob
 import math
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
+from transformers import set_seed
 
+from pipeline.batching import pad_id_of
 from pipeline.config import Config, ConfigError, save_config, to_dict
-from pipeline.evaluation import delta_table, evaluate, evaluation_key, log_delta_table
-from pipeline.layout import Layout, part_files
+from pipeline.evaluation import HeldOutSet, delta_table, log_delta_table
+from pipeline.layout import Layout, RunPaths, part_files
 from pipeline.log import format_counts, get_logger
 from pipeline.model import load_model, tune_cpu_malloc
-from pipeline.outputs import Evaluation, RunMetrics, TrainSummary
+from pipeline.outputs import OutputError, RunMetrics, TrainSummary
 from pipeline.ranks import rank_and_world
 from pipeline.records import ReadStats
 from pipeline.samples import SamplePolicy
@@ -73,21 +77,44 @@ def finished_run(path: Path, tcfg) -> bool:
     """True when this run is already trained; a different run under the same name is refused."""
     if not path.is_file():
         return False
-    if RunMetrics.read(path).config["train"] != to_dict(tcfg):
+    try:
+        metrics = RunMetrics.read(path)
+    except OutputError as err:
+        raise ConfigError(
+            f"train.name: {path.parent} holds a run written by an older midrank ({err}); delete that "
+            "directory to train it again, or give this run another name"
+        ) from None
+    if metrics.config["train"] != to_dict(tcfg):
         raise ConfigError(
             f"train.name: {path.parent} holds a run with another train config; give this one another name"
         )
     return True
 
 
-def heldout_records(cfg: Config) -> list:
+def heldout_set(cfg: Config, tokenizer, precision: str, rank: int) -> HeldOutSet:
+    """The held-out set, evaluated by rank 0 only (empty elsewhere and without train.eval_paths)."""
     tcfg = cfg.train
-    corpus = dataclasses.replace(cfg.corpus, paths=tcfg.eval_paths, num_shards=1)
-    records = list(iter_corpus(plan_shards(corpus), corpus, ReadStats()))
-    return records[: tcfg.eval_max_samples] if tcfg.eval_max_samples else records
+    records = []
+    if tcfg.eval_paths and rank == 0:
+        corpus = dataclasses.replace(cfg.corpus, paths=tcfg.eval_paths, num_shards=1)
+        records = list(iter_corpus(plan_shards(corpus), corpus, ReadStats()))
+        records = records[: tcfg.eval_max_samples] if tcfg.eval_max_samples else records
+    policy = SamplePolicy.of(cfg.score, tokenizer, max_tokens=tcfg.eval_max_tokens)
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return HeldOutSet(
+        records, tokenizer, policy, cfg.model, batch_tokens=cfg.score.batch_tokens, autocast=autocast
+    )
 
 
-def training_dataset(cfg: Config, files: list[Path], tokenizer, world_size: int):
+@dataclasses.dataclass(frozen=True, slots=True)
+class TrainingSet:
+    dataset: Any
+    """The tokenized rows (a datasets.Dataset: input_ids, targets, weight)."""
+    dropped: Counter
+    """Rows with no target token, by reason."""
+
+
+def training_set(cfg: Config, files: list[Path], tokenizer, world_size: int) -> TrainingSet:
     """The tokenized training set, checked against the objective and the batch it must fill."""
     tcfg = cfg.train
     dataset, dropped = tokenize_dataset(
@@ -108,94 +135,72 @@ def training_dataset(cfg: Config, files: list[Path], tokenizer, world_size: int)
             f"train.batch_size: {len(dataset)} training samples cannot fill one batch of "
             f"{tcfg.batch_size} x {world_size} rank(s)"
         )
-    return dataset, dropped
+    return TrainingSet(dataset, dropped)
 
 
-class HeldOut:
-    """The held-out set and how it is evaluated (rank 0 only; empty without `train.eval_paths`).
-    The starting model's evaluation is computed once per set of inputs and shared."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunPlan:
+    """What one training run is: its config, where it writes, what it trains on, in which precision."""
 
-    def __init__(self, cfg: Config, layout: Layout, tokenizer, precision: str, rank: int):
-        self.records = heldout_records(cfg) if cfg.train.eval_paths and rank == 0 else []
-        self.policy = SamplePolicy.of(cfg.score, tokenizer, max_tokens=cfg.train.eval_max_tokens)
-        self.batch_tokens = cfg.score.batch_tokens
-        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.tokenizer = tokenizer
-        key = evaluation_key(cfg.model, self.records, self.policy, self.autocast) if self.records else ""
-        self.before_path = layout.eval_before(key)
-
-    def evaluate(self, model, desc: str) -> Evaluation:
-        return evaluate(
-            model,
-            self.tokenizer,
-            self.records,
-            policy=self.policy,
-            batch_tokens=self.batch_tokens,
-            autocast_dtype=self.autocast,
-            desc=desc,
-        )
-
-    def before(self, model) -> Evaluation:
-        if not self.before_path.is_file():
-            self.before_path.parent.mkdir(parents=True, exist_ok=True)
-            self.evaluate(model, "held-out before").write(self.before_path)
-        return Evaluation.read(self.before_path)
+    cfg: Config
+    layout: Layout
+    paths: RunPaths
+    data: TrainingData
+    precision: str
 
 
-def train_summary(cfg: Config, trainer: ObjectiveTrainer, result, resume, dataset, dropped, data, precision):
+def train_summary(
+    plan: RunPlan, trainer: ObjectiveTrainer, result, resume: Path | None, train_set
+) -> TrainSummary:
+    """The run's training numbers, target tokens summed over ranks (every rank calls this)."""
     tokens = trainer.target_tokens.clone()
     world_size = rank_and_world()[1]
     if world_size > 1:
         torch.distributed.all_reduce(tokens)
     seconds = result.metrics["train_runtime"]
     return TrainSummary(
-        objective=cfg.train.objective,
+        objective=plan.cfg.train.objective,
         steps=result.global_step,
         steps_this_run=result.global_step - (int(resume.name.split("-")[-1]) if resume else 0),
-        samples_available=len(dataset),
-        dropped=dict(dropped),
+        samples_available=len(train_set.dataset),
+        dropped=dict(train_set.dropped),
         trained_tokens=trainer.trained.tokens,
         target_tokens_this_run=int(tokens),
         tokens_per_second=int(tokens) / seconds if seconds else math.nan,
         runtime_s=seconds,
         final_train_loss=result.training_loss,
-        precision=precision,
+        precision=plan.precision,
         world_size=world_size,
-        data=[str(f) for f in data.files],
+        data=[str(f) for f in plan.data.files],
     )
 
 
-def write_results(
-    cfg: Config, layout: Layout, run: str, summary: TrainSummary, heldout: HeldOut, model, data
-):
-    """Rank 0: the held-out evaluation after training, metrics.json, the band's manifest, config."""
-    metrics = RunMetrics(train=summary, config=to_dict(cfg))
-    if heldout.records:
-        before, after = heldout.before(model), heldout.evaluate(model, "held-out after")
+def write_results(plan: RunPlan, summary: TrainSummary, heldout: HeldOutSet, before, trainer) -> None:
+    """Rank 0: the held-out evaluation after training, metrics.json (last), the band's manifest, config."""
+    metrics = RunMetrics(train=summary, config=to_dict(plan.cfg))
+    if before is not None:
+        after = heldout.evaluate(trainer.model, "held-out after")
         metrics = dataclasses.replace(metrics, before=before, after=after, table=delta_table(before, after))
         log_delta_table(metrics.table)
-    if data.band is not None:
-        shutil.copyfile(layout.band(data.band).manifest, layout.run(run).selection)
-    save_config(cfg, layout.run(run).dir)
-    metrics.write(layout.run(run).metrics)
+    if plan.data.band is not None:
+        shutil.copyfile(plan.layout.band(plan.data.band).manifest, plan.paths.selection)
+    save_config(plan.cfg, plan.paths.dir)
+    metrics.write(plan.paths.metrics)
 
 
 def run(cfg: Config) -> Path:
-    from transformers import set_seed
-
     log = get_logger()
     started = time.perf_counter()
     tcfg, layout = cfg.train, Layout(cfg.out_dir)
     rank, world_size = rank_and_world()
     data = training_data(cfg, layout)
-    run_name = tcfg.name or f"{tcfg.objective}-{data.name}"
-    paths = layout.run(run_name)
+    paths = layout.train_run(tcfg.name or f"{tcfg.objective}-{data.name}")
     if finished_run(paths.metrics, tcfg):
         log.info(f"{paths.dir}: already trained, nothing to do")
         return paths.dir
     if tcfg.gather_losses and tcfg.objective in ("uniform", "weighted"):
         log.warning(f"train.gather_losses does nothing for objective {tcfg.objective!r}")
-    precision = resolve_precision(tcfg.precision)
+    plan = RunPlan(cfg, layout, paths, data, resolve_precision(tcfg.precision))
     paths.dir.mkdir(parents=True, exist_ok=True)
 
     set_seed(tcfg.seed)
@@ -203,36 +208,34 @@ def run(cfg: Config) -> Path:
         tune_cpu_malloc()
     loaded = load_model(dataclasses.replace(cfg.model, dtype="float32"))  # fp32 master weights
     model, tokenizer = loaded.model, loaded.tokenizer
-    heldout = HeldOut(cfg, layout, tokenizer, precision, rank)
-    if heldout.records:
-        heldout.before(model)  # the starting model, before any step changes it
+    heldout = heldout_set(cfg, tokenizer, plan.precision, rank)
+    before = heldout.before(model, layout.eval_before(heldout.key)) if heldout.records else None
 
-    dataset, dropped = training_dataset(cfg, data.files, tokenizer, world_size)
+    train_set = training_set(cfg, data.files, tokenizer, world_size)
     resume = latest_checkpoint(paths.checkpoints)
     if resume:
         log.info(f"resuming from {resume}")
-    collator = TrainCollator(heldout.policy.pad_id, tcfg.max_tokens, tcfg.pack)
+    collator = TrainCollator(pad_id_of(tokenizer), tcfg.max_tokens, tcfg.pack)
     if tcfg.pack:
-        check_packing(model, dataset, collator)
+        check_packing(model, train_set.dataset, collator)
     trainer = ObjectiveTrainer(
         model=model,
-        args=training_arguments(tcfg, paths.checkpoints, precision),
-        train_dataset=dataset,
+        args=training_arguments(tcfg, paths.checkpoints, plan.precision),
+        train_dataset=train_set.dataset,
         data_collator=collator,
         train_cfg=tcfg,
         trained_tokens=trained_tokens_at(resume),
     )
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    summary = train_summary(cfg, trainer, result, resume, dataset, dropped, data, precision)
+    summary = train_summary(plan, trainer, result, resume, train_set)
     trainer.save_model(str(paths.model))
     if rank == 0:  # results, evaluation and the summary come from one rank
         tokenizer.save_pretrained(paths.model)
-        write_results(cfg, layout, run_name, summary, heldout, trainer.model, data)
+        write_results(plan, summary, heldout, before, trainer)
         log.info(
-            f"trained {summary.steps_this_run} step(s) ({tcfg.objective}) on {len(dataset):,} samples, "
+            f"trained {summary.steps_this_run} step(s) ({tcfg.objective}) on {len(train_set.dataset):,} samples, "
             f"{summary.target_tokens_this_run:,} target tokens this run at {summary.tokens_per_second:,.0f} "
-            f"tok/s, {summary.trained_tokens:,} trained on in all, "
-            f"{time.perf_counter() - started:.1f}s -> {paths.model}"
+            f"tok/s, {summary.trained_tokens:,} trained on in all, {time.perf_counter() - started:.1f}s -> {paths.model}"
         )
     if world_size > 1:
         # other ranks wait for rank 0's evaluation: a rank that exits while the process group is

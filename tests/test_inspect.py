@@ -9,6 +9,7 @@ import pytest
 from pipeline.artifacts import NoScoresError
 from pipeline.config import load_config
 from pipeline.histograms import histogram, histogram_2d, quantiles, uniform_edges, value_range
+from pipeline.outputs import ReportSummary, from_json
 from pipeline.report import render_report
 from stages import inspect, score, select
 from stages.cli import main
@@ -150,6 +151,7 @@ def test_empty_score_set_is_a_clear_error(tmp_path, tiny_model_dir, caplog):
 def test_render_escapes_every_data_string():
     hostile = "<img src=x onerror=alert(1)>"
     summary = {
+        "inputs_key": "k",
         "out_dir": hostile,
         "model": {"path": hostile, "dtype": "float32"},
         "samples": 1,
@@ -177,7 +179,7 @@ def test_render_escapes_every_data_string():
             }
         ],
     }
-    page = render_report(summary)
+    page = render_report(from_json(ReportSummary, summary, "summary"))
     assert "<img" not in page and page.count("&lt;img src=x onerror=alert(1)&gt;") == 7
 
 

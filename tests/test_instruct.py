@@ -223,7 +223,8 @@ def test_training_targets_are_the_scored_targets(tmp_path, chat_model_dir, score
     files = sorted(band_dir.glob("part-*.parquet"))
     scored = pl.read_parquet(files)["n_tokens"].to_list()
     tokenizer = AutoTokenizer.from_pretrained(chat_model_dir)
-    dataset, dropped = train.training_dataset(cfg, files, tokenizer, world_size=1)
+    train_set = train.training_set(cfg, files, tokenizer, world_size=1)
+    dataset, dropped = train_set.dataset, train_set.dropped
     trained = [sum(end - start for start, end in spans) for spans in dataset["targets"]]
     assert dropped == {} and trained == scored
     prompt_tokens = [len(ids) - 1 for ids in dataset["input_ids"]]  # every token after the first

@@ -213,8 +213,8 @@ def test_band_outside_unit_interval_is_refused(params):
         Band(**params)
 
 
-def irdro_weights(kept: pl.LazyFrame, kl_reg: float) -> pl.LazyFrame:
-    """The weight column as the select stage adds it."""
+def with_weights(kept: pl.LazyFrame, kl_reg: float) -> pl.LazyFrame:
+    """The kept set with the IR-DRO weight of `irdro_weight_expr` as a column."""
     return kept.with_columns(weight=irdro_weight_expr(kept, kl_reg))
 
 
@@ -227,21 +227,21 @@ def closed_form(losses, kl_reg):
 def test_irdro_weights_equal_the_closed_form(kl_reg):
     losses = [0.5, 2.0, 2.0, 3.5, 9.0]
     frame = pl.LazyFrame({"loss": losses})
-    weights = irdro_weights(frame, kl_reg).collect()["weight"].to_list()
+    weights = with_weights(frame, kl_reg).collect()["weight"].to_list()
     assert weights == pytest.approx(closed_form(losses, kl_reg), rel=1e-12)
     assert np.mean(weights) == pytest.approx(1.0)
 
 
 def test_irdro_extreme_losses_do_not_overflow_and_limits_hold():
     losses = [1e4, 1e4 - 1, 0.0]
-    weights = irdro_weights(pl.LazyFrame({"loss": losses}), 1.0).collect()["weight"].to_numpy()
+    weights = with_weights(pl.LazyFrame({"loss": losses}), 1.0).collect()["weight"].to_numpy()
     assert np.isfinite(weights).all() and weights[0] > weights[1] > weights[2] >= 0
-    uniform = irdro_weights(pl.LazyFrame({"loss": [1.0, 2.0, 3.0]}), 1e9).collect()["weight"].to_numpy()
+    uniform = with_weights(pl.LazyFrame({"loss": [1.0, 2.0, 3.0]}), 1e9).collect()["weight"].to_numpy()
     assert uniform == pytest.approx([1.0, 1.0, 1.0])
-    hardest = irdro_weights(pl.LazyFrame({"loss": [1.0, 2.0, 3.0]}), 1e-3).collect()["weight"].to_numpy()
+    hardest = with_weights(pl.LazyFrame({"loss": [1.0, 2.0, 3.0]}), 1e-3).collect()["weight"].to_numpy()
     assert hardest == pytest.approx([0.0, 0.0, 3.0])
     with pytest.raises(ValueError, match="kl_reg must be > 0"):
-        irdro_weights(pl.LazyFrame({"loss": [1.0]}), 0.0)
+        with_weights(pl.LazyFrame({"loss": [1.0]}), 0.0)
 
 
 def test_numpy_shares_are_read_as_the_decimals_they_print():
