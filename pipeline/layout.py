@@ -124,12 +124,16 @@ class Layout:
         return BandPaths(folder, folder / "manifest.json", folder / "rejected", folder / "data.jsonl")
 
     # reports (inspect, compare)
+    @property
+    def reports_dir(self) -> Path:
+        return self.out_dir / "reports"
+
     def report(self, name: str) -> ReportPaths:
-        return ReportPaths.at(self.out_dir / "reports" / name)
+        return ReportPaths.at(self.reports_dir / name)
 
     def report_staging(self, name: str) -> ReportPaths:
         """Where a report is built before it is swapped in whole (one per process)."""
-        return ReportPaths.at(self.out_dir / "reports" / f".{name}.{os.getpid()}.tmp")
+        return ReportPaths.at(self.reports_dir / f".{name}.{os.getpid()}.tmp")
 
     # training runs
     def train_run(self, name: str) -> RunPaths:
