@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +31,26 @@ class ConfigError(ValueError):
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
+
+
+# A name that becomes a folder under out_dir (a band, a run, a report): letters, digits and . _ + - =,
+# not starting with '.' (that would be hidden, or '..'), so it can never leave its parent folder.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9._+=-]{0,127}")
+
+
+def is_safe_name(name: str) -> bool:
+    return SAFE_NAME.fullmatch(name) is not None
+
+
+def _require_name(value: str, key: str, *, optional: bool = False) -> None:
+    if optional and value == "":
+        return
+    _require(
+        is_safe_name(value),
+        key,
+        f"must be a plain name of letters, digits and . _ + - = (not starting with '.', at most 128), "
+        f"got {value!r}",
+    )
 
 
 def _require_shares(section: Any, *keys: str) -> None:
@@ -260,6 +281,7 @@ class BandConfig:
     """IR-DRO lambda: large -> uniform weights, small -> the hardest sample only."""
 
     def __post_init__(self) -> None:
+        _require_name(self.name, "name", optional=True)
         _require_shares(self, "skip", "keep", "low", "high")
         _require(self.keep > 0 or self.target_tokens > 0, "keep", "must be > 0 (an empty band keeps nothing)")
         _require(
@@ -333,7 +355,7 @@ class InspectConfig:
     """Characters shown of each example text."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.name) and "/" not in self.name, "name", f"must be a plain name, got {self.name!r}")
+        _require_name(self.name, "name")
         _require(self.bins >= 1, "bins", f"must be >= 1, got {self.bins}")
         _require(self.max_sources >= 0, "max_sources", f"must be >= 0, got {self.max_sources}")
         _require(self.examples >= 0, "examples", f"must be >= 0, got {self.examples}")
@@ -441,11 +463,8 @@ class TrainConfig:
         _require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _require(self.eval_max_samples >= 0, "eval_max_samples", f"must be >= 0, got {self.eval_max_samples}")
         _require(self.eval_max_tokens >= 2, "eval_max_tokens", f"must be >= 2, got {self.eval_max_tokens}")
-        _require(
-            "/" not in self.name and not self.name.startswith("."),
-            "name",
-            f"must be a plain name (no '/', not starting with '.'), got {self.name!r}",
-        )
+        _require_name(self.name, "name", optional=True)
+        _require_name(self.band, "band", optional=True)
         if self.objective == "midranking_online":
             n_skip, n_keep = share_of(self.batch_size, self.skip), share_of(self.batch_size, self.keep)
             _require(
@@ -480,6 +499,7 @@ class CompareConfig:
     the table reports mean ± std, so a difference can be told from noise."""
 
     def __post_init__(self) -> None:
+        _require_name(self.name, "name")
         _require(len(self.arms) > 0, "arms", "at least one arm is required")
         _require(len(set(self.arms)) == len(self.arms), "arms", "an arm is listed twice")
         _require(len(self.seeds) > 0, "seeds", "at least one seed is required")

@@ -7,7 +7,8 @@
 
     out_dir/
       scores/        part-{shard:05d}.parquet, .part-{shard:05d}.chunks/, plan.json, summary.json, config.yaml
-      selected/<band>/   part-{shard:05d}.parquet, rejected/, data.jsonl, manifest.json, config.yaml
+      selected/<band>/   part-{shard:05d}.parquet, data.jsonl, manifest.json, config.yaml
+      rejected/<band>/   part-{shard:05d}.parquet: every dropped row with its reason (select.write_rejected)
       reports/<name>/    index.html, *.png, summary.json, config.yaml (compare: table.md, results.json, deltas.png)
       train/<run>/       model/, checkpoints/, metrics.json, selection_manifest.json, config.yaml
       train/.eval-before/<hash>.json   the starting model's held-out evaluation, shared by runs
@@ -19,8 +20,11 @@ file or a folder is a change here and nowhere else.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.config import is_safe_name
 
 
 def part_path(directory: Path, shard: int) -> Path:
@@ -36,7 +40,8 @@ def part_files(directory: Path) -> list[Path]:
 class BandPaths:
     """A selected band: `dir` holds its kept rows with their text (`part-{shard:05d}.parquet`);
     `manifest` (a `BandManifest`) is written last, so a band without one is unfinished;
-    `rejected` holds every dropped row with its reason, `jsonl` the kept rows as JSONL."""
+    `rejected` (beside `selected/`, not in it) holds every dropped row with its reason, `jsonl`
+    the kept rows as JSONL."""
 
     dir: Path
     manifest: Path
@@ -84,6 +89,27 @@ class Layout:
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
 
+    def _named(self, parent: Path, name: str) -> Path:
+        # the config checks names already; a name that could leave its folder is a bug here
+        if not is_safe_name(name):
+            raise ValueError(f"{name!r} is not a plain name; it would not stay inside {parent}")
+        return parent / name
+
+    def remove(self, path: Path) -> None:
+        """Delete a folder or file that is inside out_dir, never out_dir itself or anything outside
+        it (checked on the resolved paths, so neither '..' nor a symlink can widen a delete)."""
+        if not self.holds(path):
+            raise ValueError(f"refusing to delete {path}: it is not inside {self.out_dir}")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+    def holds(self, path: Path) -> bool:
+        """Whether `path` lies strictly inside out_dir."""
+        root, target = self.out_dir.resolve(), Path(path).resolve()
+        return target != root and target.is_relative_to(root)
+
     # stage one: scores
     @property
     def scores_dir(self) -> Path:
@@ -120,8 +146,11 @@ class Layout:
 
     # stage two: selected bands
     def band(self, name: str) -> BandPaths:
-        folder = self.out_dir / "selected" / name
-        return BandPaths(folder, folder / "manifest.json", folder / "rejected", folder / "data.jsonl")
+        folder = self._named(self.out_dir / "selected", name)
+        # rejected rows sit outside the band's folder: `load_dataset(band_dir)` reads every Parquet
+        # file below it, and the rejected ones carry a `reason` column the kept ones do not
+        rejected = self._named(self.out_dir / "rejected", name)
+        return BandPaths(folder, folder / "manifest.json", rejected, folder / "data.jsonl")
 
     # reports (inspect, compare)
     @property
@@ -129,7 +158,7 @@ class Layout:
         return self.out_dir / "reports"
 
     def report(self, name: str) -> ReportPaths:
-        return ReportPaths.at(self.reports_dir / name)
+        return ReportPaths.at(self._named(self.reports_dir, name))
 
     def report_staging(self, name: str) -> ReportPaths:
         """Where a report is built before it is swapped in whole (one per process)."""
@@ -137,7 +166,7 @@ class Layout:
 
     # training runs
     def train_run(self, name: str) -> RunPaths:
-        folder = self.out_dir / "train" / name
+        folder = self._named(self.out_dir / "train", name)
         return RunPaths(
             folder,
             folder / "metrics.json",
@@ -145,6 +174,10 @@ class Layout:
             folder / "model",
             folder / "checkpoints",
         )
+
+    def lock(self, name: str) -> Path:
+        """The lock a stage holds while it runs (pipeline/locks.py)."""
+        return self.out_dir / ".locks" / f"{name}.lock"
 
     def eval_before(self, key: str) -> Path:
         """The starting model's held-out evaluation; `key` hashes everything it depends on. Run

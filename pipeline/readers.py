@@ -20,13 +20,16 @@ import gzip
 import io
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+UTF8_BOM = b"\xef\xbb\xbf"
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 
@@ -172,17 +175,83 @@ def _hf_inputs(path: Path) -> list[InputFile]:
 
 def _open_binary(path: str) -> io.BufferedIOBase:
     if path.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.open(path, "rb")  # raises EOFError on a file cut short
     if path.endswith(".zst"):
-        import zstandard
-
-        raw = open(path, "rb")  # noqa: SIM115 -- closed through the returned reader
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
-        return io.BufferedReader(reader, buffer_size=1 << 20)
+        return io.BufferedReader(_ZstdFrames(path), buffer_size=1 << 20)
     return open(path, "rb")
 
 
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a .zst file of one or more frames, read to the end. zstandard's
+    stream reader returns what it has when the file stops inside a frame, so a file cut short
+    would read as a shorter corpus; this one raises instead."""
+
+    def __init__(self, path: str):
+        import zstandard
+
+        self.path = path
+        self.raw = open(path, "rb")  # noqa: SIM115 -- closed with this reader
+        self.context = zstandard.ZstdDecompressor()
+        self.frame = None  # the decompressor of the frame being read
+        self.out, self.at = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self.at == len(self.out):
+            data = self.raw.read(1 << 20)
+            if not data:
+                if self.frame is not None and not self.frame.eof:
+                    raise EOFError("the file ends inside a zstd frame (cut short?)")
+                return 0
+            self.out, self.at = self._decompress(data), 0
+        n = min(len(buffer), len(self.out) - self.at)
+        buffer[:n] = self.out[self.at : self.at + n]
+        self.at += n
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        parts = []
+        while data:
+            if self.frame is None or self.frame.eof:
+                self.frame = self.context.decompressobj()
+            parts.append(self.frame.decompress(data))
+            data = self.frame.unused_data if self.frame.eof else b""
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def _unreadable(f: InputFile, err: Exception) -> InputError:
+    what = "is cut short" if isinstance(err, EOFError) else "cannot be read"
+    return InputError(
+        f"{f.path}: {what} ({type(err).__name__}: {err}); restore the file, or leave it out of corpus.paths"
+    )
+
+
+def _damaged(err: Exception) -> bool:
+    """Whether `err` is what a damaged input raises while it is read: a compressed stream cut short
+    or corrupt (EOFError, zlib, zstandard), a Parquet file that is not Parquet, a file that cannot
+    be opened."""
+    return isinstance(err, EOFError | OSError | zlib.error | pa.ArrowException) or type(
+        err
+    ).__module__.startswith("zstandard")
+
+
 def count_rows(f: InputFile) -> int:
+    """The rows of one input, read to its end (a damaged file fails here, naming it)."""
+    try:
+        return _count_rows(f)
+    except Exception as err:
+        if _damaged(err):
+            raise _unreadable(f, err) from None
+        raise
+
+
+def _count_rows(f: InputFile) -> int:
     if f.format == "jsonl":
         return _count_lines(f.path)
     if f.format == "parquet":
@@ -207,7 +276,18 @@ def read_rows(
     f: InputFile, start: int, stop: int, columns: list[str]
 ) -> Iterator[tuple[int, dict | RowProblem]]:
     """Rows [start, stop) of one input. `columns` are the fields that will be used (a hint: Parquet
-    and Arrow read only those)."""
+    and Arrow read only those). A damaged file raises an InputError naming it."""
+    try:
+        yield from _read_rows(f, start, stop, columns)
+    except Exception as err:
+        if _damaged(err):
+            raise _unreadable(f, err) from None
+        raise
+
+
+def _read_rows(
+    f: InputFile, start: int, stop: int, columns: list[str]
+) -> Iterator[tuple[int, dict | RowProblem]]:
     if f.format == "jsonl":
         yield from _jsonl_rows(f.path, start, stop)
     elif f.format == "parquet":
@@ -228,6 +308,8 @@ def _jsonl_rows(path: str, start: int, stop: int) -> Iterator[tuple[int, dict | 
                 continue
             if index >= stop:
                 break
+            if index == 0 and line.startswith(UTF8_BOM):  # written by some Windows tools
+                line = line[len(UTF8_BOM) :]
             yield index, _parse_json_line(line)
 
 
@@ -241,7 +323,10 @@ def _parse_json_line(line: bytes) -> dict | RowProblem:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        return RowProblem("malformed_json", f"malformed JSON: {err.msg} at column {err.colno}")
+        # some of json's messages end in " at" already ("Invalid control character at")
+        return RowProblem(
+            "malformed_json", f"malformed JSON: {err.msg.removesuffix(' at')} at column {err.colno}"
+        )
     if not isinstance(value, dict):
         return RowProblem("not_an_object", f"a JSON {type(value).__name__}, not an object")
     return value

@@ -13,7 +13,6 @@ from `pipeline.layout`.
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -178,7 +177,7 @@ class ShardWriter:
             STATS_KEY: json.dumps(self.stats).encode(),
         }
         write_table_atomic(table.replace_schema_metadata(None), self.path, metadata)
-        shutil.rmtree(self.chunk_dir)
+        self.layout.remove(self.chunk_dir)
         return self.stats
 
 
@@ -194,7 +193,8 @@ def is_scored(layout: Layout, shard: int, provenance: dict[str, Any]) -> bool:
 def clear_finished_checkpoints(layout: Layout, shard: int) -> None:
     """The checkpoints of a scored shard, left behind by a kill between its final rename and
     their removal."""
-    shutil.rmtree(layout.score_chunks(shard), ignore_errors=True)
+    if layout.score_chunks(shard).exists():
+        layout.remove(layout.score_chunks(shard))
 
 
 def score_files(layout: Layout, num_shards: int) -> list[Path]:

@@ -25,6 +25,7 @@ import sys
 
 from pipeline.artifacts import ProvenanceError
 from pipeline.config import ConfigError, dump_config, load_config
+from pipeline.locks import LockedError
 from pipeline.log import get_logger
 from pipeline.outputs import OutputError
 from pipeline.readers import InputError
@@ -41,7 +42,7 @@ COMMANDS = {
     "demo": ("stages.demo", "score, select, inspect and train, then a summary of where everything went"),
     "compare": ("stages.compare", "train on random/top/bottom/MidRanking/IR-DRO sets, compare held-out loss"),
 }
-ERRORS = (ConfigError, InputError, CorpusError, ProvenanceError, OutputError)
+ERRORS = (ConfigError, InputError, CorpusError, ProvenanceError, OutputError, LockedError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 from pipeline.artifacts import write_json_atomic
 from pipeline.config import BandConfig, Config, ConfigError, SelectConfig, save_config
 from pipeline.layout import Layout
+from pipeline.locks import stage_lock
 from pipeline.log import get_logger
 from pipeline.outputs import BandManifest, RunMetrics, to_json
 from pipeline.plots import plot_compare
@@ -178,7 +179,8 @@ def run(cfg: Config) -> Path:
     if not cfg.train.eval_paths:
         raise ConfigError("train.eval_paths: compare needs a held-out set to evaluate every arm on")
     score.run(cfg)  # one scoring pass for every arm; nothing to do when finished
-    runs = train_arms(cfg)
+    with stage_lock(Layout(cfg.out_dir), f"compare-{c.name}"):
+        runs = train_arms(cfg)
     rows = summarize(runs, c.arms)
     paths = Layout(cfg.out_dir).report(c.name)
     paths.dir.mkdir(parents=True, exist_ok=True)

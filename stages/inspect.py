@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -26,6 +25,7 @@ from pipeline.artifacts import NoScoresError, digest
 from pipeline.config import Config, save_config, to_dict
 from pipeline.histograms import histogram, histogram_2d, quantiles, uniform_edges, value_range
 from pipeline.layout import Layout, ReportPaths, part_files
+from pipeline.locks import stage_lock
 from pipeline.log import get_logger
 from pipeline.outputs import BandExcerpt, BandManifest, OutputError, ReportBand, ReportSummary, to_json
 from pipeline.plots import Panel, plot_histograms, plot_loss_vs_length
@@ -307,33 +307,36 @@ def run(cfg: Config) -> Path:
     log = get_logger()
     started = time.perf_counter()
     layout = Layout(cfg.out_dir)
-    scores, provenance = load_scores(cfg, layout)
-    bands = selected_bands(cfg, layout)
-    paths = layout.report(cfg.inspect.name)
-    inputs_key = digest(
-        {
-            "score_key": provenance["key"],
-            "bands": [digest(to_json(band.manifest)) for band in bands],
-            "inspect": to_dict(cfg.inspect),
-        }
-    )
-    if (previous := up_to_date(paths, inputs_key)) is not None:
-        terminal_summary(previous)
-        log.info(f"{paths.dir}: up to date with the scores and bands, nothing to do")
+    with stage_lock(layout, f"inspect-{cfg.inspect.name}"):
+        scores, provenance = load_scores(cfg, layout)
+        bands = selected_bands(cfg, layout)
+        paths = layout.report(cfg.inspect.name)
+        inputs_key = digest(
+            {
+                "score_key": provenance["key"],
+                "bands": [digest(to_json(band.manifest)) for band in bands],
+                "inspect": to_dict(cfg.inspect),
+            }
+        )
+        if (previous := up_to_date(paths, inputs_key)) is not None:
+            terminal_summary(previous)
+            log.info(f"{paths.dir}: up to date with the scores and bands, nothing to do")
+            return paths.dir
+        # built in a temporary folder and swapped in whole: a report is never half old, half new
+        work = layout.report_staging(cfg.inspect.name)
+        if work.dir.exists():
+            layout.remove(work.dir)
+        work.dir.mkdir(parents=True)
+        summary = build_summary(cfg, scores, provenance, bands, inputs_key, work.dir)
+        work.index.write_text(render_report(summary), encoding="utf-8")
+        summary.write(work.summary)
+        save_config(cfg, work.dir)
+        if paths.dir.exists():
+            layout.remove(paths.dir)
+        os.replace(work.dir, paths.dir)
+        terminal_summary(summary)
+        log.info(
+            f"inspected {summary.samples:,} samples, {len(bands)} band(s): {len(summary.images)} figure(s) in "
+            f"{time.perf_counter() - started:.1f}s -> {paths.index}"
+        )
         return paths.dir
-    # built in a temporary folder and swapped in whole: a report is never half old, half new
-    work = layout.report_staging(cfg.inspect.name)
-    shutil.rmtree(work.dir, ignore_errors=True)
-    work.dir.mkdir(parents=True)
-    summary = build_summary(cfg, scores, provenance, bands, inputs_key, work.dir)
-    work.index.write_text(render_report(summary), encoding="utf-8")
-    summary.write(work.summary)
-    save_config(cfg, work.dir)
-    shutil.rmtree(paths.dir, ignore_errors=True)
-    os.replace(work.dir, paths.dir)
-    terminal_summary(summary)
-    log.info(
-        f"inspected {summary.samples:,} samples, {len(bands)} band(s): {len(summary.images)} figure(s) in "
-        f"{time.perf_counter() - started:.1f}s -> {paths.index}"
-    )
-    return paths.dir

@@ -12,7 +12,6 @@ band directory holding a different config is refused, never overwritten.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -31,6 +30,7 @@ from pipeline.config import (
     to_dict,
 )
 from pipeline.layout import Layout, part_files, part_path
+from pipeline.locks import stage_lock
 from pipeline.log import get_logger
 from pipeline.outputs import BandManifest, Counts, LossRange, Positions, SourceCount, SourceMix
 from pipeline.records import ReadStats, record_id, sample_text
@@ -170,8 +170,12 @@ def write_bands(cfg: Config, layout: Layout, plan: ShardPlan, pending: dict[str,
     """Every band's kept (and rejected) rows with their texts, reading the corpus once, shard by shard."""
     for name in pending:  # every band was checked first: a bad one touched nothing
         paths = layout.band(name)
-        shutil.rmtree(paths.dir, ignore_errors=True)  # a run cut short before its manifest
-        (paths.rejected if cfg.select.write_rejected else paths.dir).mkdir(parents=True)
+        for stale in (paths.dir, paths.rejected):  # a run cut short before its manifest
+            if stale.exists():
+                layout.remove(stale)
+        paths.dir.mkdir(parents=True)
+        if cfg.select.write_rejected:
+            paths.rejected.mkdir(parents=True)
     stats = ReadStats()
     for shard in range(len(plan.shards)):
         records = shard_records(plan, shard, cfg.corpus, stats)
@@ -202,15 +206,16 @@ def finish_band(cfg: Config, layout: Layout, name: str, band: Pending, provenanc
 def run(cfg: Config) -> list[Path]:
     started = time.perf_counter()
     layout = Layout(cfg.out_dir)
-    plan = plan_shards(cfg.corpus)
-    files = score_files(layout, len(plan.shards))
-    provenance = common_provenance(files)
-    scores = pl.scan_parquet(files)
-    total_tokens = int(scores.select(pl.col("n_tokens").sum()).collect().item())
-    pending = bands_to_select(cfg, layout, scores, provenance, total_tokens)
-    if pending:
-        write_bands(cfg, layout, plan, pending)
-        for name, band in pending.items():
-            finish_band(cfg, layout, name, band, provenance)
-        get_logger().info(f"selected {len(pending)} band(s) in {time.perf_counter() - started:.1f}s")
-    return [layout.band(b.resolved_name()).dir for b in cfg.select.bands]
+    with stage_lock(layout, "select"):
+        plan = plan_shards(cfg.corpus)
+        files = score_files(layout, len(plan.shards))
+        provenance = common_provenance(files)
+        scores = pl.scan_parquet(files)
+        total_tokens = int(scores.select(pl.col("n_tokens").sum()).collect().item())
+        pending = bands_to_select(cfg, layout, scores, provenance, total_tokens)
+        if pending:
+            write_bands(cfg, layout, plan, pending)
+            for name, band in pending.items():
+                finish_band(cfg, layout, name, band, provenance)
+            get_logger().info(f"selected {len(pending)} band(s) in {time.perf_counter() - started:.1f}s")
+        return [layout.band(b.resolved_name()).dir for b in cfg.select.bands]

@@ -32,6 +32,7 @@ from pipeline.batching import pad_id_of
 from pipeline.config import Config, ConfigError, save_config, to_dict
 from pipeline.evaluation import HeldOutSet, delta_table, log_delta_table
 from pipeline.layout import Layout, RunPaths, part_files
+from pipeline.locks import stage_lock
 from pipeline.log import format_counts, get_logger
 from pipeline.model import load_model, tune_cpu_malloc
 from pipeline.outputs import OutputError, RunMetrics, TrainSummary
@@ -195,51 +196,52 @@ def run(cfg: Config) -> Path:
     rank, world_size = rank_and_world()
     data = training_data(cfg, layout)
     paths = layout.train_run(tcfg.name or f"{tcfg.objective}-{data.name}")
-    if finished_run(paths.metrics, tcfg):
-        log.info(f"{paths.dir}: already trained, nothing to do")
-        return paths.dir
-    if tcfg.gather_losses and tcfg.objective in ("uniform", "weighted"):
-        log.warning(f"train.gather_losses does nothing for objective {tcfg.objective!r}")
-    plan = RunPlan(cfg, layout, paths, data, resolve_precision(tcfg.precision))
-    paths.dir.mkdir(parents=True, exist_ok=True)
+    with stage_lock(layout, f"train-{paths.dir.name}"):
+        if finished_run(paths.metrics, tcfg):
+            log.info(f"{paths.dir}: already trained, nothing to do")
+            return paths.dir
+        if tcfg.gather_losses and tcfg.objective in ("uniform", "weighted"):
+            log.warning(f"train.gather_losses does nothing for objective {tcfg.objective!r}")
+        plan = RunPlan(cfg, layout, paths, data, resolve_precision(tcfg.precision))
+        paths.dir.mkdir(parents=True, exist_ok=True)
 
-    set_seed(tcfg.seed)
-    if not torch.cuda.is_available():
-        tune_cpu_malloc()
-    loaded = load_model(dataclasses.replace(cfg.model, dtype="float32"))  # fp32 master weights
-    model, tokenizer = loaded.model, loaded.tokenizer
-    heldout = heldout_set(cfg, tokenizer, plan.precision, rank)
-    before = heldout.before(model, layout.eval_before(heldout.key)) if heldout.records else None
+        set_seed(tcfg.seed)
+        if not torch.cuda.is_available():
+            tune_cpu_malloc()
+        loaded = load_model(dataclasses.replace(cfg.model, dtype="float32"))  # fp32 master weights
+        model, tokenizer = loaded.model, loaded.tokenizer
+        heldout = heldout_set(cfg, tokenizer, plan.precision, rank)
+        before = heldout.before(model, layout.eval_before(heldout.key)) if heldout.records else None
 
-    train_set = training_set(cfg, data.files, tokenizer, world_size)
-    resume = latest_checkpoint(paths.checkpoints)
-    if resume:
-        log.info(f"resuming from {resume}")
-    collator = TrainCollator(pad_id_of(tokenizer), tcfg.max_tokens, tcfg.pack)
-    if tcfg.pack:
-        check_packing(model, train_set.dataset, collator)
-    trainer = ObjectiveTrainer(
-        model=model,
-        args=training_arguments(tcfg, paths.checkpoints, plan.precision),
-        train_dataset=train_set.dataset,
-        data_collator=collator,
-        train_cfg=tcfg,
-        trained_tokens=trained_tokens_at(resume),
-    )
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    summary = train_summary(plan, trainer, result, resume, train_set)
-    trainer.save_model(str(paths.model))
-    if rank == 0:  # results, evaluation and the summary come from one rank
-        tokenizer.save_pretrained(paths.model)
-        write_results(plan, summary, heldout, before, trainer)
-        log.info(
-            f"trained {summary.steps_this_run} step(s) ({tcfg.objective}) on {len(train_set.dataset):,} samples, "
-            f"{summary.target_tokens_this_run:,} target tokens this run at {summary.tokens_per_second:,.0f} "
-            f"tok/s, {summary.trained_tokens:,} trained on in all, {time.perf_counter() - started:.1f}s -> {paths.model}"
+        train_set = training_set(cfg, data.files, tokenizer, world_size)
+        resume = latest_checkpoint(paths.checkpoints)
+        if resume:
+            log.info(f"resuming from {resume}")
+        collator = TrainCollator(pad_id_of(tokenizer), tcfg.max_tokens, tcfg.pack)
+        if tcfg.pack:
+            check_packing(model, train_set.dataset, collator)
+        trainer = ObjectiveTrainer(
+            model=model,
+            args=training_arguments(tcfg, paths.checkpoints, plan.precision),
+            train_dataset=train_set.dataset,
+            data_collator=collator,
+            train_cfg=tcfg,
+            trained_tokens=trained_tokens_at(resume),
         )
-    if world_size > 1:
-        # other ranks wait for rank 0's evaluation: a rank that exits while the process group is
-        # alive aborts the whole job
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return paths.dir
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        summary = train_summary(plan, trainer, result, resume, train_set)
+        trainer.save_model(str(paths.model))
+        if rank == 0:  # results, evaluation and the summary come from one rank
+            tokenizer.save_pretrained(paths.model)
+            write_results(plan, summary, heldout, before, trainer)
+            log.info(
+                f"trained {summary.steps_this_run} step(s) ({tcfg.objective}) on {len(train_set.dataset):,} samples, "
+                f"{summary.target_tokens_this_run:,} target tokens this run at {summary.tokens_per_second:,.0f} "
+                f"tok/s, {summary.trained_tokens:,} trained on in all, {time.perf_counter() - started:.1f}s -> {paths.model}"
+            )
+        if world_size > 1:
+            # other ranks wait for rank 0's evaluation: a rank that exits while the process group is
+            # alive aborts the whole job
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        return paths.dir

@@ -1,6 +1,7 @@
 """Corpus readers on real small files: every format, stable sample_ids, sharding, bad input."""
 
 import gzip
+import io
 import json
 import shutil
 
@@ -265,3 +266,51 @@ def test_file_changed_after_planning_is_detected(tmp_path):
     path.write_bytes(jsonl_bytes(docs("a", 2)))
     with pytest.raises(InputError, match="did it change after the shard plan was made"):
         list(iter_corpus(plan, cfg, ReadStats()))
+
+
+def zst_streamed(data: bytes) -> bytes:
+    """One zstd frame written as a stream (no content size), as `zstd` on a pipe makes."""
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor().stream_writer(out, closefd=False) as writer:
+        for i in range(0, len(data), 1 << 14):
+            writer.write(data[i : i + (1 << 14)])
+    return out.getvalue()
+
+
+LONG = jsonl_bytes(docs("long", 4000))
+DAMAGED = {
+    "single-frame.jsonl.zst": zstandard.ZstdCompressor().compress(LONG)[:-200],
+    "streamed.jsonl.zst": zst_streamed(LONG)[: len(zst_streamed(LONG)) // 2],
+    "cut.jsonl.gz": gzip.compress(LONG)[: len(gzip.compress(LONG)) // 2],
+    "noise.jsonl.gz": b"\x1f\x8b\x08\x00" + bytes(range(256)) * 8,
+    "noise.jsonl.zst": b"\x28\xb5\x2f\xfd" + bytes(range(256)) * 8,
+    "noise.parquet": b"PAR1" + bytes(range(256)) * 8 + b"PAR1",
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGED))
+def test_a_damaged_input_fails_naming_the_file(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(DAMAGED[name])
+    with pytest.raises(InputError, match=rf"{path}: (is cut short|cannot be read)"):
+        read_all(paths=(str(path),))
+
+
+def test_complete_streamed_and_multi_frame_zstd_read_every_row(tmp_path):
+    path = tmp_path / "whole.jsonl.zst"
+    path.write_bytes(
+        zst_streamed(LONG[: len(LONG) // 2]) + zstandard.ZstdCompressor().compress(LONG[len(LONG) // 2 :])
+    )
+    records, _ = read_all(paths=(str(path),))
+    assert len(records) == 4000
+
+
+def test_a_utf8_bom_opens_a_jsonl_file_and_messages_say_at_once(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + jsonl_bytes(docs("bom", 3)))
+    records, stats = read_all(paths=(str(path),))
+    assert len(records) == 3 and not stats.skipped
+    bad = tmp_path / "ctl.jsonl"
+    bad.write_bytes(b'{"text": "a\x01b"}\n')
+    with pytest.raises(CorpusError, match=r"line 1: malformed JSON: Invalid control character at column 12 \("):
+        read_all(paths=(str(bad),))

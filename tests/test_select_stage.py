@@ -32,7 +32,7 @@ def test_every_sample_is_kept_or_rejected_with_text_joined_back(scored, tmp_path
     scores = pl.read_parquet(tmp_path / "out" / "scores" / "part-*.parquet")
     for band_dir in outputs:
         kept = pl.read_parquet(band_dir / "part-*.parquet")
-        rejected = pl.read_parquet(band_dir / "rejected" / "part-*.parquet")
+        rejected = pl.read_parquet(tmp_path / "out" / "rejected" / band_dir.name / "part-*.parquet")
         assert set(kept["sample_id"]).isdisjoint(rejected["sample_id"])
         assert sorted([*kept["sample_id"], *rejected["sample_id"]]) == sorted(scores["sample_id"])
         assert set(rejected["reason"]) <= {"too_hard", "too_easy"}
@@ -45,6 +45,8 @@ def test_every_sample_is_kept_or_rejected_with_text_joined_back(scored, tmp_path
         assert len((band_dir / "data.jsonl").read_text().splitlines()) == kept.height
         loaded = datasets.load_dataset("parquet", data_files=str(band_dir / "part-*.parquet"), split="train")
         assert loaded.num_rows == kept.height and "text" in loaded.column_names
+        # the band's folder alone loads too: the rejected rows do not sit inside it
+        assert datasets.load_dataset(str(band_dir), split="train").num_rows == kept.height
     midranking, middle = outputs
     assert pl.read_parquet(midranking / "part-*.parquet").height == 24  # 40% of 60
     weights = pl.read_parquet(middle / "part-*.parquet")["weight"]
