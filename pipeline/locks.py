@@ -56,8 +56,10 @@ def stage_lock(layout: Layout, stage: str) -> Iterator[None]:
         _write(
             fd, {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "argv": sys.argv}
         )
-        yield
-        _write(fd, None)  # a clean end leaves an empty lock file
+        try:
+            yield
+        finally:
+            _write(fd, None)  # any end but a kill leaves an empty record
     finally:
         os.close(fd)  # closing releases the flock
 

@@ -34,7 +34,7 @@ from pipeline.config import Config, to_dict
 from pipeline.layout import Layout
 from pipeline.outputs import ScoresSummary
 from pipeline.records import needed_columns
-from pipeline.sharding import ShardPlan
+from pipeline.sharding import ShardPlan, changed_inputs
 
 SCORING_VERSION = 1  # bump when a change alters the numbers a scorer writes
 PROVENANCE_KEY = b"midrank.provenance"
@@ -195,6 +195,20 @@ def clear_finished_checkpoints(layout: Layout, shard: int) -> None:
     their removal."""
     if layout.score_chunks(shard).exists():
         layout.remove(layout.score_chunks(shard))
+
+
+def check_corpus_unchanged(layout: Layout, plan: ShardPlan, provenance: dict[str, Any]) -> None:
+    """Refuse a corpus that is not the one that was scored: joining its texts to the old losses
+    would pair scores with other documents."""
+    if digest(plan.to_dict()) == provenance["key"]["corpus_plan_sha256"]:
+        return
+    scored = json.loads(layout.score_plan.read_text()) if layout.score_plan.is_file() else {"files": []}
+    changed = changed_inputs(plan, scored) or ["the shard plan differs"]
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    raise ProvenanceError(
+        f"{layout.scores_dir}: the corpus changed since it was scored ({'; '.join(changed[:3])}{more}); "
+        "restore it, or score it again into another out_dir"
+    )
 
 
 def score_files(layout: Layout, num_shards: int) -> list[Path]:

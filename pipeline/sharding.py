@@ -4,8 +4,9 @@ ranges of near-equal size (shard i holds global rows [i*N/S, (i+1)*N/S)).
     plan = plan_shards(cfg.corpus)            # counts rows: one streaming pass, no corpus in memory
     for record in iter_shard(plan, 3, cfg.corpus, stats): ...
 
-The plan depends only on the inputs' row counts and `num_shards`, so every rank (and every stage:
-scoring, then joining text back at selection) computes the same one without talking to the others.
+The plan depends only on the inputs (their row counts, sizes and sampled content) and
+`num_shards`, so every rank (and every stage: scoring, then joining text back at selection)
+computes the same one without talking to the others, and a stage can tell that the corpus changed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from pipeline.config import CorpusConfig
-from pipeline.readers import InputError, InputFile, count_rows, discover_inputs, read_rows
+from pipeline.readers import InputError, InputFile, count_rows, discover_inputs, fingerprint, read_rows
 from pipeline.records import ReadStats, Record, needed_columns, to_record
 
 
@@ -31,6 +32,9 @@ class ShardPlan:
     files: tuple[InputFile, ...]
     num_rows: tuple[int, ...]
     shards: tuple[tuple[Segment, ...], ...]
+    fingerprints: tuple[str, ...]
+    """Per input, its size and a hash of sampled content (`readers.fingerprint`): the scores hold
+    the plan, so a corpus edited after scoring is caught before texts are joined to old losses."""
 
     @property
     def total_rows(self) -> int:
@@ -41,7 +45,10 @@ class ShardPlan:
 
     def to_dict(self) -> dict:
         return {
-            "files": [asdict(f) | {"num_rows": n} for f, n in zip(self.files, self.num_rows, strict=True)],
+            "files": [
+                asdict(f) | {"num_rows": n, "fingerprint": p}
+                for f, n, p in zip(self.files, self.num_rows, self.fingerprints, strict=True)
+            ],
             "shards": [[[s.file_index, s.start, s.stop] for s in shard] for shard in self.shards],
         }
 
@@ -69,7 +76,25 @@ def cut_into_shards(
 def plan_shards(cfg: CorpusConfig) -> ShardPlan:
     files = tuple(discover_inputs(cfg.paths, cfg.format, cfg.text_glob))
     num_rows = tuple(count_rows(f) for f in files)
-    return ShardPlan(files, num_rows, cut_into_shards(num_rows, cfg.num_shards))
+    fingerprints = tuple(fingerprint(f) for f in files)
+    return ShardPlan(files, num_rows, cut_into_shards(num_rows, cfg.num_shards), fingerprints)
+
+
+def changed_inputs(plan: ShardPlan, scored: dict) -> list[str]:
+    """The inputs of `plan` that differ from the plan the scores were made with (`scored`, as
+    saved in plan.json): added, removed, or of other rows, size or content."""
+    before = {(f["path"], f.get("split")): f for f in scored["files"]}
+    now = {(f["path"], f.get("split")): f for f in plan.to_dict()["files"]}
+    changed = []
+    for key in sorted(before.keys() | now.keys(), key=str):
+        if key not in now:
+            changed.append(f"{key[0]}: gone")
+        elif key not in before:
+            changed.append(f"{key[0]}: new")
+        elif before[key] != now[key]:
+            what = [k for k in ("num_rows", "fingerprint") if before[key].get(k) != now[key].get(k)]
+            changed.append(f"{key[0]}: {' and '.join(what) or 'settings'} changed")
+    return changed
 
 
 def iter_shard_rows(

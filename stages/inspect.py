@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.artifacts import NoScoresError, digest
+from pipeline.artifacts import NoScoresError, ProvenanceError, digest
 from pipeline.config import Config, save_config, to_dict
 from pipeline.histograms import histogram, histogram_2d, quantiles, uniform_edges, value_range
 from pipeline.layout import Layout, ReportPaths, part_files
@@ -32,7 +32,7 @@ from pipeline.plots import Panel, plot_histograms, plot_loss_vs_length
 from pipeline.readers import InputError
 from pipeline.records import CorpusError, ReadStats, record_id, sample_text
 from pipeline.report import render_report
-from pipeline.scores import common_provenance, score_files
+from pipeline.scores import check_corpus_unchanged, common_provenance, score_files
 from pipeline.sharding import plan_shards, shard_records
 
 LOSS = pl.col("loss")
@@ -118,18 +118,21 @@ def example_regions(scores: pl.LazyFrame, band: DrawnBand | None, k: int) -> dic
     }
 
 
-def attach_texts(cfg: Config, rows: list[dict[str, Any]], max_chars: int) -> None:
-    """Join each example row with the first `max_chars` of its text, reading only its shards."""
+def attach_texts(cfg: Config, provenance: dict, rows: list[dict[str, Any]]) -> None:
+    """Join each example row with the first `inspect.example_chars` of its text, reading only its
+    shards (and only from the corpus that was scored)."""
+    max_chars = cfg.inspect.example_chars
     wanted: dict[int, set[str]] = defaultdict(set)
     for row in rows:
         wanted[row["shard"]].add(record_id(row["sample_id"]))
     records = {}
     try:
         plan = plan_shards(cfg.corpus)
+        check_corpus_unchanged(Layout(cfg.out_dir), plan, provenance)
         for shard, ids in sorted(wanted.items()):
             records |= shard_records(plan, shard, cfg.corpus, ReadStats(), ids)
-    except (InputError, CorpusError, OSError) as err:
-        get_logger().warning(f"example texts unavailable, the corpus could not be read: {err}")
+    except (InputError, CorpusError, ProvenanceError, OSError) as err:
+        get_logger().warning(f"example texts left out: {err}")
     for row in rows:
         record = records.get(record_id(row["sample_id"]))
         if record is None:
@@ -251,7 +254,9 @@ def draw_figures(scores: pl.LazyFrame, bands: list[DrawnBand], icfg, sources: li
     return images
 
 
-def examples_by_band(cfg: Config, scores: pl.LazyFrame, bands: list[DrawnBand]) -> list[tuple]:
+def examples_by_band(
+    cfg: Config, scores: pl.LazyFrame, bands: list[DrawnBand], provenance: dict
+) -> list[tuple]:
     """(band, its example regions with texts) per band, or (None, regions) with no band."""
     regions_per_band = [
         (
@@ -264,7 +269,7 @@ def examples_by_band(cfg: Config, scores: pl.LazyFrame, bands: list[DrawnBand]) 
         for band in bands or [None]
     ]
     rows = [row for _, regions in regions_per_band for r in regions for row in r["rows"]]
-    attach_texts(cfg, rows, cfg.inspect.example_chars)
+    attach_texts(cfg, provenance, rows)
     return regions_per_band
 
 
@@ -278,7 +283,7 @@ def build_summary(
     shown = sorted(sources, key=lambda s: -s["samples"])[: cfg.inspect.max_sources]
     shown_names = [s["source"] for s in sources if s in shown]  # keep the hardest-first order
     images = draw_figures(scores, bands, cfg.inspect, shown_names, work)
-    regions_per_band = examples_by_band(cfg, scores, bands)
+    regions_per_band = examples_by_band(cfg, scores, bands, provenance)
     return ReportSummary(
         inputs_key=inputs_key,
         out_dir=str(Path(cfg.out_dir)),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.artifacts import write_table_atomic
+from pipeline.artifacts import ProvenanceError, write_table_atomic
 from pipeline.config import (
     BAND_PRESETS,
     BandConfig,
@@ -34,7 +34,7 @@ from pipeline.locks import stage_lock
 from pipeline.log import get_logger
 from pipeline.outputs import BandManifest, Counts, LossRange, Positions, SourceCount, SourceMix
 from pipeline.records import ReadStats, record_id, sample_text
-from pipeline.scores import common_provenance, score_files
+from pipeline.scores import check_corpus_unchanged, common_provenance, score_files
 from pipeline.selection import Band, band_for, irdro_weight_expr, select
 from pipeline.sharding import ShardPlan, plan_shards, shard_records
 
@@ -113,8 +113,21 @@ def write_part(rows: pl.DataFrame, records: dict, where: Path, shard: int) -> No
     """One shard's rows of a band with their text (and prompt or messages) joined back from the
     corpus records."""
     texts, prompts, messages = [], [], []
-    for sample_id, char_start, char_end in rows.select("sample_id", "char_start", "char_end").iter_rows():
-        record = records[record_id(sample_id)]
+    columns = ("sample_id", "char_start", "char_end", "n_chars")
+    for sample_id, char_start, char_end, n_chars in rows.select(columns).iter_rows():
+        record = records.get(record_id(sample_id))
+        # plain text: the scored record's length is stored; a differing one is another document
+        # (instruction records are rendered through a template, and covered by the plan's fingerprints)
+        if record is None or (
+            record.prompt is None and record.messages is None and len(record.text) != n_chars
+        ):
+            found = (
+                "missing" if record is None else f"{len(record.text):,} characters, scored with {n_chars:,}"
+            )
+            raise ProvenanceError(
+                f"{sample_id}: the corpus record is {found}; the corpus changed since it was scored "
+                "(restore it, or score it again into another out_dir)"
+            )
         texts.append(sample_text(record, sample_id, char_start, char_end))
         prompts.append(record.prompt)
         messages.append(list(record.messages) if record.messages is not None else None)
@@ -210,6 +223,7 @@ def run(cfg: Config) -> list[Path]:
         plan = plan_shards(cfg.corpus)
         files = score_files(layout, len(plan.shards))
         provenance = common_provenance(files)
+        check_corpus_unchanged(layout, plan, provenance)
         scores = pl.scan_parquet(files)
         total_tokens = int(scores.select(pl.col("n_tokens").sum()).collect().item())
         pending = bands_to_select(cfg, layout, scores, provenance, total_tokens)

@@ -312,5 +312,7 @@ def test_a_utf8_bom_opens_a_jsonl_file_and_messages_say_at_once(tmp_path):
     assert len(records) == 3 and not stats.skipped
     bad = tmp_path / "ctl.jsonl"
     bad.write_bytes(b'{"text": "a\x01b"}\n')
-    with pytest.raises(CorpusError, match=r"line 1: malformed JSON: Invalid control character at column 12 \("):
+    with pytest.raises(
+        CorpusError, match=r"line 1: malformed JSON: Invalid control character at column 12 \("
+    ):
         read_all(paths=(str(bad),))
