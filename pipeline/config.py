@@ -141,6 +141,8 @@ class CorpusConfig:
 
     def __post_init__(self) -> None:
         _require(len(self.paths) > 0, "paths", "at least one input path is required")
+        # an empty entry would be the working directory, and every file below it an input
+        _require(all(p.strip() for p in self.paths), "paths", f"an entry is empty: {list(self.paths)}")
         _require(self.num_shards >= 1, "num_shards", f"must be >= 1, got {self.num_shards}")
 
 
@@ -446,6 +448,10 @@ class TrainConfig:
     eval_max_tokens: int = 512
     """Truncation of held-out samples."""
 
+    resume_changed_config: bool = False
+    """Resume a killed run from its checkpoint although the train or model config changed since
+    (the new config applies from there on). Off: such a resume is refused, naming what changed."""
+
     def __post_init__(self) -> None:
         _require_shares(self, "skip", "keep")
         _require(self.kl_reg > 0, "kl_reg", f"must be > 0, got {self.kl_reg}")
@@ -535,7 +541,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
         data = loaded or {}
@@ -557,7 +566,12 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, not a section (in {override!r})")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"{key}: the value {raw!r} is not valid YAML ({' '.join(str(err).split())})"
+        ) from None
 
 
 def build(cls: type, data: Any, prefix: str) -> Any:

@@ -54,13 +54,14 @@ class RunPaths:
     """A training run: `metrics` (a `RunMetrics`) is written last, so a run with it is finished;
     `selection` is the manifest of the band it trained on, copied beside its results; `model` the
     trained model and tokenizer (save_pretrained); `checkpoints` the Trainer's checkpoint-N
-    folders, resumed from after a kill."""
+    folders, resumed from after a kill; `config` the resolved config the run was started under."""
 
     dir: Path
     metrics: Path
     selection: Path
     model: Path
     checkpoints: Path
+    config: Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +174,7 @@ class Layout:
             folder / "selection_manifest.json",
             folder / "model",
             folder / "checkpoints",
+            folder / "config.yaml",
         )
 
     def lock(self, name: str) -> Path:

@@ -14,6 +14,7 @@ array each rank takes its own lock, so ranks of one job never block each other.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -36,9 +37,18 @@ class LockedError(RuntimeError):
 def stage_lock(layout: Layout, stage: str) -> Iterator[None]:
     rank, world_size = rank_and_world()
     path = layout.lock(stage if world_size == 1 else f"{stage}.rank{rank}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # opened without truncating: the previous holder's record must survive until we hold the lock
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # opened without truncating: the previous holder's record must survive until we hold the lock
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        if err.errno not in (errno.EROFS, errno.EACCES):
+            raise
+        # nobody can write here, this run included: re-checking finished work needs no lock, and
+        # the first write will fail with its own clear error
+        get_logger().info(f"{layout.out_dir} is not writable ({err.strerror}): running without a lock")
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

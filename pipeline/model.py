@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.log import get_logger
@@ -100,22 +101,44 @@ def fingerprint(cfg: ModelConfig) -> dict[str, str]:
     }
 
 
+def check_model_dir(cfg: ModelConfig) -> None:
+    """What a model directory must hold, checked before transformers reads it (whose own errors
+    for a missing part are misleading: no tokenizer reads as 'need sentencepiece or tiktoken')."""
+    path = Path(cfg.path)
+    weight_files(cfg)
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model.path: {cfg.path!r} has no config.json (save the model with save_pretrained)"
+        )
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise ConfigError(
+            f"model.path: {cfg.path!r} has no tokenizer (tokenizer.json); save it beside the model with "
+            "tokenizer.save_pretrained"
+        )
+
+
 def load_model(cfg: ModelConfig) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(cfg.path)
-    weight_files(cfg)
+    check_model_dir(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=dtype,
-        use_safetensors=True,
-        trust_remote_code=cfg.trust_remote_code,
-        attn_implementation=cfg.attn_implementation,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # a damaged or foreign directory
+        message = " ".join(str(err).split())[:300]
+        raise ConfigError(
+            f"model.path: {cfg.path!r} cannot be loaded ({type(err).__name__}: {message})"
+        ) from None
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if not tokenizer.is_fast:
         raise ConfigError(
             f"model.path: {cfg.path!r}: a fast (Rust) tokenizer is needed for character offsets"

@@ -98,9 +98,8 @@ def make_samples(record: Record, tokenizer, policy: SamplePolicy) -> tuple[list[
     """The samples of one record, or ([], reason) when it yields none."""
     if record.messages is not None or record.prompt is not None:
         return instruction_sample(record, tokenizer, policy)
-    encoded = tokenizer(record.text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = encoded["input_ids"]
-    offsets: list[tuple[int, int]] = encoded["offset_mapping"]
+    needed = policy.max_tokens if policy.long_docs == "truncate" else None
+    ids, offsets = encode_start(tokenizer, record.text, needed)
     if policy.bos_id is not None:
         ids = [policy.bos_id, *ids]
         offsets = [(0, 0), *offsets]
@@ -140,6 +139,28 @@ def make_samples(record: Record, tokenizer, policy: SamplePolicy) -> tuple[list[
             )
         )
     return samples, None
+
+
+# Characters tried per token needed, and tokens tokenized past the cut: a prefix's tokens equal the
+# whole text's except near the cut (the last word there may split otherwise), so tokens well before
+# it are the ones the whole text would give.
+CHARS_PER_TOKEN, CUT_MARGIN = 8, 32
+
+
+def encode_start(tokenizer, text: str, needed: int | None) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of `text`, or of enough of its start to give `needed`
+    tokens and more (the rest is then cut anyway): a 5 MB document truncated to 512 tokens is
+    not tokenized whole. Returns more than `needed` tokens whenever the text has more."""
+    limit = None if needed is None else (needed + CUT_MARGIN) * CHARS_PER_TOKEN
+    while True:
+        whole = limit is None or limit >= len(text)
+        encoded = tokenizer(
+            text if whole else text[:limit], add_special_tokens=False, return_offsets_mapping=True
+        )
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        if whole or len(ids) > needed + CUT_MARGIN:
+            return (ids, offsets) if whole else (ids[: needed + 1], offsets[: needed + 1])
+        limit *= 4  # tokens longer than CHARS_PER_TOKEN on average: take more of the text
 
 
 def split_windows(length: int, max_tokens: int, context: int) -> list[tuple[int, int, int]]:

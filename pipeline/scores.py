@@ -32,7 +32,7 @@ from pipeline.artifacts import (
 )
 from pipeline.config import Config, to_dict
 from pipeline.layout import Layout
-from pipeline.outputs import ScoresSummary
+from pipeline.outputs import OutputError, ScoresSummary
 from pipeline.records import needed_columns
 from pipeline.sharding import ShardPlan, changed_inputs
 
@@ -242,5 +242,10 @@ def write_summary(layout: Layout, num_shards: int) -> ScoresSummary | None:
     summary = ScoresSummary(
         **total, shards=num_shards, provenance=read_json_metadata(paths[0], PROVENANCE_KEY)
     )
-    summary.write(layout.scores_summary)
+    try:
+        unchanged = ScoresSummary.read(layout.scores_summary) == summary
+    except OutputError:
+        unchanged = False
+    if not unchanged:  # a finished score set is re-checked without a write (a read-only disk too)
+        summary.write(layout.scores_summary)
     return summary

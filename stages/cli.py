@@ -11,16 +11,19 @@
     torchrun --nproc_per_node=8 -m stages.cli score --config ...          # one process per GPU
 
 Each command is a stage module's `run(cfg)`, imported only when asked for (a stage pulls in torch
-and transformers). Configuration errors and bad input end with one clear line and exit status 2,
-not a traceback. This module lives in stages/, not beside the library as STYLE.md's layout has
+and transformers). Every expected failure (config, input, model, outputs, a busy out_dir, a
+file that cannot be read or written) ends with one line naming the file and what to do, and exit
+status 2; `--debug` shows its traceback. A traceback without `--debug` is a bug. This module lives in stages/, not beside the library as STYLE.md's layout has
 it, because it dispatches to the stages and the library must not import them.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
+import re
 import sys
 
 from pipeline.artifacts import ProvenanceError
@@ -42,7 +45,27 @@ COMMANDS = {
     "demo": ("stages.demo", "score, select, inspect and train, then a summary of where everything went"),
     "compare": ("stages.compare", "train on random/top/bottom/MidRanking/IR-DRO sets, compare held-out loss"),
 }
-ERRORS = (ConfigError, InputError, CorpusError, ProvenanceError, OutputError, LockedError)
+# Expected failures: bad config or input, outputs that do not fit together, a busy out_dir, and
+# the machine's own (a file that cannot be read or written, a full disk). Anything else is a bug.
+ERRORS = (ConfigError, InputError, CorpusError, ProvenanceError, OutputError, LockedError, OSError)
+
+
+def one_line(err: BaseException) -> str:
+    """The error as one line, naming the file where there is one."""
+    text = str(err)
+    if "Original Traceback" in text:
+        # re-raised from a DataLoader worker with its traceback inside: keep the worker's message
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = re.sub(r"^[\w.]+(Error|Exception): ", "", last)
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        advice = {
+            errno.ENOSPC: "free some space, or use another out_dir",
+            errno.EDQUOT: "free some space, or use another out_dir",
+            errno.EACCES: "check the permissions, or use another out_dir",
+            errno.EROFS: "the disk is read-only: use another out_dir",
+        }.get(err.errno, "check the path")
+        text = f"{err.filename}: {err.strerror}; {advice}"
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", default="configs/default.yaml", help="YAML preset (default: %(default)s)")
+        p.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
         p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     module = COMMANDS[args.command][0]
@@ -62,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             importlib.import_module(module).run(cfg)
     except ERRORS as err:
-        get_logger().error(f"error: {err}")
+        if args.debug:
+            raise
+        get_logger().error(f"error: {one_line(err)}")
         return 2
     return 0
 

@@ -28,6 +28,7 @@ from pipeline.log import RowProgress, format_counts, get_logger
 from pipeline.model import load_model, tune_cpu_malloc
 from pipeline.nll import BudgetedScorer, NLLScorer
 from pipeline.ranks import rank_and_world, shards_of_rank
+from pipeline.readers import InputError
 from pipeline.scores import (
     ShardWriter,
     add_stats,
@@ -95,6 +96,8 @@ def run(cfg: Config) -> Path:
     with stage_lock(layout, "score"):
         layout.scores_dir.mkdir(parents=True, exist_ok=True)
         plan = plan_shards(cfg.corpus)
+        if plan.total_rows == 0:
+            raise InputError(f"corpus.paths: {', '.join(cfg.corpus.paths)} hold no rows; nothing to score")
         save_plan(layout, plan)
         provenance = make_provenance(cfg, plan)
         assigned = shards_of_rank(len(plan.shards), rank, world_size)
@@ -135,5 +138,7 @@ def run(cfg: Config) -> Path:
             f"scored {totals['samples']} samples from {totals['rows']} rows (skipped: {format_counts(totals['skipped'])}), "
             f"{totals['tokens']:,} tokens, {progress.tokens / elapsed:,.0f} tok/s, {elapsed:.1f}s -> {layout.scores_dir}"
         )
-        write_summary(layout, len(plan.shards))
+        summary = write_summary(layout, len(plan.shards))
+        if summary is not None and summary.samples == 0:
+            log.warning(f"no sample was scored (skipped: {format_counts(summary.skipped)}); check the corpus")
         return layout.scores_dir

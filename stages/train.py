@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from transformers import set_seed
 
 from pipeline.batching import pad_id_of
@@ -74,6 +75,11 @@ def training_data(cfg: Config, layout: Layout) -> TrainingData:
     return TrainingData(part_files(layout.band(band).dir), band, band)
 
 
+def without_resume_flag(train: dict) -> dict:
+    """The train section as it decides the weights (how a resume is allowed does not)."""
+    return {k: v for k, v in train.items() if k != "resume_changed_config"}
+
+
 def finished_run(path: Path, tcfg) -> bool:
     """True when this run is already trained; a different run under the same name is refused."""
     if not path.is_file():
@@ -85,11 +91,37 @@ def finished_run(path: Path, tcfg) -> bool:
             f"train.name: {path.parent} holds a run written by an older midrank ({err}); delete that "
             "directory to train it again, or give this run another name"
         ) from None
-    if metrics.config["train"] != to_dict(tcfg):
+    if without_resume_flag(metrics.config["train"]) != without_resume_flag(to_dict(tcfg)):
         raise ConfigError(
             f"train.name: {path.parent} holds a run with another train config; give this one another name"
         )
     return True
+
+
+def check_resumable(cfg: Config, paths: RunPaths, resume: Path | None) -> None:
+    """A killed run resumes only under the config that made its checkpoints (the train and model
+    sections), unless train.resume_changed_config says otherwise."""
+    if resume is None or cfg.train.resume_changed_config:
+        return
+    made = yaml.safe_load(paths.config.read_text()) if paths.config.is_file() else None
+    if made is None:
+        raise ConfigError(
+            f"train.resume_changed_config: {resume} was made by a run whose config was not recorded; "
+            "set train.resume_changed_config=true to resume it anyway, or give this run another name"
+        )
+    now = to_dict(cfg)
+    now["train"], made["train"] = without_resume_flag(now["train"]), without_resume_flag(made["train"])
+    changed = [
+        f"{section}.{key}: {made[section].get(key)!r} -> {value!r}"
+        for section in ("train", "model")
+        for key, value in now[section].items()
+        if made[section].get(key) != value
+    ]
+    if changed:
+        raise ConfigError(
+            f"train.resume_changed_config: {paths.dir} was started under another config ({'; '.join(changed)}); "
+            "set train.resume_changed_config=true to resume it with the new one, or give this run another name"
+        )
 
 
 def heldout_set(cfg: Config, tokenizer, precision: str, rank: int) -> HeldOutSet:
@@ -215,8 +247,11 @@ def run(cfg: Config) -> Path:
 
         train_set = training_set(cfg, data.files, tokenizer, world_size)
         resume = latest_checkpoint(paths.checkpoints)
+        check_resumable(cfg, paths, resume)
         if resume:
             log.info(f"resuming from {resume}")
+        elif rank == 0:
+            save_config(cfg, paths.dir)  # what the checkpoints will be made under
         collator = TrainCollator(pad_id_of(tokenizer), tcfg.max_tokens, tcfg.pack)
         if tcfg.pack:
             check_packing(model, train_set.dataset, collator)

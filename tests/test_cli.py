@@ -1,13 +1,24 @@
 """The `midrank` command, run as a user would (a real subprocess)."""
 
+import errno
 import json
+import shutil
 import subprocess
 import sys
+
+import pytest
+
+from stages.cli import one_line
+from tests.helpers import ROOT, make_texts, write_config, write_corpus
 
 
 def midrank(*args, cwd=None):
     return subprocess.run(
-        [sys.executable, "-m", "stages.cli", *args], capture_output=True, text=True, cwd=cwd, check=False
+        [sys.executable, "-m", "stages.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        check=False,
     )
 
 
@@ -33,3 +44,78 @@ def test_corpus_check_reports_counts_and_bad_rows(tmp_path):
     result = midrank("corpus", "--config", str(config), "corpus.on_error=skip")
     assert result.returncode == 0, result.stderr
     assert "2 rows -> 1 records; skipped: malformed_json=1" in result.stderr
+
+
+def one_error_line(result) -> str:
+    """The run failed as an expected error: exit 2, one line on stderr, no traceback."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("[midrank] error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_model_dir):
+    corpus = write_corpus(tmp_path / "corpus.jsonl", make_texts(12, seed=3))
+    return write_config(tmp_path, corpus, tiny_model_dir), tiny_model_dir
+
+
+def test_yaml_errors_are_one_line(tmp_path, setup):
+    config, _ = setup
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("corpus:\n  paths: [a\nmodel: {path: m}\n")
+    assert "broken.yaml: not valid YAML" in one_error_line(midrank("config", "--config", str(broken)))
+    line = one_error_line(midrank("config", "--config", str(config), "score.batch_tokens=[1"))
+    assert "score.batch_tokens: the value '[1' is not valid YAML" in line
+    line = one_error_line(midrank("config", "--config", str(config), "corpus.paths=['']"))
+    assert "corpus.paths: an entry is empty" in line
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "tokenizer.json").unlink(), "has no tokenizer"),
+        (lambda d: (d / "config.json").unlink(), "has no config.json"),
+        (
+            lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
+            "cannot be loaded",
+        ),
+    ],
+)
+def test_a_damaged_model_directory_is_one_line(tmp_path, setup, damage, message):
+    config, model = setup
+    broken = tmp_path / "model"
+    shutil.copytree(model, broken)
+    damage(broken)
+    line = one_error_line(midrank("score", "--config", str(config), f"model.path={broken}"))
+    assert f"model.path: '{broken}'" in line and message in line
+
+
+def test_an_error_in_a_dataloader_worker_is_one_line(tmp_path, setup):
+    config, _ = setup
+    (tmp_path / "corpus.jsonl").open("a").write("{not json\n")
+    line = one_error_line(midrank("score", "--config", str(config), "score.num_workers=1"))
+    assert "corpus.jsonl, line 13: malformed JSON" in line and "Original Traceback" not in line
+
+
+def test_an_unwritable_out_dir_and_an_empty_corpus_are_one_line(tmp_path, setup):
+    config, _ = setup
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    line = one_error_line(midrank("score", "--config", str(config), f"out_dir={blocker}/out"))
+    assert str(blocker) in line and "Not a directory" in line
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    line = one_error_line(midrank("score", "--config", str(config), f"corpus.paths=[{empty}]"))
+    assert "hold no rows; nothing to score" in line
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/out/scores/part-00000.parquet")
+    assert (
+        one_line(full)
+        == "/data/out/scores/part-00000.parquet: No space left on device; free some space, or use another out_dir"
+    )
+
+
+def test_debug_shows_the_traceback(setup):
+    config, _ = setup
+    result = midrank("score", "--debug", "--config", str(config), "model.path=/nonexistent")
+    assert result.returncode != 0 and "Traceback" in result.stderr and "ConfigError" in result.stderr

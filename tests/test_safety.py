@@ -1,6 +1,7 @@
 """Nothing lost, nothing escapes: names that cannot leave out_dir, deletes confined to it, one run
 of a stage per out_dir at a time."""
 
+import errno
 import json
 import os
 import time
@@ -160,3 +161,24 @@ def test_an_edit_the_fingerprint_misses_is_caught_row_by_row(scored, monkeypatch
         ProvenanceError, match=r"corpus\.jsonl:7: the corpus record is .* characters, scored with"
     ):
         select.run(cfg)
+
+
+def test_rechecking_a_finished_score_set_writes_nothing(scored, tmp_path, monkeypatch):
+    """So a finished score set on a read-only disk can be re-checked: the rerun changes no file,
+    and where the lock cannot be created (a read-only disk), it runs without one."""
+    config, _ = scored
+    out = tmp_path / "out"
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and ".locks" not in p.parts}
+    score.run(load_config(config))
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and ".locks" not in p.parts}
+    assert after == before
+
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    score.run(load_config(config))  # no lock, no write, no error

@@ -199,3 +199,27 @@ def test_pack_batches_respects_the_budget():
     assert [len(s.input_ids) for b in batches for s in b] == [len(s.input_ids) for s in samples]
     for batch in batches:
         assert len(batch) * len(batch[0].input_ids) <= 128 or len(batch) == 1
+
+
+def test_truncation_tokenizes_only_the_start_of_a_long_document(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    texts = make_texts(40, seed=11)
+    huge = " ".join(texts) * 100  # ~0.7 MB
+    seen = []
+
+    class Spy:
+        def __call__(self, text, **kwargs):
+            seen.append(len(text))
+            return tokenizer(text, **kwargs)
+
+    for text in [*texts, " ".join(texts), huge]:
+        for bos in (tokenizer.bos_token_id, None):
+            record = Record("d:0", "s", text)
+            got, _ = make_samples(record, Spy(), policy(64, bos))
+            full = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = ([bos] if bos is not None else []) + full
+            if len(ids) < 2:
+                continue
+            (sample,) = got
+            assert sample.input_ids == ids[:64] and sample.truncated == (len(ids) > 64)
+    assert len(huge) > 500_000 and max(seen) < 20_000

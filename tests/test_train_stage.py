@@ -237,3 +237,18 @@ def test_old_checkpoints_and_hidden_run_names_are_refused(tmp_path):
     config.write_text("corpus: {paths: [x.jsonl]}\nmodel: {path: m}\n")
     with pytest.raises(ConfigError, match=r"train\.name: must be a plain name"):
         load_config(config, ["train.name=.eval-before"])
+
+
+def test_a_killed_run_resumes_only_under_its_own_config(tmp_path, tiny_model_dir, corpus):
+    config = train_config(tmp_path, corpus, tiny_model_dir, "  max_steps: 2\n  save_steps: 2\n")
+    run_dir = train.run(load_config(config))
+    (run_dir / "metrics.json").unlink()  # as if killed after its checkpoint at step 2
+    changed = ["train.max_steps=4", "train.learning_rate=0.01"]
+    with pytest.raises(
+        ConfigError,
+        match=r"started under another config \(train\.max_steps: 2 -> 4; train\.learning_rate: 0\.001 -> 0\.01\)",
+    ):
+        train.run(load_config(config, changed))
+    resumed = train.run(load_config(config, [*changed, "train.resume_changed_config=true"]))
+    metrics = json.loads((resumed / "metrics.json").read_text())["train"]
+    assert metrics["steps"] == 4 and metrics["steps_this_run"] == 2  # continued from step 2
