@@ -7,10 +7,13 @@ different keys are never mixed (`check_same_key`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,20 +49,39 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write to; renamed to `path` when the block ends well, and
+    removed when it does not. An error writing it (a full or read-only disk) names `path`."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except (OSError, pa.ArrowException) as err:
+        tmp.unlink(missing_ok=True)
+        code = getattr(err, "errno", None) or (errno.ENOSPC if "No space left" in str(err) else errno.EIO)
+        raise OSError(code, os.strerror(code), str(path)) from err
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def write_table_atomic(table: pa.Table, path: Path, metadata: dict[bytes, bytes]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table.replace_schema_metadata(metadata), tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table.replace_schema_metadata(metadata), tmp, compression="zstd")
 
 
 def read_json_metadata(path: Path, key: bytes) -> dict:
-    metadata = pq.read_schema(path).metadata or {}
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException) as err:
+        raise ProvenanceError(f"{path}: damaged ({err}); delete it, and score again to redo it") from None
     if key not in metadata:
         raise ProvenanceError(f"{path}: no {key.decode()} metadata; not a midrank score file")
     return json.loads(metadata[key])

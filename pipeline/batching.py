@@ -12,6 +12,7 @@ and the biggest batch of a window comes first.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import Counter
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from pipeline.config import CorpusConfig, ScoreConfig
-from pipeline.records import ReadStats
+from pipeline.records import ReadStats, record_digest
 from pipeline.samples import Sample, SamplePolicy, make_samples
 from pipeline.sharding import ShardPlan, iter_shard_rows
 
@@ -58,7 +59,16 @@ def collate(samples: list[Sample], pad_id: int, padding_side: str = "right") -> 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask}
 
 
-META_FIELDS = ("sample_id", "source", "window", "n_chars", "char_start", "char_end", "truncated")
+META_FIELDS = (
+    "sample_id",
+    "source",
+    "window",
+    "n_chars",
+    "char_start",
+    "char_end",
+    "truncated",
+    "record_hash",
+)
 
 
 class ShardBatches(IterableDataset):
@@ -91,7 +101,8 @@ class ShardBatches(IterableDataset):
                 if record is None:
                     continue
                 made, reason = make_samples(record, self.tokenizer, self.policy)
-                samples.extend(made)
+                digest = record_digest(record)
+                samples.extend(dataclasses.replace(sample, record_hash=digest) for sample in made)
                 if reason:
                     skipped[reason] += 1
             samples.sort(key=lambda s: -len(s.input_ids))

@@ -506,6 +506,8 @@ class CompareConfig:
 
     def __post_init__(self) -> None:
         _require_name(self.name, "name")
+        # its runs are named <name>-<arm>-seed<s>, which must stay a plain name too
+        _require(len(self.name) <= 96, "name", f"must be at most 96 characters, got {len(self.name)}")
         _require(len(self.arms) > 0, "arms", "at least one arm is required")
         _require(len(set(self.arms)) == len(self.arms), "arms", "an arm is listed twice")
         _require(len(self.seeds) > 0, "seeds", "at least one seed is required")
@@ -529,6 +531,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
+    def __post_init__(self) -> None:
+        _require(
+            self.inspect.name != self.compare.name,
+            "inspect.name",
+            f"names the same report folder as compare.name ({self.compare.name!r}); give them different names",
+        )
+
 
 # ------------------------------------------------------------------------------------------------
 # Loading
@@ -540,10 +549,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"{path}: {'a directory, not' if path.is_dir() else 'no such'} config file")
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
@@ -663,8 +672,10 @@ def dump_config(cfg: Any) -> str:
 
 
 def save_config(cfg: Any, directory: str | Path, name: str = "config.yaml") -> Path:
-    """Write the resolved config next to an artifact."""
+    """Write the resolved config next to an artifact (atomically: a reader never sees half)."""
+    from pipeline.artifacts import write_text_atomic  # artifacts sits above config
+
     path = Path(directory) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dump_config(cfg), encoding="utf-8")
+    write_text_atomic(path, dump_config(cfg))
     return path

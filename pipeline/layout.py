@@ -27,6 +27,10 @@ from pathlib import Path
 from pipeline.config import is_safe_name
 
 
+class LayoutError(ValueError):
+    """A path under out_dir that would reach outside it (a hostile name, or a symlink)."""
+
+
 def part_path(directory: Path, shard: int) -> Path:
     """The file of one shard in a folder of shards (scores, a band, its rejected rows)."""
     return directory / f"part-{shard:05d}.parquet"
@@ -54,7 +58,8 @@ class RunPaths:
     """A training run: `metrics` (a `RunMetrics`) is written last, so a run with it is finished;
     `selection` is the manifest of the band it trained on, copied beside its results; `model` the
     trained model and tokenizer (save_pretrained); `checkpoints` the Trainer's checkpoint-N
-    folders, resumed from after a kill; `config` the resolved config the run was started under."""
+    folders, resumed from after a kill; `config` the resolved config; `started` what decides the
+    weights, recorded when the run starts, so a resume under other settings is caught."""
 
     dir: Path
     metrics: Path
@@ -62,6 +67,7 @@ class RunPaths:
     model: Path
     checkpoints: Path
     config: Path
+    started: Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,18 +99,24 @@ class Layout:
     def _named(self, parent: Path, name: str) -> Path:
         # the config checks names already; a name that could leave its folder is a bug here
         if not is_safe_name(name):
-            raise ValueError(f"{name!r} is not a plain name; it would not stay inside {parent}")
+            raise LayoutError(f"{name!r} is not a plain name; it would not stay inside {parent}")
         return parent / name
 
     def remove(self, path: Path) -> None:
         """Delete a folder or file that is inside out_dir, never out_dir itself or anything outside
         it (checked on the resolved paths, so neither '..' nor a symlink can widen a delete)."""
         if not self.holds(path):
-            raise ValueError(f"refusing to delete {path}: it is not inside {self.out_dir}")
+            raise LayoutError(f"refusing to delete {path}: it is not inside {self.out_dir} (a symlink?)")
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+    def check_inside(self, path: Path) -> Path:
+        """`path`, after checking it stays inside out_dir once symlinks are followed."""
+        if not self.holds(path):
+            raise LayoutError(f"{path} leads outside {self.out_dir} (a symlink?); refusing to write there")
+        return path
 
     def holds(self, path: Path) -> bool:
         """Whether `path` lies strictly inside out_dir."""
@@ -175,6 +187,7 @@ class Layout:
             folder / "model",
             folder / "checkpoints",
             folder / "config.yaml",
+            folder / "started.json",
         )
 
     def lock(self, name: str) -> Path:

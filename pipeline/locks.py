@@ -1,15 +1,22 @@
-"""One run of a stage per out_dir at a time: an exclusive lock file held for the stage's duration.
+"""One writer per resource of an out_dir at a time: exclusive lock files held while working.
 
-    with stage_lock(layout, "score"):      # or "train-<run>", "inspect-<report>", ...
+    with lock(layout, "select"):                 # select, inspect-<name>, compare-<name>, train-<run>
+        ...
+    with lock(layout, f"score-shard-{shard:05d}"):   # score locks the shard it works on
         ...
 
-The lock is `out_dir/.locks/<stage>[.rank<r>].lock`, held with `flock`: the kernel releases it
-when its process ends, however it ends, so a killed run never leaves a lock that blocks the next
-one. The file also holds who took it (host, pid, start time, command); a second run finds the lock
-taken and stops with a line saying who holds it. A holder recorded in the file but no longer
-holding the lock is a run that died without cleaning up: that is reported (it may have left
-partial outputs, which the stages resume or redo) and the lock is taken. Under torchrun or a Slurm
-array each rank takes its own lock, so ranks of one job never block each other.
+A lock is `out_dir/.locks/<name>.lock`, held with a POSIX record lock (`lockf`): the kernel drops
+it when its process ends, however it ends, and a forked child (a DataLoader worker) does not
+inherit it, so a killed run never leaves a lock that blocks the next one. The file also records
+who holds it (host, pid, start time, command): a second run that finds the lock taken stops with
+a line saying who holds it. A holder recorded in the file but no longer holding the lock is a run
+that died: that is reported (it may have left partial outputs, which the stages resume or redo)
+and the lock is taken.
+
+Locks name what is written, not who writes it: the ranks of a torchrun job or a Slurm array score
+different shards, so their shard locks never meet, while a second job (or a plain run beside one)
+meets the first on the same shards and stops. Stages that are not split across ranks take one
+lock whatever the rank (train: rank 0 takes it for the job).
 """
 
 from __future__ import annotations
@@ -26,42 +33,44 @@ from contextlib import contextmanager
 
 from pipeline.layout import Layout
 from pipeline.log import get_logger
-from pipeline.ranks import rank_and_world
 
 
 class LockedError(RuntimeError):
-    """Another run holds this stage's lock on this out_dir."""
+    """Another run holds this lock."""
 
 
 @contextmanager
-def stage_lock(layout: Layout, stage: str) -> Iterator[None]:
-    rank, world_size = rank_and_world()
-    path = layout.lock(stage if world_size == 1 else f"{stage}.rank{rank}")
+def lock(layout: Layout, name: str) -> Iterator[None]:
+    path = layout.lock(name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # opened without truncating: the previous holder's record must survive until we hold the lock
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
-        if err.errno not in (errno.EROFS, errno.EACCES):
-            raise
+        if err.errno != errno.EROFS:
+            raise LockedError(
+                f"{path}: cannot take the lock ({err.strerror}); check the permissions"
+            ) from None
         # nobody can write here, this run included: re-checking finished work needs no lock, and
-        # the first write will fail with its own clear error
-        get_logger().info(f"{layout.out_dir} is not writable ({err.strerror}): running without a lock")
+        # the first write would fail with its own clear error
+        get_logger().info(f"{layout.out_dir} is on a read-only disk: running without a lock")
         yield
         return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             raise LockedError(
-                f"{layout.out_dir}: another `{stage}` run holds {path} ({_describe(_holder(fd))}); "
+                f"{layout.out_dir}: another run holds {path} ({describe(_holder(fd))}); "
                 "wait for it to finish, or use another out_dir"
             ) from None
         previous = _holder(fd)
         if previous:
             get_logger().warning(
-                f"{path}: a previous `{stage}` run ({_describe(previous)}) ended without releasing its lock "
-                "(killed?); its unfinished work is resumed or redone"
+                f"{path}: a previous run ({describe(previous)}) ended without releasing it (killed?); "
+                "its unfinished work is resumed or redone"
             )
         _write(
             fd, {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "argv": sys.argv}
@@ -71,7 +80,15 @@ def stage_lock(layout: Layout, stage: str) -> Iterator[None]:
         finally:
             _write(fd, None)  # any end but a kill leaves an empty record
     finally:
-        os.close(fd)  # closing releases the flock
+        os.close(fd)  # closing releases the lock
+
+
+def check_free(layout: Layout, names: list[str]) -> None:
+    """Stop now, before any expensive start-up, if another run holds one of these locks (the
+    locks are taken for real later, one at a time)."""
+    for name in names:
+        with lock(layout, name):
+            pass
 
 
 def _holder(fd: int) -> dict | None:
@@ -90,7 +107,7 @@ def _write(fd: int, holder: dict | None) -> None:
     os.fsync(fd)
 
 
-def _describe(holder: dict | None) -> str:
+def describe(holder: dict | None) -> str:
     if not holder or "pid" not in holder:
         return "holder unknown"
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))

@@ -165,7 +165,12 @@ def _inputs_of(path: Path, format: str, text_glob: str, glob_entry: bool) -> lis
 def _hf_inputs(path: Path) -> list[InputFile]:
     name = path.resolve().name
     if (path / "dataset_dict.json").is_file():
-        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        try:
+            splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        except (ValueError, KeyError) as err:
+            raise InputError(
+                f"{path / 'dataset_dict.json'}: damaged ({err}); save the dataset again"
+            ) from None
         return [InputFile(str(path.resolve()), name, "hf_disk", name, split=s) for s in splits]
     return [InputFile(str(path.resolve()), name, "hf_disk", name)]
 
@@ -178,52 +183,51 @@ def _open_binary(path: str) -> io.BufferedIOBase:
     if path.endswith(".gz"):
         return gzip.open(path, "rb")  # raises EOFError on a file cut short
     if path.endswith(".zst"):
-        return io.BufferedReader(_ZstdFrames(path), buffer_size=1 << 20)
+        import zstandard
+
+        check_zstd_frames(path)  # zstandard's reader stops quietly where a file is cut short
+        raw = open(path, "rb")  # noqa: SIM115 -- closed through the returned reader
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+        return io.BufferedReader(reader, buffer_size=1 << 20)
     return open(path, "rb")
 
 
-class _ZstdFrames(io.RawIOBase):
-    """The decompressed bytes of a .zst file of one or more frames, read to the end. zstandard's
-    stream reader returns what it has when the file stops inside a frame, so a file cut short
-    would read as a shorter corpus; this one raises instead."""
+ZSTD_MAGIC, SKIPPABLE_MAGIC = 0xFD2FB528, 0x184D2A50
 
-    def __init__(self, path: str):
-        import zstandard
 
-        self.path = path
-        self.raw = open(path, "rb")  # noqa: SIM115 -- closed with this reader
-        self.context = zstandard.ZstdDecompressor()
-        self.frame = None  # the decompressor of the frame being read
-        self.out, self.at = b"", 0
+def check_zstd_frames(path: str) -> None:
+    """Walk the frames and blocks of a .zst file, reading only their headers, and raise EOFError
+    when it ends inside one (a file cut short). The content is not decompressed here."""
+    import zstandard
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while self.at == len(self.out):
-            data = self.raw.read(1 << 20)
-            if not data:
-                if self.frame is not None and not self.frame.eof:
-                    raise EOFError("the file ends inside a zstd frame (cut short?)")
-                return 0
-            self.out, self.at = self._decompress(data), 0
-        n = min(len(buffer), len(self.out) - self.at)
-        buffer[:n] = self.out[self.at : self.at + n]
-        self.at += n
-        return n
-
-    def _decompress(self, data: bytes) -> bytes:
-        parts = []
-        while data:
-            if self.frame is None or self.frame.eof:
-                self.frame = self.context.decompressobj()
-            parts.append(self.frame.decompress(data))
-            data = self.frame.unused_data if self.frame.eof else b""
-        return b"".join(parts)
-
-    def close(self) -> None:
-        self.raw.close()
-        super().close()
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        at = 0
+        while at < size:
+            fh.seek(at)
+            head = fh.read(18)  # the longest frame header
+            if len(head) < 8:
+                raise EOFError(f"a zstd frame header is cut short at byte {at}")
+            magic = int.from_bytes(head[:4], "little")
+            if magic & 0xFFFFFFF0 == SKIPPABLE_MAGIC:
+                at += 8 + int.from_bytes(head[4:8], "little")
+                continue
+            if magic != ZSTD_MAGIC:
+                raise zstandard.ZstdError(f"not a zstd frame at byte {at}")
+            checksum = 4 if head[4] & 0x04 else 0
+            at += zstandard.frame_header_size(head)
+            while True:  # blocks: a 3-byte header (last flag, type, size), then its content
+                fh.seek(at)
+                block = fh.read(3)
+                if len(block) < 3:
+                    raise EOFError(f"the file ends inside a zstd frame, at byte {at}")
+                header = int.from_bytes(block, "little")
+                at += 3 + (1 if (header >> 1) & 3 == 1 else header >> 3)  # an RLE block holds one byte
+                if header & 1:
+                    break
+            at += checksum
+        if at > size:
+            raise EOFError("the file ends inside a zstd frame")
 
 
 def _unreadable(f: InputFile, err: Exception) -> InputError:
@@ -237,9 +241,9 @@ def _damaged(err: Exception) -> bool:
     """Whether `err` is what a damaged input raises while it is read: a compressed stream cut short
     or corrupt (EOFError, zlib, zstandard), a Parquet file that is not Parquet, a file that cannot
     be opened."""
-    return isinstance(err, EOFError | OSError | zlib.error | pa.ArrowException) or type(
-        err
-    ).__module__.startswith("zstandard")
+    return isinstance(
+        err, EOFError | OSError | zlib.error | pa.ArrowException | json.JSONDecodeError
+    ) or type(err).__module__.startswith("zstandard")
 
 
 SAMPLE_BYTES = 1 << 20
@@ -247,11 +251,9 @@ SAMPLE_BYTES = 1 << 20
 
 def fingerprint(f: InputFile) -> str:
     """The input's size and a hash of five 1 MiB samples of it (start, quarters, end): cheap on
-    any corpus, unchanged by copying or moving it, changed by almost any edit (an edit outside the
-    samples that keeps the size is still caught row by row when texts are joined back)."""
-    files = (
-        sorted(p for p in Path(f.path).rglob("*") if p.is_file()) if f.format == "hf_disk" else [Path(f.path)]
-    )
+    any corpus, and changed by almost any edit. An edit outside the samples that keeps the size is
+    caught row by row instead, by the record hash stored with each score."""
+    files = _hf_data_files(f) if f.format == "hf_disk" else [Path(f.path)]
     digest = hashlib.blake2b(digest_size=16)
     total = 0
     for path in files:
@@ -263,6 +265,14 @@ def fingerprint(f: InputFile) -> str:
                 fh.seek(offset)
                 digest.update(fh.read(SAMPLE_BYTES))
     return f"{total}:{digest.hexdigest()}"
+
+
+def _hf_data_files(f: InputFile) -> list[Path]:
+    """The files a saved dataset (split) is made of, from its state.json: cache files that
+    `datasets` writes beside them do not change the data."""
+    folder = Path(f.path) / f.split if f.split is not None else Path(f.path)
+    state = json.loads((folder / "state.json").read_text())
+    return [folder / "state.json", *(folder / entry["filename"] for entry in state["_data_files"])]
 
 
 def count_rows(f: InputFile) -> int:
@@ -342,6 +352,7 @@ def _parse_json_line(line: bytes) -> dict | RowProblem:
         text = line.decode("utf-8")
     except UnicodeDecodeError as err:
         return RowProblem("not_utf8", f"invalid UTF-8 byte at column {err.start + 1}")
+    text = text.rstrip("\r\n")  # the line ending is not part of the row (nor of its errors)
     if not text.strip():
         return RowProblem("blank_line", "blank line")
     try:

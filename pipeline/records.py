@@ -7,6 +7,8 @@ Blank JSONL lines are not records; they are counted as `blank_line` under either
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +35,13 @@ class Record:
     """Context that is never a scoring target (mode=prompt_response)."""
     messages: tuple[dict[str, str], ...] | None = None
     """The conversation (mode=chat); `text` is empty until a chat template renders it."""
+
+
+def record_digest(record: Record) -> int:
+    """A 64-bit hash of what a record holds (text, prompt, messages), stored with its scores: a
+    corpus edited after scoring is caught row by row when texts are joined back to losses."""
+    content = json.dumps([record.text, record.prompt, record.messages], ensure_ascii=False).encode()
+    return int.from_bytes(hashlib.blake2b(content, digest_size=8).digest(), "little", signed=True)
 
 
 def record_id(sample_id: str) -> str:

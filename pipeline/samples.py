@@ -59,6 +59,8 @@ class Sample:
     n_chars: int
     """Characters in the whole record's text (the rendered conversation for instruction data)."""
     truncated: bool
+    record_hash: int = 0
+    """`records.record_digest` of the record the sample came from."""
 
     @property
     def n_tokens(self) -> int:

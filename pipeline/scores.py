@@ -36,16 +36,18 @@ from pipeline.outputs import OutputError, ScoresSummary
 from pipeline.records import needed_columns
 from pipeline.sharding import ShardPlan, changed_inputs
 
-SCORING_VERSION = 1  # bump when a change alters the numbers a scorer writes
+SCORING_VERSION = 2  # bump when a change alters what a scorer writes (2: record_hash)
 PROVENANCE_KEY = b"midrank.provenance"
 STATS_KEY = b"midrank.stats"
 
 # A row: where the sample came from; what was scored (n_tokens targets, their summed NLL; the loss is
-# derived, the worst token flags garbage); the span of the record's text it covers, to join it back.
+# derived, the worst token flags garbage); the span of the record's text it covers, to join it back;
+# a hash of the record, to tell that the text joined back is the one scored.
 SCORE_SCHEMA = pa.schema(
     {"sample_id": pa.string(), "shard": pa.int32(), "source": pa.string(), "window": pa.int32()}
     | {"n_tokens": pa.int32(), "nll_sum": pa.float64(), "loss": pa.float64(), "max_token_nll": pa.float32()}
     | {"n_chars": pa.int32(), "char_start": pa.int32(), "char_end": pa.int32(), "truncated": pa.bool_()}
+    | {"record_hash": pa.int64()}
 )
 
 
@@ -80,15 +82,30 @@ def make_provenance(cfg: Config, plan: ShardPlan) -> dict[str, Any]:
     return {"key": key, "model_path": cfg.model.path, "code_version": code_version(), "config": to_dict(cfg)}
 
 
+def scored_plan(layout: Layout) -> dict | None:
+    """The shard plan the scores in out_dir were made with (plan.json), or None before scoring."""
+    if not layout.score_plan.is_file():
+        return None
+    try:
+        return json.loads(layout.score_plan.read_text())
+    except (OSError, ValueError) as err:
+        raise ProvenanceError(
+            f"{layout.score_plan}: damaged ({err}); score again into another out_dir"
+        ) from None
+
+
 def save_plan(layout: Layout, plan: ShardPlan) -> None:
-    """The shard plan beside the scores; a later run with another plan is refused."""
-    path = layout.score_plan
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        where = f"{layout.scores_dir} (its corpus plan)"
-        check_same_key({"plan": digest(previous)}, {"plan": digest(plan.to_dict())}, where)
-    else:
-        write_json_atomic(path, plan.to_dict())
+    """The shard plan beside the scores; a later run with another plan is refused, naming what
+    changed."""
+    previous = scored_plan(layout)
+    if previous is None:
+        write_json_atomic(layout.score_plan, plan.to_dict())
+    elif digest(previous) != digest(plan.to_dict()):
+        changed = changed_inputs(plan, previous) or ["the shard plan differs"]
+        raise ProvenanceError(
+            f"{layout.scores_dir} holds scores of another corpus ({'; '.join(changed[:3])}); "
+            "use another out_dir, or delete the old scores to rescore"
+        )
 
 
 def window_table(
@@ -117,6 +134,7 @@ def window_table(
         "char_start": np.asarray(meta["char_start"], dtype=np.int32),
         "char_end": np.asarray(meta["char_end"], dtype=np.int32),
         "truncated": np.asarray(meta["truncated"], dtype=bool),
+        "record_hash": np.asarray(meta["record_hash"], dtype=np.int64),
     }
     table = pa.Table.from_pydict(columns, schema=SCORE_SCHEMA)
     return (table.filter(pa.array(finite)) if bad else table), bad
@@ -135,21 +153,28 @@ def add_stats(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
     return {k: total[k] + part[k] for k in COUNTS} | {"skipped": dict(skipped)}
 
 
+def shard_lock(shard: int) -> str:
+    """The lock a scorer holds while it works on a shard (pipeline/locks.py)."""
+    return f"score-shard-{shard:05d}"
+
+
 class ShardWriter:
-    """Results of one shard, checkpointed as chunk files, finished into `part-XXXXX.parquet`."""
+    """Results of one shard, checkpointed as chunk files, finished into `part-XXXXX.parquet`.
+    Made under the shard's lock: it clears what a killed writer of the shard left half-written."""
 
     def __init__(self, layout: Layout, shard: int, provenance: dict[str, Any]):
         self.layout = layout
         self.shard = shard
         self.path = layout.score_shard(shard)
-        self.chunk_dir = layout.score_chunks(shard)
+        self.chunk_dir = layout.check_inside(layout.score_chunks(shard))
         self.provenance = provenance
         self.stats = empty_stats()
         self.rows_done = 0
         self.chunks = 0
         marker = layout.score_chunk_provenance(shard)
-        for stale in self.chunk_dir.glob(".*.tmp"):  # a write cut short by a kill
-            stale.unlink()
+        stale = [*self.chunk_dir.glob(".*.tmp"), *self.path.parent.glob(f".{self.path.name}.*.tmp")]
+        for path in stale:  # a write cut short by a kill
+            layout.remove(path)
         if marker.is_file():
             check_same_key(json.loads(marker.read_text())["key"], provenance["key"], str(self.chunk_dir))
             for chunk in layout.score_chunk_files(shard):
@@ -194,7 +219,7 @@ def clear_finished_checkpoints(layout: Layout, shard: int) -> None:
     """The checkpoints of a scored shard, left behind by a kill between its final rename and
     their removal."""
     if layout.score_chunks(shard).exists():
-        layout.remove(layout.score_chunks(shard))
+        layout.remove(layout.score_chunks(shard))  # never beyond out_dir, even through a symlink
 
 
 def check_corpus_unchanged(layout: Layout, plan: ShardPlan, provenance: dict[str, Any]) -> None:
@@ -202,7 +227,7 @@ def check_corpus_unchanged(layout: Layout, plan: ShardPlan, provenance: dict[str
     would pair scores with other documents."""
     if digest(plan.to_dict()) == provenance["key"]["corpus_plan_sha256"]:
         return
-    scored = json.loads(layout.score_plan.read_text()) if layout.score_plan.is_file() else {"files": []}
+    scored = scored_plan(layout) or {"files": [], "shards": []}
     changed = changed_inputs(plan, scored) or ["the shard plan differs"]
     more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
     raise ProvenanceError(
@@ -211,8 +236,13 @@ def check_corpus_unchanged(layout: Layout, plan: ShardPlan, provenance: dict[str
     )
 
 
-def score_files(layout: Layout, num_shards: int) -> list[Path]:
-    """Every shard's file; an unfinished score set is an error that says what to run."""
+def score_files(layout: Layout) -> list[Path]:
+    """Every shard's file, as many as the scores were planned with; an unfinished or damaged score
+    set is an error that says what to do."""
+    plan = scored_plan(layout)
+    if plan is None:
+        raise ProvenanceError(f"{layout.scores_dir}: nothing scored yet; run `midrank score` first")
+    num_shards = len(plan["shards"])
     files = [layout.score_shard(s) for s in range(num_shards)]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
@@ -220,6 +250,8 @@ def score_files(layout: Layout, num_shards: int) -> list[Path]:
             f"{layout.scores_dir}: {len(missing)} of {num_shards} score shards are missing ({', '.join(missing[:3])}...); "
             "run `midrank score` to finish scoring first"
         )
+    for path in files:
+        read_json_metadata(path, PROVENANCE_KEY)  # a file cut short fails here, naming it
     return files
 
 

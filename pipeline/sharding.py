@@ -83,9 +83,13 @@ def plan_shards(cfg: CorpusConfig) -> ShardPlan:
 def changed_inputs(plan: ShardPlan, scored: dict) -> list[str]:
     """The inputs of `plan` that differ from the plan the scores were made with (`scored`, as
     saved in plan.json): added, removed, or of other rows, size or content."""
+    if any("fingerprint" not in f for f in scored["files"]):
+        return ["the scores were made by an older midrank, which did not record the inputs' content"]
     before = {(f["path"], f.get("split")): f for f in scored["files"]}
     now = {(f["path"], f.get("split")): f for f in plan.to_dict()["files"]}
     changed = []
+    if len(scored["shards"]) != len(plan.shards):
+        changed.append(f"corpus.num_shards: {len(scored['shards'])} -> {len(plan.shards)}")
     for key in sorted(before.keys() | now.keys(), key=str):
         if key not in now:
             changed.append(f"{key[0]}: gone")

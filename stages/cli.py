@@ -28,6 +28,7 @@ import sys
 
 from pipeline.artifacts import ProvenanceError
 from pipeline.config import ConfigError, dump_config, load_config
+from pipeline.layout import LayoutError
 from pipeline.locks import LockedError
 from pipeline.log import get_logger
 from pipeline.outputs import OutputError
@@ -47,7 +48,16 @@ COMMANDS = {
 }
 # Expected failures: bad config or input, outputs that do not fit together, a busy out_dir, and
 # the machine's own (a file that cannot be read or written, a full disk). Anything else is a bug.
-ERRORS = (ConfigError, InputError, CorpusError, ProvenanceError, OutputError, LockedError, OSError)
+ERRORS = (
+    ConfigError,
+    InputError,
+    CorpusError,
+    ProvenanceError,
+    OutputError,
+    LockedError,
+    LayoutError,
+    OSError,
+)
 
 
 def one_line(err: BaseException) -> str:
@@ -57,14 +67,14 @@ def one_line(err: BaseException) -> str:
         # re-raised from a DataLoader worker with its traceback inside: keep the worker's message
         last = [line for line in text.splitlines() if line.strip()][-1]
         text = re.sub(r"^[\w.]+(Error|Exception): ", "", last)
-    if isinstance(err, OSError) and err.filename and err.strerror:
+    if isinstance(err, OSError) and err.strerror:
         advice = {
             errno.ENOSPC: "free some space, or use another out_dir",
             errno.EDQUOT: "free some space, or use another out_dir",
             errno.EACCES: "check the permissions, or use another out_dir",
             errno.EROFS: "the disk is read-only: use another out_dir",
         }.get(err.errno, "check the path")
-        text = f"{err.filename}: {err.strerror}; {advice}"
+        text = f"{err.filename or 'a file'}: {err.strerror}; {advice}"
     return " ".join(text.split())
 
 

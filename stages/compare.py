@@ -23,10 +23,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import write_json_atomic
+from pipeline.artifacts import write_json_atomic, write_text_atomic
 from pipeline.config import BandConfig, Config, ConfigError, SelectConfig, save_config
 from pipeline.layout import Layout
-from pipeline.locks import stage_lock
+from pipeline.locks import lock
 from pipeline.log import get_logger
 from pipeline.outputs import BandManifest, RunMetrics, to_json
 from pipeline.plots import plot_compare
@@ -179,16 +179,16 @@ def run(cfg: Config) -> Path:
     if not cfg.train.eval_paths:
         raise ConfigError("train.eval_paths: compare needs a held-out set to evaluate every arm on")
     score.run(cfg)  # one scoring pass for every arm; nothing to do when finished
-    with stage_lock(Layout(cfg.out_dir), f"compare-{c.name}"):
+    with lock(Layout(cfg.out_dir), f"compare-{c.name}"):
         runs = train_arms(cfg)
-    rows = summarize(runs, c.arms)
-    paths = Layout(cfg.out_dir).report(c.name)
-    paths.dir.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(rows)
-    paths.table.write_text(table, encoding="utf-8")
-    write_json_atomic(paths.results, {"arms": rows, "runs": [r.record() for r in runs]})
-    plot_compare(rows, paths.deltas)
-    save_config(cfg, paths.dir)
+        rows = summarize(runs, c.arms)
+        paths = Layout(cfg.out_dir).report(c.name)
+        paths.dir.mkdir(parents=True, exist_ok=True)
+        table = markdown_table(rows)
+        write_text_atomic(paths.table, table)
+        write_json_atomic(paths.results, {"arms": rows, "runs": [r.record() for r in runs]})
+        plot_compare(rows, paths.deltas)
+        save_config(cfg, paths.dir)
     print(table)
     get_logger().info(f"compared {len(c.arms)} arm(s) x {len(c.seeds)} seed(s) -> {paths.dir}")
     return paths.dir

@@ -32,4 +32,8 @@ def run(cfg: Config) -> ReadStats:
     for source, count in sorted(stats.per_source.items()):
         log.info(f"  {source:24s} {count:>10d} records")
     log.info(f"corpus: {stats.summary()} in {time.perf_counter() - started:.1f}s")
+    if stats.records == 0:
+        log.warning(
+            f"corpus.paths: {', '.join(cfg.corpus.paths)} hold no usable record; nothing could be scored"
+        )
     return stats

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.artifacts import NoScoresError, ProvenanceError, digest
+from pipeline.artifacts import NoScoresError, ProvenanceError, digest, write_text_atomic
 from pipeline.config import Config, save_config, to_dict
 from pipeline.histograms import histogram, histogram_2d, quantiles, uniform_edges, value_range
 from pipeline.layout import Layout, ReportPaths, part_files
-from pipeline.locks import stage_lock
+from pipeline.locks import lock
 from pipeline.log import get_logger
 from pipeline.outputs import BandExcerpt, BandManifest, OutputError, ReportBand, ReportSummary, to_json
 from pipeline.plots import Panel, plot_histograms, plot_loss_vs_length
@@ -206,7 +206,7 @@ def up_to_date(paths: ReportPaths, inputs_key: str) -> ReportSummary | None:
 
 def load_scores(cfg: Config, layout: Layout) -> tuple[pl.LazyFrame, dict[str, Any]]:
     """The score set (the columns the report reads) and its provenance; an empty set is an error."""
-    files = score_files(layout, len(plan_shards(cfg.corpus).shards))
+    files = score_files(layout)
     scores = pl.scan_parquet(files).select(EXAMPLE_COLUMNS)
     if scores.select(pl.len()).collect().item() == 0:
         raise NoScoresError(
@@ -312,7 +312,7 @@ def run(cfg: Config) -> Path:
     log = get_logger()
     started = time.perf_counter()
     layout = Layout(cfg.out_dir)
-    with stage_lock(layout, f"inspect-{cfg.inspect.name}"):
+    with lock(layout, f"inspect-{cfg.inspect.name}"):
         scores, provenance = load_scores(cfg, layout)
         bands = selected_bands(cfg, layout)
         paths = layout.report(cfg.inspect.name)
@@ -328,12 +328,14 @@ def run(cfg: Config) -> Path:
             log.info(f"{paths.dir}: up to date with the scores and bands, nothing to do")
             return paths.dir
         # built in a temporary folder and swapped in whole: a report is never half old, half new
+        for stale in layout.reports_dir.glob(f".{cfg.inspect.name}.*.tmp"):  # left by a killed run
+            layout.remove(stale)
         work = layout.report_staging(cfg.inspect.name)
         if work.dir.exists():
             layout.remove(work.dir)
         work.dir.mkdir(parents=True)
         summary = build_summary(cfg, scores, provenance, bands, inputs_key, work.dir)
-        work.index.write_text(render_report(summary), encoding="utf-8")
+        write_text_atomic(work.index, render_report(summary))
         summary.write(work.summary)
         save_config(cfg, work.dir)
         if paths.dir.exists():

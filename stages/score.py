@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from pipeline.batching import ShardBatches
 from pipeline.config import Config, save_config
 from pipeline.layout import Layout
-from pipeline.locks import stage_lock
+from pipeline.locks import check_free, lock
 from pipeline.log import RowProgress, format_counts, get_logger
 from pipeline.model import load_model, tune_cpu_malloc
 from pipeline.nll import BudgetedScorer, NLLScorer
@@ -37,6 +37,7 @@ from pipeline.scores import (
     is_scored,
     make_provenance,
     save_plan,
+    shard_lock,
     window_table,
     write_summary,
 )
@@ -93,52 +94,51 @@ def run(cfg: Config) -> Path:
     started = time.perf_counter()
     rank, world_size = rank_and_world()
     layout = Layout(cfg.out_dir)
-    with stage_lock(layout, "score"):
-        layout.scores_dir.mkdir(parents=True, exist_ok=True)
-        plan = plan_shards(cfg.corpus)
-        if plan.total_rows == 0:
-            raise InputError(f"corpus.paths: {', '.join(cfg.corpus.paths)} hold no rows; nothing to score")
-        save_plan(layout, plan)
-        provenance = make_provenance(cfg, plan)
-        assigned = shards_of_rank(len(plan.shards), rank, world_size)
-        todo = [shard for shard in assigned if not is_scored(layout, shard, provenance)]
-        for shard in set(assigned) - set(todo):
-            clear_finished_checkpoints(layout, shard)
-        if not todo:
-            log.info(
-                f"nothing to do: the {len(assigned)} shard(s) of rank {rank} in {layout.scores_dir} are already scored"
-            )
-            write_summary(layout, len(plan.shards))
-            return layout.scores_dir
-        save_config(cfg, layout.scores_dir)
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the DataLoader worker forks
-        loaded = load_model(cfg.model)
-        if loaded.device.type == "cpu":
-            tune_cpu_malloc()
-        kernel = NLLScorer(loaded.model, cfg.score.head_chunk_tokens)
-        if not kernel.fast_path:
-            log.warning(
-                "this model's logits are not lm_head(hidden): scoring through its full forward (slower)"
-            )
-        scorer = BudgetedScorer(kernel, cfg.score.batch_tokens)
-        scorer.probe_worst_batch(cfg.score.max_tokens, len(loaded.tokenizer))
-        writers = {s: ShardWriter(layout, s, provenance) for s in todo}
-        total_rows = sum(plan.shard_rows(s) - writers[s].rows_done for s in todo)
+    layout.scores_dir.mkdir(parents=True, exist_ok=True)
+    plan = plan_shards(cfg.corpus)
+    if plan.total_rows == 0:
+        raise InputError(f"corpus.paths: {', '.join(cfg.corpus.paths)} hold no rows; nothing to score")
+    save_plan(layout, plan)
+    provenance = make_provenance(cfg, plan)
+    assigned = shards_of_rank(len(plan.shards), rank, world_size)
+    todo = [shard for shard in assigned if not is_scored(layout, shard, provenance)]
+    for shard in set(assigned) - set(todo):
+        clear_finished_checkpoints(layout, shard)
+    if not todo:
         log.info(
-            f"rank {rank}/{world_size}: {len(todo)} of {len(assigned)} shard(s) to score, {total_rows} rows"
+            f"nothing to do: the {len(assigned)} shard(s) of rank {rank} in {layout.scores_dir} are already scored"
         )
-        totals = empty_stats()
-        with RowProgress(total_rows, "scoring", disable=rank != 0) as progress:
-            for shard in todo:
-                totals = add_stats(
-                    totals, score_shard(cfg, plan, writers[shard], loaded.tokenizer, scorer, progress)
-                )
-        elapsed = time.perf_counter() - started
-        log.info(
-            f"scored {totals['samples']} samples from {totals['rows']} rows (skipped: {format_counts(totals['skipped'])}), "
-            f"{totals['tokens']:,} tokens, {progress.tokens / elapsed:,.0f} tok/s, {elapsed:.1f}s -> {layout.scores_dir}"
-        )
-        summary = write_summary(layout, len(plan.shards))
-        if summary is not None and summary.samples == 0:
-            log.warning(f"no sample was scored (skipped: {format_counts(summary.skipped)}); check the corpus")
+        write_summary(layout, len(plan.shards))
         return layout.scores_dir
+    check_free(layout, [shard_lock(shard) for shard in todo])  # before the model loads
+    save_config(cfg, layout.scores_dir)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the DataLoader worker forks
+    loaded = load_model(cfg.model)
+    if loaded.device.type == "cpu":
+        tune_cpu_malloc()
+    kernel = NLLScorer(loaded.model, cfg.score.head_chunk_tokens)
+    if not kernel.fast_path:
+        log.warning("this model's logits are not lm_head(hidden): scoring through its full forward (slower)")
+    scorer = BudgetedScorer(kernel, cfg.score.batch_tokens)
+    scorer.probe_worst_batch(cfg.score.max_tokens, len(loaded.tokenizer))
+    total_rows = sum(plan.shard_rows(s) for s in todo)
+    log.info(f"rank {rank}/{world_size}: {len(todo)} of {len(assigned)} shard(s) to score, {total_rows} rows")
+    totals = empty_stats()
+    with RowProgress(total_rows, "scoring", disable=rank != 0) as progress:
+        for shard in todo:
+            with lock(layout, shard_lock(shard)):  # the shard's files are this run's alone
+                if is_scored(layout, shard, provenance):  # finished meanwhile by a run that held it
+                    progress.advance(plan.shard_rows(shard))
+                    continue
+                writer = ShardWriter(layout, shard, provenance)
+                progress.advance(writer.rows_done)
+                totals = add_stats(totals, score_shard(cfg, plan, writer, loaded.tokenizer, scorer, progress))
+    elapsed = time.perf_counter() - started
+    log.info(
+        f"scored {totals['samples']} samples from {totals['rows']} rows (skipped: {format_counts(totals['skipped'])}), "
+        f"{totals['tokens']:,} tokens, {progress.tokens / elapsed:,.0f} tok/s, {elapsed:.1f}s -> {layout.scores_dir}"
+    )
+    summary = write_summary(layout, len(plan.shards))
+    if summary is not None and summary.samples == 0:
+        log.warning(f"no sample was scored (skipped: {format_counts(summary.skipped)}); check the corpus")
+    return layout.scores_dir

@@ -30,10 +30,10 @@ from pipeline.config import (
     to_dict,
 )
 from pipeline.layout import Layout, part_files, part_path
-from pipeline.locks import stage_lock
+from pipeline.locks import lock
 from pipeline.log import get_logger
 from pipeline.outputs import BandManifest, Counts, LossRange, Positions, SourceCount, SourceMix
-from pipeline.records import ReadStats, record_id, sample_text
+from pipeline.records import ReadStats, record_digest, record_id, sample_text
 from pipeline.scores import check_corpus_unchanged, common_provenance, score_files
 from pipeline.selection import Band, band_for, irdro_weight_expr, select
 from pipeline.sharding import ShardPlan, plan_shards, shard_records
@@ -113,17 +113,11 @@ def write_part(rows: pl.DataFrame, records: dict, where: Path, shard: int) -> No
     """One shard's rows of a band with their text (and prompt or messages) joined back from the
     corpus records."""
     texts, prompts, messages = [], [], []
-    columns = ("sample_id", "char_start", "char_end", "n_chars")
-    for sample_id, char_start, char_end, n_chars in rows.select(columns).iter_rows():
+    columns = ("sample_id", "char_start", "char_end", "record_hash")
+    for sample_id, char_start, char_end, record_hash in rows.select(columns).iter_rows():
         record = records.get(record_id(sample_id))
-        # plain text: the scored record's length is stored; a differing one is another document
-        # (instruction records are rendered through a template, and covered by the plan's fingerprints)
-        if record is None or (
-            record.prompt is None and record.messages is None and len(record.text) != n_chars
-        ):
-            found = (
-                "missing" if record is None else f"{len(record.text):,} characters, scored with {n_chars:,}"
-            )
+        if record is None or record_digest(record) != record_hash:  # not the record that was scored
+            found = "missing" if record is None else "not the one that was scored"
             raise ProvenanceError(
                 f"{sample_id}: the corpus record is {found}; the corpus changed since it was scored "
                 "(restore it, or score it again into another out_dir)"
@@ -219,9 +213,9 @@ def finish_band(cfg: Config, layout: Layout, name: str, band: Pending, provenanc
 def run(cfg: Config) -> list[Path]:
     started = time.perf_counter()
     layout = Layout(cfg.out_dir)
-    with stage_lock(layout, "select"):
+    with lock(layout, "select"):
         plan = plan_shards(cfg.corpus)
-        files = score_files(layout, len(plan.shards))
+        files = score_files(layout)
         provenance = common_provenance(files)
         check_corpus_unchanged(layout, plan, provenance)
         scores = pl.scan_parquet(files)

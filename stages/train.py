@@ -16,8 +16,10 @@ retrained. The starting model's evaluation is shared by runs with the same input
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
+import json
 import math
 import shutil
 import time
@@ -26,14 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from transformers import set_seed
 
+from pipeline.artifacts import digest, write_json_atomic
 from pipeline.batching import pad_id_of
-from pipeline.config import Config, ConfigError, save_config, to_dict
+from pipeline.config import Config, ConfigError, is_safe_name, save_config, to_dict
 from pipeline.evaluation import HeldOutSet, delta_table, log_delta_table
 from pipeline.layout import Layout, RunPaths, part_files
-from pipeline.locks import stage_lock
+from pipeline.locks import lock
 from pipeline.log import format_counts, get_logger
 from pipeline.model import load_model, tune_cpu_malloc
 from pipeline.outputs import OutputError, RunMetrics, TrainSummary
@@ -98,30 +100,70 @@ def finished_run(path: Path, tcfg) -> bool:
     return True
 
 
-def check_resumable(cfg: Config, paths: RunPaths, resume: Path | None) -> None:
-    """A killed run resumes only under the config that made its checkpoints (the train and model
-    sections), unless train.resume_changed_config says otherwise."""
-    if resume is None or cfg.train.resume_changed_config:
+# train settings that do not decide the weights: changing them does not make a resume another run
+NOT_WEIGHTS = {"name", "band", "eval_paths", "eval_max_samples", "eval_max_tokens", "logging_steps"}
+NOT_WEIGHTS |= {"save_steps", "save_total_limit", "resume_changed_config"}
+
+
+def run_identity(cfg: Config, layout: Layout, data: TrainingData) -> dict[str, Any]:
+    """What decides the weights a run ends with: the train and model settings, how records become
+    tokens, the data (the band's manifest, or the files), and the number of ranks (the data order)."""
+    band = layout.band(data.band).manifest.read_text() if data.band else None
+    return {
+        "train": {k: v for k, v in to_dict(cfg.train).items() if k not in NOT_WEIGHTS},
+        "model": to_dict(cfg.model),
+        "samples": {k: getattr(cfg.score, k) for k in ("add_bos", "prompt_format", "score_prompt")},
+        "data": digest(band) if band else [str(f) for f in data.files],
+        "world_size": rank_and_world()[1],
+    }
+
+
+def check_resumable(identity: dict[str, Any], paths: RunPaths, resume: Path | None, allow: bool) -> None:
+    """A killed run resumes only as the run that made its checkpoints, unless `allow`
+    (train.resume_changed_config): then the new settings apply from the checkpoint on."""
+    if resume is None or allow:
         return
-    made = yaml.safe_load(paths.config.read_text()) if paths.config.is_file() else None
-    if made is None:
+    try:
+        made = json.loads(paths.started.read_text())
+    except (OSError, ValueError):
+        made = None
+    if not isinstance(made, dict):
         raise ConfigError(
-            f"train.resume_changed_config: {resume} was made by a run whose config was not recorded; "
-            "set train.resume_changed_config=true to resume it anyway, or give this run another name"
+            f"train.resume_changed_config: {resume} was made by a run that did not record its settings "
+            f"({paths.started} is missing or damaged); set train.resume_changed_config=true to resume it "
+            "anyway, or give this run another name"
         )
-    now = to_dict(cfg)
-    now["train"], made["train"] = without_resume_flag(now["train"]), without_resume_flag(made["train"])
-    changed = [
-        f"{section}.{key}: {made[section].get(key)!r} -> {value!r}"
-        for section in ("train", "model")
-        for key, value in now[section].items()
-        if made[section].get(key) != value
-    ]
+    changed = []
+    for part, value in identity.items():
+        if isinstance(value, dict):
+            before = made.get(part) if isinstance(made.get(part), dict) else {}
+            changed += [
+                f"{part}.{k}: {before.get(k)!r} -> {v!r}" for k, v in value.items() if before.get(k) != v
+            ]
+        elif made.get(part) != value:
+            changed.append(
+                "the training data (the band was selected again)"
+                if part == "data"
+                else f"{part}: {made.get(part)!r} -> {value!r}"
+            )
     if changed:
         raise ConfigError(
-            f"train.resume_changed_config: {paths.dir} was started under another config ({'; '.join(changed)}); "
-            "set train.resume_changed_config=true to resume it with the new one, or give this run another name"
+            f"train.resume_changed_config: {paths.dir} was started under other settings ({'; '.join(changed)}); "
+            "set train.resume_changed_config=true to resume it with the new ones, or give this run another name"
         )
+
+
+def start_or_resume(plan: RunPlan, rank: int) -> Path | None:
+    """The checkpoint to resume from (None: a fresh start, whose settings are recorded)."""
+    plan.paths.dir.mkdir(parents=True, exist_ok=True)
+    resume = latest_checkpoint(plan.paths.checkpoints)
+    identity = run_identity(plan.cfg, plan.layout, plan.data)
+    check_resumable(identity, plan.paths, resume, plan.cfg.train.resume_changed_config)
+    if resume:
+        get_logger().info(f"resuming from {resume}")
+    elif rank == 0:
+        write_json_atomic(plan.paths.started, identity)  # what the checkpoints will be made under
+    return resume
 
 
 def heldout_set(cfg: Config, tokenizer, precision: str, rank: int) -> HeldOutSet:
@@ -227,15 +269,21 @@ def run(cfg: Config) -> Path:
     tcfg, layout = cfg.train, Layout(cfg.out_dir)
     rank, world_size = rank_and_world()
     data = training_data(cfg, layout)
-    paths = layout.train_run(tcfg.name or f"{tcfg.objective}-{data.name}")
-    with stage_lock(layout, f"train-{paths.dir.name}"):
+    name = tcfg.name or f"{tcfg.objective}-{data.name}"
+    if not is_safe_name(name):
+        raise ConfigError(
+            f"train.name: the run name derived from the data, {name!r}, is not a plain name; set train.name"
+        )
+    paths = layout.train_run(name)
+    # rank 0 holds the run's lock for the job: its other ranks are the same run
+    with lock(layout, f"train-{paths.dir.name}") if rank == 0 else contextlib.nullcontext():
         if finished_run(paths.metrics, tcfg):
             log.info(f"{paths.dir}: already trained, nothing to do")
             return paths.dir
         if tcfg.gather_losses and tcfg.objective in ("uniform", "weighted"):
             log.warning(f"train.gather_losses does nothing for objective {tcfg.objective!r}")
         plan = RunPlan(cfg, layout, paths, data, resolve_precision(tcfg.precision))
-        paths.dir.mkdir(parents=True, exist_ok=True)
+        resume = start_or_resume(plan, rank)
 
         set_seed(tcfg.seed)
         if not torch.cuda.is_available():
@@ -246,12 +294,6 @@ def run(cfg: Config) -> Path:
         before = heldout.before(model, layout.eval_before(heldout.key)) if heldout.records else None
 
         train_set = training_set(cfg, data.files, tokenizer, world_size)
-        resume = latest_checkpoint(paths.checkpoints)
-        check_resumable(cfg, paths, resume)
-        if resume:
-            log.info(f"resuming from {resume}")
-        elif rank == 0:
-            save_config(cfg, paths.dir)  # what the checkpoints will be made under
         collator = TrainCollator(pad_id_of(tokenizer), tcfg.max_tokens, tcfg.pack)
         if tcfg.pack:
             check_packing(model, train_set.dataset, collator)

@@ -49,25 +49,45 @@ def write_config(tmp_path: Path, corpus: Path, model: Path, extra: str = "") -> 
     return config
 
 
+def torchrun_command(*args: str, nproc: int = 2) -> list[str]:
+    """`torchrun --standalone --nproc_per_node=N -m stages.cli ARGS`."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "stages.cli",
+        *args,
+    ]
+
+
+TORCHRUN_ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=N -m stages.cli ARGS` from the repository root."""
+    """Run a torchrun job from the repository root to its end."""
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "stages.cli",
-            *args,
-        ],
+        torchrun_command(*args, nproc=nproc),
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        env={**os.environ, **TORCHRUN_ENV},
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
+    )
+
+
+def torchrun_process(*args: str, nproc: int = 2) -> subprocess.Popen:
+    """A torchrun job as a separate process (to run beside another)."""
+    return subprocess.Popen(
+        torchrun_command(*args, nproc=nproc),
+        cwd=ROOT,
+        env={**os.environ, **TORCHRUN_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 

@@ -72,7 +72,7 @@ def test_required_fields_are_named(tmp_path):
 
 
 def test_bad_files_are_named(tmp_path):
-    with pytest.raises(ConfigError, match="config file not found"):
+    with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="the top level must be a mapping"):
         load_config(write(tmp_path, "- a\n- b\n"))

@@ -5,7 +5,7 @@ A kill moment is a random point of the stage's own progress (seeded), not of the
 start-up takes most of a tiny run: score is killed once it has finished a random number of
 shards and written a random number of checkpoints of the next, select once it has written a
 random number of band files, train once a random number of its checkpoints exist, each after a
-further random 0-30 ms (so some land mid-write). The test prints what each kill interrupted.
+further random 0-10 ms (so some land mid-write), and always before the stage has finished. The test prints what each kill interrupted.
 """
 
 import json
@@ -52,30 +52,38 @@ def progress(out: Path, stage: str) -> int:
 def random_target(rng: random.Random, stage: str) -> int:
     if stage == "score":  # 3 shards of ~14 windows (160 rows, window_rows 4)
         return 100 * rng.randrange(3) + rng.randint(1, 12)
-    if stage == "select":  # 3 kept + 3 rejected parts, then the manifest
-        return rng.randint(1, 7)
+    if stage == "select":  # 3 kept + 3 rejected parts; the manifest comes last
+        return rng.randint(1, 6)
     return rng.randint(1, 4)  # checkpoints at steps 2, 4, 6, 8
 
 
+def finished(out: Path, stage: str) -> bool:
+    """Whether the stage has written the file it writes last."""
+    layout = Layout(out)
+    if stage == "score":
+        return layout.scores_summary.is_file()
+    if stage == "select":
+        return any(out.glob("selected/*/manifest.json"))
+    return layout.train_run("run").metrics.is_file()
+
+
 def kill_then_finish(out: Path, config: Path, stage: str, target: int, jitter: float) -> str:
-    """Start the stage, SIGKILL it once it has got to `target` (and `jitter` seconds more), run it
-    again to the end; what the kill interrupted."""
+    """Start the stage, SIGKILL it once it has got to `target` (and `jitter` seconds more) and
+    before it finished, run it again to the end; what the kill interrupted."""
     process = midrank(stage, "--config", str(config), f"out_dir={out}")
     while progress(out, stage) < target and process.poll() is None:
         time.sleep(0.002)
     time.sleep(jitter)
-    if process.poll() is not None:
-        landed = "after the end"
-    else:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        done = progress(out, stage)
-        landed = {
-            "score": f"{done // 100} shards + {done % 100} checkpoints",
-            "select": f"{done} band files",
-            "train": f"{done} checkpoints",
-        }[stage]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
     process.stdout.close()
+    assert process.returncode == -signal.SIGKILL and not finished(out, stage), "the kill came after the end"
+    done = progress(out, stage)
+    landed = {
+        "score": f"{done // 100} shards + {done % 100} checkpoints",
+        "select": f"{done} band files",
+        "train": f"{done} checkpoints",
+    }[stage]
     run_to_end(out, config, stage)
     return landed
 
@@ -89,13 +97,16 @@ def summary_of(out: Path) -> dict:
     return {k: v for k, v in summary.items() if k not in ("seconds", "provenance")}
 
 
-def band_of(out: Path) -> tuple[pl.DataFrame, dict]:
-    layout = Layout(out)
+def band_of(out: Path) -> tuple[pl.DataFrame, pl.DataFrame, str, dict]:
+    """Every file select writes: kept rows, rejected rows, the JSONL and the manifest."""
     (band_dir,) = (p for p in (out / "selected").iterdir() if p.is_dir())
-    manifest = json.loads(layout.band(band_dir.name).manifest.read_text())
+    paths = Layout(out).band(band_dir.name)
+    manifest = json.loads(paths.manifest.read_text())
     for volatile in ("config", "score_provenance"):  # they hold out_dir, which differs per trial
         manifest.pop(volatile)
-    return pl.read_parquet(part_files(band_dir)).sort("sample_id"), manifest
+    kept = pl.read_parquet(part_files(paths.dir)).sort("sample_id")
+    rejected = pl.read_parquet(part_files(paths.rejected)).sort("sample_id")
+    return kept, rejected, paths.jsonl.read_text(), manifest
 
 
 def weights_of(out: Path) -> dict:
@@ -132,15 +143,17 @@ def test_killed_at_random_moments_then_rerun_equals_an_uninterrupted_run(base, s
     for trial in range(KILLS):
         out = root / f"{stage}-trial{trial}"
         shutil.copytree(prepared, out)
-        target, jitter = random_target(rng, stage), rng.uniform(0, 0.03)
+        target = random_target(rng, stage)
+        last = {"score": 212, "select": 6, "train": 4}[stage]  # the last event before the end
+        jitter = 0.0 if target >= last else rng.uniform(0, 0.01)
         landings.append(kill_then_finish(out, config, stage, target, jitter))
         if stage == "score":
             assert scores_of(out).equals(scores_of(reference)), f"trial {trial}: scores differ"
             assert summary_of(out) == summary_of(reference)
         elif stage == "select":
-            kept, manifest = band_of(out)
-            ref_kept, ref_manifest = band_of(reference)
-            assert kept.equals(ref_kept) and manifest == ref_manifest, f"trial {trial}: band differs"
+            for found, expected in zip(band_of(out), band_of(reference), strict=True):
+                same = found.equals(expected) if isinstance(found, pl.DataFrame) else found == expected
+                assert same, f"trial {trial}: the band differs"
         else:
             found, expected = weights_of(out), weights_of(reference)
             for name, tensor in expected.items():

@@ -316,3 +316,15 @@ def test_a_utf8_bom_opens_a_jsonl_file_and_messages_say_at_once(tmp_path):
         CorpusError, match=r"line 1: malformed JSON: Invalid control character at column 12 \("
     ):
         read_all(paths=(str(bad),))
+
+
+def test_trailing_garbage_after_zstd_frames_and_a_damaged_saved_dataset_are_named(tmp_path):
+    path = tmp_path / "tail.jsonl.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(LONG) + b"garbage!")
+    with pytest.raises(InputError, match=rf"{path}: cannot be read"):
+        read_all(paths=(str(path),))
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(docs("hf", 3))}).save_to_disk(saved)
+    (saved / "dataset_dict.json").write_text("{cut")
+    with pytest.raises(InputError, match=r"dataset_dict\.json: damaged"):
+        read_all(paths=(str(saved),))

@@ -4,7 +4,9 @@ of a stage per out_dir at a time."""
 import errno
 import json
 import os
+import signal
 import time
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -12,9 +14,9 @@ import pytest
 from pipeline.artifacts import ProvenanceError
 from pipeline.config import ConfigError, load_config
 from pipeline.layout import Layout
-from pipeline.locks import LockedError, stage_lock
+from pipeline.locks import lock
 from stages import score, select
-from tests.helpers import make_texts, midrank, write_config, write_corpus
+from tests.helpers import make_texts, midrank, torchrun_process, write_config, write_corpus
 
 HOSTILE = ["..", ".", "../../X", "a/b", ".hidden", "", "x" * 129, "band name", "é"]
 
@@ -23,6 +25,15 @@ HOSTILE = ["..", ".", "../../X", "a/b", ".hidden", "", "x" * 129, "band name", "
 def config(tmp_path, tiny_model_dir):
     corpus = write_corpus(tmp_path / "corpus.jsonl", make_texts(40, seed=5))
     return write_config(tmp_path, corpus, tiny_model_dir)
+
+
+@pytest.fixture
+def slow_config(tmp_path, tiny_model_dir):
+    """Enough rows, checkpointed one by one, that a run is still scoring when the next starts."""
+    corpus = write_corpus(tmp_path / "corpus.jsonl", make_texts(600, seed=5))
+    config = write_config(tmp_path, corpus, tiny_model_dir)
+    config.write_text(config.read_text().replace("window_rows: 8", "window_rows: 1"))
+    return config
 
 
 NAMED = [
@@ -66,47 +77,70 @@ def test_deletes_stay_strictly_inside_out_dir(tmp_path):
         layout.band("..")
 
 
-def test_a_second_run_of_a_stage_stops_naming_the_holder(config, tmp_path):
+def test_a_second_run_stops_naming_the_holder(config, tmp_path):
     layout = Layout(tmp_path / "out")
-    with stage_lock(layout, "score"):
+    with lock(layout, "score-shard-00001"):
         process = midrank("score", "--config", str(config))
         output = process.stdout.read()
         assert process.wait() == 2, output
-        assert f"another `score` run holds {layout.lock('score')} (pid {os.getpid()} on" in output
-        assert output.strip().count("\n") == 0, output  # one line
-        with pytest.raises(LockedError):  # in-process too
-            score.run(load_config(config))
+        assert f"another run holds {layout.lock('score-shard-00001')} (pid {os.getpid()} on" in output
+        assert output.strip().count("\n") == 0, output  # one line, before the model loaded
     assert not layout.score_shard(0).exists()  # the second run did nothing
 
 
-def test_two_concurrent_score_runs_lose_nothing(config, tmp_path):
-    """The issue's failure: two scorers on one out_dir. The second stops at once; the first scores
-    every row."""
-    layout = Layout(tmp_path / "out")
-    first = midrank("score", "--config", str(config), "score.window_rows=2")
-    deadline = time.time() + 60
-    while not (layout.lock("score").is_file() and layout.lock("score").read_text().strip()):
-        assert first.poll() is None, first.stdout.read()
+def wait_until_a_shard_is_locked(layout: Layout, process, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not any(p.read_text().strip() for p in layout.out_dir.glob(".locks/score-shard-*.lock")):
+        assert process.poll() is None, process.stdout.read()
         assert time.time() < deadline
         time.sleep(0.01)
-    second = midrank("score", "--config", str(config), "score.window_rows=2")
-    second_output = second.stdout.read()
-    assert second.wait() == 2 and "another `score` run holds" in second_output, second_output
-    assert first.wait() == 0, first.stdout.read()
-    scores = pl.read_parquet(layout.scores_dir / "part-*.parquet")
-    assert scores.height == 40 and scores["sample_id"].n_unique() == 40
 
 
-def test_a_lock_left_by_a_killed_run_is_reported_and_taken(config, tmp_path, caplog):
+@pytest.mark.slow  # real processes racing each other
+@pytest.mark.parametrize("first", ["plain run", "torchrun job of 2 ranks"])
+def test_a_second_score_run_stops_and_the_first_loses_nothing(slow_config, tmp_path, first):
+    """The issue's failure: two scorers on one out_dir. The ranks of one job score different
+    shards, so their shard locks never meet; a second run needs every shard, meets one of the
+    first's and stops at once, and the first scores every row."""
     layout = Layout(tmp_path / "out")
-    layout.lock("score").parent.mkdir(parents=True)
+    if first == "plain run":
+        running = midrank("score", "--config", str(slow_config))
+    else:
+        running = torchrun_process("score", "--config", str(slow_config), nproc=2)
+    wait_until_a_shard_is_locked(layout, running)
+    second = midrank("score", "--config", str(slow_config))
+    second_output = second.stdout.read()
+    assert second.wait() == 2 and "another run holds" in second_output, second_output
+    assert running.wait() == 0, running.stdout.read()
+    scores = pl.read_parquet(layout.scores_dir / "part-*.parquet")
+    assert scores.height == 600 and scores["sample_id"].n_unique() == 600
+
+
+def test_a_lock_left_by_a_killed_run_is_reported_and_taken(config, tmp_path):
+    layout = Layout(tmp_path / "out")
+    layout.lock("score-shard-00000").parent.mkdir(parents=True)
     dead = {"host": "elsewhere", "pid": 999999, "started": 0, "argv": ["midrank", "score"]}
-    layout.lock("score").write_text(json.dumps(dead))  # recorded, but nobody holds the flock
-    with caplog.at_level("WARNING", logger="midrank"):
-        score.run(load_config(config))
-    assert "pid 999999 on elsewhere" in caplog.text and "ended without releasing its lock" in caplog.text
-    assert layout.lock("score").read_text() == ""  # a clean end leaves an empty record
+    layout.lock("score-shard-00000").write_text(json.dumps(dead))  # recorded, but nobody holds it
+    process = midrank("score", "--config", str(config))
+    output = process.stdout.read()
+    assert process.wait() == 0, output
+    assert "pid 999999 on elsewhere" in output and "ended without releasing it" in output
+    assert layout.lock("score-shard-00000").read_text() == ""  # a clean end leaves an empty record
     assert pl.read_parquet(layout.scores_dir / "part-*.parquet").height == 40
+
+
+@pytest.mark.slow  # real processes racing each other
+def test_a_killed_runs_dataloader_worker_does_not_hold_its_lock(config, tmp_path):
+    """lockf is not inherited by forked children: a worker that outlives its killed parent for a
+    moment holds nothing."""
+    layout = Layout(tmp_path / "out")
+    process = midrank("score", "--config", str(config), "score.num_workers=1", "score.window_rows=2")
+    wait_until_a_shard_is_locked(layout, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    rerun = midrank("score", "--config", str(config))
+    output = rerun.stdout.read()
+    assert rerun.wait() == 0 and "ended without releasing it" in output, output
 
 
 @pytest.fixture
@@ -142,14 +176,15 @@ def test_rows_appended_after_scoring_are_refused_not_a_key_error(scored):
 
 
 def test_an_edit_the_fingerprint_misses_is_caught_row_by_row(scored, monkeypatch):
-    """An edit outside the fingerprint's samples keeps the plan; the stored n_chars still catch it."""
+    """A same-length edit outside the fingerprint's samples (here: a fingerprint that sees nothing)
+    keeps the plan; the record hash stored with each score still catches it."""
     config, corpus = scored
     plan_files = {"fingerprints": None}
 
     def same_fingerprint(f):
         return plan_files["fingerprints"]
 
-    edit_texts(corpus, lambda i, r: r | {"text": r["text"] + "!"} if i == 7 else r)
+    edit_texts(corpus, lambda i, r: r | {"text": r["text"][::-1]} if i == 7 else r)  # same length
     import pipeline.sharding
 
     monkeypatch.setattr(pipeline.sharding, "fingerprint", same_fingerprint)
@@ -158,7 +193,7 @@ def test_an_edit_the_fingerprint_misses_is_caught_row_by_row(scored, monkeypatch
     saved = json.loads(Layout(cfg.out_dir).score_plan.read_text())
     plan_files["fingerprints"] = saved["files"][0]["fingerprint"]
     with pytest.raises(
-        ProvenanceError, match=r"corpus\.jsonl:7: the corpus record is .* characters, scored with"
+        ProvenanceError, match=r"corpus\.jsonl:7: the corpus record is not the one that was scored"
     ):
         select.run(cfg)
 
@@ -182,3 +217,31 @@ def test_rechecking_a_finished_score_set_writes_nothing(scored, tmp_path, monkey
 
     monkeypatch.setattr(os, "open", read_only)
     score.run(load_config(config))  # no lock, no write, no error
+
+
+def test_a_write_that_fails_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """A full disk fails inside write(), where the OSError carries no file name."""
+    from pipeline.artifacts import write_json_atomic
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match="No space left on device") as err:
+        write_json_atomic(tmp_path / "summary.json", {"a": 1})
+    assert err.value.filename == str(tmp_path / "summary.json") and list(tmp_path.iterdir()) == []
+
+
+def test_a_symlink_that_leads_outside_out_dir_is_refused(config, tmp_path):
+    out = tmp_path / "out"
+    (out / "scores").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.tmp").write_text("precious")
+    (out / "scores" / ".part-00000.chunks").symlink_to(elsewhere)
+    process = midrank("score", "--config", str(config))
+    output = process.stdout.read()
+    errors = [line for line in output.splitlines() if line.startswith("[midrank] error:")]
+    assert process.wait() == 2 and len(errors) == 1 and "leads outside" in errors[0], output
+    assert "Traceback" not in output
+    assert (elsewhere / "keep.tmp").read_text() == "precious"

@@ -81,7 +81,9 @@ def test_rerun_does_nothing_and_changed_policy_is_refused(tmp_path, corpus, tiny
     assert before == {p: p.stat().st_mtime_ns for p in scores_dir.glob("part-*.parquet")}
     with pytest.raises(ProvenanceError, match=r"max_tokens: 64 != 32"):
         score.run(load_config(config, ["score.max_tokens=32"]))
-    with pytest.raises(ProvenanceError, match="corpus plan"):
+    with pytest.raises(
+        ProvenanceError, match=r"holds scores of another corpus \(corpus\.num_shards: 3 -> 5\)"
+    ):
         score.run(load_config(config, ["corpus.num_shards=5"]))
 
 

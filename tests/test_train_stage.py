@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import ConfigError, load_config
+from pipeline.layout import Layout
 from pipeline.trainer import trained_tokens_at
 from stages import score, select, train
 from tests.helpers import make_texts, midrank, torchrun, write_config, write_corpus
@@ -246,9 +247,23 @@ def test_a_killed_run_resumes_only_under_its_own_config(tmp_path, tiny_model_dir
     changed = ["train.max_steps=4", "train.learning_rate=0.01"]
     with pytest.raises(
         ConfigError,
-        match=r"started under another config \(train\.max_steps: 2 -> 4; train\.learning_rate: 0\.001 -> 0\.01\)",
+        match=r"started under other settings \(train\.max_steps: 2 -> 4; train\.learning_rate: 0\.001 -> 0\.01\)",
     ):
         train.run(load_config(config, changed))
+    # how records become tokens decides the weights too; evaluation and logging settings do not
+    with pytest.raises(ConfigError, match=r"samples\.add_bos: True -> False"):
+        train.run(load_config(config, ["score.add_bos=false"]))
+    layout, data = Layout(tmp_path / "out"), train.TrainingData([corpus], None, "corpus")
+    quiet = load_config(
+        config, ["train.logging_steps=7", f"train.eval_paths=[{corpus}]", "train.save_steps=1"]
+    )
+    assert train.run_identity(quiet, layout, data) == train.run_identity(load_config(config), layout, data)
+    (run_dir / "started.json").write_text("{cut")  # damaged: a clear refusal, not a traceback
+    with pytest.raises(
+        ConfigError, match=r"did not record its settings .*started\.json is missing or damaged"
+    ):
+        train.run(load_config(config))
+    (run_dir / "started.json").unlink()
     resumed = train.run(load_config(config, [*changed, "train.resume_changed_config=true"]))
     metrics = json.loads((resumed / "metrics.json").read_text())["train"]
     assert metrics["steps"] == 4 and metrics["steps_this_run"] == 2  # continued from step 2
