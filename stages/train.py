@@ -320,5 +320,9 @@ def run(cfg: Config) -> Path:
             # other ranks wait for rank 0's evaluation: a rank that exits while the process group is
             # alive aborts the whole job
             torch.distributed.barrier()
+            # gloo's worker thread frees the finished collectives' tensors, which takes the GIL;
+            # tearing the group down with the GIL held before it has done so deadlocks (seen once
+            # in CI, in ~ProcessGroupGloo joining that thread): give it the GIL for a moment
+            time.sleep(0.2)
             torch.distributed.destroy_process_group()
         return paths.dir
