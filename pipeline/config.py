@@ -408,6 +408,12 @@ class TrainConfig:
     batch_size: int = 8
     """Samples per device per step (before gradient accumulation)."""
 
+    target_tokens_per_batch: int = 0
+    """Token-budget micro-batches: each holds exactly this many target tokens (samples in a
+    seeded order, the one that overflows cut to fit) instead of `batch_size` samples, so a run
+    trains on exactly max_steps x grad_accum x ranks x this many tokens, however long its samples
+    are (equal compute across training sets). 0: `batch_size` samples per micro-batch."""
+
     grad_accum: int = 1
     """Gradient accumulation steps."""
 
@@ -456,6 +462,11 @@ class TrainConfig:
         _require_shares(self, "skip", "keep")
         _require(self.kl_reg > 0, "kl_reg", f"must be > 0, got {self.kl_reg}")
         _require(self.max_tokens >= 2, "max_tokens", f"must be >= 2, got {self.max_tokens}")
+        _require(
+            self.target_tokens_per_batch >= 0,
+            "target_tokens_per_batch",
+            f"must be >= 0, got {self.target_tokens_per_batch}",
+        )
         for key in (
             "batch_size",
             "grad_accum",

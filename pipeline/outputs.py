@@ -245,6 +245,10 @@ class TrainSummary:
     precision: str
     world_size: int
     data: list[str]
+    samples_seen: int | None = None
+    """Distinct samples trained on (token-budget batches; a cut sample counts)."""
+    mean_sample_tokens: float | None = None
+    """Mean target tokens of those samples, whole (token-budget batches)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -15,6 +15,7 @@ were scored — the responses, or every token with `score.score_prompt`. Tokeniz
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,3 +139,57 @@ class TrainCollator:
         if "weight" in features[0]:
             batch["weight"] = torch.tensor([f["weight"] for f in features], dtype=torch.float32)
         return batch
+
+
+def target_count(feature: dict[str, Any]) -> int:
+    return sum(end - start for start, end in feature["targets"])
+
+
+def cut_to_targets(feature: dict[str, Any], take: int) -> dict[str, Any]:
+    """The feature with only its first `take` target tokens (the sequence ends after the last)."""
+    spans, left = [], take
+    for start, end in feature["targets"]:
+        if left == 0:
+            break
+        stop = min(end, start + left)
+        spans.append([start, stop])
+        left -= stop - start
+    return feature | {"input_ids": feature["input_ids"][: spans[-1][1]], "targets": spans}
+
+
+def plan_token_batches(counts: list[int], per_batch: int, n_batches: int, seed: int) -> list[list[list[int]]]:
+    """`n_batches` micro-batches of exactly `per_batch` target tokens each, as [sample, tokens
+    taken] lists: the samples in a seeded order (a new one for each pass over them), each batch
+    filled in turn, the sample that overflows a batch cut to the tokens left (its rest is not
+    trained on). Every run with the same `per_batch` and `n_batches` trains on the same number of
+    target tokens, however long its samples are."""
+    if not any(counts):
+        raise ValueError("no sample has a target token")
+    rng = random.Random(seed)
+    order: list[int] = []
+    batches = []
+    while len(batches) < n_batches:
+        batch, left = [], per_batch
+        while left:
+            if not order:
+                order = rng.sample(range(len(counts)), len(counts))[::-1]  # popped from the end
+            i = order.pop()
+            if counts[i]:
+                take = min(counts[i], left)
+                batch.append([i, take])
+                left -= take
+        batches.append(batch)
+    return batches
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBudgetCollator:
+    """Collates planned micro-batches (`plan_token_batches`): each item names its samples and how
+    many of their target tokens to take; `collator` lays them out (padded or packed)."""
+
+    dataset: Any
+    collator: TrainCollator
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        features = [cut_to_targets(self.dataset[i], take) for item in items for i, take in item["members"]]
+        return self.collator(features)

@@ -138,9 +138,11 @@ def check_packing(model, dataset, collator: TrainCollator) -> None:
 
 
 def training_arguments(tcfg: TrainConfig, checkpoints: Path, precision: str) -> TrainingArguments:
+    """The Trainer's arguments; with token-budget micro-batches each dataset item is a whole
+    micro-batch, so the Trainer takes one item at a time."""
     return TrainingArguments(
         output_dir=str(checkpoints),
-        per_device_train_batch_size=tcfg.batch_size,
+        per_device_train_batch_size=1 if tcfg.target_tokens_per_batch else tcfg.batch_size,
         gradient_accumulation_steps=tcfg.grad_accum,
         max_steps=tcfg.max_steps,
         learning_rate=tcfg.learning_rate,

@@ -27,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from transformers import set_seed
 
@@ -43,7 +44,7 @@ from pipeline.ranks import rank_and_world
 from pipeline.records import ReadStats
 from pipeline.samples import SamplePolicy
 from pipeline.sharding import iter_corpus, plan_shards
-from pipeline.train_data import TrainCollator, tokenize_dataset
+from pipeline.train_data import TokenBudgetCollator, TrainCollator, plan_token_batches, tokenize_dataset
 from pipeline.trainer import (
     ObjectiveTrainer,
     check_packing,
@@ -187,6 +188,25 @@ class TrainingSet:
     """The tokenized rows (a datasets.Dataset: input_ids, targets, weight)."""
     dropped: Counter
     """Rows with no target token, by reason."""
+    batches: list | None = None
+    """Token-budget micro-batches ([sample, tokens taken] lists), when train.target_tokens_per_batch."""
+    counts: list[int] | None = None
+    """Target tokens of each row (token-budget batches)."""
+
+    def trainer_inputs(self, collator: TrainCollator) -> tuple[Any, Any]:
+        """(the dataset the Trainer iterates, the collator that turns its items into batches)."""
+        if self.batches is None:
+            return self.dataset, collator
+        return datasets.Dataset.from_dict({"members": self.batches}), TokenBudgetCollator(
+            self.dataset, collator
+        )
+
+    def seen(self) -> tuple[int | None, float | None]:
+        """(distinct samples trained on, their mean target tokens), known for token-budget batches."""
+        if self.batches is None:
+            return None, None
+        seen = {i for batch in self.batches for i, _ in batch}
+        return len(seen), sum(self.counts[i] for i in seen) / len(seen)
 
 
 def training_set(cfg: Config, files: list[Path], tokenizer, world_size: int) -> TrainingSet:
@@ -205,6 +225,13 @@ def training_set(cfg: Config, files: list[Path], tokenizer, world_size: int) -> 
             f"train.objective: 'weighted' needs a `weight` column, and {files[0]} has none "
             "(select with weights: true, or pick another objective)"
         )
+    if tcfg.target_tokens_per_batch:
+        counts = [sum(end - start for start, end in spans) for spans in dataset["targets"]]
+        if not counts:
+            raise ConfigError(f"train.data_paths: {files[0]} holds no sample with a target token")
+        n_batches = tcfg.max_steps * tcfg.grad_accum * world_size
+        batches = plan_token_batches(counts, tcfg.target_tokens_per_batch, n_batches, tcfg.seed)
+        return TrainingSet(dataset, dropped, batches, counts)
     if len(dataset) < tcfg.batch_size * world_size:
         raise ConfigError(
             f"train.batch_size: {len(dataset)} training samples cannot fill one batch of "
@@ -247,6 +274,8 @@ def train_summary(
         precision=plan.precision,
         world_size=world_size,
         data=[str(f) for f in plan.data.files],
+        samples_seen=train_set.seen()[0],
+        mean_sample_tokens=train_set.seen()[1],
     )
 
 
@@ -297,11 +326,12 @@ def run(cfg: Config) -> Path:
         collator = TrainCollator(pad_id_of(tokenizer), tcfg.max_tokens, tcfg.pack)
         if tcfg.pack:
             check_packing(model, train_set.dataset, collator)
+        train_data, train_collator = train_set.trainer_inputs(collator)
         trainer = ObjectiveTrainer(
             model=model,
             args=training_arguments(tcfg, paths.checkpoints, plan.precision),
-            train_dataset=train_set.dataset,
-            data_collator=collator,
+            train_dataset=train_data,
+            data_collator=train_collator,
             train_cfg=tcfg,
             trained_tokens=trained_tokens_at(resume),
         )

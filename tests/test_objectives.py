@@ -1,6 +1,7 @@
 """Training objectives against closed forms and brute force; masking of padding and packing."""
 
 import math
+import random
 from fractions import Fraction
 
 import pytest
@@ -166,3 +167,35 @@ def test_a_model_that_lets_packed_samples_attend_to_each_other_is_caught(
     # a model whose attention ignores the restarting positions: plain causal attention over the row
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
     assert not packing_isolates(model, features[:3], collator)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_token_budget_batches_hold_exactly_their_budget(seed):
+    from pipeline.train_data import plan_token_batches
+
+    counts = [random.Random(seed + i).choice([0, 1, 3, 7, 40, 200]) for i in range(30)]
+    batches = plan_token_batches(counts, 64, 25, seed)
+    assert len(batches) == 25
+    for batch in batches:
+        assert sum(take for _, take in batch) == 64
+        assert all(0 < take <= counts[i] for i, take in batch)
+    # a pass over the samples comes before any repeats: the first appearances are all distinct
+    first_pass, seen = [], set()
+    for i, _ in (member for batch in batches for member in batch):
+        if i in seen:
+            break
+        seen.add(i)
+        first_pass.append(i)
+    assert seen >= {i for i, c in enumerate(counts) if c} or len(first_pass) == len(seen)
+    assert plan_token_batches(counts, 64, 25, seed) == batches  # seeded
+
+
+def test_a_sample_is_cut_after_its_first_targets():
+    from pipeline.train_data import cut_to_targets
+
+    feature = {"input_ids": list(range(20)), "targets": [[3, 6], [10, 15]], "weight": 2.0}
+    assert cut_to_targets(feature, 2) == {"input_ids": list(range(5)), "targets": [[3, 5]], "weight": 2.0}
+    cut = cut_to_targets(feature, 5)
+    assert cut["targets"] == [[3, 6], [10, 12]] and cut["input_ids"] == list(range(12))
+    whole = cut_to_targets(feature, 8)  # every target: only tokens after the last one are left out
+    assert whole["targets"] == feature["targets"] and whole["input_ids"] == list(range(15))

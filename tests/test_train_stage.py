@@ -267,3 +267,28 @@ def test_a_killed_run_resumes_only_under_its_own_config(tmp_path, tiny_model_dir
     resumed = train.run(load_config(config, [*changed, "train.resume_changed_config=true"]))
     metrics = json.loads((resumed / "metrics.json").read_text())["train"]
     assert metrics["steps"] == 4 and metrics["steps_this_run"] == 2  # continued from step 2
+
+
+def test_token_budget_runs_train_on_exactly_the_same_tokens_whatever_their_samples(tmp_path, tiny_model_dir):
+    """Equal compute: short and long documents, the same budget, the same trained tokens."""
+    short = write_corpus(tmp_path / "short.jsonl", [" ".join(["cat"] * (2 + i % 5)) for i in range(40)])
+    long = write_corpus(tmp_path / "long.jsonl", [" ".join(["the cat sat"] * (10 + i)) for i in range(40)])
+    summaries = []
+    for name, data in (("short", short), ("long", long)):
+        config = train_config(
+            tmp_path / name,
+            data,
+            tiny_model_dir,
+            "  target_tokens_per_batch: 50\n  grad_accum: 2\n  pack: true\n",
+        )
+        run_dir = train.run(load_config(config, ["train.max_steps=3"]))
+        summaries.append(json.loads((run_dir / "metrics.json").read_text())["train"])
+    assert [s["trained_tokens"] for s in summaries] == [3 * 2 * 50] * 2
+    assert [s["target_tokens_this_run"] for s in summaries] == [300, 300] and [
+        s["steps"] for s in summaries
+    ] == [3, 3]
+    short_seen, long_seen = summaries
+    assert (
+        short_seen["samples_seen"] > long_seen["samples_seen"]
+        and short_seen["mean_sample_tokens"] < long_seen["mean_sample_tokens"]
+    )
