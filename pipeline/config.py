@@ -246,11 +246,17 @@ class BandConfig:
     """Output directory name under selected/; derived from the parameters when empty."""
 
     strategy: Literal[
-        "midranking", "band", "top", "bottom", "random", "all", *BAND_PRESETS  # type: ignore[misc]
+        "midranking", "band", "top", "bottom", "random", "length_matched", "all", *BAND_PRESETS  # type: ignore[misc]
     ] = "midranking"
     """midranking: drop the top `skip`, keep the next `keep` (by loss, hardest first); band: loss
-    quantiles [low, high); top/bottom: the `keep` highest/lowest; random: a seeded `keep`; all; or a
-    peer's preset band (cc_net_head/middle/tail, marion_middle, ankner_high50/medium50)."""
+    quantiles [low, high); top/bottom: the `keep` highest/lowest; random: a seeded `keep`;
+    length_matched: a seeded random sample with the length distribution of the band `match`
+    (a control for it); all; or a peer's preset band (cc_net_head/middle/tail, marion_middle,
+    ankner_high50/medium50)."""
+
+    match: str = ""
+    """length_matched: the band (its name) whose kept samples' lengths the sample matches; it is
+    selected first, in this run or an earlier one."""
 
     skip: float = 0.1
     """midranking: share of the measure dropped from the top (hardest)."""
@@ -284,6 +290,7 @@ class BandConfig:
 
     def __post_init__(self) -> None:
         _require_name(self.name, "name", optional=True)
+        _require_name(self.match, "match", optional=self.strategy != "length_matched")
         _require_shares(self, "skip", "keep", "low", "high")
         _require(self.keep > 0 or self.target_tokens > 0, "keep", "must be > 0 (an empty band keeps nothing)")
         _require(
@@ -303,6 +310,8 @@ class BandConfig:
             return self.name
         if self.strategy in BAND_PRESETS or self.strategy == "all":
             parts = [self.strategy]
+        elif self.strategy == "length_matched":
+            parts = [self.strategy, self.match, f"seed{self.seed}"]
         elif self.strategy == "band":
             parts = [self.strategy, f"q{self.low:g}-{self.high:g}"]
         else:

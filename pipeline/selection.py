@@ -175,3 +175,44 @@ def irdro_weight_expr(kept: pl.LazyFrame, kl_reg: float) -> pl.Expr:
     top = kept.select(loss.max()).collect().item()
     mean = kept.select(((loss - top) / kl_reg).exp().mean()).collect().item()
     return ((loss - top) / kl_reg).exp() / mean
+
+
+LENGTH_BINS = 32
+
+
+def length_edges(max_tokens: int, bins: int = LENGTH_BINS) -> np.ndarray:
+    """Log-spaced bin edges of sample lengths (target tokens) from 1 to `max_tokens`, as integers."""
+    return np.unique(np.geomspace(1, max(max_tokens, 1) + 1, bins + 1).astype(np.int64))
+
+
+def length_matched(
+    scores: pl.LazyFrame, reference: np.ndarray, seed: int
+) -> tuple[pl.LazyFrame, np.ndarray, int]:
+    """All samples with `kept` and `reason`: a seeded random sample with, in every length bin, as
+    many samples as `reference` (the lengths of another selection) has, so the two sets share a
+    length distribution, and (with it) nearly their token count. Returns the decision, the bin
+    edges, and how many samples were short (bins of the whole set too small for the reference).
+
+    A control for a band by loss: mean token loss falls with length, so a band can differ from a
+    random sample by its lengths alone; this random sample cannot."""
+    longest = scores.select(pl.col("n_tokens").max()).collect().item() or 1
+    edges = length_edges(int(max(longest, reference.max(initial=1))))
+    wanted = np.histogram(reference, bins=edges)[0]
+    # numpy.histogram's bins: [e_i, e_i+1), the last closed; the edges span every length
+    bin_of = pl.sum_horizontal([(pl.col("n_tokens") >= int(e)).cast(pl.UInt32) for e in edges[1:-1]])
+    ranked = scores.with_columns(_bin=bin_of, _key=pl.col("sample_id").hash(seed)).with_columns(
+        _rank=pl.col("_key").rank("ordinal").over("_bin")
+    )
+    quota = pl.LazyFrame({"_bin": np.arange(len(wanted), dtype=np.uint32), "_quota": wanted})
+    available = ranked.group_by("_bin").agg(pl.len().alias("_n")).collect()
+    have = dict(zip(available["_bin"].to_list(), available["_n"].to_list(), strict=True))
+    short = int(sum(max(0, int(w) - have.get(b, 0)) for b, w in enumerate(wanted)))
+    decided = (
+        ranked.join(quota, on="_bin", how="left", maintain_order="left")
+        .with_columns(kept=pl.col("_rank") <= pl.col("_quota").fill_null(0))
+        .with_columns(
+            reason=pl.when(pl.col("kept")).then(None).otherwise(pl.lit("not_sampled", dtype=Reason))
+        )
+        .drop("_bin", "_key", "_rank", "_quota")
+    )
+    return decided, edges, short

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from pipeline.artifacts import ProvenanceError, write_table_atomic
@@ -35,7 +36,7 @@ from pipeline.log import get_logger
 from pipeline.outputs import BandManifest, Counts, LossRange, Positions, SourceCount, SourceMix
 from pipeline.records import ReadStats, record_digest, record_id, sample_text
 from pipeline.scores import check_corpus_unchanged, common_provenance, score_files
-from pipeline.selection import Band, band_for, irdro_weight_expr, select
+from pipeline.selection import Band, band_for, irdro_weight_expr, length_matched, select
 from pipeline.sharding import ShardPlan, plan_shards, shard_records
 
 
@@ -57,11 +58,22 @@ def band_of(cfg: BandConfig, total_tokens: int) -> tuple[Band, str]:
     return band_for(cfg.strategy, skip=cfg.skip, keep=keep, low=cfg.low, high=cfg.high), measure
 
 
-def decide(scores: pl.LazyFrame, cfg: BandConfig, total_tokens: int) -> pl.LazyFrame:
+def decide(
+    scores: pl.LazyFrame, cfg: BandConfig, total_tokens: int, reference: np.ndarray | None = None
+) -> pl.LazyFrame:
     """Every sample with `kept`, `reason` (and `weight`), as a lazy query: the band's ends are
-    fixed here once, and each shard is then decided on its own."""
-    band, measure = band_of(cfg, total_tokens)
-    decided = select(scores, band, measure=measure, by_source=cfg.by_source, seed=cfg.seed)
+    fixed here once, and each shard is then decided on its own. `reference`: the lengths a
+    length_matched sample matches."""
+    if cfg.strategy == "length_matched":
+        decided, _, short = length_matched(scores, reference, cfg.seed)
+        if short:
+            get_logger().warning(
+                f"{cfg.resolved_name()}: {short} samples short of {cfg.match}'s length distribution "
+                "(too few samples of some lengths in the whole set)"
+            )
+    else:
+        band, measure = band_of(cfg, total_tokens)
+        decided = select(scores, band, measure=measure, by_source=cfg.by_source, seed=cfg.seed)
     if cfg.weights:
         weight = irdro_weight_expr(decided.filter(pl.col("kept")), cfg.kl_reg)
         decided = decided.with_columns(weight=pl.when(pl.col("kept")).then(weight))
@@ -90,12 +102,17 @@ def source_mix(summary: pl.DataFrame) -> dict[str, SourceCount]:
 def manifest_for(cfg: Config, band_cfg: BandConfig, summary: pl.DataFrame, provenance: dict) -> BandManifest:
     kept = summary.filter(pl.col("kept"))
     rejected = summary.filter(~pl.col("kept")).group_by("reason").agg(pl.col("samples").sum())
-    band, measure = band_of(band_cfg, int(summary["tokens"].sum()))
+    if band_cfg.strategy == "length_matched":  # not a band of the ranking: a sample of it, by lengths
+        share = int(kept["samples"].sum()) / max(int(summary["samples"].sum()), 1)
+        positions = Positions(0.0, share, "random", "samples")
+    else:
+        band, measure = band_of(band_cfg, int(summary["tokens"].sum()))
+        positions = Positions(float(band.start), float(band.stop), band.order, measure)
     return BandManifest(
         band=band_cfg.resolved_name(),
         strategy=band_cfg.strategy,
         parameters=to_dict(band_cfg),
-        positions=Positions(float(band.start), float(band.stop), band.order, measure),
+        positions=positions,
         loss_thresholds=LossRange(min_kept=kept["min_loss"].min(), max_kept=kept["max_loss"].max()),
         samples=Counts(int(summary["samples"].sum()), int(kept["samples"].sum())),
         tokens=Counts(int(summary["tokens"].sum()), int(kept["tokens"].sum())),
@@ -142,6 +159,21 @@ class Pending:
     summary: pl.DataFrame
 
 
+def reference_lengths(band_cfg: BandConfig, layout: Layout, pending: dict[str, Pending]) -> np.ndarray:
+    """The lengths (target tokens) of the kept samples of the band a length_matched band matches:
+    decided in this run, or selected before."""
+    if band_cfg.match in pending:
+        kept = pending[band_cfg.match].decided.filter(pl.col("kept")).select("n_tokens").collect()
+    elif layout.band(band_cfg.match).manifest.is_file():
+        kept = pl.read_parquet(part_files(layout.band(band_cfg.match).dir), columns=["n_tokens"])
+    else:
+        raise ConfigError(
+            f"select.bands: {band_cfg.resolved_name()} matches band {band_cfg.match!r}, which is not selected; "
+            "list that band before it"
+        )
+    return kept["n_tokens"].to_numpy()
+
+
 def bands_to_select(
     cfg: Config, layout: Layout, scores: pl.LazyFrame, provenance: dict, total_tokens: int
 ) -> dict[str, Pending]:
@@ -161,7 +193,10 @@ def bands_to_select(
                 log.info(f"{name}: already selected, nothing to do")
                 continue
             log.info(f"{name}: the scores were recomputed since this band was selected; selecting again")
-        decided = decide(scores, band_cfg, total_tokens)
+        reference = (
+            reference_lengths(band_cfg, layout, pending) if band_cfg.strategy == "length_matched" else None
+        )
+        decided = decide(scores, band_cfg, total_tokens, reference)
         summary = summarize(decided)
         kept = summary.filter(pl.col("kept"))
         if kept["samples"].sum() == 0:

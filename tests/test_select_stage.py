@@ -3,6 +3,7 @@
 import json
 
 import datasets
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
@@ -155,3 +156,25 @@ def test_target_tokens_only_where_it_sizes_the_band(scored):
         load_config(config, ["select.bands=[{strategy: cc_net_middle, target_tokens: 100}]"])
     # with a token budget, the (unused) default keep does not cap skip
     load_config(config, ["select.bands=[{strategy: midranking, skip: 0.6, target_tokens: 100}]"])
+
+
+def test_a_length_matched_band_shares_the_lengths_of_the_band_it_matches(scored, tmp_path):
+    from pipeline.selection import length_edges
+
+    config, _ = scored
+    bands = (
+        "select.bands=[{strategy: midranking, skip: 0.1, keep: 0.4, name: mid}, "
+        "{strategy: length_matched, match: mid, seed: 1}]"
+    )
+    mid, matched = select.run(load_config(config, [bands]))
+    assert matched.name == "length_matched-mid-seed1-samples"
+    mid_lengths = pl.read_parquet(mid / "part-*.parquet")["n_tokens"].to_numpy()
+    matched_lengths = pl.read_parquet(matched / "part-*.parquet")["n_tokens"].to_numpy()
+    scores = pl.read_parquet(tmp_path / "out" / "scores" / "part-*.parquet")
+    edges = length_edges(int(scores["n_tokens"].max()))
+    assert np.histogram(matched_lengths, edges)[0].tolist() == np.histogram(mid_lengths, edges)[0].tolist()
+    assert set(pl.read_parquet(matched / "part-*.parquet")["sample_id"]) != set(
+        pl.read_parquet(mid / "part-*.parquet")["sample_id"]
+    )
+    with pytest.raises(ConfigError, match="matches band 'nowhere', which is not selected"):
+        select.run(load_config(config, ["select.bands=[{strategy: length_matched, match: nowhere}]"]))

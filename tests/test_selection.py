@@ -248,3 +248,27 @@ def test_numpy_shares_are_read_as_the_decimals_they_print():
     band = band_for("midranking", skip=np.float32(0.2), keep=np.float64(0.1))
     assert (band.start, band.stop) == (Fraction(1, 5), Fraction(3, 10))
     assert select(equal_samples(10), band).collect()["kept"].sum() == 1
+
+
+def test_length_matched_sample_has_the_reference_length_histogram():
+    from pipeline.selection import length_matched
+
+    rng = np.random.default_rng(0)
+    n = 5000
+    lengths = rng.integers(1, 500, n).astype(np.int32)
+    scores = pl.LazyFrame(
+        {"sample_id": [f"s{i}" for i in range(n)], "n_tokens": lengths, "loss": rng.random(n)}
+    )
+    reference = rng.integers(100, 300, 400)  # e.g. a band's lengths
+    decided, edges, short = length_matched(scores, reference, seed=3)
+    kept = decided.filter(pl.col("kept")).collect()
+    assert short == 0 and kept.height == 400
+    assert (
+        np.histogram(kept["n_tokens"].to_numpy(), edges)[0].tolist()
+        == np.histogram(reference, edges)[0].tolist()
+    )
+    assert abs(int(kept["n_tokens"].sum()) - int(reference.sum())) < 0.02 * reference.sum()
+    again, _, _ = length_matched(scores, reference, seed=3)
+    other, _, _ = length_matched(scores, reference, seed=4)
+    assert again.collect().equals(decided.collect()) and not other.collect().equals(decided.collect())
+    assert set(decided.filter(~pl.col("kept")).collect()["reason"]) == {"not_sampled"}
