@@ -9,7 +9,8 @@ library source file. Together they mix clean prose, code, markup and noise (ASCI
 the loss distribution has real structure. Each source is capped (`--per-source`) so that none
 dominates: man pages are most of the bytes on the machine, fortunes most of the documents.
 
-Writes `train.jsonl` and `heldout.jsonl` (fields: text, source, origin) and `manifest.json`.
+Writes `train.jsonl` and `heldout.jsonl` (fields: text, source, origin), `ood.jsonl` (held-out
+text of a kind no training source holds: Debian package changelogs) and `manifest.json`.
 Choices are made by hashing each document's origin, never by randomness or file timestamps, so
 building twice gives the same bytes. Missing Debian packages are installed with apt-get when this
 runs as root and apt-get works; a source that stays unavailable stops the build with the packages
@@ -233,6 +234,23 @@ SOURCES = (
 )
 
 
+def changelog_candidates() -> Iterator[Candidate]:
+    for path in sorted(Path("/usr/share/doc").glob("*/changelog.Debian.gz")):
+        yield Candidate(f"debian-changelog/{path.parent.name}", lambda path=path: read_text(path))
+
+
+# Out-of-distribution text for evaluation: a kind of document no training source holds (Debian
+# package changelogs, on every Debian system). Written to ood.jsonl only, never to train.jsonl.
+OOD_SOURCES = (
+    Source(
+        "debian-changelog",
+        (),
+        lambda: any(Path("/usr/share/doc").glob("*/changelog.Debian.gz")),
+        changelog_candidates,
+    ),
+)
+
+
 # ------------------------------------------------------------------------------------------------
 # Building
 
@@ -343,6 +361,7 @@ def build(
     sources: tuple[Source, ...],
     install: bool,
     allow_missing: bool = False,
+    ood_per_source: int = 100,
 ) -> dict:
     available, missing = available_sources(sources, install=install, allow_missing=allow_missing)
     train, heldout = [], []
@@ -350,12 +369,16 @@ def build(
         docs = choose(source, per_source, max_chars)
         for index, doc in enumerate(docs):
             (heldout if index % HELDOUT_EVERY == HELDOUT_EVERY - 1 else train).append(doc)
+    ood = [
+        doc for source in OOD_SOURCES if source.present() for doc in choose(source, ood_per_source, max_chars)
+    ]
     # Shuffle by hash so that every shard of the file mixes the sources, as a web crawl would.
-    train.sort(key=lambda d: order_key(d["origin"]))
-    heldout.sort(key=lambda d: order_key(d["origin"]))
+    for rows in (train, heldout, ood):
+        rows.sort(key=lambda d: order_key(d["origin"]))
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "heldout.jsonl", heldout)
+    write_jsonl(out / "ood.jsonl", ood)
 
     def counts(rows: list[dict]) -> dict:
         per: dict[str, dict[str, int]] = {}
@@ -377,9 +400,11 @@ def build(
         "files": {
             "train.jsonl": {"documents": len(train), "bytes": (out / "train.jsonl").stat().st_size},
             "heldout.jsonl": {"documents": len(heldout), "bytes": (out / "heldout.jsonl").stat().st_size},
+            "ood.jsonl": {"documents": len(ood), "bytes": (out / "ood.jsonl").stat().st_size},
         },
         "train": counts(train),
         "heldout": counts(heldout),
+        "ood": counts(ood),
     }
     (out / "manifest.json").write_text(
         json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"

@@ -93,7 +93,13 @@ def main() -> None:
     args = parser.parse_args()
     # The tiny corpus needs no Debian package: whatever sources are present are used.
     build_corpus.build(
-        args.corpus_out, args.per_source, 4000, build_corpus.SOURCES, install=False, allow_missing=True
+        args.corpus_out,
+        args.per_source,
+        4000,
+        build_corpus.SOURCES,
+        install=False,
+        allow_missing=True,
+        ood_per_source=10,
     )
     with (args.corpus_out / "train.jsonl").open(encoding="utf-8") as fh:
         texts = [json.loads(line)["text"] for line in fh]

@@ -501,7 +501,13 @@ class TrainConfig:
             )
 
 
-COMPARE_ARMS = ("random", "top", "bottom", "midranking", "irdro", "all")
+COMPARE_ARMS = (
+    "random", "random_length_matched", "top", "bottom", "midranking", "irdro", "weighted", "all",
+    *BAND_PRESETS,
+)  # fmt: skip
+
+# lm-evaluation-harness names of the paper's zero-shot tasks (they download their data: hub access)
+PAPER_TASKS = ("piqa", "hellaswag", "winogrande", "arc_challenge", "boolq", "mmlu")
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -509,20 +515,58 @@ class CompareConfig:
     name: str = "compare"
     """Results go to <out_dir>/reports/<name>/; the training runs to <out_dir>/train/<name>-<arm>-seed<s>/."""
 
-    arms: tuple[Literal[COMPARE_ARMS], ...] = ("random", "top", "bottom", "midranking", "irdro")  # type: ignore[valid-type]
-    """Training sets, all from one scoring pass and (except `all`) of equal token budget: a seeded
-    `random` sample, the hardest (`top`), the easiest (`bottom`), the MidRanking band, `irdro`
-    (online IR-DRO on the random sample), `all` (uniform on everything)."""
+    arms: tuple[Literal[COMPARE_ARMS], ...] = (  # type: ignore[valid-type]
+        "random", "random_length_matched", "top", "bottom", "midranking", "irdro",
+    )  # fmt: skip
+    """Training sets, all from one scoring pass: a seeded `random` sample; `random_length_matched`
+    (a seeded random sample with the MidRanking set's length histogram: the control that leaves
+    only the loss); the hardest (`top`) and easiest (`bottom`); the MidRanking band; `irdro` (online
+    IR-DRO on the random sample); `weighted` (offline IR-DRO weights on the random sample); `all`;
+    or a peer's preset band (cc_net_middle, marion_middle, ankner_high50, ...)."""
+
+    reference: str = "random"
+    """The arm every other is compared with (difference and its intervals)."""
 
     keep: float = 0.5
-    """Share of the corpus's tokens each arm's training set holds."""
+    """Share of the corpus's tokens each of random/top/bottom/MidRanking holds."""
 
     skip: float = 0.1
     """MidRanking: share of the tokens dropped from the top before the kept band."""
 
     seeds: tuple[int, ...] = (0,)
-    """Each arm is trained once per seed (data order, and the random sample); with several seeds
-    the table reports mean ± std, so a difference can be told from noise."""
+    """Each arm is trained once per seed (data order, and the random samples); seed s of every arm
+    is paired with seed s of the reference. Two or more give a t-interval over seeds."""
+
+    token_budget: int = 0
+    """Target tokens every arm trains on, exactly (a whole number of steps). 0: one pass over the
+    smallest arm's training set."""
+
+    tokens_per_step: int = 1024
+    """Target tokens of each optimizer step (train.target_tokens_per_batch per rank), the same for
+    every arm, so equal budgets are equal steps."""
+
+    ood_paths: tuple[str, ...] = ()
+    """Held-out text of a kind the training corpus does not hold: loss on it is the
+    out-of-distribution measure (JSONL, read like the corpus)."""
+
+    tasks: tuple[str, ...] = ()
+    """Local multiple-choice tasks (JSONL of question, choices, label; `make tasks` builds them),
+    evaluated with lm-evaluation-harness."""
+
+    hub_tasks: tuple[str, ...] = ()
+    """lm-evaluation-harness task names (their data is downloaded: hub access); PAPER_TASKS are
+    the paper's."""
+
+    task_limit: int = 0
+    """Items of each task evaluated (the first ones); 0: all."""
+
+    task_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """The dtype models are evaluated on tasks in (losses are always fp32)."""
+
+    task_batch_size: int = 32
+
+    bootstrap_resamples: int = 2000
+    """Resamples of the held-out documents / task items for the bootstrap intervals."""
 
     def __post_init__(self) -> None:
         _require_name(self.name, "name")
@@ -530,10 +574,30 @@ class CompareConfig:
         _require(len(self.name) <= 96, "name", f"must be at most 96 characters, got {len(self.name)}")
         _require(len(self.arms) > 0, "arms", "at least one arm is required")
         _require(len(set(self.arms)) == len(self.arms), "arms", "an arm is listed twice")
+        _require(
+            self.reference in self.arms,
+            "reference",
+            f"{self.reference!r} is not one of the arms {list(self.arms)}",
+        )
         _require(len(self.seeds) > 0, "seeds", "at least one seed is required")
+        _require(len(set(self.seeds)) == len(self.seeds), "seeds", "a seed is listed twice")
         _require_shares(self, "skip", "keep")
         _require(self.keep > 0, "keep", f"must be within (0, 1], got {self.keep}")
         _require_band_fits(self.skip, self.keep, key="skip")
+        _require(self.token_budget >= 0, "token_budget", f"must be >= 0, got {self.token_budget}")
+        _require(self.tokens_per_step > 0, "tokens_per_step", f"must be > 0, got {self.tokens_per_step}")
+        _require(
+            self.token_budget == 0 or self.token_budget >= self.tokens_per_step,
+            "token_budget",
+            f"must hold at least one step of tokens_per_step={self.tokens_per_step}, got {self.token_budget}",
+        )
+        _require(self.task_limit >= 0, "task_limit", f"must be >= 0, got {self.task_limit}")
+        _require(self.task_batch_size > 0, "task_batch_size", f"must be > 0, got {self.task_batch_size}")
+        _require(
+            self.bootstrap_resamples >= 100,
+            "bootstrap_resamples",
+            f"must be >= 100 for a 95% interval, got {self.bootstrap_resamples}",
+        )
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

@@ -2,6 +2,7 @@
 
     metrics = evaluate(model, tokenizer, records, policy=SamplePolicy.of(cfg.score, tokenizer, max_tokens=512),
                        batch_tokens=8192)
+    losses = sample_losses(model, tokenizer, records, policy=..., batch_tokens=8192)  # per sample, in order
     metrics.overall      # SplitMetrics: samples, tokens, loss, perplexity, accuracy
     metrics.per_source["man"]
 
@@ -45,7 +46,18 @@ def _metrics(nll: float, tokens: int, correct: int, samples: int) -> SplitMetric
     )
 
 
-def evaluate(
+@dataclasses.dataclass(frozen=True, slots=True)
+class SampleLoss:
+    """One held-out sample's summed NLL, target tokens and correct next-token guesses."""
+
+    sample_id: str
+    source: str
+    nll: float
+    tokens: int
+    correct: int
+
+
+def sample_losses(
     model: torch.nn.Module,
     tokenizer,
     records: Iterable[Record],
@@ -54,35 +66,52 @@ def evaluate(
     batch_tokens: int,
     autocast_dtype: torch.dtype | None = None,
     desc: str = "evaluating",
-) -> Evaluation:
+) -> list[SampleLoss]:
+    """Every sample of `records` scored by `model`, in the records' order."""
     samples = [s for r in records for s in make_samples(r, tokenizer, policy)[0]]
     pad_id = pad_id_of(tokenizer)
-    samples.sort(key=lambda s: -len(s.input_ids))
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i].input_ids))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     scorer = NLLScorer(model)
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0, 0])
+    losses: list[SampleLoss | None] = [None] * len(samples)
     autocast = (
         torch.autocast(device.type, dtype=autocast_dtype)
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
+    position = {id(samples[i]): i for i in order}
     with autocast, tqdm(total=sum(s.n_tokens for s in samples), unit="tok", desc=desc, disable=None) as bar:
-        for batch in pack_batches(samples, batch_tokens):
+        for batch in pack_batches([samples[i] for i in order], batch_tokens):
             out = scorer(**collate(batch, pad_id))
             rows = torch.stack([out.nll_sum, out.n_tokens.double(), out.n_correct.double()]).cpu().tolist()
             for sample, nll, tokens, correct in zip(batch, *rows, strict=True):
-                total = totals[sample.source]
-                total[0] += nll
-                total[1] += int(tokens)
-                total[2] += int(correct)
-                total[3] += 1
+                losses[position[id(sample)]] = SampleLoss(
+                    sample.sample_id, sample.source, nll, int(tokens), int(correct)
+                )
             bar.update(int(sum(rows[1])))
     model.train(was_training)
+    return losses
+
+
+def summarize(losses: list[SampleLoss]) -> Evaluation:
+    """Loss, perplexity and accuracy overall and per source, token-weighted."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0, 0])
+    for loss in losses:
+        total = totals[loss.source]
+        total[0] += loss.nll
+        total[1] += loss.tokens
+        total[2] += loss.correct
+        total[3] += 1
     per_source = {source: _metrics(*totals[source]) for source in sorted(totals)}
     overall = [sum(t[i] for t in totals.values()) for i in range(4)]
     return Evaluation(overall=_metrics(*overall), per_source=per_source)
+
+
+def evaluate(model: torch.nn.Module, tokenizer, records: Iterable[Record], **kwargs) -> Evaluation:
+    """`summarize(sample_losses(...))`: the held-out metrics of `model`."""
+    return summarize(sample_losses(model, tokenizer, records, **kwargs))
 
 
 def evaluation_key(model: ModelConfig, records: list[Record], policy: SamplePolicy, autocast: Any) -> str:

@@ -101,41 +101,44 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def plot_compare(rows: list[dict], path: Path) -> Path:
-    """Held-out loss change per arm: overall (left) and per source (right), error bars = std over
-    seeds. Below zero is better."""
-    arms = [r["arm"] for r in rows]
-    sources = [s for s in rows[0]["delta"] if s != "overall"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [1, 2.4]})
-    means = [r["delta"]["overall"][0] for r in rows]
-    stds = [r["delta"]["overall"][1] for r in rows]
-    colors = [KEPT_COLOR if a == "midranking" else ALL_COLOR for a in arms]
-    left.bar(arms, means, yerr=stds, color=colors, capsize=4)
-    left.axhline(0, color="black", linewidth=0.8)
-    left.set_ylabel("held-out loss after - before (nats/token)")
-    left.set_title("overall", fontsize=10)
-    left.tick_params(axis="x", rotation=30)
-    width = 0.8 / len(arms)
-    x = np.arange(len(sources))
-    palette = plt.get_cmap("tab10")
-    for i, r in enumerate(rows):
-        right.bar(
-            x + (i - (len(arms) - 1) / 2) * width,
-            [r["delta"][s][0] for s in sources],
-            width,
-            yerr=[r["delta"][s][1] for s in sources],
-            label=r["arm"],
-            color=palette(i),
-            capsize=2,
-        )
-    right.axhline(0, color="black", linewidth=0.8)
-    right.set_xticks(x, sources, rotation=20, fontsize=9)
-    right.set_title("per source", fontsize=10)
-    right.legend(fontsize=8, ncols=min(len(arms), 3))
-    seeds = len(rows[0]["seeds"])
+def plot_compare(rows: list, reference: str, path: Path) -> Path:
+    """One panel per metric: each arm's difference from the reference (seed-paired mean) with its
+    95% intervals — over seeds (t, thick) and over documents/items (bootstrap, thin). Losses in
+    nats/token (left of zero is better), accuracies in points (right of zero is better)."""
+    metrics = list(dict.fromkeys(r.metric for r in rows))
+    arms = [r.arm for r in rows if r.metric == metrics[0] and r.arm != reference]
+    fig, axes = plt.subplots(
+        1,
+        len(metrics),
+        figsize=(3.4 * len(metrics) + 1.2, 0.45 * len(arms) + 1.8),
+        sharey=True,
+        squeeze=False,
+    )
+    y = np.arange(len(arms))[::-1]
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        mine = {r.arm: r for r in rows if r.metric == metric}
+        scale = 1.0 if mine[arms[0]].lower_is_better else 100.0
+        for yi, arm in zip(y, arms, strict=True):
+            r = mine[arm]
+            mean = r.vs_reference.mean * scale
+            for interval, width in ((r.vs_reference_items, 1.2), (r.vs_reference, 4.0)):
+                if not np.isnan(interval.low):
+                    ax.plot(
+                        [interval.low * scale, interval.high * scale],
+                        [yi, yi],
+                        color=ALL_COLOR,
+                        linewidth=width,
+                        alpha=0.6,
+                    )
+            ax.plot([mean], [yi], "o", color=KEPT_COLOR if arm == "midranking" else "black")
+        ax.axvline(0, color="black", linewidth=0.8)
+        unit = "nats/token, lower is better" if scale == 1.0 else "points, higher is better"
+        ax.set_title(f"{metric}\n({unit})", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+    axes[0][0].set_yticks(y, arms, fontsize=9)
     fig.suptitle(
-        f"Held-out loss change by training set ({seeds} seed{'s' if seeds > 1 else ''}; lower is better)",
-        fontsize=11,
+        f"Difference from {reference} with 95% intervals (thick: over seeds, thin: over documents/items)",
+        fontsize=10,
     )
     fig.tight_layout()
     return _save(fig, path)

@@ -1,35 +1,63 @@
-"""Compare: the paper's experiment in miniature — does MidRanking beat random data on *this* corpus?
+"""Compare: the paper's experiment in miniature — does the MidRanking band beat random data on
+*this* corpus, on held-out text, on text of another kind, and on downstream tasks?
 
-    midrank compare --config configs/default.yaml                        # one seed per arm
-    midrank compare --config configs/default.yaml 'compare.seeds=[0,1,2]'  # mean ± std over seeds
+    midrank compare --config configs/default.yaml                          # one seed per arm
+    midrank compare --config configs/default.yaml 'compare.seeds=[0,1,2]'  # paired seeds, t-intervals
 
-From one scoring pass it selects equal-token-budget training sets (`random`, `top`, `bottom`,
-`midranking`; `irdro` trains with online IR-DRO on the random set), continually trains the same
-starting model on each with the same steps, learning rate and seed, and evaluates every run on the
-same held-out set. Writes `<out_dir>/reports/<name>/`: `table.md` (also printed), `results.json`
-(every run's numbers), `deltas.png` (held-out loss change per arm, overall and per source, with
-the spread over seeds) and `config.yaml`.
+From one scoring pass it selects each arm's training set (compare.arms: random, a random sample
+length-matched to MidRanking, top, bottom, MidRanking, IR-DRO online or offline, peers' bands),
+and trains the same starting model on each with the same compute: exactly `token_budget` target
+tokens (default: one pass over the smallest set) in steps of `tokens_per_step`, on whole samples
+as they were scored (train.max_tokens = score.max_tokens), same learning-rate schedule, seed s of
+every arm sharing its data-order seed. Then every trained model and the starting model (once)
+are evaluated the same way: per-document loss on the held-out set (train.eval_paths) and on
+out-of-distribution text (compare.ood_paths), fp32; accuracy on the tasks (compare.tasks,
+compare.hub_tasks) with lm-evaluation-harness, in compare.task_dtype. pipeline/comparison.py
+compares each arm with the reference arm (t-interval over paired seeds, bootstrap over
+documents/items).
+
+Writes `<out_dir>/reports/<name>/`: `table.md` (also printed), `results.json` (every number,
+every run, the time of each part), `deltas.png` (each arm's difference from the reference per
+metric, with both intervals), `evals/` (each model's per-document and per-item numbers) and
+`config.yaml`. Reruns reuse finished selections, training runs and evaluations.
 
 Unlike the pipeline's stages this is an experiment built from them, so it calls `score`, `select`
 and `train` directly (STYLE.md has stages share code only through pipeline/; a composition of
-stages is the one exception, like `demo`). Reruns reuse finished selections and training runs.
+stages is the one exception, like `demo`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
-import statistics
+import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import write_json_atomic, write_text_atomic
-from pipeline.config import BandConfig, Config, ConfigError, SelectConfig, save_config
+import torch
+
+from pipeline.artifacts import digest, write_json_atomic, write_text_atomic
+from pipeline.comparison import (
+    DocumentLosses,
+    ModelEval,
+    compare_arms,
+    metric_table,
+    training_table,
+    verdict_table,
+)
+from pipeline.config import BandConfig, Config, ConfigError, SelectConfig, save_config, to_dict
+from pipeline.downstream import evaluate_tasks
+from pipeline.evaluation import sample_losses
 from pipeline.layout import Layout
 from pipeline.locks import lock
 from pipeline.log import get_logger
-from pipeline.outputs import BandManifest, RunMetrics, to_json
+from pipeline.model import fingerprint, hash_files, load_model
+from pipeline.outputs import BandManifest, RunMetrics
 from pipeline.plots import plot_compare
+from pipeline.records import ReadStats
+from pipeline.samples import SamplePolicy
+from pipeline.sharding import iter_corpus, plan_shards
 from stages import score, select, train
 
 
@@ -37,158 +65,301 @@ def arm_setup(cfg: Config, arm: str, seed: int) -> tuple[BandConfig, str]:
     """(the training set's band, the training objective) of an arm."""
     c = cfg.compare
     tokens = {"measure": "tokens", "keep": c.keep}
-    bands = {
-        "random": BandConfig(strategy="random", seed=seed, **tokens),
-        "irdro": BandConfig(strategy="random", seed=seed, **tokens),
-        "top": BandConfig(strategy="top", **tokens),
-        "bottom": BandConfig(strategy="bottom", **tokens),
-        "midranking": BandConfig(strategy="midranking", skip=c.skip, **tokens),
-        "all": BandConfig(strategy="all", measure="tokens"),
-    }
-    return bands[arm], "irdro" if arm == "irdro" else "uniform"
+    if arm in ("random", "irdro"):
+        return BandConfig(strategy="random", seed=seed, **tokens), "irdro" if arm == "irdro" else "uniform"
+    if arm == "weighted":  # offline IR-DRO: weights over the random sample, from its scored losses
+        band = BandConfig(strategy="random", seed=seed, weights=True, kl_reg=cfg.train.kl_reg, **tokens)
+        return band, "weighted"
+    if arm in ("top", "bottom"):
+        return BandConfig(strategy=arm, **tokens), "uniform"
+    if arm == "midranking":
+        return midranking_band(cfg), "uniform"
+    if arm == "random_length_matched":
+        return BandConfig(
+            strategy="length_matched", match=midranking_band(cfg).resolved_name(), seed=seed
+        ), "uniform"
+    if arm == "all":
+        return BandConfig(strategy="all", measure="tokens"), "uniform"
+    return BandConfig(strategy=arm), "uniform"  # a peer's preset band
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def midranking_band(cfg: Config) -> BandConfig:
+    return BandConfig(strategy="midranking", skip=cfg.compare.skip, keep=cfg.compare.keep, measure="tokens")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class ArmRun:
-    """One training run of the experiment and what it read and wrote."""
+class Arm:
+    """One training run of the experiment."""
 
     arm: str
     seed: int
-    band: str
+    band: BandConfig
     objective: str
-    run_dir: Path
-    selection: BandManifest
-    metrics: RunMetrics
 
-    def record(self) -> dict[str, Any]:
-        """The run as results.json lists it (its metrics without the config)."""
-        return {
-            "arm": self.arm,
-            "seed": self.seed,
-            "band": self.band,
-            "objective": self.objective,
-            "run_dir": str(self.run_dir),
-            "kept_tokens": self.selection.tokens.kept,
-            "metrics": {k: v for k, v in to_json(self.metrics).items() if k != "config"},
-        }
+    def key(self) -> tuple[str, int]:
+        return (self.arm, self.seed)
 
 
-def summarize(runs: list[ArmRun], arms: tuple[str, ...]) -> list[dict[str, Any]]:
-    """One row per arm: means and standard deviations over its seeds."""
+class Timer:
+    """Seconds spent per part of the experiment, printed and saved at the end."""
+
+    def __init__(self):
+        self.parts: dict[str, float] = {}
+
+    def add(self, part: str, seconds: float) -> None:
+        self.parts[part] = self.parts.get(part, 0.0) + seconds
+
+    def timed(self, part: str, fn, *args):
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.add(part, time.perf_counter() - started)
+
+
+def plan_arms(cfg: Config) -> list[Arm]:
+    c = cfg.compare
+    return [Arm(arm, seed, *arm_setup(cfg, arm, seed)) for seed in c.seeds for arm in c.arms]
+
+
+def select_sets(cfg: Config, arms: list[Arm]) -> dict[str, BandManifest]:
+    """Select every arm's training set (the MidRanking band first: length-matched samples match it)."""
+    bands = {a.band.resolved_name(): a.band for a in arms}
+    if any(a.arm == "random_length_matched" for a in arms):
+        bands = {midranking_band(cfg).resolved_name(): midranking_band(cfg)} | bands
+    select.run(dataclasses.replace(cfg, select=SelectConfig(bands=tuple(bands.values()))))
+    layout = Layout(cfg.out_dir)
+    return {name: BandManifest.read(layout.band(name).manifest) for name in bands}
+
+
+def token_budget(cfg: Config, sets: dict[str, BandManifest], arms: list[Arm]) -> int:
+    """The target tokens every arm trains on: compare.token_budget, or one pass over the smallest
+    set, in whole steps."""
+    c = cfg.compare
+    smallest = min(sets[a.band.resolved_name()].tokens.kept for a in arms)
+    budget = c.token_budget or smallest
+    if budget < c.tokens_per_step:
+        raise ConfigError(
+            f"compare.token_budget: {budget:,} target tokens (the smallest arm's set) is less than one "
+            f"step of compare.tokens_per_step={c.tokens_per_step:,}; lower tokens_per_step or raise keep"
+        )
+    return budget // c.tokens_per_step * c.tokens_per_step
+
+
+def train_config(cfg: Config, arm: Arm, steps: int) -> Config:
+    """The arm's training run: same everything but its set, objective and seed; exactly `steps`
+    steps of compare.tokens_per_step target tokens; no evaluation (compare evaluates every model
+    the same way afterwards)."""
+    c = cfg.compare
+    tcfg = dataclasses.replace(
+        cfg.train,
+        name=f"{c.name}-{arm.arm}-seed{arm.seed}",
+        band=arm.band.resolved_name(),
+        data_paths=(),
+        objective=arm.objective,
+        seed=arm.seed,
+        max_steps=steps,
+        target_tokens_per_batch=c.tokens_per_step,
+        grad_accum=1,
+        max_tokens=cfg.score.max_tokens,
+        eval_paths=(),
+    )
+    return dataclasses.replace(cfg, train=tcfg)
+
+
+def read_records(cfg: Config, paths: tuple[str, ...]) -> list:
+    corpus = dataclasses.replace(cfg.corpus, paths=paths, num_shards=1)
+    return list(iter_corpus(plan_shards(corpus), corpus, ReadStats()))
+
+
+def evaluate_model(cfg: Config, model_dir: Path, label: str) -> ModelEval:
+    """Per-document losses (fp32) and per-item task correctness (compare.task_dtype) of one model."""
+    c, tcfg = cfg.compare, cfg.train
+    loaded = load_model(dataclasses.replace(cfg.model, path=str(model_dir), dtype="float32"))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    policy = SamplePolicy.of(cfg.score, tokenizer, max_tokens=tcfg.eval_max_tokens)
+
+    def losses(paths: tuple[str, ...], what: str) -> DocumentLosses:
+        records = read_records(cfg, paths)
+        records = records[: tcfg.eval_max_samples] if tcfg.eval_max_samples else records
+        rows = sample_losses(
+            model,
+            tokenizer,
+            records,
+            policy=policy,
+            batch_tokens=cfg.score.batch_tokens,
+            desc=f"{label}: {what}",
+        )
+        return DocumentLosses([r.nll for r in rows], [r.tokens for r in rows])
+
+    heldout = losses(tcfg.eval_paths, "held-out loss")
+    ood = losses(c.ood_paths, "out-of-distribution loss") if c.ood_paths else None
+    tasks = {}
+    if c.tasks or c.hub_tasks:
+        model = model.to(getattr(torch, c.task_dtype))
+        scores = evaluate_tasks(
+            model,
+            tokenizer,
+            local=[Path(p) for p in c.tasks],
+            hub=list(c.hub_tasks),
+            batch_size=c.task_batch_size,
+            limit=c.task_limit or None,
+        )
+        tasks = {name: s.items for name, s in scores.items()}
+    return ModelEval(heldout, ood, tasks)
+
+
+def evaluation_inputs(cfg: Config) -> dict[str, Any]:
+    """What an evaluation depends on besides the model: the sets, the tasks, how they are read."""
+    c, tcfg = cfg.compare, cfg.train
+    keys = ("eval_paths", "eval_max_tokens", "eval_max_samples")
+    files = [*tcfg.eval_paths, *c.ood_paths, *c.tasks]
+    return {
+        "train": {k: to_dict(tcfg)[k] for k in keys},
+        "compare": {
+            k: to_dict(c)[k] for k in ("ood_paths", "tasks", "hub_tasks", "task_limit", "task_dtype")
+        },
+        "files": {f: hash_files([Path(f)]) for f in files},
+        "samples": {
+            k: getattr(cfg.score, k) for k in ("add_bos", "prompt_format", "score_prompt", "long_docs")
+        },
+    }
+
+
+def cached_evaluation(cfg: Config, model_dir: Path, label: str, timer: Timer) -> ModelEval:
+    """The model's evaluation, read from `evals/<label>.json` when it was made of the same weights
+    and inputs, else computed and written there."""
+    path = Layout(cfg.out_dir).report(cfg.compare.name).dir / "evals" / f"{label}.json"
+    weights = fingerprint(dataclasses.replace(cfg.model, path=str(model_dir)))["weights_sha256"]
+    key = digest({"weights": weights, "inputs": evaluation_inputs(cfg)})
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored["key"] == key:
+            return ModelEval.from_json(stored["evaluation"])
+    except (OSError, ValueError, KeyError, TypeError):  # not there, damaged, or of an older midrank
+        pass
+    started = time.perf_counter()
+    evaluation = timer.timed("evaluate", evaluate_model, cfg, model_dir, label)
+    get_logger().info(f"compare: evaluated {label} in {time.perf_counter() - started:.0f}s")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"key": key, "evaluation": evaluation.to_json()})
+    return evaluation
+
+
+def training_rows(
+    arms: list[Arm], runs: dict[tuple[str, int], RunMetrics], sets: dict[str, BandManifest]
+) -> list[dict]:
+    """Per arm, means over its seeds: set size, steps, trained tokens, samples seen, their length."""
     rows = []
-    for arm in arms:
-        arm_runs = [r for r in runs if r.arm == arm]
-        sources = list(arm_runs[0].metrics.before.per_source)
-        delta = {
-            source: _mean_std(
-                [next(t.delta for t in r.metrics.table if t.source == source) for r in arm_runs]
-            )
-            for source in [*sources, "overall"]
-        }
+    for name in dict.fromkeys(a.arm for a in arms):
+        mine = [a for a in arms if a.arm == name]
+        trained = [runs[a.key()].train for a in mine]
+        band = mine[0].band.resolved_name()
         rows.append(
             {
-                "arm": arm,
-                # the random sample differs per seed: random-k0.5-seed*-tokens
-                "band": arm_runs[0].band
-                if len({r.band for r in arm_runs}) == 1
-                else re.sub(r"seed\d+", "seed*", arm_runs[0].band),
-                "objective": arm_runs[0].objective,
-                "seeds": [r.seed for r in arm_runs],
-                "kept_tokens": _mean_std([r.selection.tokens.kept for r in arm_runs])[0],
-                "trained_tokens": _mean_std([r.metrics.train.trained_tokens for r in arm_runs])[0],
-                "loss_before": arm_runs[0].metrics.before.overall.loss,
-                "loss_after": _mean_std([r.metrics.after.overall.loss for r in arm_runs]),
-                "delta": delta,
+                "arm": name,
+                # the random samples differ per seed: random-k0.5-seed*-tokens
+                "band": band
+                if len({a.band.resolved_name() for a in mine}) == 1
+                else re.sub(r"seed\d+", "seed*", band),
+                "objective": mine[0].objective,
+                "set_tokens": sum(sets[a.band.resolved_name()].tokens.kept for a in mine) / len(mine),
+                "steps": sum(t.steps for t in trained) / len(mine),
+                "trained_tokens": sum(t.trained_tokens for t in trained) / len(mine),
+                "samples_seen": sum(t.samples_seen for t in trained) / len(mine),
+                "mean_sample_tokens": sum(t.mean_sample_tokens for t in trained) / len(mine),
+                "per_seed_trained_tokens": [t.trained_tokens for t in trained],
             }
         )
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    sources = [s for s in rows[0]["delta"] if s != "overall"]
-    seeds = len(rows[0]["seeds"])
-    spread = f" (mean ± std over {seeds} seeds)" if seeds > 1 else " (one seed)"
-
-    def cell(pair: tuple[float, float]) -> str:
-        return f"{pair[0]:+.4f} ± {pair[1]:.4f}" if seeds > 1 else f"{pair[0]:+.4f}"
-
-    header = [
-        "arm",
-        "training set",
-        "objective",
-        "kept tokens",
-        "trained tokens",
-        "loss before",
-        "loss after",
-        "Δ overall",
-        *(f"Δ {s}" for s in sources),
-    ]
-    lines = [
-        f"Held-out loss (nats/token) before and after continual training; Δ = after - before, lower is better{spread}.",
+def report(cfg: Config, arms: list[Arm], sets, runs, evals, timer: Timer, budget: int) -> tuple[str, dict]:
+    c = cfg.compare
+    rows = compare_arms(
+        evals,
+        arms=list(c.arms),
+        seeds=list(c.seeds),
+        reference=c.reference,
+        resamples=c.bootstrap_resamples,
+    )
+    training = training_rows(arms, runs, sets)
+    seeds = f"{len(c.seeds)} seed{'s' if len(c.seeds) > 1 else ''} ({', '.join(map(str, c.seeds))})"
+    metrics = list(dict.fromkeys(r.metric for r in rows))
+    parts = [
+        f"Every arm trained on exactly {budget:,} target tokens ({budget // c.tokens_per_step} steps of "
+        f"{c.tokens_per_step:,}), {seeds}, seed s of every arm paired with seed s of `{c.reference}`.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
+        training_table(training),
+        verdict_table(rows, c.reference),
+        *(metric_table(rows, m, c.reference) for m in metrics),
+        "Change from start: the trained model minus the starting model, mean over seeds. vs "
+        f"{c.reference}: the arm minus {c.reference} (seed-paired mean); * marks an interval that "
+        "excludes zero.",
     ]
-    for r in rows:
-        after = f"{r['loss_after'][0]:.4f}" + (f" ± {r['loss_after'][1]:.4f}" if seeds > 1 else "")
-        cells = [
-            r["arm"],
-            r["band"],
-            r["objective"],
-            f"{r['kept_tokens']:,.0f}",
-            f"{r['trained_tokens']:,.0f}",
-            f"{r['loss_before']:.4f}",
-            after,
-            cell(r["delta"]["overall"]),
-            *(cell(r["delta"][s]) for s in sources),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def train_arms(cfg: Config) -> list[ArmRun]:
-    """Select every arm's training set, then train each arm for each seed (finished work is kept)."""
-    log = get_logger()
-    c, layout = cfg.compare, Layout(cfg.out_dir)
-    plan = [(arm, seed, *arm_setup(cfg, arm, seed)) for seed in c.seeds for arm in c.arms]
-    unique_bands = list({band.resolved_name(): band for _, _, band, _ in plan}.values())
-    select.run(dataclasses.replace(cfg, select=SelectConfig(bands=tuple(unique_bands))))
-    runs = []
-    for index, (arm, seed, band, objective) in enumerate(plan, start=1):
-        name = f"{c.name}-{arm}-seed{seed}"
-        log.info(f"compare: arm {index}/{len(plan)}: {name} ({objective} on {band.resolved_name()})")
-        train_cfg = dataclasses.replace(
-            cfg.train, name=name, band=band.resolved_name(), data_paths=(), objective=objective, seed=seed
-        )
-        # every arm starts from the same model: train evaluates it once, and the arms share that
-        run_dir = train.run(dataclasses.replace(cfg, train=train_cfg))
-        selection, metrics = (
-            BandManifest.read(layout.train_run(name).selection),
-            RunMetrics.read(layout.train_run(name).metrics),
-        )
-        runs.append(ArmRun(arm, seed, band.resolved_name(), objective, run_dir, selection, metrics))
-    return runs
+    table = "\n".join(parts) + "\n"
+    results = {
+        "token_budget": budget,
+        "tokens_per_step": c.tokens_per_step,
+        "reference": c.reference,
+        "seeds": list(c.seeds),
+        "training": training,
+        "metrics": [dataclasses.asdict(r) | {"verdict": r.verdict()} for r in rows],
+        "runs": [
+            {
+                "arm": a.arm,
+                "seed": a.seed,
+                "band": a.band.resolved_name(),
+                "objective": a.objective,
+                "run_dir": str(Layout(cfg.out_dir).train_run(train_config(cfg, a, 1).train.name).dir),
+                "train": dataclasses.asdict(runs[a.key()].train),
+            }
+            for a in arms
+        ],
+        "seconds": timer.parts,
+    }
+    return table, results | {"_rows": rows}
 
 
 def run(cfg: Config) -> Path:
-    c = cfg.compare
+    c, log, timer = cfg.compare, get_logger(), Timer()
     if not cfg.train.eval_paths:
         raise ConfigError("train.eval_paths: compare needs a held-out set to evaluate every arm on")
-    score.run(cfg)  # one scoring pass for every arm; nothing to do when finished
-    with lock(Layout(cfg.out_dir), f"compare-{c.name}"):
-        runs = train_arms(cfg)
-        rows = summarize(runs, c.arms)
-        paths = Layout(cfg.out_dir).report(c.name)
+    timer.timed("score", score.run, cfg)  # one scoring pass for every arm; nothing to do when finished
+    layout = Layout(cfg.out_dir)
+    with lock(layout, f"compare-{c.name}"):
+        arms = plan_arms(cfg)
+        sets = timer.timed("select", select_sets, cfg, arms)
+        budget = token_budget(cfg, sets, arms)
+        steps = budget // c.tokens_per_step
+        log.info(
+            f"compare: every arm trains {budget:,} target tokens in {steps} steps of {c.tokens_per_step:,}"
+        )
+        runs = {}
+        for index, arm in enumerate(arms, start=1):
+            arm_cfg = train_config(cfg, arm, steps)
+            log.info(
+                f"compare: run {index}/{len(arms)}: {arm_cfg.train.name} ({arm.objective} on {arm.band.resolved_name()})"
+            )
+            timer.timed("train", train.run, arm_cfg)
+            runs[arm.key()] = RunMetrics.read(layout.train_run(arm_cfg.train.name).metrics)
+        evals = {"base": cached_evaluation(cfg, Path(cfg.model.path), "base", timer)}
+        for arm in arms:
+            run_dir = layout.train_run(train_config(cfg, arm, steps).train.name).dir
+            evals[arm.key()] = cached_evaluation(cfg, run_dir / "model", f"{arm.arm}-seed{arm.seed}", timer)
+        table, results = timer.timed("analysis", report, cfg, arms, sets, runs, evals, timer, budget)
+        rows = results.pop("_rows")
+        paths = layout.report(c.name)
         paths.dir.mkdir(parents=True, exist_ok=True)
-        table = markdown_table(rows)
         write_text_atomic(paths.table, table)
-        write_json_atomic(paths.results, {"arms": rows, "runs": [r.record() for r in runs]})
-        plot_compare(rows, paths.deltas)
+        plot_compare(rows, c.reference, paths.deltas)
         save_config(cfg, paths.dir)
+        results["seconds"] = timer.parts
+        write_json_atomic(paths.results, results)
     print(table)
-    get_logger().info(f"compared {len(c.arms)} arm(s) x {len(c.seeds)} seed(s) -> {paths.dir}")
+    log.info(
+        "compare: time per part: "
+        + ", ".join(f"{part} {seconds / 60:.1f} min" for part, seconds in timer.parts.items())
+    )
+    log.info(f"compared {len(c.arms)} arm(s) x {len(c.seeds)} seed(s) -> {paths.dir}")
     return paths.dir

@@ -1,10 +1,13 @@
-"""The compare experiment on the tiny model: equal budgets, one run per arm and seed, a table."""
+"""The compare experiment on the tiny model: every arm trains exactly the same target tokens, the
+length-matched control has MidRanking's lengths, every number in results.json is what an
+independent computation from the saved models gives, and reruns reuse what is finished."""
 
 import json
-import statistics
+import math
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,69 +17,147 @@ from pipeline.config import load_config
 from stages import compare
 from tests.helpers import make_texts, write_config, write_corpus
 
+ARMS = ["random", "random_length_matched", "midranking", "irdro"]
 
-def heldout_loss(model_dir: Path, heldout: Path) -> float:
-    """Token-weighted mean NLL of the held-out texts (BOS + text), one plain forward per text."""
+
+def document_nll(model_dir: Path, path: Path, max_tokens: int) -> list[tuple[float, int]]:
+    """Per text of a JSONL file: summed NLL of (BOS + text)[:max_tokens], one plain forward pass."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    total, count = 0.0, 0
-    for line in heldout.open():
+    out = []
+    for line in path.open():
         ids = [
             tokenizer.bos_token_id,
             *tokenizer(json.loads(line)["text"], add_special_tokens=False).input_ids,
         ]
+        ids = ids[:max_tokens]
         with torch.inference_mode():
-            logits = model(torch.tensor([ids[:512]])).logits[0, :-1]
-        total += F.cross_entropy(logits, torch.tensor(ids[1:512]), reduction="sum").item()
-        count += len(ids[1:512])
-    return total / count
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+        out.append((F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item(), len(ids) - 1))
+    return out
 
 
-def test_compare_trains_every_arm_and_seed_and_reports_mean_and_std(tmp_path, tiny_model_dir):
-    corpus = write_corpus(tmp_path / "corpus.jsonl", make_texts(60, seed=31))
-    heldout = write_corpus(tmp_path / "heldout.jsonl", make_texts(12, seed=32))
-    config = write_config(tmp_path, corpus, tiny_model_dir)
+def write_task(path: Path, n: int) -> Path:
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    with path.open("w") as fh:
+        for i in range(n):
+            choices = [words[(i + k) % 8] for k in range(4)]
+            fh.write(
+                json.dumps(
+                    {
+                        "question": f"Item {i}: the word is {choices[i % 4]}.",
+                        "choices": choices,
+                        "label": i % 4,
+                    }
+                )
+                + "\n"
+            )
+    return path
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("compare")
+    corpus = write_corpus(tmp / "corpus.jsonl", make_texts(120, seed=31))
+    heldout = write_corpus(tmp / "heldout.jsonl", make_texts(12, seed=32))
+    ood = write_corpus(tmp / "ood.jsonl", make_texts(8, seed=33))
+    task = write_task(tmp / "words.jsonl", 10)
     cfg = load_config(
-        config,
+        write_config(tmp, corpus, tiny_model_dir),
         [
             f"train.eval_paths=[{heldout}]",
-            "train.max_steps=2",
-            "train.batch_size=4",
-            "train.max_tokens=32",
+            "train.eval_max_tokens=48",
             "train.learning_rate=0.001",
+            "train.warmup_steps=0",
             "train.precision=fp32",
-            "compare.arms=[random, midranking, irdro]",
+            f"compare.arms=[{', '.join(ARMS)}]",
             "compare.seeds=[0, 1]",
+            "compare.keep=0.3",
+            "compare.tokens_per_step=128",
+            f"compare.ood_paths=[{ood}]",
+            f"compare.tasks=[{task}]",
+            "compare.task_dtype=float32",
+            "compare.bootstrap_resamples=300",
         ],
     )
     report = compare.run(cfg)
-    base_loss = heldout_loss(tiny_model_dir, heldout)
-    results = json.loads((report / "results.json").read_text())
-    assert len(results["runs"]) == 6
-    by_arm = {row["arm"]: row for row in results["arms"]}
-    for arm, row in by_arm.items():
-        runs = [r for r in results["runs"] if r["arm"] == arm]
-        deltas = [
-            r["metrics"]["after"]["overall"]["loss"] - r["metrics"]["before"]["overall"]["loss"] for r in runs
-        ]
-        assert row["delta"]["overall"][0] == pytest.approx(statistics.fmean(deltas))
-        assert row["delta"]["overall"][1] == pytest.approx(np.std(deltas, ddof=1))
-        # "before" is the starting model's held-out loss and "after" the trained model's, each
-        # checked against a plain forward pass over the held-out texts
-        for r in runs:
-            assert r["metrics"]["before"]["overall"]["loss"] == pytest.approx(base_loss, abs=1e-4)
-            after = heldout_loss(Path(r["run_dir"]) / "model", heldout)
-            assert r["metrics"]["after"]["overall"]["loss"] == pytest.approx(after, abs=1e-4)
-            assert after != pytest.approx(base_loss, abs=1e-3)  # it did train
-    random_runs = [r for r in results["runs"] if r["arm"] == "random"]
-    assert random_runs[0]["band"] != random_runs[1]["band"]  # the random sample changes with the seed
-    assert by_arm["random"]["band"] == "random-k0.5-seed*-tokens"
-    assert by_arm["irdro"]["objective"] == "irdro" and by_arm["midranking"]["objective"] == "uniform"
-    total = json.loads(
-        (tmp_path / "out" / "selected" / "midranking-s0.1-k0.5-tokens" / "manifest.json").read_text()
-    )["tokens"]["in"]
-    for r in results["runs"]:  # equal token budgets, within one sample
-        assert abs(r["kept_tokens"] - total / 2) <= 64
+    return cfg, report, json.loads((report / "results.json").read_text()), (heldout, ood)
+
+
+def test_every_arm_trains_exactly_the_same_target_tokens_and_steps(compared):
+    _cfg, _, results, _ = compared
+    budget = results["token_budget"]
+    smallest = min(row["set_tokens"] for row in results["training"])
+    # one pass over the smallest set, in whole steps of 128
+    assert budget == math.floor(smallest / 128) * 128 and budget > 0
+    assert len(results["runs"]) == len(ARMS) * 2
+    for run in results["runs"]:
+        assert run["train"]["trained_tokens"] == budget, run["arm"]
+        assert run["train"]["steps"] == budget // 128, run["arm"]
+    # and the sets differ: the arms did not train on the same samples
+    assert len({row["band"] for row in results["training"]}) == len(ARMS) - 1  # irdro shares random's
+
+
+def kept_lengths(out_dir: Path, band: str) -> np.ndarray:
+    kept = pl.read_parquet(out_dir / "selected" / band / "*.parquet")
+    scores = pl.read_parquet(out_dir / "scores" / "*.parquet")
+    return scores.join(kept.select("sample_id"), on="sample_id")["n_tokens"].to_numpy()
+
+
+def test_length_matched_arm_has_midrankings_length_histogram(compared):
+    cfg, _, results, _ = compared
+    runs = {(r["arm"], r["seed"]): r for r in results["runs"]}
+    out = Path(cfg.out_dir)
+    mid = np.sort(kept_lengths(out, runs[("midranking", 0)]["band"]))
+    for seed in (0, 1):
+        matched = np.sort(kept_lengths(out, runs[("random_length_matched", seed)]["band"]))
+        assert len(matched) == len(mid)
+        # histograms on bins of the test's own (every 8 tokens): equal within one sample per bin
+        # where the selection's log-spaced bins are wider
+        bins = np.arange(0, 72, 8)
+        assert np.abs(np.histogram(matched, bins)[0] - np.histogram(mid, bins)[0]).sum() <= len(mid) * 0.25
+        assert abs(matched.sum() - mid.sum()) <= 0.1 * mid.sum()
+    random = np.sort(kept_lengths(out, runs[("random", 0)]["band"]))
+    assert not np.array_equal(random, mid)
+
+
+def test_results_equal_a_direct_evaluation_of_the_saved_models(compared, tiny_model_dir):
+    _cfg, _, results, (heldout, ood) = compared
+    metrics = {(m["arm"], m["metric"]): m for m in results["metrics"]}
+    runs = {(r["arm"], r["seed"]): Path(r["run_dir"]) / "model" for r in results["runs"]}
+
+    def loss(model_dir, path):
+        rows = document_nll(model_dir, path, 48)
+        return sum(n for n, _ in rows) / sum(t for _, t in rows), rows
+
+    for path, metric in ((heldout, "heldout loss"), (ood, "ood loss")):
+        base, _ = loss(tiny_model_dir, path)
+        mid = [loss(runs[("midranking", s)], path) for s in (0, 1)]
+        ref = [loss(runs[("random", s)], path) for s in (0, 1)]
+        row = metrics[("midranking", metric)]
+        assert row["start"] == pytest.approx(base, abs=1e-5)
+        assert row["change"] == pytest.approx((mid[0][0] + mid[1][0]) / 2 - base, abs=1e-5)
+        paired = [m[0] - r[0] for m, r in zip(mid, ref, strict=True)]
+        assert row["vs_reference"]["mean"] == pytest.approx(np.mean(paired), abs=1e-5)
+        assert row["vs_reference_items"]["mean"] == pytest.approx(np.mean(paired), abs=1e-5)
+        assert row["vs_reference_items"]["n"] == len(ref[0][1])
+        assert row["vs_reference"]["low"] < row["vs_reference"]["mean"] < row["vs_reference"]["high"]
+    assert metrics[("random", "heldout loss")]["vs_reference"] is None
+    assert {m["metric"] for m in results["metrics"]} == {"heldout loss", "ood loss", "task words"}
+
+
+def test_report_files_and_a_rerun_reuses_everything(compared):
+    cfg, report, _, _ = compared
     table = (report / "table.md").read_text()
-    assert "| midranking |" in table and "±" in table
+    for arm in ARMS:
+        assert f"| {arm} |" in table
+    assert "95% CI over seeds (t)" in table and "task words" in table
     assert (report / "deltas.png").read_bytes()[:4] == b"\x89PNG"
+    evals = sorted((report / "evals").glob("*.json"))
+    assert len(evals) == 1 + len(ARMS) * 2  # the starting model once
+    stamps = [p.stat().st_mtime_ns for p in evals]
+    models = sorted(Path(cfg.out_dir).glob("train/*/model/model.safetensors"))
+    model_stamps = [p.stat().st_mtime_ns for p in models]
+    compare.run(cfg)
+    assert [p.stat().st_mtime_ns for p in evals] == stamps
+    assert [p.stat().st_mtime_ns for p in models] == model_stamps
