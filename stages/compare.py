@@ -11,8 +11,8 @@ tokens (default: one pass over the smallest set) in steps of `tokens_per_step`, 
 as they were scored (train.max_tokens = score.max_tokens), same learning-rate schedule, seed s of
 every arm sharing its data-order seed. Then every trained model and the starting model (once)
 are evaluated the same way: per-document loss on the held-out set (train.eval_paths) and on
-out-of-distribution text (compare.ood_paths), fp32; accuracy on the tasks (compare.tasks,
-compare.hub_tasks) with lm-evaluation-harness, in compare.task_dtype. pipeline/comparison.py
+out-of-distribution text (compare.ood_paths) and accuracy on the tasks (compare.tasks,
+compare.hub_tasks) with lm-evaluation-harness, the model loaded in compare.eval_dtype. pipeline/comparison.py
 compares each arm with the reference arm (t-interval over paired seeds, bootstrap over
 documents/items).
 
@@ -35,10 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline.artifacts import digest, write_json_atomic, write_text_atomic
 from pipeline.comparison import (
+    ArmMetric,
     DocumentLosses,
     ModelEval,
     compare_arms,
@@ -99,6 +98,10 @@ class Arm:
     def key(self) -> tuple[str, int]:
         return (self.arm, self.seed)
 
+    def run_name(self, experiment: str) -> str:
+        """Its training run's name: <compare.name>-<arm>-seed<s>."""
+        return f"{experiment}-{self.arm}-seed{self.seed}"
+
 
 class Timer:
     """Seconds spent per part of the experiment, printed and saved at the end."""
@@ -148,12 +151,12 @@ def token_budget(cfg: Config, sets: dict[str, BandManifest], arms: list[Arm]) ->
 
 def train_config(cfg: Config, arm: Arm, steps: int) -> Config:
     """The arm's training run: same everything but its set, objective and seed; exactly `steps`
-    steps of compare.tokens_per_step target tokens; no evaluation (compare evaluates every model
-    the same way afterwards)."""
+    steps of compare.tokens_per_step target tokens, packed; no evaluation (compare evaluates every
+    model the same way afterwards)."""
     c = cfg.compare
     tcfg = dataclasses.replace(
         cfg.train,
-        name=f"{c.name}-{arm.arm}-seed{arm.seed}",
+        name=arm.run_name(c.name),
         band=arm.band.resolved_name(),
         data_paths=(),
         objective=arm.objective,
@@ -161,6 +164,7 @@ def train_config(cfg: Config, arm: Arm, steps: int) -> Config:
         max_steps=steps,
         target_tokens_per_batch=c.tokens_per_step,
         grad_accum=1,
+        pack=True,  # one row per step, no padding computed; isolated: the same numbers as padded
         max_tokens=cfg.score.max_tokens,
         eval_paths=(),
     )
@@ -173,9 +177,9 @@ def read_records(cfg: Config, paths: tuple[str, ...]) -> list:
 
 
 def evaluate_model(cfg: Config, model_dir: Path, label: str) -> ModelEval:
-    """Per-document losses (fp32) and per-item task correctness (compare.task_dtype) of one model."""
+    """Per-document losses and per-item task correctness of one model, loaded in compare.eval_dtype."""
     c, tcfg = cfg.compare, cfg.train
-    loaded = load_model(dataclasses.replace(cfg.model, path=str(model_dir), dtype="float32"))
+    loaded = load_model(dataclasses.replace(cfg.model, path=str(model_dir), dtype=c.eval_dtype))
     model, tokenizer = loaded.model, loaded.tokenizer
     policy = SamplePolicy.of(cfg.score, tokenizer, max_tokens=tcfg.eval_max_tokens)
 
@@ -196,7 +200,6 @@ def evaluate_model(cfg: Config, model_dir: Path, label: str) -> ModelEval:
     ood = losses(c.ood_paths, "out-of-distribution loss") if c.ood_paths else None
     tasks = {}
     if c.tasks or c.hub_tasks:
-        model = model.to(getattr(torch, c.task_dtype))
         scores = evaluate_tasks(
             model,
             tokenizer,
@@ -217,7 +220,7 @@ def evaluation_inputs(cfg: Config) -> dict[str, Any]:
     return {
         "train": {k: to_dict(tcfg)[k] for k in keys},
         "compare": {
-            k: to_dict(c)[k] for k in ("ood_paths", "tasks", "hub_tasks", "task_limit", "task_dtype")
+            k: to_dict(c)[k] for k in ("ood_paths", "tasks", "hub_tasks", "task_limit", "eval_dtype")
         },
         "files": {f: hash_files([Path(f)]) for f in files},
         "samples": {
@@ -274,7 +277,8 @@ def training_rows(
     return rows
 
 
-def report(cfg: Config, arms: list[Arm], sets, runs, evals, timer: Timer, budget: int) -> tuple[str, dict]:
+def report(cfg: Config, arms: list[Arm], sets, runs, evals, budget: int) -> tuple[list[ArmMetric], str, dict]:
+    """(each arm on each metric, the markdown tables, results.json's content)."""
     c = cfg.compare
     rows = compare_arms(
         evals,
@@ -311,14 +315,13 @@ def report(cfg: Config, arms: list[Arm], sets, runs, evals, timer: Timer, budget
                 "seed": a.seed,
                 "band": a.band.resolved_name(),
                 "objective": a.objective,
-                "run_dir": str(Layout(cfg.out_dir).train_run(train_config(cfg, a, 1).train.name).dir),
+                "run_dir": str(Layout(cfg.out_dir).train_run(a.run_name(c.name)).dir),
                 "train": dataclasses.asdict(runs[a.key()].train),
             }
             for a in arms
         ],
-        "seconds": timer.parts,
     }
-    return table, results | {"_rows": rows}
+    return rows, table, results
 
 
 def run(cfg: Config) -> Path:
@@ -345,10 +348,9 @@ def run(cfg: Config) -> Path:
             runs[arm.key()] = RunMetrics.read(layout.train_run(arm_cfg.train.name).metrics)
         evals = {"base": cached_evaluation(cfg, Path(cfg.model.path), "base", timer)}
         for arm in arms:
-            run_dir = layout.train_run(train_config(cfg, arm, steps).train.name).dir
-            evals[arm.key()] = cached_evaluation(cfg, run_dir / "model", f"{arm.arm}-seed{arm.seed}", timer)
-        table, results = timer.timed("analysis", report, cfg, arms, sets, runs, evals, timer, budget)
-        rows = results.pop("_rows")
+            model_dir = layout.train_run(arm.run_name(c.name)).model
+            evals[arm.key()] = cached_evaluation(cfg, model_dir, f"{arm.arm}-seed{arm.seed}", timer)
+        rows, table, results = timer.timed("analysis", report, cfg, arms, sets, runs, evals, budget)
         paths = layout.report(c.name)
         paths.dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(paths.table, table)

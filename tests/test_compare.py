@@ -76,7 +76,7 @@ def compared(tmp_path_factory, tiny_model_dir):
             "compare.tokens_per_step=128",
             f"compare.ood_paths=[{ood}]",
             f"compare.tasks=[{task}]",
-            "compare.task_dtype=float32",
+            "compare.eval_dtype=float32",
             "compare.bootstrap_resamples=300",
         ],
     )
@@ -161,3 +161,27 @@ def test_report_files_and_a_rerun_reuses_everything(compared):
     compare.run(cfg)
     assert [p.stat().st_mtime_ns for p in evals] == stamps
     assert [p.stat().st_mtime_ns for p in models] == model_stamps
+
+
+def test_offline_irdro_and_peer_bands_are_arms_too(tmp_path, tiny_model_dir):
+    corpus = write_corpus(tmp_path / "corpus.jsonl", make_texts(80, seed=41))
+    heldout = write_corpus(tmp_path / "heldout.jsonl", make_texts(6, seed=42))
+    cfg = load_config(
+        write_config(tmp_path, corpus, tiny_model_dir),
+        [
+            f"train.eval_paths=[{heldout}]",
+            "train.precision=fp32",
+            "compare.arms=[random, weighted, marion_middle, top, bottom]",
+            "compare.keep=0.2",
+            "compare.tokens_per_step=128",
+            "compare.bootstrap_resamples=200",
+        ],
+    )
+    results = json.loads((compare.run(cfg) / "results.json").read_text())
+    runs = {r["arm"]: r for r in results["runs"]}
+    assert runs["weighted"]["objective"] == "weighted" and runs["weighted"]["band"].endswith("-irdro1")
+    assert runs["marion_middle"]["band"] == "marion_middle-samples"
+    assert {r["train"]["trained_tokens"] for r in runs.values()} == {results["token_budget"]}
+    # one seed: no t-interval, the table says so, the verdict rests on the bootstrap alone
+    table = (Path(cfg.out_dir) / "reports" / "compare" / "table.md").read_text()
+    assert "n/a (1 seed)" in table

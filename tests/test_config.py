@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, ConfigError, dump_config, load_config
+from pipeline.config import PAPER_TASKS, Config, ConfigError, dump_config, load_config
 
 PRESETS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
 
@@ -17,6 +17,25 @@ def test_every_preset_loads(preset):
     cfg = load_config(preset)
     assert isinstance(cfg, Config)
     assert cfg.corpus.paths and cfg.model.path
+
+
+def test_the_gpu_preset_names_the_papers_tasks():
+    # lm-evaluation-harness names of piqa, hellaswag, winogrande, arc-challenge, boolq and mmlu
+    cfg = load_config(Path(PRESETS[0]).parent / "pythia-410m.yaml")
+    assert cfg.compare.hub_tasks == PAPER_TASKS
+    assert set(PAPER_TASKS) == {"piqa", "hellaswag", "winogrande", "arc_challenge", "boolq", "mmlu"}
+
+
+def test_compare_checks_its_arms_and_budget(tmp_path):
+    with pytest.raises(ConfigError, match=r"compare.reference: 'random' is not one of the arms"):
+        load_config(write(tmp_path, BASE), ["compare.arms=[top, midranking]"])
+    with pytest.raises(ConfigError, match=r"compare.token_budget: must hold at least one step"):
+        load_config(write(tmp_path, BASE), ["compare.token_budget=100", "compare.tokens_per_step=1024"])
+    cfg = load_config(
+        write(tmp_path, BASE),
+        ["compare.arms=[random, weighted, marion_middle, cc_net_middle, ankner_high50]"],
+    )
+    assert cfg.compare.arms[1:] == ("weighted", "marion_middle", "cc_net_middle", "ankner_high50")
 
 
 def write(tmp_path, text):
