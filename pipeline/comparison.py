@@ -113,14 +113,16 @@ class ArmMetric:
     """The same difference, bootstrap interval over documents/items."""
 
     def verdict(self) -> str:
-        """'better'/'worse' when every interval there is excludes zero, else 'no difference'."""
+        """'better'/'worse' when every interval there is excludes zero, else 'no difference'; with
+        one seed the run-to-run noise is unmeasured, and the verdict says so."""
         if self.vs_reference is None:
             return "reference"
-        intervals = [self.vs_reference_items]
-        intervals += [self.vs_reference] if not math.isnan(self.vs_reference.low) else []
+        one_seed = math.isnan(self.vs_reference.low)
+        intervals = [self.vs_reference_items] + ([] if one_seed else [self.vs_reference])
         if not all(i.excludes_zero() for i in intervals):
             return "no difference"
-        return "better" if (self.vs_reference.mean < 0) == self.lower_is_better else "worse"
+        verdict = "better" if (self.vs_reference.mean < 0) == self.lower_is_better else "worse"
+        return f"{verdict} (1 seed: items only)" if one_seed else verdict
 
 
 def compare_arms(

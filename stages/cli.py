@@ -7,7 +7,7 @@
     midrank inspect --config configs/default.yaml                         # histograms and a report
     midrank train --config configs/default.yaml                           # continual training + eval
     midrank demo --config configs/default.yaml                            # all of the above
-    midrank compare --config configs/default.yaml 'compare.seeds=[0,1,2]' # strategies side by side
+    midrank compare --config configs/default.yaml 'compare.seeds=[0,1,2]' # arms vs random, 95% intervals
     torchrun --nproc_per_node=8 -m stages.cli score --config ...          # one process per GPU
 
 Each command is a stage module's `run(cfg)`, imported only when asked for (a stage pulls in torch
@@ -44,7 +44,10 @@ COMMANDS = {
     "inspect": ("stages.inspect", "loss histograms, bands, examples -> <out_dir>/reports/<name>/index.html"),
     "train": ("stages.train", "continual training on a selected band -> <out_dir>/train/<run>/"),
     "demo": ("stages.demo", "score, select, inspect and train, then a summary of where everything went"),
-    "compare": ("stages.compare", "train on random/top/bottom/MidRanking/IR-DRO sets, compare held-out loss"),
+    "compare": (
+        "stages.compare",
+        "train every arm at equal compute; loss and tasks vs random, 95% intervals",
+    ),
 }
 # Expected failures: bad config or input, outputs that do not fit together, a busy out_dir, and
 # the machine's own (a file that cannot be read or written, a full disk). Anything else is a bug.

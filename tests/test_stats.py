@@ -120,3 +120,16 @@ def test_verdict_needs_every_interval_to_exclude_zero():
     )
     verdicts = {r.arm: r.verdict() for r in rows if r.metric == "heldout loss"}
     assert verdicts == {"random": "reference", "low": "better", "noisy": "no difference"}
+
+
+def test_a_one_seed_verdict_says_it_rests_on_the_items_alone():
+    tokens = [1] * 50
+    evals = {
+        "base": evaluation([5.0] * 50, tokens, [0.0]),
+        ("random", 0): evaluation([4.0] * 50, tokens, [0.0]),
+        ("low", 0): evaluation([3.0 + 0.001 * i for i in range(50)], tokens, [0.0]),
+    }
+    rows = compare_arms(evals, arms=["random", "low"], seeds=[0], reference="random", resamples=300)
+    low = next(r for r in rows if r.arm == "low" and r.metric == "heldout loss")
+    assert math.isnan(low.vs_reference.low) and low.vs_reference_items.excludes_zero()
+    assert low.verdict() == "better (1 seed: items only)"
