@@ -8,7 +8,8 @@ origin):
 - `man_command`: a man page's summary and first description sentence -> which command;
 - `fortune_ending`: a fortune without its last six words -> which ending is its own;
 - `jargon_term`: a Jargon File definition -> which headword.
-The answer's own name is masked in the text. Distractors are other items' answers, drawn by a
+The answer's own name is masked in the text (as a whole word, in its spellings), and an item whose
+question still names it (or a word of it) is left out. Distractors are other items' answers, drawn by a
 hash of the item, so building twice gives the same bytes. Every document behind an item is one
 the corpus (train, held-out and out-of-distribution files) does not contain: the corpus files are
 read and their origins left out (checked again at the end, and by the tests).
@@ -47,12 +48,24 @@ def corpus_origins(corpus: Path) -> set[str]:
     return origins
 
 
+def spellings(name: str) -> set[str]:
+    """The ways a name is written in running text: as is, and with its - _ . as spaces or removed."""
+    return {name, re.sub(r"[-_.]", " ", name), re.sub(r"[-_.]", "", name)}
+
+
 def masked(text: str, name: str) -> str:
-    """The text with the answer's name replaced (also spelt with spaces for its - and _), so the
-    question does not give it away."""
-    for spelling in {name, re.sub(r"[-_]", " ", name)}:
-        text = re.sub(re.escape(spelling), "___", text, flags=re.IGNORECASE)
+    """The text with the answer's name replaced, as a whole word in any of its spellings, so the
+    question does not give it away (and `cat` is not masked inside `concatenate`)."""
+    for spelling in sorted(spellings(name), key=len, reverse=True):
+        text = re.sub(rf"(?<![\w-]){re.escape(spelling)}(?![\w-])", "___", text, flags=re.IGNORECASE)
     return " ".join(text.split())
+
+
+def leaks(question: str, answer: str) -> bool:
+    """True when the question still names the answer: a spelling of it, or a word of it of four
+    letters or more (`merge` of git-merge-base), as a whole word."""
+    words = {w for w in re.split(r"[-_. ]", answer) if len(w) >= 4} | spellings(answer)
+    return any(re.search(rf"(?<!\w){re.escape(w)}(?!\w)", question, re.IGNORECASE) for w in words)
 
 
 def clip(text: str) -> str:
@@ -74,6 +87,8 @@ def man_items(excluded: set[str]) -> Iterator[dict]:
         if not re.fullmatch(r"[\w.+-]{2,30}", command) or not body:
             continue
         text = masked(f"{summary}. {body[0]}", command)
+        if leaks(text, command):
+            continue
         yield {
             "question": f"Which command does this describe? {clip(text)}",
             "answer": command,
@@ -99,6 +114,8 @@ def jargon_items(excluded: set[str]) -> Iterator[dict]:
         definition = " ".join(entry.split("\n", 1)[1].split()) if "\n" in entry else ""
         definition = re.sub(r"[{}]", "", definition)
         if origin in excluded or len(definition) < 60 or not re.fullmatch(r"[\w .'-]{2,30}", term):
+            continue
+        if leaks(masked(definition, term), term):
             continue
         yield {
             "question": f"Which term does this define? {clip(masked(definition, term))}",

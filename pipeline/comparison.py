@@ -11,7 +11,8 @@ be resampled by document and by item. Per metric and arm: the change from the st
 (mean over seeds), and the difference from the reference arm — per seed, paired (same seed), with
 a t-interval over seeds, and averaged over seeds per document/item, with a bootstrap interval over
 documents/items. An arm "differs" from the reference on a metric when both intervals exclude zero
-(with one seed, only the bootstrap interval exists, and the table says so).
+(with one seed there is no t-interval, and no verdict: run-to-run noise is unmeasured). There is
+no correction for the number of comparisons (arms x metrics).
 """
 
 from __future__ import annotations
@@ -112,17 +113,27 @@ class ArmMetric:
     vs_reference_items: Interval | None
     """The same difference, bootstrap interval over documents/items."""
 
+    def to_json(self) -> dict[str, Any]:
+        """As results.json lists it: an undefined interval end (one seed) is null, not NaN."""
+
+        def finite(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {k: finite(v) for k, v in value.items()}
+            return None if isinstance(value, float) and math.isnan(value) else value
+
+        return finite(asdict(self)) | {"verdict": self.verdict()}
+
     def verdict(self) -> str:
-        """'better'/'worse' when every interval there is excludes zero, else 'no difference'; with
-        one seed the run-to-run noise is unmeasured, and the verdict says so."""
+        """'better'/'worse' when both intervals exclude zero, else 'no difference'. With one seed the
+        run-to-run noise is unmeasured (a second random sample can look 'better' than the first
+        on the documents alone), so there is no verdict."""
         if self.vs_reference is None:
             return "reference"
-        one_seed = math.isnan(self.vs_reference.low)
-        intervals = [self.vs_reference_items] + ([] if one_seed else [self.vs_reference])
-        if not all(i.excludes_zero() for i in intervals):
+        if math.isnan(self.vs_reference.low):
+            return "not assessed (1 seed)"
+        if not (self.vs_reference.excludes_zero() and self.vs_reference_items.excludes_zero()):
             return "no difference"
-        verdict = "better" if (self.vs_reference.mean < 0) == self.lower_is_better else "worse"
-        return f"{verdict} (1 seed: items only)" if one_seed else verdict
+        return "better" if (self.vs_reference.mean < 0) == self.lower_is_better else "worse"
 
 
 def compare_arms(
@@ -223,6 +234,7 @@ def training_table(training: list[dict[str, Any]]) -> str:
         "set tokens",
         "steps",
         "trained tokens",
+        "distinct tokens",
         "samples seen",
         "mean sample tokens",
     ]
@@ -235,6 +247,7 @@ def training_table(training: list[dict[str, Any]]) -> str:
             f"{t['set_tokens']:,.0f}",
             f"{t['steps']:,.0f}",
             f"{t['trained_tokens']:,.0f}",
+            f"{t['distinct_tokens']:,.0f}",
             f"{t['samples_seen']:,.0f}",
             f"{t['mean_sample_tokens']:,.1f}",
         ]

@@ -21,6 +21,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 METRIC = "acc_norm"
 LOCAL_TASK = """task: {name}
 dataset_path: json
@@ -72,6 +74,7 @@ def evaluate_tasks(
             tokenizer=tokenizer,
             batch_size=batch_size,
             device=str(next(model.parameters()).device),
+            softmax_dtype=torch.float32,  # a bf16 model's log-probabilities, computed in fp32 as midrank's own
         )
         results = simple_evaluate(
             model=lm,
@@ -81,10 +84,17 @@ def evaluate_tasks(
             limit=limit,
             verbosity="ERROR",
         )
+    groups = results.get("group_subtasks", {})
+
+    def leaves(task: str) -> list[str]:
+        """The tasks whose samples a task reports: itself, or a group's (mmlu: subgroups of subtasks)."""
+        return (
+            [task] if task in results["samples"] else [t for sub in groups.get(task, []) for t in leaves(sub)]
+        )
+
     scores = {}
     for task, short in names.items():
-        # a hub group (mmlu) reports its subtasks' samples
-        parts = [task] if task in results["samples"] else results.get("group_subtasks", {}).get(task, [])
+        parts = leaves(task)
         metric = METRIC if f"{METRIC},none" in results["results"][task] else "acc"  # mmlu has no acc_norm
         samples = [s for part in parts for s in sorted(results["samples"][part], key=lambda s: s["doc_id"])]
         items = [float(s[metric]) for s in samples]

@@ -249,6 +249,9 @@ class TrainSummary:
     """Distinct samples trained on (token-budget batches; a cut sample counts)."""
     mean_sample_tokens: float | None = None
     """Mean target tokens of those samples, whole (token-budget batches)."""
+    distinct_tokens: int | None = None
+    """Distinct target tokens trained on (token-budget batches): below the budget when the plan
+    passed over the set more than once."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -145,51 +145,64 @@ def target_count(feature: dict[str, Any]) -> int:
     return sum(end - start for start, end in feature["targets"])
 
 
-def cut_to_targets(feature: dict[str, Any], take: int) -> dict[str, Any]:
-    """The feature with only its first `take` target tokens (the sequence ends after the last)."""
-    spans, left = [], take
-    for start, end in feature["targets"]:
-        if left == 0:
-            break
-        stop = min(end, start + left)
-        spans.append([start, stop])
-        left -= stop - start
+def cut_to_targets(feature: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+    """The feature with only its targets number `start` to `stop` (counted from 0, in order) left
+    as targets: the tokens before them stay as context, the sequence ends after the last."""
+    spans, seen = [], 0
+    for first, last in feature["targets"]:
+        lo, hi = max(first, first + start - seen), min(last, first + stop - seen)
+        if lo < hi:
+            spans.append([lo, hi])
+        seen += last - first
     return feature | {"input_ids": feature["input_ids"][: spans[-1][1]], "targets": spans}
 
 
 def plan_token_batches(counts: list[int], per_batch: int, n_batches: int, seed: int) -> list[list[list[int]]]:
-    """`n_batches` micro-batches of exactly `per_batch` target tokens each, as [sample, tokens
-    taken] lists: the samples in a seeded order (a new one for each pass over them), each batch
-    filled in turn, the sample that overflows a batch cut to the tokens left (its rest is not
-    trained on). Every run with the same `per_batch` and `n_batches` trains on the same number of
+    """`n_batches` micro-batches of exactly `per_batch` target tokens each, as [sample, first
+    target, end target] lists: the samples in a seeded order (a new one for each pass over them),
+    each batch filled in turn; a sample that overflows a batch is split, its rest opening the next
+    batch (trained with its earlier tokens as context). So a pass trains every target token exactly
+    once, and every run with the same `per_batch` and `n_batches` trains on the same number of
     target tokens, however long its samples are."""
     if not any(counts):
         raise ValueError("no sample has a target token")
     rng = random.Random(seed)
     order: list[int] = []
+    carry: list[int] | None = None  # [sample, first target left]
     batches = []
     while len(batches) < n_batches:
         batch, left = [], per_batch
         while left:
-            if not order:
-                order = rng.sample(range(len(counts)), len(counts))[::-1]  # popped from the end
-            i = order.pop()
-            if counts[i]:
-                take = min(counts[i], left)
-                batch.append([i, take])
-                left -= take
+            if carry is not None:
+                i, begin = carry
+                carry = None
+            else:
+                if not order:
+                    order = rng.sample(range(len(counts)), len(counts))[::-1]  # popped from the end
+                i, begin = order.pop(), 0
+            if counts[i] == 0:
+                continue
+            end = min(counts[i], begin + left)
+            batch.append([i, begin, end])
+            left -= end - begin
+            if end < counts[i]:
+                carry = [i, end]
         batches.append(batch)
     return batches
 
 
 @dataclass(frozen=True, slots=True)
 class TokenBudgetCollator:
-    """Collates planned micro-batches (`plan_token_batches`): each item names its samples and how
-    many of their target tokens to take; `collator` lays them out (padded or packed)."""
+    """Collates planned micro-batches (`plan_token_batches`): each item names its samples and which
+    of their target tokens to train on; `collator` lays them out (padded or packed)."""
 
     dataset: Any
     collator: TrainCollator
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        features = [cut_to_targets(self.dataset[i], take) for item in items for i, take in item["members"]]
+        features = [
+            cut_to_targets(self.dataset[i], start, stop)
+            for item in items
+            for i, start, stop in item["members"]
+        ]
         return self.collator(features)

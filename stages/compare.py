@@ -271,6 +271,7 @@ def training_rows(
                 "trained_tokens": sum(t.trained_tokens for t in trained) / len(mine),
                 "samples_seen": sum(t.samples_seen for t in trained) / len(mine),
                 "mean_sample_tokens": sum(t.mean_sample_tokens for t in trained) / len(mine),
+                "distinct_tokens": sum(t.distinct_tokens for t in trained) / len(mine),
                 "per_seed_trained_tokens": [t.trained_tokens for t in trained],
             }
         )
@@ -308,7 +309,7 @@ def report(cfg: Config, arms: list[Arm], sets, runs, evals, budget: int) -> tupl
         "reference": c.reference,
         "seeds": list(c.seeds),
         "training": training,
-        "metrics": [dataclasses.asdict(r) | {"verdict": r.verdict()} for r in rows],
+        "metrics": [r.to_json() for r in rows],
         "runs": [
             {
                 "arm": a.arm,

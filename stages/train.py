@@ -83,20 +83,28 @@ def without_resume_flag(train: dict) -> dict:
     return {k: v for k, v in train.items() if k != "resume_changed_config"}
 
 
-def finished_run(path: Path, tcfg) -> bool:
-    """True when this run is already trained; a different run under the same name is refused."""
-    if not path.is_file():
+def finished_run(paths: RunPaths, cfg: Config, layout: Layout, data: TrainingData) -> bool:
+    """True when this run is already trained; a different run under the same name (other train or
+    model settings, or another selection of its band) is refused."""
+    if not paths.metrics.is_file():
         return False
     try:
-        metrics = RunMetrics.read(path)
+        metrics = RunMetrics.read(paths.metrics)
     except OutputError as err:
         raise ConfigError(
-            f"train.name: {path.parent} holds a run written by an older midrank ({err}); delete that "
+            f"train.name: {paths.dir} holds a run written by an older midrank ({err}); delete that "
             "directory to train it again, or give this run another name"
         ) from None
-    if without_resume_flag(metrics.config["train"]) != without_resume_flag(to_dict(tcfg)):
+    rename = "give this one another name (train.name; compare.name for compare's runs)"
+    if without_resume_flag(metrics.config["train"]) != without_resume_flag(to_dict(cfg.train)):
+        raise ConfigError(f"train.name: {paths.dir} holds a run with another train config; {rename}")
+    if metrics.config.get("model") != to_dict(cfg.model):
+        raise ConfigError(f"train.name: {paths.dir} holds a run of another model; {rename}")
+    band = layout.band(data.band).manifest if data.band else None
+    if band and (not paths.selection.is_file() or paths.selection.read_bytes() != band.read_bytes()):
         raise ConfigError(
-            f"train.name: {path.parent} holds a run with another train config; give this one another name"
+            f"train.name: {paths.dir} was trained on another selection of {data.band} (it was selected "
+            f"again since); {rename}"
         )
     return True
 
@@ -189,7 +197,8 @@ class TrainingSet:
     dropped: Counter
     """Rows with no target token, by reason."""
     batches: list | None = None
-    """Token-budget micro-batches ([sample, tokens taken] lists), when train.target_tokens_per_batch."""
+    """Token-budget micro-batches ([sample, first target, end target] lists), when
+    train.target_tokens_per_batch."""
     counts: list[int] | None = None
     """Target tokens of each row (token-budget batches)."""
 
@@ -201,12 +210,17 @@ class TrainingSet:
             self.dataset, collator
         )
 
-    def seen(self) -> tuple[int | None, float | None]:
-        """(distinct samples trained on, their mean target tokens), known for token-budget batches."""
+    def seen(self) -> tuple[int | None, float | None, int | None]:
+        """(distinct samples trained on, their mean target tokens, distinct target tokens), known
+        for token-budget batches."""
         if self.batches is None:
-            return None, None
-        seen = {i for batch in self.batches for i, _ in batch}
-        return len(seen), sum(self.counts[i] for i in seen) / len(seen)
+            return None, None, None
+        covered: dict[int, set[int]] = {}
+        for batch in self.batches:
+            for i, start, stop in batch:
+                covered.setdefault(i, set()).update(range(start, stop))
+        mean = sum(self.counts[i] for i in covered) / len(covered)
+        return len(covered), mean, sum(len(targets) for targets in covered.values())
 
 
 def training_set(cfg: Config, files: list[Path], tokenizer, world_size: int) -> TrainingSet:
@@ -260,6 +274,7 @@ def train_summary(
     if world_size > 1:
         torch.distributed.all_reduce(tokens)
     seconds = result.metrics["train_runtime"]
+    samples_seen, mean_sample_tokens, distinct_tokens = train_set.seen()
     return TrainSummary(
         objective=plan.cfg.train.objective,
         steps=result.global_step,
@@ -274,8 +289,9 @@ def train_summary(
         precision=plan.precision,
         world_size=world_size,
         data=[str(f) for f in plan.data.files],
-        samples_seen=train_set.seen()[0],
-        mean_sample_tokens=train_set.seen()[1],
+        samples_seen=samples_seen,
+        mean_sample_tokens=mean_sample_tokens,
+        distinct_tokens=distinct_tokens,
     )
 
 
@@ -306,7 +322,7 @@ def run(cfg: Config) -> Path:
     paths = layout.train_run(name)
     # rank 0 holds the run's lock for the job: its other ranks are the same run
     with lock(layout, f"train-{paths.dir.name}") if rank == 0 else contextlib.nullcontext():
-        if finished_run(paths.metrics, tcfg):
+        if finished_run(paths, cfg, layout, data):
             log.info(f"{paths.dir}: already trained, nothing to do")
             return paths.dir
         if tcfg.gather_losses and tcfg.objective in ("uniform", "weighted"):

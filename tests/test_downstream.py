@@ -2,6 +2,7 @@
 gives; the embedded task builder keeps its documents out of the training corpus."""
 
 import json
+import re
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -89,3 +90,17 @@ def test_task_documents_are_never_in_the_training_corpus(tmp_path):
     for name in second["tasks"]:
         rows = [json.loads(line) for line in (tmp_path / "t2" / f"{name}.jsonl").open()]
         assert all(len(r["choices"]) == 4 and r["choices"][r["label"]] for r in rows)
+
+
+def test_task_questions_do_not_name_their_answers(tmp_path):
+    manifest = build_tasks.build(
+        corpus_with(tmp_path / "c", {"train.jsonl": ["none/0"]}), tmp_path / "t", items=60
+    )
+    for name in ("man_command", "jargon_term"):
+        assert name in manifest["tasks"]
+        for line in (tmp_path / "t" / f"{name}.jsonl").open():
+            row = json.loads(line)
+            answer = row["choices"][row["label"]].lower()
+            words = set(re.findall(r"[a-z0-9]+", row["question"].lower()))
+            parts = [p for p in re.findall(r"[a-z0-9]+", answer) if len(p) >= 4]
+            assert not words & {*parts, re.sub(r"[^a-z0-9]", "", answer)}, (name, answer, row["question"])

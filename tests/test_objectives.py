@@ -170,32 +170,33 @@ def test_a_model_that_lets_packed_samples_attend_to_each_other_is_caught(
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_token_budget_batches_hold_exactly_their_budget(seed):
+def test_token_budget_batches_hold_exactly_their_budget_and_a_pass_trains_every_token_once(seed):
     from pipeline.train_data import plan_token_batches
 
     counts = [random.Random(seed + i).choice([0, 1, 3, 7, 40, 200]) for i in range(30)]
     batches = plan_token_batches(counts, 64, 25, seed)
     assert len(batches) == 25
     for batch in batches:
-        assert sum(take for _, take in batch) == 64
-        assert all(0 < take <= counts[i] for i, take in batch)
-    # a pass over the samples comes before any repeats: the first appearances are all distinct
-    first_pass, seen = [], set()
-    for i, _ in (member for batch in batches for member in batch):
-        if i in seen:
-            break
-        seen.add(i)
-        first_pass.append(i)
-    assert seen >= {i for i, c in enumerate(counts) if c} or len(first_pass) == len(seen)
+        assert sum(stop - start for _, start, stop in batch) == 64
+        assert all(0 <= start < stop <= counts[i] for i, start, stop in batch)
+    # every (sample, target) pair, in training order: the first sum(counts) of them are all the
+    # target tokens of the set, each exactly once (a cut sample's rest opens the next batch)
+    order = [(i, t) for batch in batches for i, start, stop in batch for t in range(start, stop)]
+    one_pass = order[: sum(counts)]
+    assert sorted(one_pass) == sorted((i, t) for i, c in enumerate(counts) for t in range(c))
     assert plan_token_batches(counts, 64, 25, seed) == batches  # seeded
 
 
-def test_a_sample_is_cut_after_its_first_targets():
+def test_a_sample_is_cut_to_a_range_of_its_targets():
     from pipeline.train_data import cut_to_targets
 
     feature = {"input_ids": list(range(20)), "targets": [[3, 6], [10, 15]], "weight": 2.0}
-    assert cut_to_targets(feature, 2) == {"input_ids": list(range(5)), "targets": [[3, 5]], "weight": 2.0}
-    cut = cut_to_targets(feature, 5)
+    assert cut_to_targets(feature, 0, 2) == {"input_ids": list(range(5)), "targets": [[3, 5]], "weight": 2.0}
+    cut = cut_to_targets(feature, 0, 5)
     assert cut["targets"] == [[3, 6], [10, 12]] and cut["input_ids"] == list(range(12))
-    whole = cut_to_targets(feature, 8)  # every target: only tokens after the last one are left out
+    whole = cut_to_targets(feature, 0, 8)  # every target: only tokens after the last one are left out
     assert whole["targets"] == feature["targets"] and whole["input_ids"] == list(range(15))
+    # the rest of a cut sample: its earlier tokens stay as context, not targets
+    rest = cut_to_targets(feature, 2, 8)
+    assert rest["targets"] == [[5, 6], [10, 15]] and rest["input_ids"] == list(range(15))
+    assert cut_to_targets(feature, 4, 6)["targets"] == [[11, 13]]

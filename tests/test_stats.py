@@ -122,7 +122,7 @@ def test_verdict_needs_every_interval_to_exclude_zero():
     assert verdicts == {"random": "reference", "low": "better", "noisy": "no difference"}
 
 
-def test_a_one_seed_verdict_says_it_rests_on_the_items_alone():
+def test_one_seed_gives_no_verdict_however_clear_the_items():
     tokens = [1] * 50
     evals = {
         "base": evaluation([5.0] * 50, tokens, [0.0]),
@@ -132,4 +132,4 @@ def test_a_one_seed_verdict_says_it_rests_on_the_items_alone():
     rows = compare_arms(evals, arms=["random", "low"], seeds=[0], reference="random", resamples=300)
     low = next(r for r in rows if r.arm == "low" and r.metric == "heldout loss")
     assert math.isnan(low.vs_reference.low) and low.vs_reference_items.excludes_zero()
-    assert low.verdict() == "better (1 seed: items only)"
+    assert low.verdict() == "not assessed (1 seed)"

@@ -288,6 +288,8 @@ def test_token_budget_runs_train_on_exactly_the_same_tokens_whatever_their_sampl
         s["steps"] for s in summaries
     ] == [3, 3]
     short_seen, long_seen = summaries
+    # the long set holds more than the budget: one pass, no token twice; the short one is passed over again
+    assert long_seen["distinct_tokens"] == 300 and short_seen["distinct_tokens"] < 300
     assert (
         short_seen["samples_seen"] > long_seen["samples_seen"]
         and short_seen["mean_sample_tokens"] < long_seen["mean_sample_tokens"]
