@@ -164,7 +164,7 @@ def train_config(cfg: Config, arm: Arm, steps: int) -> Config:
         max_steps=steps,
         target_tokens_per_batch=c.tokens_per_step,
         grad_accum=1,
-        pack=True,  # one row per step, no padding computed; isolated: the same numbers as padded
+        pack=True,  # samples packed into rows, no padding computed; isolated: the same numbers as padded
         max_tokens=cfg.score.max_tokens,
         eval_paths=(),
     )
