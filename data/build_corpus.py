@@ -354,6 +354,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def write_manifest(out: Path, manifest: dict) -> None:
+    """`out/manifest.json`: what a builder made, keys sorted so a rebuild gives the same bytes."""
+    (out / "manifest.json").write_text(
+        json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
+
+
 def build(
     out: Path,
     per_source: int,
@@ -406,9 +413,7 @@ def build(
         "heldout": counts(heldout),
         "ood": counts(ood),
     }
-    (out / "manifest.json").write_text(
-        json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-    )
+    write_manifest(out, manifest)
     return manifest
 
 

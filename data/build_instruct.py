@@ -15,7 +15,6 @@ Building twice gives the same bytes.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections import Counter
@@ -31,6 +30,7 @@ from data.build_corpus import (
     order_key,
     read_text,
     write_jsonl,
+    write_manifest,
 )
 
 MAX_ANSWER_CHARS = 700
@@ -154,7 +154,7 @@ def build(out: Path, per_source: int, install: bool = True) -> dict:
         },
         "heldout": dict(sorted(Counter(p["source"] for p in heldout).items())),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_manifest(out, manifest)
     for key, count in manifest["train"].items():
         log(f"train {key:24s} {count:5d}")
     log(f"held out: {len(heldout)} clean pairs -> {out}")

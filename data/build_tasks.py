@@ -32,6 +32,7 @@ from data.build_corpus import (
     order_key,
     read_text,
     write_jsonl,
+    write_manifest,
 )
 from data.build_instruct import man_sections, paragraphs
 
@@ -168,9 +169,7 @@ def build(corpus: Path, out: Path, items: int = ITEMS) -> dict:
         write_jsonl(out / f"{name}.jsonl", rows)
         manifest["tasks"][name] = {"items": len(rows), "choices": 4}
         log(f"task {name:14s} {len(rows)} items")
-    (out / "manifest.json").write_text(
-        json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-    )
+    write_manifest(out, manifest)
     return manifest
 
 
