@@ -26,13 +26,14 @@ from tqdm import tqdm
 
 from pipeline.artifacts import digest
 from pipeline.batching import collate, pack_batches, pad_id_of
-from pipeline.config import ModelConfig
+from pipeline.config import Config, ModelConfig
 from pipeline.log import get_logger
 from pipeline.model import fingerprint, hash_files
 from pipeline.nll import NLLScorer
 from pipeline.outputs import DeltaRow, Evaluation, OutputError, SplitMetrics
-from pipeline.records import Record
+from pipeline.records import ReadStats, Record
 from pipeline.samples import SamplePolicy, make_samples
+from pipeline.sharding import iter_corpus, plan_shards
 
 
 def _metrics(nll: float, tokens: int, correct: int, samples: int) -> SplitMetrics:
@@ -44,6 +45,13 @@ def _metrics(nll: float, tokens: int, correct: int, samples: int) -> SplitMetric
         perplexity=math.exp(loss) if tokens else float("nan"),
         accuracy=correct / tokens if tokens else float("nan"),
     )
+
+
+def held_out_records(cfg: Config, paths: tuple[str, ...]) -> list[Record]:
+    """The records of evaluation files, read like the corpus, the first train.eval_max_samples."""
+    corpus = dataclasses.replace(cfg.corpus, paths=tuple(paths), num_shards=1)
+    records = list(iter_corpus(plan_shards(corpus), corpus, ReadStats()))
+    return records[: cfg.train.eval_max_samples] if cfg.train.eval_max_samples else records
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

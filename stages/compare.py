@@ -47,16 +47,14 @@ from pipeline.comparison import (
 )
 from pipeline.config import BandConfig, Config, ConfigError, SelectConfig, save_config, to_dict
 from pipeline.downstream import evaluate_tasks
-from pipeline.evaluation import sample_losses
+from pipeline.evaluation import held_out_records, sample_losses
 from pipeline.layout import Layout
 from pipeline.locks import lock
 from pipeline.log import get_logger
 from pipeline.model import fingerprint, hash_files, load_model
 from pipeline.outputs import BandManifest, RunMetrics
 from pipeline.plots import plot_compare
-from pipeline.records import ReadStats
 from pipeline.samples import SamplePolicy
-from pipeline.sharding import iter_corpus, plan_shards
 from stages import score, select, train
 
 
@@ -171,11 +169,6 @@ def train_config(cfg: Config, arm: Arm, steps: int) -> Config:
     return dataclasses.replace(cfg, train=tcfg)
 
 
-def read_records(cfg: Config, paths: tuple[str, ...]) -> list:
-    corpus = dataclasses.replace(cfg.corpus, paths=paths, num_shards=1)
-    return list(iter_corpus(plan_shards(corpus), corpus, ReadStats()))
-
-
 def evaluate_model(cfg: Config, model_dir: Path, label: str) -> ModelEval:
     """Per-document losses and per-item task correctness of one model, loaded in compare.eval_dtype."""
     c, tcfg = cfg.compare, cfg.train
@@ -184,12 +177,10 @@ def evaluate_model(cfg: Config, model_dir: Path, label: str) -> ModelEval:
     policy = SamplePolicy.of(cfg.score, tokenizer, max_tokens=tcfg.eval_max_tokens)
 
     def losses(paths: tuple[str, ...], what: str) -> DocumentLosses:
-        records = read_records(cfg, paths)
-        records = records[: tcfg.eval_max_samples] if tcfg.eval_max_samples else records
         rows = sample_losses(
             model,
             tokenizer,
-            records,
+            held_out_records(cfg, paths),
             policy=policy,
             batch_tokens=cfg.score.batch_tokens,
             desc=f"{label}: {what}",

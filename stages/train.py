@@ -34,16 +34,14 @@ from transformers import set_seed
 from pipeline.artifacts import digest, write_json_atomic
 from pipeline.batching import pad_id_of
 from pipeline.config import Config, ConfigError, is_safe_name, save_config, to_dict
-from pipeline.evaluation import HeldOutSet, delta_table, log_delta_table
+from pipeline.evaluation import HeldOutSet, delta_table, held_out_records, log_delta_table
 from pipeline.layout import Layout, RunPaths, part_files
 from pipeline.locks import lock
 from pipeline.log import format_counts, get_logger
 from pipeline.model import load_model, tune_cpu_malloc
 from pipeline.outputs import OutputError, RunMetrics, TrainSummary
 from pipeline.ranks import rank_and_world
-from pipeline.records import ReadStats
 from pipeline.samples import SamplePolicy
-from pipeline.sharding import iter_corpus, plan_shards
 from pipeline.train_data import TokenBudgetCollator, TrainCollator, plan_token_batches, tokenize_dataset
 from pipeline.trainer import (
     ObjectiveTrainer,
@@ -178,11 +176,7 @@ def start_or_resume(plan: RunPlan, rank: int) -> Path | None:
 def heldout_set(cfg: Config, tokenizer, precision: str, rank: int) -> HeldOutSet:
     """The held-out set, evaluated by rank 0 only (empty elsewhere and without train.eval_paths)."""
     tcfg = cfg.train
-    records = []
-    if tcfg.eval_paths and rank == 0:
-        corpus = dataclasses.replace(cfg.corpus, paths=tcfg.eval_paths, num_shards=1)
-        records = list(iter_corpus(plan_shards(corpus), corpus, ReadStats()))
-        records = records[: tcfg.eval_max_samples] if tcfg.eval_max_samples else records
+    records = held_out_records(cfg, tcfg.eval_paths) if tcfg.eval_paths and rank == 0 else []
     policy = SamplePolicy.of(cfg.score, tokenizer, max_tokens=tcfg.eval_max_tokens)
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return HeldOutSet(
