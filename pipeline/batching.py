@@ -66,6 +66,7 @@ META_FIELDS = (
     "n_chars",
     "char_start",
     "char_end",
+    "n_bytes",
     "truncated",
     "record_hash",
 )

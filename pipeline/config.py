@@ -19,9 +19,11 @@ import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
+
+from pipeline.rank_keys import RankKey
 
 
 class ConfigError(ValueError):
@@ -288,9 +290,35 @@ class BandConfig:
     kl_reg: float = 1.0
     """IR-DRO lambda: large -> uniform weights, small -> the hardest sample only."""
 
+    rank_by: RankKey = "loss"
+    """What the band ranks by (pipeline/rank_keys.py): loss (nats/token, the paper's key);
+    bits_per_byte (the same for any tokenizer); length_adjusted (the loss minus the corpus's median
+    loss at that length, so the top is not simply the shortest samples). The shares and
+    thresholds count along this ranking; the IR-DRO weights stay softmax(loss / kl_reg)."""
+
+    adjust_by_source: bool = False
+    """length_adjusted: estimate the expected loss at each length within each source (a source's
+    own typical loss taken out too), not over the whole corpus."""
+
+    min_tokens: int = 0
+    """Samples with fewer scored (target) tokens are not ranked: they are rejected as too_short
+    and counted, and the shares count the rest (a heading or a one-line fortune has the highest
+    loss of all and says little about quality)."""
+
     def __post_init__(self) -> None:
         _require_name(self.name, "name", optional=True)
         _require_name(self.match, "match", optional=self.strategy != "length_matched")
+        _require(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
+        _require(
+            not self.adjust_by_source or self.rank_by == "length_adjusted",
+            "adjust_by_source",
+            f"only applies to rank_by=length_adjusted (rank_by is {self.rank_by})",
+        )
+        _require(
+            self.rank_by == "loss" or self.strategy not in ("random", "all", "length_matched"),
+            "rank_by",
+            f"{self.strategy!r} does not rank samples, so rank_by={self.rank_by} would do nothing; leave it at loss",
+        )
         _require_shares(self, "skip", "keep", "low", "high")
         _require(self.keep > 0 or self.target_tokens > 0, "keep", "must be > 0 (an empty band keeps nothing)")
         _require(
@@ -319,6 +347,9 @@ class BandConfig:
             parts = [self.strategy, *([f"s{self.skip:g}"] if self.strategy == "midranking" else []), size]
             parts += [f"seed{self.seed}"] if self.strategy == "random" else []
         parts += [self.measure if not self.target_tokens else "tokens"]
+        parts += [] if self.rank_by == "loss" else [f"by_{self.rank_by}"]
+        parts += ["adjustedbysource"] if self.adjust_by_source else []
+        parts += [f"min{self.min_tokens}"] if self.min_tokens else []
         parts += ["bysource"] if self.by_source else []
         parts += [f"irdro{self.kl_reg:g}"] if self.weights else []
         return "-".join(parts)
@@ -506,6 +537,8 @@ COMPARE_ARMS = (
     *BAND_PRESETS,
 )  # fmt: skip
 
+UNRANKED_ARMS = ("random", "irdro", "weighted", "all")
+
 # lm-evaluation-harness names of the paper's zero-shot tasks (they download their data: hub access)
 PAPER_TASKS = ("piqa", "hellaswag", "winogrande", "arc_challenge", "boolq", "mmlu")
 
@@ -515,14 +548,17 @@ class CompareConfig:
     name: str = "compare"
     """Results go to <out_dir>/reports/<name>/; the training runs to <out_dir>/train/<name>-<arm>-seed<s>/."""
 
-    arms: tuple[Literal[COMPARE_ARMS], ...] = (  # type: ignore[valid-type]
+    arms: tuple[str, ...] = (
         "random", "random_length_matched", "top", "bottom", "midranking", "irdro",
     )  # fmt: skip
     """Training sets, all from one scoring pass: a seeded `random` sample; `random_length_matched`
     (a seeded random sample with the MidRanking set's length histogram: the control that leaves
     only the loss); the hardest (`top`) and easiest (`bottom`); the MidRanking band; `irdro` (online
     IR-DRO on the random sample); `weighted` (offline IR-DRO weights on the random sample); `all`;
-    or a peer's preset band (cc_net_middle, marion_middle, ankner_high50, ...)."""
+    or a peer's preset band (cc_net_middle, marion_middle, ankner_high50, ...). An arm that ranks
+    (top, bottom, midranking, random_length_matched, a preset) takes a rank key after a dot, as
+    its own arm: `midranking.bits_per_byte`, `midranking.length_adjusted` (plain: by loss);
+    `random_length_matched.<key>` matches the MidRanking set of that key."""
 
     reference: str = "random"
     """The arm every other is compared with (difference and its intervals)."""
@@ -576,6 +612,19 @@ class CompareConfig:
         _require(len(self.name) <= 96, "name", f"must be at most 96 characters, got {len(self.name)}")
         _require(len(self.arms) > 0, "arms", "at least one arm is required")
         _require(len(set(self.arms)) == len(self.arms), "arms", "an arm is listed twice")
+        for arm in self.arms:
+            base, _, key = arm.partition(".")
+            _require(base in COMPARE_ARMS, "arms", f"unknown arm {arm!r}; one of {list(COMPARE_ARMS)}")
+            _require(
+                not key or key in get_args(RankKey),
+                "arms",
+                f"{arm!r}: unknown rank key {key!r}; one of {list(get_args(RankKey))}",
+            )
+            _require(
+                not key or base not in UNRANKED_ARMS,
+                "arms",
+                f"{arm!r}: {base} does not rank samples, so it takes no rank key",
+            )
         _require(
             self.reference in self.arms,
             "reference",

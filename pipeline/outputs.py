@@ -24,6 +24,7 @@ from typing import Any, Self
 
 from pipeline.artifacts import write_json_atomic
 from pipeline.config import optional_of
+from pipeline.rank_keys import LengthCurve
 
 
 class OutputError(ValueError):
@@ -151,6 +152,15 @@ class LossRange:
 
 
 @dataclass(frozen=True, slots=True)
+class RankKeyRange:
+    """The key the band ranked by and the lowest and highest value of it kept."""
+
+    key: str
+    min_kept: float
+    max_kept: float
+
+
+@dataclass(frozen=True, slots=True)
 class SourceCount:
     samples: int
     tokens: int
@@ -173,8 +183,13 @@ class BandExcerpt:
     samples: Counts
     tokens: Counts
     rejected: dict[str, int]
-    """Samples dropped, by reason: too_hard, too_easy, not_sampled."""
+    """Samples dropped, by reason: too_hard, too_easy, not_sampled, too_short."""
     per_source: SourceMix
+    rank_key: RankKeyRange | None = None
+    """What the band ranked by (absent in manifests of a midrank that ranked by loss only)."""
+    length_curves: dict[str, LengthCurve] | None = None
+    """rank_by=length_adjusted: the expected loss at each length it subtracted, per source or
+    over all of them ("*"), so the key can be recomputed."""
 
     @classmethod
     def of(cls, manifest: BandExcerpt) -> BandExcerpt:

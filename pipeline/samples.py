@@ -56,6 +56,8 @@ class Sample:
     char_start: int
     """Span of the record's text covered by this sample's target tokens (for joining text back)."""
     char_end: int
+    n_bytes: int
+    """UTF-8 bytes of the text the target tokens cover: the denominator of bits per byte."""
     n_chars: int
     """Characters in the whole record's text (the rendered conversation for instruction data)."""
     truncated: bool
@@ -119,6 +121,7 @@ def make_samples(record: Record, tokenizer, policy: SamplePolicy) -> tuple[list[
             ((1, len(ids)),),
             offsets[1][0],
             offsets[-1][1],
+            utf8_bytes(record.text[offsets[1][0] : offsets[-1][1]]),
             len(record.text),
             truncated,
         )
@@ -136,6 +139,7 @@ def make_samples(record: Record, tokenizer, policy: SamplePolicy) -> tuple[list[
                 ((first - context, end - context),),
                 offsets[first][0],
                 offsets[end - 1][1],
+                utf8_bytes(record.text[offsets[first][0] : offsets[end - 1][1]]),
                 len(record.text),
                 False,
             )
@@ -226,15 +230,20 @@ def instruction_sample(record: Record, tokenizer, policy: SamplePolicy) -> tuple
     if policy.prompt_format == "chat_template" or record.messages is not None:
         text, char_spans = render_chat(conversation_of(record), tokenizer)
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = encoded["input_ids"]
-        target = [any(s <= start < e for s, e in char_spans) for start, _ in encoded["offset_mapping"]]
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        target = [any(s <= start < e for s, e in char_spans) for start, _ in offsets]
     else:
         prompt = f"{record.prompt}\n\n" if record.prompt else ""
         prefix = [] if policy.bos_id is None else [policy.bos_id]
-        prompt_ids = prefix + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        response_ids = tokenizer(record.text, add_special_tokens=False)["input_ids"]
-        ids = prompt_ids + response_ids
-        target = [False] * len(prompt_ids) + [True] * len(response_ids)
+        encoded_prompt = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        response = tokenizer(record.text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = prefix + encoded_prompt["input_ids"] + response["input_ids"]
+        # offsets into prompt + response, the text the sequence reads
+        offsets = [(0, 0)] * len(prefix) + list(encoded_prompt["offset_mapping"])
+        offsets += [(a + len(prompt), b + len(prompt)) for a, b in response["offset_mapping"]]
+        target = [False] * (len(prefix) + len(encoded_prompt["input_ids"])) + [True] * len(
+            response["input_ids"]
+        )
         text = prompt + record.text
     if policy.score_prompt:
         target = [False] + [True] * (len(ids) - 1)
@@ -244,9 +253,28 @@ def instruction_sample(record: Record, tokenizer, policy: SamplePolicy) -> tuple
     spans = runs_of(target)
     if not spans:
         return [], "too_short" if len(ids) < 2 else "response_truncated"
+    n_bytes = covered_bytes(text, [offsets[i] for first, end in spans for i in range(first, end)])
     return [
-        Sample(record.sample_id, record.source, 0, ids, spans, 0, len(record.text), len(text), truncated)
+        Sample(
+            record.sample_id, record.source, 0, ids, spans, 0, len(record.text), n_bytes, len(text), truncated
+        )
     ], None
+
+
+def utf8_bytes(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def covered_bytes(text: str, offsets: list[tuple[int, int]]) -> int:
+    """UTF-8 bytes of the characters of `text` that at least one (start, end) span covers (a
+    character split over two byte-level tokens is counted once)."""
+    covered, end_so_far = 0, 0
+    for start, end in sorted(offsets):
+        start = max(start, end_so_far)
+        if end > start:
+            covered += utf8_bytes(text[start:end])
+            end_so_far = end
+    return covered
 
 
 def runs_of(flags: list[bool]) -> tuple[Span, ...]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -42,12 +43,14 @@ STATS_KEY = b"midrank.stats"
 
 # A row: where the sample came from; what was scored (n_tokens targets, their summed NLL; the loss is
 # derived, the worst token flags garbage); the span of the record's text it covers, to join it back;
-# a hash of the record, to tell that the text joined back is the one scored.
+# a hash of the record, to tell that the text joined back is the one scored; the UTF-8 bytes the
+# targets cover, for bits per byte (added after scoring_version 2 without a bump, so that finished
+# scores still rank by loss: files written before it read with n_bytes null).
 SCORE_SCHEMA = pa.schema(
     {"sample_id": pa.string(), "shard": pa.int32(), "source": pa.string(), "window": pa.int32()}
     | {"n_tokens": pa.int32(), "nll_sum": pa.float64(), "loss": pa.float64(), "max_token_nll": pa.float32()}
     | {"n_chars": pa.int32(), "char_start": pa.int32(), "char_end": pa.int32(), "truncated": pa.bool_()}
-    | {"record_hash": pa.int64()}
+    | {"record_hash": pa.int64(), "n_bytes": pa.int64()}
 )
 
 
@@ -135,9 +138,25 @@ def window_table(
         "char_end": np.asarray(meta["char_end"], dtype=np.int32),
         "truncated": np.asarray(meta["truncated"], dtype=bool),
         "record_hash": np.asarray(meta["record_hash"], dtype=np.int64),
+        "n_bytes": np.asarray(meta["n_bytes"], dtype=np.int64),
     }
     table = pa.Table.from_pydict(columns, schema=SCORE_SCHEMA)
     return (table.filter(pa.array(finite)) if bad else table), bad
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """A score table in SCORE_SCHEMA: a checkpoint written before a column existed gets it as nulls."""
+    for name in SCORE_SCHEMA.names:
+        if name not in table.column_names:
+            table = table.append_column(
+                SCORE_SCHEMA.field(name), pa.nulls(len(table), SCORE_SCHEMA.field(name).type)
+            )
+    return table.select(SCORE_SCHEMA.names).cast(SCORE_SCHEMA)
+
+
+def scan_scores(files: list[Path]) -> pl.LazyFrame:
+    """The score files as one lazy table; columns a file predates (n_bytes) read as nulls."""
+    return pl.scan_parquet(files, missing_columns="insert")
 
 
 COUNTS = ("rows", "records", "samples", "tokens", "seconds")
@@ -195,7 +214,7 @@ class ShardWriter:
 
     def finish(self) -> dict[str, Any]:
         chunks = self.layout.score_chunk_files(self.shard)
-        tables = [pq.read_table(c, schema=SCORE_SCHEMA).replace_schema_metadata(None) for c in chunks]
+        tables = [conform(pq.read_table(c)).replace_schema_metadata(None) for c in chunks]
         table = pa.concat_tables(tables) if tables else SCORE_SCHEMA.empty_table()
         metadata = {
             PROVENANCE_KEY: json.dumps(self.provenance).encode(),

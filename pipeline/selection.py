@@ -4,8 +4,8 @@
     decided = select(pl.scan_parquet("scores/part-*.parquet"), band, measure="tokens")
     decided.filter(pl.col("kept")).collect()   # the band;  reason: too_hard | too_easy | not_sampled
 
-Every sample is placed on one line, hardest first: by `loss` descending, ties by `sample_id`
-ascending, so a selection is deterministic (the `random` strategy orders by a seeded hash of the
+Every sample is placed on one line, hardest first: by its rank key descending (`loss`, or a key
+of pipeline/rank_keys.py such as bits_per_byte), ties by `sample_id` ascending, so a selection is deterministic (the `random` strategy orders by a seeded hash of the
 sample_id instead). A sample's position is the share of the measure (samples, or tokens) that
 comes before it; a band keeps the samples whose position falls in [start, stop), that is
 `start x total <= before < stop x total`. The shares are exact rationals of the decimals the user
@@ -31,9 +31,10 @@ import numpy as np
 import polars as pl
 
 from pipeline.config import exact_share
+from pipeline.rank_keys import length_bin, length_edges
 
 Strategy = Literal["midranking", "band", "top", "bottom", "random", "all"]
-Reason = pl.Enum(["too_hard", "too_easy", "not_sampled"])
+Reason = pl.Enum(["too_hard", "too_easy", "not_sampled", "too_short"])
 
 
 Share = float | Fraction
@@ -84,9 +85,10 @@ def band_for(
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
-def _order_key(band: Band, seed: int) -> pl.Expr:
-    """The primary sort key, ascending: -loss (hardest first), or a seeded hash for `random`."""
-    return -pl.col("loss").cast(pl.Float64) if band.order == "loss" else pl.col("sample_id").hash(seed)
+def _order_key(band: Band, seed: int, key: str) -> pl.Expr:
+    """The primary sort key, ascending: minus the rank key (hardest first), or a seeded hash for
+    `random`."""
+    return -pl.col(key).cast(pl.Float64) if band.order == "loss" else pl.col("sample_id").hash(seed)
 
 
 def _boundary(scores: pl.LazyFrame, keys: np.ndarray, sizes: np.ndarray, threshold: int) -> tuple | None:
@@ -127,15 +129,17 @@ def select(
     measure: Literal["samples", "tokens"] = "samples",
     by_source: bool = False,
     seed: int = 0,
+    key: str = "loss",
 ) -> pl.LazyFrame:
-    """All samples with `kept` and `reason`. Needs `sample_id` and `loss`, plus `n_tokens` for
+    """All samples with `kept` and `reason`. Needs `sample_id` and the column `key` (larger is
+    harder: `loss`, or a key of pipeline/rank_keys.py added beforehand), plus `n_tokens` for
     measure=tokens and `source` for by_source.
 
     The band is found without sorting the whole table: its two ends are (key, sample_id)
     boundaries computed from the numeric keys alone, then every row is decided by comparing its
     own key with them, a streaming filter."""
     size = pl.col("n_tokens").cast(pl.Int64) if measure == "tokens" else pl.lit(1, dtype=pl.Int64)
-    keyed = scores.with_columns(_key=_order_key(band, seed), _size=size)
+    keyed = scores.with_columns(_key=_order_key(band, seed, key), _size=size)
     groups = keyed.select("source").unique().collect()["source"].to_list() if by_source else [None]
     decided = []
     for source in groups:
@@ -177,14 +181,6 @@ def irdro_weight_expr(kept: pl.LazyFrame, kl_reg: float) -> pl.Expr:
     return ((loss - top) / kl_reg).exp() / mean
 
 
-LENGTH_BINS = 32
-
-
-def length_edges(max_tokens: int, bins: int = LENGTH_BINS) -> np.ndarray:
-    """Log-spaced bin edges of sample lengths (target tokens) from 1 to `max_tokens`, as integers."""
-    return np.unique(np.geomspace(1, max(max_tokens, 1) + 1, bins + 1).astype(np.int64))
-
-
 def length_matched(
     scores: pl.LazyFrame, reference: np.ndarray, seed: int
 ) -> tuple[pl.LazyFrame, np.ndarray, int]:
@@ -199,8 +195,7 @@ def length_matched(
     edges = length_edges(int(max(longest, reference.max(initial=1))))
     wanted = np.histogram(reference, bins=edges)[0]
     # numpy.histogram's bins: [e_i, e_i+1), the last closed; the edges span every length
-    bin_of = pl.sum_horizontal([(pl.col("n_tokens") >= int(e)).cast(pl.UInt32) for e in edges[1:-1]])
-    ranked = scores.with_columns(_bin=bin_of, _key=pl.col("sample_id").hash(seed)).with_columns(
+    ranked = scores.with_columns(_bin=length_bin(edges), _key=pl.col("sample_id").hash(seed)).with_columns(
         _rank=pl.col("_key").rank("ordinal").over("_bin")
     )
     quota = pl.LazyFrame({"_bin": np.arange(len(wanted), dtype=np.uint32), "_quota": wanted})

@@ -59,29 +59,34 @@ from stages import score, select, train
 
 
 def arm_setup(cfg: Config, arm: str, seed: int) -> tuple[BandConfig, str]:
-    """(the training set's band, the training objective) of an arm."""
+    """(the training set's band, the training objective) of an arm: `<arm>` or `<arm>.<rank key>`."""
     c = cfg.compare
+    name, _, key = arm.partition(".")
+    by_key = {"rank_by": key} if key else {}
     tokens = {"measure": "tokens", "keep": c.keep}
-    if arm in ("random", "irdro"):
-        return BandConfig(strategy="random", seed=seed, **tokens), "irdro" if arm == "irdro" else "uniform"
-    if arm == "weighted":  # offline IR-DRO: weights over the random sample, from its scored losses
+    if name in ("random", "irdro"):
+        return BandConfig(strategy="random", seed=seed, **tokens), "irdro" if name == "irdro" else "uniform"
+    if name == "weighted":  # offline IR-DRO: weights over the random sample, from its scored losses
         band = BandConfig(strategy="random", seed=seed, weights=True, kl_reg=cfg.train.kl_reg, **tokens)
         return band, "weighted"
-    if arm in ("top", "bottom"):
-        return BandConfig(strategy=arm, **tokens), "uniform"
-    if arm == "midranking":
-        return midranking_band(cfg), "uniform"
-    if arm == "random_length_matched":
+    if name in ("top", "bottom"):
+        return BandConfig(strategy=name, **tokens, **by_key), "uniform"
+    if name == "midranking":
+        return midranking_band(cfg, key), "uniform"
+    if name == "random_length_matched":
         return BandConfig(
-            strategy="length_matched", match=midranking_band(cfg).resolved_name(), seed=seed
+            strategy="length_matched", match=midranking_band(cfg, key).resolved_name(), seed=seed
         ), "uniform"
-    if arm == "all":
+    if name == "all":
         return BandConfig(strategy="all", measure="tokens"), "uniform"
-    return BandConfig(strategy=arm), "uniform"  # a peer's preset band
+    return BandConfig(strategy=name, **by_key), "uniform"  # a peer's preset band
 
 
-def midranking_band(cfg: Config) -> BandConfig:
-    return BandConfig(strategy="midranking", skip=cfg.compare.skip, keep=cfg.compare.keep, measure="tokens")
+def midranking_band(cfg: Config, key: str = "") -> BandConfig:
+    c = cfg.compare
+    return BandConfig(
+        strategy="midranking", skip=c.skip, keep=c.keep, measure="tokens", rank_by=key or "loss"
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -124,10 +129,11 @@ def plan_arms(cfg: Config) -> list[Arm]:
 
 
 def select_sets(cfg: Config, arms: list[Arm]) -> dict[str, BandManifest]:
-    """Select every arm's training set (the MidRanking band first: length-matched samples match it)."""
-    bands = {a.band.resolved_name(): a.band for a in arms}
-    if any(a.arm == "random_length_matched" for a in arms):
-        bands = {midranking_band(cfg).resolved_name(): midranking_band(cfg)} | bands
+    """Select every arm's training set (the MidRanking bands first: length-matched samples match them)."""
+    matched = [
+        midranking_band(cfg, a.arm.partition(".")[2]) for a in arms if a.band.strategy == "length_matched"
+    ]
+    bands = {b.resolved_name(): b for b in matched} | {a.band.resolved_name(): a.band for a in arms}
     select.run(dataclasses.replace(cfg, select=SelectConfig(bands=tuple(bands.values()))))
     layout = Layout(cfg.out_dir)
     return {name: BandManifest.read(layout.band(name).manifest) for name in bands}

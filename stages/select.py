@@ -33,10 +33,19 @@ from pipeline.config import (
 from pipeline.layout import Layout, part_files, part_path
 from pipeline.locks import lock
 from pipeline.log import get_logger
-from pipeline.outputs import BandManifest, Counts, LossRange, Positions, SourceCount, SourceMix
+from pipeline.outputs import (
+    BandManifest,
+    Counts,
+    LossRange,
+    Positions,
+    RankKeyRange,
+    SourceCount,
+    SourceMix,
+)
 from pipeline.records import ReadStats, record_digest, record_id, sample_text
-from pipeline.scores import check_corpus_unchanged, common_provenance, score_files
-from pipeline.selection import Band, band_for, irdro_weight_expr, length_matched, select
+from pipeline.rank_keys import LengthCurve, check_key_columns, estimate_curves, key_expr
+from pipeline.scores import check_corpus_unchanged, common_provenance, scan_scores, score_files
+from pipeline.selection import Band, Reason, band_for, irdro_weight_expr, length_matched, select
 from pipeline.sharding import ShardPlan, plan_shards, shard_records
 
 
@@ -58,30 +67,59 @@ def band_of(cfg: BandConfig, total_tokens: int) -> tuple[Band, str]:
     return band_for(cfg.strategy, skip=cfg.skip, keep=keep, low=cfg.low, high=cfg.high), measure
 
 
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Every sample with `kept`, `reason` (its rank key's column and `weight` when there are),
+    as a lazy query, and the length curves length_adjusted was measured against."""
+
+    rows: pl.LazyFrame
+    curves: dict[str, LengthCurve] | None = None
+
+
 def decide(
-    scores: pl.LazyFrame, cfg: BandConfig, total_tokens: int, reference: np.ndarray | None = None
-) -> pl.LazyFrame:
-    """Every sample with `kept`, `reason` (and `weight`), as a lazy query: the band's ends are
-    fixed here once, and each shard is then decided on its own. `reference`: the lengths a
-    length_matched sample matches."""
+    scores: pl.LazyFrame, cfg: BandConfig, where: str, reference: np.ndarray | None = None
+) -> Decision:
+    """The band's ends are fixed here once, and each shard is then decided on its own. Samples
+    under min_tokens are rejected as too_short before anything is ranked or sampled; the shares
+    (and the length curve) count the rest. `reference`: the lengths a length_matched sample
+    matches; `where`: the scores, for errors."""
+    ranked = scores.filter(pl.col("n_tokens") >= cfg.min_tokens) if cfg.min_tokens else scores
+    if cfg.min_tokens and ranked.select(pl.len()).collect().item() == 0:
+        raise ConfigError(
+            f"select.bands: {cfg.resolved_name()}: no scored sample has min_tokens={cfg.min_tokens} tokens; lower it"
+        )
+    check_key_columns(ranked, cfg.rank_by, where)
+    curves = None
+    if cfg.rank_by == "length_adjusted":
+        curves = estimate_curves(ranked, by_source=cfg.adjust_by_source)
+    if cfg.rank_by != "loss":
+        ranked = ranked.with_columns(key_expr(cfg.rank_by, curves).alias(cfg.rank_by))
     if cfg.strategy == "length_matched":
-        decided, _, short = length_matched(scores, reference, cfg.seed)
+        decided, _, short = length_matched(ranked, reference, cfg.seed)
         if short:
             get_logger().warning(
                 f"{cfg.resolved_name()}: {short} samples short of {cfg.match}'s length distribution "
                 "(too few samples of some lengths in the whole set)"
             )
     else:
+        total_tokens = int(ranked.select(pl.col("n_tokens").cast(pl.Int64).sum()).collect().item())
         band, measure = band_of(cfg, total_tokens)
-        decided = select(scores, band, measure=measure, by_source=cfg.by_source, seed=cfg.seed)
+        decided = select(
+            ranked, band, measure=measure, by_source=cfg.by_source, seed=cfg.seed, key=cfg.rank_by
+        )
     if cfg.weights:
         weight = irdro_weight_expr(decided.filter(pl.col("kept")), cfg.kl_reg)
         decided = decided.with_columns(weight=pl.when(pl.col("kept")).then(weight))
-    return decided
+    if cfg.min_tokens:
+        too_short = scores.filter(pl.col("n_tokens") < cfg.min_tokens).with_columns(
+            kept=pl.lit(False), reason=pl.lit("too_short", dtype=Reason)
+        )
+        decided = pl.concat([decided, too_short], how="diagonal_relaxed")
+    return Decision(decided, curves)
 
 
-def summarize(decided: pl.LazyFrame) -> pl.DataFrame:
-    """Samples, tokens and loss range per (source, kept, reason): what the manifest reports."""
+def summarize(decided: pl.LazyFrame, key: str) -> pl.DataFrame:
+    """Samples, tokens, loss and key range per (source, kept, reason): what the manifest reports."""
     return (
         decided.group_by("source", "kept", "reason")
         .agg(
@@ -89,6 +127,8 @@ def summarize(decided: pl.LazyFrame) -> pl.DataFrame:
             tokens=pl.col("n_tokens").cast(pl.Int64).sum(),
             min_loss=pl.col("loss").min(),
             max_loss=pl.col("loss").max(),
+            min_key=pl.col(key).cast(pl.Float64).min(),
+            max_key=pl.col(key).cast(pl.Float64).max(),
         )
         .collect()
     )
@@ -99,15 +139,17 @@ def source_mix(summary: pl.DataFrame) -> dict[str, SourceCount]:
     return {row["source"]: SourceCount(row["samples"], row["tokens"]) for row in grouped.to_dicts()}
 
 
-def manifest_for(cfg: Config, band_cfg: BandConfig, summary: pl.DataFrame, provenance: dict) -> BandManifest:
+def manifest_for(cfg: Config, band_cfg: BandConfig, band: Pending, provenance: dict) -> BandManifest:
+    summary = band.summary
     kept = summary.filter(pl.col("kept"))
     rejected = summary.filter(~pl.col("kept")).group_by("reason").agg(pl.col("samples").sum())
     if band_cfg.strategy == "length_matched":  # not a band of the ranking: a sample of it, by lengths
         share = int(kept["samples"].sum()) / max(int(summary["samples"].sum()), 1)
         positions = Positions(0.0, share, "random", "samples")
     else:
-        band, measure = band_of(band_cfg, int(summary["tokens"].sum()))
-        positions = Positions(float(band.start), float(band.stop), band.order, measure)
+        ranked_tokens = int(summary.filter(pl.col("reason").ne_missing("too_short"))["tokens"].sum())
+        band_range, measure = band_of(band_cfg, ranked_tokens)
+        positions = Positions(float(band_range.start), float(band_range.stop), band_range.order, measure)
     return BandManifest(
         band=band_cfg.resolved_name(),
         strategy=band_cfg.strategy,
@@ -118,6 +160,8 @@ def manifest_for(cfg: Config, band_cfg: BandConfig, summary: pl.DataFrame, prove
         tokens=Counts(int(summary["tokens"].sum()), int(kept["tokens"].sum())),
         rejected={str(r["reason"]): int(r["samples"]) for r in rejected.sort("reason").to_dicts()},
         per_source=SourceMix(before=source_mix(summary), after=source_mix(kept)),
+        rank_key=RankKeyRange(band_cfg.rank_by, kept["min_key"].min(), kept["max_key"].max()),
+        length_curves=band.decision.curves,
         score_provenance=provenance,
         config=to_dict(cfg),
     )
@@ -152,11 +196,15 @@ def write_part(rows: pl.DataFrame, records: dict, where: Path, shard: int) -> No
 
 @dataclass(frozen=True, slots=True)
 class Pending:
-    """A band to (re)select: its config, every sample's decision (lazy) and the decision's totals."""
+    """A band to (re)select: its config, every sample's decision and the decision's totals."""
 
     config: BandConfig
-    decided: pl.LazyFrame
+    decision: Decision
     summary: pl.DataFrame
+
+    @property
+    def decided(self) -> pl.LazyFrame:
+        return self.decision.rows
 
 
 def reference_lengths(band_cfg: BandConfig, layout: Layout, pending: dict[str, Pending]) -> np.ndarray:
@@ -174,8 +222,14 @@ def reference_lengths(band_cfg: BandConfig, layout: Layout, pending: dict[str, P
     return kept["n_tokens"].to_numpy()
 
 
+def same_parameters(previous: dict, band_cfg: BandConfig) -> bool:
+    """Whether a selected band's recorded parameters are this config's; a field added to
+    BandConfig since it was selected counts as its default."""
+    return {**to_dict(BandConfig()), **previous} == to_dict(band_cfg)
+
+
 def bands_to_select(
-    cfg: Config, layout: Layout, scores: pl.LazyFrame, provenance: dict, total_tokens: int
+    cfg: Config, layout: Layout, scores: pl.LazyFrame, provenance: dict
 ) -> dict[str, Pending]:
     """The bands that are not selected yet (or whose scores changed), each decided and checked; a
     name already holding another selection, or a band that keeps nothing, is an error."""
@@ -185,7 +239,7 @@ def bands_to_select(
         name = band_cfg.resolved_name()
         if layout.band(name).manifest.is_file():
             previous = BandManifest.read(layout.band(name).manifest)
-            if previous.parameters != to_dict(band_cfg):
+            if not same_parameters(previous.parameters, band_cfg):
                 raise ConfigError(
                     f"select.bands: {layout.band(name).dir} holds a different selection; give this band another name"
                 )
@@ -196,15 +250,15 @@ def bands_to_select(
         reference = (
             reference_lengths(band_cfg, layout, pending) if band_cfg.strategy == "length_matched" else None
         )
-        decided = decide(scores, band_cfg, total_tokens, reference)
-        summary = summarize(decided)
+        decision = decide(scores, band_cfg, str(layout.scores_dir), reference)
+        summary = summarize(decision.rows, band_cfg.rank_by)
         kept = summary.filter(pl.col("kept"))
         if kept["samples"].sum() == 0:
-            raise ConfigError(f"select.bands: {name} keeps no sample; widen the band")
-        share = kept["tokens"].sum() / max(total_tokens, 1)
+            raise ConfigError(f"select.bands: {name} keeps no sample; widen the band (or lower min_tokens)")
+        share = kept["tokens"].sum() / max(summary["tokens"].sum(), 1)
         if share < 0.01:
             log.warning(f"{name}: keeps only {share:.2%} of the tokens")
-        pending[name] = Pending(band_cfg, decided, summary)
+        pending[name] = Pending(band_cfg, decision, summary)
     return pending
 
 
@@ -235,7 +289,7 @@ def finish_band(cfg: Config, layout: Layout, name: str, band: Pending, provenanc
     if cfg.select.jsonl:
         frame = pl.read_parquet(part_files(paths.dir))
         frame.select("sample_id", "source", "loss", "text").write_ndjson(paths.jsonl)
-    manifest = manifest_for(cfg, band.config, band.summary, provenance)
+    manifest = manifest_for(cfg, band.config, band, provenance)
     save_config(cfg, paths.dir)
     manifest.write(paths.manifest)
     get_logger().info(
@@ -253,9 +307,8 @@ def run(cfg: Config) -> list[Path]:
         files = score_files(layout)
         provenance = common_provenance(files)
         check_corpus_unchanged(layout, plan, provenance)
-        scores = pl.scan_parquet(files)
-        total_tokens = int(scores.select(pl.col("n_tokens").sum()).collect().item())
-        pending = bands_to_select(cfg, layout, scores, provenance, total_tokens)
+        scores = scan_scores(files)
+        pending = bands_to_select(cfg, layout, scores, provenance)
         if pending:
             write_bands(cfg, layout, plan, pending)
             for name, band in pending.items():
