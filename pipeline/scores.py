@@ -54,6 +54,9 @@ SCORE_SCHEMA = pa.schema(
 )
 
 
+SCORE_POLARS_SCHEMA = pl.from_arrow(SCORE_SCHEMA.empty_table()).schema
+
+
 def make_provenance(cfg: Config, plan: ShardPlan) -> dict[str, Any]:
     """What decides the numbers a scorer writes (`key`), and where they came from."""
     # here, not at the top: select and inspect read score files and need no torch
@@ -155,8 +158,9 @@ def conform(table: pa.Table) -> pa.Table:
 
 
 def scan_scores(files: list[Path]) -> pl.LazyFrame:
-    """The score files as one lazy table; columns a file predates (n_bytes) read as nulls."""
-    return pl.scan_parquet(files, missing_columns="insert")
+    """The score files as one lazy table; columns a file predates (n_bytes) read as nulls, in
+    whichever order old and new files come."""
+    return pl.scan_parquet(files, schema=SCORE_POLARS_SCHEMA, missing_columns="insert")
 
 
 COUNTS = ("rows", "records", "samples", "tokens", "seconds")

@@ -32,7 +32,7 @@ from pipeline.plots import Panel, plot_histograms, plot_loss_vs_length
 from pipeline.readers import InputError
 from pipeline.records import CorpusError, ReadStats, record_id, sample_text
 from pipeline.report import render_report
-from pipeline.scores import check_corpus_unchanged, common_provenance, score_files
+from pipeline.scores import check_corpus_unchanged, common_provenance, scan_scores, score_files
 from pipeline.sharding import plan_shards, shard_records
 
 LOSS = pl.col("loss")
@@ -207,7 +207,7 @@ def up_to_date(paths: ReportPaths, inputs_key: str) -> ReportSummary | None:
 def load_scores(cfg: Config, layout: Layout) -> tuple[pl.LazyFrame, dict[str, Any]]:
     """The score set (the columns the report reads) and its provenance; an empty set is an error."""
     files = score_files(layout)
-    scores = pl.scan_parquet(files).select(EXAMPLE_COLUMNS)
+    scores = scan_scores(files).select(EXAMPLE_COLUMNS)
     if scores.select(pl.len()).collect().item() == 0:
         raise NoScoresError(
             f"{layout.scores_dir} holds no scored samples (every row skipped?); nothing to inspect"

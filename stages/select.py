@@ -42,8 +42,8 @@ from pipeline.outputs import (
     SourceCount,
     SourceMix,
 )
-from pipeline.records import ReadStats, record_digest, record_id, sample_text
 from pipeline.rank_keys import LengthCurve, check_key_columns, estimate_curves, key_expr
+from pipeline.records import ReadStats, record_digest, record_id, sample_text
 from pipeline.scores import check_corpus_unchanged, common_provenance, scan_scores, score_files
 from pipeline.selection import Band, Reason, band_for, irdro_weight_expr, length_matched, select
 from pipeline.sharding import ShardPlan, plan_shards, shard_records
