@@ -286,10 +286,13 @@ class RunMetrics(JsonRecord):
 class ReportBand:
     name: str
     interval: list[float] | None
-    """[low, high] loss kept, when the band is one interval of the whole corpus (by loss, global)."""
+    """[low, high] of the key kept, when the band is one interval of the whole corpus (ranked,
+    global)."""
     manifest: BandExcerpt
     examples: list[dict[str, Any]]
-    """Regions ({region, rows}) of example samples, lowest loss first."""
+    """Regions ({region, rows}) of example samples, lowest key first."""
+    key: str = "loss"
+    """What the band ranked by."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -75,22 +75,48 @@ def plot_loss_vs_length(
     path: Path,
     *,
     bands: dict[str, tuple[float, float]],
+    curve: tuple[np.ndarray, np.ndarray] | None = None,
+    kept: np.ndarray | None = None,
+    adjusted_band: tuple[float, float] | None = None,
+    title: str = "loss against length",
 ) -> Path:
     """Sample counts over (length in tokens, loss), log colour scale, with each band's loss
-    interval drawn across: a band that sits in one corner is really a length filter."""
+    interval drawn across: a band that sits in one corner is really a length filter. `curve`:
+    the expected loss at each length (lengths, losses); `kept`: one band's kept counts on the same
+    grid, drawn over the whole; `adjusted_band`: a length_adjusted band's kept key range, drawn
+    as the curve shifted by its two ends."""
     fig, ax = plt.subplots(figsize=(7.5, 5))
     grid = np.ma.masked_equal(counts.T, 0)
-    mesh = ax.pcolormesh(token_edges, loss_edges, grid, norm=LogNorm(vmin=1, vmax=max(1, counts.max())))
+    cmap = "Greys" if kept is not None else None
+    mesh = ax.pcolormesh(
+        token_edges, loss_edges, grid, norm=LogNorm(vmin=1, vmax=max(1, counts.max())), cmap=cmap
+    )
     fig.colorbar(mesh, ax=ax, label="samples")
+    if kept is not None:
+        ax.pcolormesh(
+            token_edges,
+            loss_edges,
+            np.ma.masked_equal(kept.T, 0),
+            norm=LogNorm(vmin=1, vmax=max(1, counts.max())),
+            cmap="Oranges",
+        )
+        ax.plot([], [], "s", color=KEPT_COLOR, label="kept (same colour scale)")
     ax.set_xscale("log")
     ax.set_xlabel("length (scored tokens)")
     ax.set_ylabel("loss (nats/token)")
+    ax.set_ylim(loss_edges[0], loss_edges[-1])
     for (name, (low, high)), color in zip(bands.items(), BAND_COLORS * len(bands), strict=False):
         ax.axhline(low, color=color, linestyle="--", linewidth=1.2, label=name)
         ax.axhline(high, color=color, linestyle="--", linewidth=1.2)
-    if bands:
+    if curve is not None:
+        ax.plot(*curve, color="black", linewidth=1.6, label="expected loss at that length (median)")
+        if adjusted_band is not None:
+            for shift in adjusted_band:
+                ax.plot(curve[0], curve[1] + shift, color=CUT_COLOR, linestyle="--", linewidth=1.2)
+            ax.plot([], [], color=CUT_COLOR, linestyle="--", label="band cut-offs")
+    if bands or curve is not None or kept is not None:
         ax.legend(fontsize=8, loc="upper right")
-    ax.set_title("loss against length")
+    ax.set_title(title)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -49,6 +49,8 @@ def length_edges(max_tokens: int, bins: int = LENGTH_BINS) -> np.ndarray:
 
 def length_bin(edges: np.ndarray) -> pl.Expr:
     """Each sample's bin index over `edges` (UInt32): how many inner edges its length reaches."""
+    if len(edges) <= 2:  # one bin
+        return pl.lit(0, dtype=pl.UInt32)
     return pl.sum_horizontal([(pl.col("n_tokens") >= int(e)).cast(pl.UInt32) for e in edges[1:-1]])
 
 

@@ -43,7 +43,7 @@ def _share(part: int, whole: int) -> str:
     return f"{part / whole:.1%}" if whole else "-"
 
 
-def _examples(regions: list[dict[str, Any]]) -> str:
+def _examples(regions: list[dict[str, Any]], key: str = "loss") -> str:
     parts = []
     for region, rows in ((r["region"], r["rows"]) for r in regions):
         parts.append(f"<h4>{escape(region)}</h4>")
@@ -56,12 +56,14 @@ def _examples(regions: list[dict[str, Any]]) -> str:
                 text = '<span class="muted">(text unavailable)</span>'
             else:
                 text = f"<pre>{escape(row['text'])}{'…' if row.get('text_cut') else ''}</pre>"
+            key_cell = f"<td>{row[key]:.3f}</td>" if key != "loss" else ""
             body.append(
-                f"<tr><td>{row['loss']:.3f}</td><td>{row['n_tokens']:,}</td>"
+                f"<tr>{key_cell}<td>{row['loss']:.3f}</td><td>{row['n_tokens']:,}</td>"
                 f'<td class="l">{escape(row["source"])}</td><td class="l">{escape(row["sample_id"])}</td>'
                 f'<td class="l">{text}</td></tr>'
             )
-        head = "".join(f"<th>{h}</th>" for h in ("loss", "tokens", "source", "sample_id", "text"))
+        columns = ([key] if key != "loss" else []) + ["loss", "tokens", "source", "sample_id", "text"]
+        head = "".join(f"<th>{h}</th>" for h in columns)
         parts.append(f"<table><tr>{head}</tr>{''.join(body)}</table>")
     return "\n".join(parts)
 
@@ -77,9 +79,9 @@ def _figures(images: dict[str, str], wanted) -> str:
 def _band_section(band: ReportBand, images: dict[str, str]) -> str:
     m = band.manifest
     where = (
-        f"kept loss {band.interval[0]:.3f} .. {band.interval[1]:.3f} nats/token"
+        f"ranked by {band.key}, kept {band.key} {band.interval[0]:.3f} .. {band.interval[1]:.3f}"
         if band.interval
-        else "not a single loss interval of the whole corpus (random or per-source band)"
+        else f"not a single {band.key} interval of the whole corpus (random or per-source band)"
     )
     totals = table(
         ["", "in", "kept", "kept share"],
@@ -123,7 +125,7 @@ def _band_section(band: ReportBand, images: dict[str, str]) -> str:
         f"<h2>Band {escape(band.name)}</h2><p>strategy {escape(m.strategy)}, positions "
         f"{m.positions.start:g} .. {m.positions.stop:g} of the {escape(m.positions.measure)} "
         f"(from the hardest); {escape(where)}</p>{totals}{rejected}<h3>Mix per source</h3>{mix}{figures}"
-        f"<h3>Examples by region</h3>{_examples(band.examples)}"
+        f"<h3>Examples by region</h3>{_examples(band.examples, band.key)}"
     )
 
 

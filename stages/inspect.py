@@ -29,6 +29,7 @@ from pipeline.locks import lock
 from pipeline.log import get_logger
 from pipeline.outputs import BandExcerpt, BandManifest, OutputError, ReportBand, ReportSummary, to_json
 from pipeline.plots import Panel, plot_histograms, plot_loss_vs_length
+from pipeline.rank_keys import ALL_SOURCES, estimate_curves, key_expr
 from pipeline.readers import InputError
 from pipeline.records import CorpusError, ReadStats, record_id, sample_text
 from pipeline.report import render_report
@@ -37,6 +38,8 @@ from pipeline.sharding import plan_shards, shard_records
 
 LOSS = pl.col("loss")
 EXAMPLE_COLUMNS = ("sample_id", "shard", "source", "loss", "n_tokens", "char_start", "char_end")
+# what the rank keys are derived from
+KEY_COLUMNS = ("nll_sum", "n_bytes")
 
 
 def source_table(scores: pl.LazyFrame, top_decile: float) -> list[dict[str, Any]]:
@@ -64,29 +67,46 @@ class DrawnBand:
 
     manifest: BandManifest
     kept: pl.LazyFrame
+    key: str
+    """The column the band ranked by: loss, bits_per_byte or length_adjusted."""
     interval: tuple[float, float] | None
-    """The band's loss interval when it is one (a global band by loss), else None."""
+    """The band's interval of its key when it is one (a global band by rank), else None."""
     source_intervals: dict[str, tuple[float, float]]
 
     @property
     def name(self) -> str:
         return self.manifest.band
 
+    @property
+    def value(self) -> pl.Expr:
+        return pl.col(self.key)
+
+    def ranked(self, scores: pl.LazyFrame) -> pl.LazyFrame:
+        """The samples the band ranked (min_tokens and over), with its key's column: the key is
+        recomputed from the curves its manifest records."""
+        ranked = scores.filter(pl.col("n_tokens") >= self.manifest.parameters.get("min_tokens", 0))
+        if self.key == "loss":
+            return ranked
+        return ranked.with_columns(key_expr(self.key, self.manifest.length_curves).alias(self.key))
+
 
 def load_band(layout: Layout, name: str) -> DrawnBand:
     manifest = BandManifest.read(layout.band(name).manifest)
     kept = pl.scan_parquet(part_files(layout.band(name).dir))
-    by_loss = manifest.positions.order == "loss"
+    key = manifest.rank_key.key if manifest.rank_key else "loss"
+    ranks = manifest.positions.order == "loss"  # not a random sample
     per_source = (
-        kept.group_by("source").agg(low=LOSS.min(), high=LOSS.max()).collect()
-        if by_loss
+        kept.group_by("source").agg(low=pl.col(key).min(), high=pl.col(key).max()).collect()
+        if ranks
         else pl.DataFrame({"source": [], "low": [], "high": []})
     )
-    interval = (manifest.loss_thresholds.min_kept, manifest.loss_thresholds.max_kept)
+    kept_range = manifest.rank_key or manifest.loss_thresholds
+    interval = (kept_range.min_kept, kept_range.max_kept)
     return DrawnBand(
         manifest,
         kept,
-        interval if by_loss and not manifest.by_source else None,
+        key,
+        interval if ranks and not manifest.by_source else None,
         {r["source"]: (r["low"], r["high"]) for r in per_source.to_dicts()}
         if manifest.by_source
         else dict.fromkeys(per_source["source"].to_list(), interval),
@@ -94,27 +114,33 @@ def load_band(layout: Layout, name: str) -> DrawnBand:
 
 
 def example_regions(scores: pl.LazyFrame, band: DrawnBand | None, k: int) -> dict[str, pl.LazyFrame]:
-    """The rows to show, by region, lowest loss first: the bottom is boilerplate, the top noise."""
-    lowest = scores.bottom_k(k, by=["loss", "sample_id"])
-    highest = scores.top_k(k, by=["loss", "sample_id"])
+    """The rows to show, by region, lowest first (by the band's key, else loss): the bottom is
+    boilerplate, the top noise."""
     if band is None:
+        lowest = scores.bottom_k(k, by=["loss", "sample_id"])
+        highest = scores.top_k(k, by=["loss", "sample_id"])
         median = scores.select(LOSS.median()).collect().item()
         return {
             "lowest loss": lowest,
             "median": scores.filter(LOSS >= median).bottom_k(k, by="loss"),
             "highest loss": highest,
         }
-    median = band.kept.select(LOSS.median()).collect().item()
-    inside = band.kept.filter(LOSS >= median).bottom_k(k, by="loss").select(EXAMPLE_COLUMNS)
+    key, value = band.key, band.value
+    ranked = band.ranked(scores)
+    lowest = ranked.bottom_k(k, by=[key, "sample_id"])
+    highest = ranked.top_k(k, by=[key, "sample_id"])
+    median = band.kept.select(value.median()).collect().item()
+    columns = list(dict.fromkeys([*EXAMPLE_COLUMNS, key]))
+    inside = band.kept.filter(value >= median).bottom_k(k, by=key).select(columns)
     if band.interval is None:
-        return {"lowest loss": lowest, "kept (around its median)": inside, "highest loss": highest}
+        return {f"lowest {key}": lowest, "kept (around its median)": inside, f"highest {key}": highest}
     low, high = band.interval
     return {
-        "lowest loss": lowest,
-        "just below the band": scores.filter(LOSS < low).top_k(k, by="loss"),
+        f"lowest {key}": lowest,
+        "just below the band": ranked.filter(value < low).top_k(k, by=key),
         "inside the band (around its median)": inside,
-        "just above the band": scores.filter(LOSS > high).bottom_k(k, by="loss"),
-        "highest loss": highest,
+        "just above the band": ranked.filter(value > high).bottom_k(k, by=key),
+        f"highest {key}": highest,
     }
 
 
@@ -153,17 +179,20 @@ def panels_for(
     edges: np.ndarray,
     band: DrawnBand | None,
     sources: list[str],
+    value: pl.Expr = LOSS,
 ) -> list[Panel]:
-    """The whole corpus's counts (overall, per source) with a band's kept counts drawn over them."""
+    """The corpus's counts of `value` (overall, per source) with a band's kept counts drawn over
+    them, and its cut-offs when it is an interval of `value`."""
     everything, by_source = corpus
     kept_all = kept_by_source = None
     if band is not None:
-        kept_all = histogram(band.kept, LOSS, edges)
-        kept_by_source = histogram(band.kept, LOSS, edges, by="source")
+        kept_all = histogram(band.kept, value, edges)
+        kept_by_source = histogram(band.kept, value, edges, by="source")
+    cuts = band is not None and band.key == value.meta.output_name()
     zeros = np.zeros(len(edges) - 1, dtype=np.int64)
-    panels = [Panel("all sources", everything, kept_all, band and band.interval)]
+    panels = [Panel("all sources", everything, kept_all, band.interval if cuts else None)]
     for source in sources:
-        interval = band.source_intervals.get(source) if band else None
+        interval = band.source_intervals.get(source) if cuts else None
         kept = kept_by_source.get(source, zeros) if kept_by_source is not None else None
         panels.append(Panel(source, by_source.get(source, zeros), kept, interval))
     return panels
@@ -187,7 +216,8 @@ def terminal_summary(summary: ReportSummary) -> None:
     for band in summary.bands:
         samples, tokens = band.manifest.samples, band.manifest.tokens
         interval = band.interval
-        where = f"loss {interval[0]:.3f}..{interval[1]:.3f}" if interval else "not a single loss interval"
+        key = band.key
+        where = f"{key} {interval[0]:.3f}..{interval[1]:.3f}" if interval else f"not a single {key} interval"
         log.info(
             f"  band {band.name}: {where}; kept {samples.kept:,}/{samples.total:,} samples "
             f"({samples.kept / samples.total:.1%}), {tokens.kept:,}/{tokens.total:,} "
@@ -207,7 +237,7 @@ def up_to_date(paths: ReportPaths, inputs_key: str) -> ReportSummary | None:
 def load_scores(cfg: Config, layout: Layout) -> tuple[pl.LazyFrame, dict[str, Any]]:
     """The score set (the columns the report reads) and its provenance; an empty set is an error."""
     files = score_files(layout)
-    scores = scan_scores(files).select(EXAMPLE_COLUMNS)
+    scores = scan_scores(files).select(*EXAMPLE_COLUMNS, *KEY_COLUMNS)
     if scores.select(pl.len()).collect().item() == 0:
         raise NoScoresError(
             f"{layout.scores_dir} holds no scored samples (every row skipped?); nothing to inspect"
@@ -225,8 +255,12 @@ def selected_bands(cfg: Config, layout: Layout) -> list[DrawnBand]:
     return bands
 
 
+KEY_UNITS = {"bits_per_byte": "bits/byte", "length_adjusted": "nats/token above the expected loss"}
+
+
 def draw_figures(scores: pl.LazyFrame, bands: list[DrawnBand], icfg, sources: list[str], work: Path) -> dict:
-    """The loss (and perplexity) histograms per band and the loss-vs-length map -> {file: caption}."""
+    """The loss (and perplexity) histograms per band, the key histogram of a band ranked by
+    another key, and loss against length -> {file: caption}."""
     edges = uniform_edges(*value_range(scores, LOSS), icfg.bins)
     corpus_counts = (histogram(scores, LOSS, edges), histogram(scores, LOSS, edges, by="source"))
     images: dict[str, str] = {}
@@ -245,13 +279,51 @@ def draw_figures(scores: pl.LazyFrame, bands: list[DrawnBand], icfg, sources: li
                 ppl_panels, np.exp(edges), work / name, xlabel="perplexity", title=title, log_x=True
             )
             images[name] = f"Perplexity per sample (log axis), {title}"
+        if band is not None and band.key != "loss":
+            images |= draw_key_histogram(scores, band, icfg, sources, work)
     length = pl.col("n_tokens").cast(pl.Float64).log10()
     length_edges = uniform_edges(*value_range(scores, length), icfg.bins)
     counts = histogram_2d(scores, length, length_edges, LOSS, edges)
-    intervals = {b.name: b.interval for b in bands if b.interval is not None}
-    plot_loss_vs_length(counts, 10**length_edges, edges, work / "loss_vs_length.png", bands=intervals)
-    images["loss_vs_length.png"] = "Loss against length (scored tokens)"
+    grid = (10**length_edges, edges)
+    curve = estimate_curves(scores, by_source=False)[ALL_SOURCES]
+    xs = np.geomspace(grid[0][0], grid[0][-1], 200)
+    drawn_curve = (xs, curve.at(xs))
+    intervals = {b.name: b.interval for b in bands if b.interval is not None and b.key == "loss"}
+    plot_loss_vs_length(counts, *grid, work / "loss_vs_length.png", bands=intervals, curve=drawn_curve)
+    images["loss_vs_length.png"] = (
+        "Loss against length (scored tokens), with the median loss at each length (rank_by=length_adjusted "
+        "subtracts it) and the bands ranked by loss"
+    )
+    for band in bands:
+        if band.key == "loss":
+            continue
+        kept = histogram_2d(band.kept, length, length_edges, LOSS, edges)
+        own = (band.manifest.length_curves or {}).get(ALL_SOURCES)
+        name = f"loss_vs_length-{band.name}.png"
+        plot_loss_vs_length(
+            counts,
+            *grid,
+            work / name,
+            bands={},
+            curve=(xs, own.at(xs)) if own else drawn_curve,
+            kept=kept,
+            adjusted_band=band.interval if own and band.key == "length_adjusted" else None,
+            title=f"loss against length, band {band.name}",
+        )
+        images[name] = f"Where band {band.name} (ranked by {band.key}) falls in (length, loss)"
     return images
+
+
+def draw_key_histogram(scores: pl.LazyFrame, band: DrawnBand, icfg, sources: list[str], work: Path) -> dict:
+    """The band's key over the samples it ranked, with what it kept and its cut-offs."""
+    ranked = band.ranked(scores)
+    edges = uniform_edges(*value_range(ranked, band.value), icfg.bins)
+    counts = (histogram(ranked, band.value, edges), histogram(ranked, band.value, edges, by="source"))
+    name = f"key_hist-{band.name}.png"
+    xlabel = f"{band.key} ({KEY_UNITS[band.key]})"
+    title = f"band {band.name}: ranked by {band.key}"
+    plot_histograms(panels_for(counts, edges, band, sources, band.value), edges, work / name, xlabel=xlabel, title=title)
+    return {name: f"{band.key} per ranked sample, {title}"}
 
 
 def examples_by_band(
@@ -262,7 +334,13 @@ def examples_by_band(
         (
             band,
             [
-                {"region": r, "rows": f.sort("loss", "sample_id").collect().to_dicts()}
+                {
+                    "region": r,
+                    "rows": f.drop(KEY_COLUMNS, strict=False)
+                    .sort(band.key if band else "loss", "sample_id")
+                    .collect()
+                    .to_dicts(),
+                }
                 for r, f in example_regions(scores, band, cfg.inspect.examples).items()
             ],
         )
@@ -300,6 +378,7 @@ def build_summary(
                 None if band.interval is None else list(band.interval),
                 BandExcerpt.of(band.manifest),
                 regions,
+                band.key,
             )
             for band, regions in regions_per_band
             if band is not None

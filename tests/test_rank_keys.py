@@ -1,0 +1,300 @@
+"""Rank keys and min_tokens against independent computations: bits per byte from the text and a
+direct forward pass, the length curve and length_adjusted in plain Python, and every strategy with
+every key against a brute-force sort."""
+
+import itertools
+import json
+import math
+import random
+import statistics
+from fractions import Fraction
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.artifacts import ProvenanceError
+from pipeline.config import BandConfig, ConfigError, load_config
+from pipeline.outputs import BandManifest, from_json, to_json
+from pipeline.rank_keys import LengthCurve, key_expr
+from pipeline.records import Record
+from pipeline.samples import SamplePolicy, make_samples
+from stages import inspect, score, select
+from stages.select import decide
+from tests.helpers import write_config
+from tests.test_selection import brute_force, exact_ends
+
+UNICODE_TEXTS = [
+    "Café au lait, naïve résumé — déjà vu.",
+    "日本語のテキストとデータ。",
+    "mixed: the cat 🐈 sat on the mat 🧶 while data flows",
+    "plain ascii text about models that learn from text at night",
+    "Ωμέγα and ß and ø, the cat sat on a mat",
+    "x",
+    "the the the the the the the the the",
+]
+
+
+def direct_bits_per_byte(model, tokenizer, text: str) -> float:
+    """BOS + the whole text through the model in float32: summed NLL of every text token over
+    the UTF-8 bytes of the text, in bits."""
+    ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum")
+    return float(nll) / (math.log(2) * len(text.encode("utf-8")))
+
+
+def test_bits_per_byte_equals_a_direct_computation_from_the_text(tmp_path, tiny_model_dir):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t, "source": "s"}) + "\n" for t in UNICODE_TEXTS))
+    cfg = load_config(write_config(tmp_path, corpus, tiny_model_dir))
+    score.run(cfg)
+    scores = pl.read_parquet(tmp_path / "out" / "scores" / "part-*.parquet")
+    scores = scores.with_columns(key_expr("bits_per_byte").alias("bpb")).sort("sample_id")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    by_id = {f"corpus.jsonl:{i}": t for i, t in enumerate(UNICODE_TEXTS)}
+    assert scores.height == len(UNICODE_TEXTS)
+    for row in scores.iter_rows(named=True):
+        text = by_id[row["sample_id"]]
+        assert row["n_bytes"] == len(text.encode("utf-8"))
+        assert row["bpb"] == pytest.approx(direct_bits_per_byte(model, tokenizer, text), rel=1e-4)
+
+
+def test_n_bytes_of_a_response_is_its_utf8_bytes(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    record = Record("r:0", "s", "Réponse: 日本 🐈 ok", prompt="Question?")
+    policy = SamplePolicy(max_tokens=512, bos_id=tokenizer.bos_token_id, prompt_format="plain")
+    (sample,), _ = make_samples(record, tokenizer, policy)
+    assert sample.n_bytes == len(record.text.encode("utf-8"))
+    whole = SamplePolicy(
+        max_tokens=512, bos_id=tokenizer.bos_token_id, prompt_format="plain", score_prompt=True
+    )
+    (sample,), _ = make_samples(record, tokenizer, whole)
+    assert sample.n_bytes == len("Question?\n\nRéponse: 日本 🐈 ok".encode())
+
+
+# -- length_adjusted in plain Python ----------------------------------------------------------------
+
+
+def brute_curve(rows, min_samples=50, bins=32):
+    """(lengths, losses) of the curve, from its definition: 32 log-spaced integer edges from 1 to
+    max + 1, bins merged low lengths first until each holds min_samples (a short remainder joins
+    the last), median length and median loss per bin."""
+    longest = max(r["n_tokens"] for r in rows)
+    edges = sorted({int(x) for x in np.geomspace(1, longest + 1, bins + 1)})
+    groups, current = [], []
+    for low, high in itertools.pairwise(edges):
+        current += [r for r in rows if low <= r["n_tokens"] < high]
+        if len(current) >= min_samples:
+            groups.append(current)
+            current = []
+    if current:
+        if groups:
+            groups[-1] += current
+        else:
+            groups.append(current)
+    lengths = [statistics.median(r["n_tokens"] for r in g) for g in groups]
+    losses = [statistics.median(r["loss"] for r in g) for g in groups]
+    return lengths, losses
+
+
+def interpolate(lengths, losses, n):
+    x, xs = math.log(n), [math.log(v) for v in lengths]
+    if x <= xs[0]:
+        return losses[0]
+    for x0, x1, y0, y1 in zip(xs, xs[1:], losses, losses[1:], strict=False):
+        if x <= x1:
+            return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+    return losses[-1]
+
+
+def brute_keys(rows, key, by_source=False):
+    """{sample_id: key} from each key's definition."""
+    if key == "loss":
+        return {r["sample_id"]: r["loss"] for r in rows}
+    if key == "bits_per_byte":
+        return {r["sample_id"]: r["nll_sum"] / (math.log(2) * r["n_bytes"]) for r in rows}
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["source"] if by_source else "", []).append(r)
+    values = {}
+    for group in groups.values():
+        curve = brute_curve(group)
+        values |= {r["sample_id"]: r["loss"] - interpolate(*curve, r["n_tokens"]) for r in group}
+    return values
+
+
+@pytest.fixture
+def rows():
+    """Scores with lengths spread over 1..600 (many short), loss falling with length plus noise,
+    sources of their own loss level, and bytes per token varying per sample."""
+    rng = random.Random(5)
+    out = []
+    for i in range(1500):
+        source = rng.choice(["web", "code", "books"])
+        n = max(1, int(math.exp(rng.uniform(0, math.log(600)))))
+        loss = 2.5 + 3.0 / math.sqrt(n) + {"web": 0.5, "code": -0.6, "books": 0.0}[source] + rng.gauss(0, 0.4)
+        out.append(
+            {
+                "sample_id": f"c.jsonl:{i}",
+                "source": source,
+                "n_tokens": n,
+                "nll_sum": loss * n,
+                "loss": loss,
+                "n_bytes": n * rng.randint(2, 6),
+            }
+        )
+    return out
+
+
+@pytest.mark.parametrize("by_source", [False, True])
+def test_length_adjusted_equals_brute_force(rows, by_source):
+    cfg = BandConfig(strategy="top", keep=0.2, rank_by="length_adjusted", adjust_by_source=by_source)
+    decision = decide(pl.LazyFrame(rows), cfg, "test")
+    got = dict(decision.rows.select("sample_id", "length_adjusted").collect().iter_rows())
+    expected = brute_keys(rows, "length_adjusted", by_source)
+    assert got.keys() == expected.keys()
+    assert all(got[k] == pytest.approx(v, abs=1e-12) for k, v in expected.items())
+    # the curves as a manifest records them (JSON) give the same key back
+    recorded = from_json(dict[str, LengthCurve], json.loads(json.dumps(to_json(decision.curves))), "test")
+    again = pl.LazyFrame(rows).select("sample_id", key_expr("length_adjusted", recorded).alias("v"))
+    assert dict(again.collect().iter_rows()) == got
+
+
+STRATEGIES = [
+    ("midranking", {"skip": 0.1, "keep": 0.3}),
+    ("band", {"low": 0.3, "high": 0.6}),
+    ("top", {"keep": 0.25}),
+    ("bottom", {"keep": 0.25}),
+    ("all", {}),
+]
+
+
+@pytest.mark.parametrize(("strategy", "params"), STRATEGIES)
+@pytest.mark.parametrize("key", ["loss", "bits_per_byte", "length_adjusted"])
+@pytest.mark.parametrize(("measure", "by_source", "min_tokens"), [("samples", False, 0), ("tokens", True, 6)])
+def test_every_strategy_with_every_key_equals_a_brute_force_sort(
+    rows, strategy, params, key, measure, by_source, min_tokens
+):
+    if strategy == "all" and key != "loss":
+        with pytest.raises(ConfigError, match="rank_by"):
+            BandConfig(strategy=strategy, rank_by=key)
+        return
+    cfg = BandConfig(
+        strategy=strategy, measure=measure, by_source=by_source, min_tokens=min_tokens, rank_by=key, **params
+    )
+    decided = decide(pl.LazyFrame(rows), cfg, "test").rows.collect()
+    ranked = [r for r in rows if r["n_tokens"] >= min_tokens]
+    values = brute_keys(ranked, key)
+    gaps = np.diff(np.sort(np.fromiter(values.values(), dtype=float)))
+    assert gaps[gaps > 0].min() > 1e-9  # no near-tie that rounding could flip
+    expected = brute_force(
+        ranked,
+        exact_ends(strategy, params),
+        measure,
+        by_source,
+        order_key=lambda r: (-values[r["sample_id"]], r["sample_id"]),
+    )
+    assert set(decided.filter(pl.col("kept"))["sample_id"]) == expected
+    short = {r["sample_id"] for r in rows if r["n_tokens"] < min_tokens}
+    assert set(decided.filter(pl.col("reason") == "too_short")["sample_id"]) == short
+    assert decided.height == len(rows)
+
+
+def test_ranking_strategies_refuse_nothing_but_random_ones_refuse_a_key():
+    for strategy in ("random", "all", "length_matched"):
+        with pytest.raises(ConfigError, match="does not rank"):
+            BandConfig(strategy=strategy, rank_by="bits_per_byte", match="x")
+    with pytest.raises(ConfigError, match="adjust_by_source"):
+        BandConfig(adjust_by_source=True)
+    with pytest.raises(ConfigError, match="min_tokens"):
+        BandConfig(min_tokens=-1)
+
+
+# -- the stage: too_short counted and rejected, old scores, the report ------------------------------
+
+
+TEXTS = [("the cat sat " * (1 + i % 30)).strip() for i in range(60)] + ["x", "a mat", "data"]
+
+
+@pytest.fixture
+def scored(tmp_path, tiny_model_dir):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"text": t, "source": f"s{i % 3}"}) + "\n" for i, t in enumerate(TEXTS))
+    )
+    config = write_config(tmp_path, corpus, tiny_model_dir)
+    score.run(load_config(config))
+    return config
+
+
+BANDS = (
+    "select.bands=[{strategy: midranking, skip: 0.1, keep: 0.4, rank_by: bits_per_byte, min_tokens: 4}, "
+    "{strategy: top, keep: 0.3, rank_by: length_adjusted, measure: tokens}]"
+)
+
+
+def test_too_short_samples_are_rejected_and_counted(scored, tmp_path):
+    cfg = load_config(scored, [BANDS, "select.write_rejected=true"])
+    bpb_band, _ = select.run(cfg)
+    scores = pl.read_parquet(tmp_path / "out" / "scores" / "part-*.parquet")
+    short = set(scores.filter(pl.col("n_tokens") < 4)["sample_id"])
+    assert short  # the corpus holds some
+    manifest = BandManifest.read(bpb_band / "manifest.json")
+    assert manifest.rejected["too_short"] == len(short)
+    assert manifest.samples.total == scores.height
+    rejected = pl.read_parquet(tmp_path / "out" / "rejected" / bpb_band.name / "part-*.parquet")
+    assert set(rejected.filter(pl.col("reason") == "too_short")["sample_id"]) == short
+    kept = pl.read_parquet(bpb_band / "part-*.parquet")
+    ranked = scores.height - len(short)
+    assert kept.height == int(Fraction(ranked) * Fraction("0.5")) - int(Fraction(ranked) * Fraction("0.1"))
+    assert manifest.rank_key.key == "bits_per_byte"
+    assert manifest.rank_key.max_kept == pytest.approx(kept["bits_per_byte"].max())
+
+
+def test_scores_without_n_bytes_rank_by_loss_but_not_by_bits_per_byte(scored, tmp_path, caplog):
+    part = tmp_path / "out" / "scores" / "part-00001.parquet"
+    table = pq.read_table(part)
+    pq.write_table(table.drop(["n_bytes"]).replace_schema_metadata(table.schema.metadata), part)
+    with pytest.raises(ProvenanceError, match="no n_bytes"):
+        select.run(load_config(scored, [BANDS]))
+    (band,) = select.run(
+        load_config(scored, ["select.bands=[{strategy: midranking, rank_by: length_adjusted}]"])
+    )
+    assert pl.read_parquet(band / "part-*.parquet").height > 0
+
+
+def test_a_band_selected_before_rank_keys_existed_is_not_selected_again(scored, caplog):
+    (band,) = select.run(load_config(scored, ["select.bands=[{keep: 0.3}]"]))
+    manifest = json.loads((band / "manifest.json").read_text())
+    for field in ("rank_by", "min_tokens", "adjust_by_source"):
+        del manifest["parameters"][field]
+    del manifest["rank_key"]
+    (band / "manifest.json").write_text(json.dumps(manifest))
+    caplog.clear()
+    select.run(load_config(scored, ["select.bands=[{keep: 0.3}]"]))
+    assert "already selected" in caplog.text
+
+
+def test_report_draws_the_key_and_where_the_band_falls(scored, tmp_path):
+    cfg = load_config(scored, [BANDS])
+    select.run(cfg)
+    report = inspect.run(cfg)
+    summary = json.loads((report / "summary.json").read_text())
+    names = [b["name"] for b in summary["bands"]]
+    for name in names:
+        assert (report / f"key_hist-{name}.png").stat().st_size > 5000
+        assert (report / f"loss_vs_length-{name}.png").stat().st_size > 5000
+    bpb = summary["bands"][0]
+    assert bpb["key"] == "bits_per_byte"
+    for region in bpb["examples"]:
+        values = [r["bits_per_byte"] for r in region["rows"]]
+        assert values == sorted(values)
+        assert all(r["n_tokens"] >= 4 for r in region["rows"])
+    html = (report / "index.html").read_text()
+    assert "ranked by bits_per_byte" in html and f"key_hist-{names[1]}.png" in html
