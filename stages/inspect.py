@@ -322,7 +322,9 @@ def draw_key_histogram(scores: pl.LazyFrame, band: DrawnBand, icfg, sources: lis
     name = f"key_hist-{band.name}.png"
     xlabel = f"{band.key} ({KEY_UNITS[band.key]})"
     title = f"band {band.name}: ranked by {band.key}"
-    plot_histograms(panels_for(counts, edges, band, sources, band.value), edges, work / name, xlabel=xlabel, title=title)
+    plot_histograms(
+        panels_for(counts, edges, band, sources, band.value), edges, work / name, xlabel=xlabel, title=title
+    )
     return {name: f"{band.key} per ranked sample, {title}"}
 
 
