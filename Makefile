@@ -110,6 +110,8 @@ bench-smoke: $(STAMP) tiny
 		--corpus data/corpus-tiny/train.jsonl --docs 4 --memory-scale 2
 	$(PY) bench/bench_split_context.py --model data/models/tiny --corpus data/corpus-tiny/train.jsonl \
 		--docs 2 --min-tokens 100 --max-tokens 64 --contexts 1,16,48
+	$(PY) bench/bench_rank_keys.py --config configs/tiny.yaml --corpus data/corpus-tiny/train.jsonl \
+		--out runs/bench-rank-keys-tiny --real 40 --short 20 --garbage 6
 
 quality: $(STAMP)
 	$(VENV)/bin/ruff check .

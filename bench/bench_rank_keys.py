@@ -1,0 +1,183 @@
+"""Which rank key drops garbage, not short documents? Real documents of widely varied length (many
+very short ones among them) mixed with garbage of several kinds, scored by the reference model;
+the top 10% by each key (what MidRanking drops) is then read for garbage caught and for the
+lengths of the real documents in it.
+
+    .venv/bin/python bench/bench_rank_keys.py                      # the embedded corpus and model
+    .venv/bin/python bench/bench_rank_keys.py --config configs/tiny.yaml --corpus data/corpus-tiny/train.jsonl \
+        --real 40 --short 20 --garbage 6                           # a seconds-long smoke
+
+Real documents: `--real` documents drawn from the corpus, and `--short` very short real texts
+(the first line of other documents, cut to 1-12 words: headings, one-liners). Garbage, `--garbage`
+of each kind, each as long as a real document drawn at random (so garbage spans every length),
+given the source of a real document (contamination sits inside sources):
+- random_chars: uniformly random printable ASCII;
+- shuffled_words: a real document's words in random order;
+- base64: an encoded binary blob;
+- char_noise: a real document with a quarter of its letters replaced at random (OCR noise);
+- repeated_line: one real line repeated (garbage of low loss: no top band can catch it).
+Scored through the `score` stage (the config's model, max_tokens and dtype) into `--out`, then
+ranked with the select stage's own `decide` for each key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import random
+import string
+import sys
+from pathlib import Path
+
+import polars as pl
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import BandConfig, load_config  # noqa: E402
+from pipeline.layout import Layout  # noqa: E402
+from pipeline.scores import scan_scores, score_files  # noqa: E402
+from stages import score  # noqa: E402
+from stages.select import decide  # noqa: E402
+
+KINDS = ("random_chars", "shuffled_words", "base64", "char_noise", "repeated_line")
+KEYS = {
+    "loss": {},
+    "loss, min_tokens 8": {"min_tokens": 8},
+    "bits_per_byte": {"rank_by": "bits_per_byte"},
+    "length_adjusted": {"rank_by": "length_adjusted"},
+    "length_adjusted by source": {"rank_by": "length_adjusted", "adjust_by_source": True},
+}
+DROP = 0.1  # the top share MidRanking drops
+
+
+def garbage(kind: str, length: int, donor: str, rng: random.Random) -> str:
+    if kind == "random_chars":
+        alphabet = string.ascii_letters + string.digits + string.punctuation + " " * 8
+        return "".join(rng.choice(alphabet) for _ in range(length))
+    if kind == "shuffled_words":
+        words = donor.split()
+        rng.shuffle(words)
+        return " ".join(words)[:length] or "x"
+    if kind == "base64":
+        blob = base64.b64encode(rng.randbytes(length)).decode()[:length]
+        return "\n".join(blob[i : i + 76] for i in range(0, len(blob), 76))
+    if kind == "char_noise":
+        return "".join(
+            rng.choice(string.ascii_lowercase) if c.isalpha() and rng.random() < 0.25 else c
+            for c in donor[:length]
+        )
+    if kind == "repeated_line":
+        line = next((ln.strip() for ln in donor.splitlines() if ln.strip()), "ok")[:60]
+        return "\n".join([line] * max(1, length // (len(line) + 1)))
+    raise ValueError(kind)
+
+
+def build_corpus(path: Path, corpus: Path, real: int, short: int, per_kind: int, seed: int) -> None:
+    rng = random.Random(seed)
+    docs = [json.loads(line) for line in corpus.open()]
+    rng.shuffle(docs)
+    if len(docs) < real + short + per_kind:
+        raise SystemExit(f"{corpus} has {len(docs)} documents; need {real + short + per_kind}")
+    rows = [{"text": d["text"], "source": d["source"], "kind": "real"} for d in docs[:real]]
+    for d in docs[real : real + short]:
+        first = next((ln for ln in d["text"].splitlines() if ln.strip()), d["text"])
+        words = first.split()[: rng.randint(1, 12)]
+        rows.append({"text": " ".join(words), "source": d["source"], "kind": "real_short"})
+    lengths = [len(r["text"]) for r in rows]
+    donors = docs[real + short :]
+    for kind in KINDS:
+        for _ in range(per_kind):
+            donor = rng.choice(donors)["text"]
+            text = garbage(kind, max(2, rng.choice(lengths)), donor, rng)
+            rows.append({"text": text, "source": rng.choice(rows[:real])["source"], "kind": kind})
+    rng.shuffle(rows)
+    with path.open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+
+
+def measure(scores: pl.LazyFrame, kinds: pl.DataFrame) -> list[dict]:
+    """Per key: each garbage kind's share caught by the dropped top band, and the real documents
+    in it."""
+    results = []
+    for label, params in KEYS.items():
+        band = BandConfig(strategy="midranking", skip=DROP, keep=1 - DROP, **params)
+        decided = decide(scores, band, "bench").rows.collect().join(kinds, on="sample_id")
+        top = decided.filter(pl.col("reason") == "too_hard")
+        row = {"key": label, "top_samples": top.height}
+        for kind in KINDS:
+            n = decided.filter(pl.col("kind") == kind).height
+            row[kind] = (top.filter(pl.col("kind") == kind).height, n)
+        real = top.filter(pl.col("kind").is_in(["real", "real_short"]))
+        row["real_in_top"] = real.height
+        row["real_median_tokens"] = float(real["n_tokens"].median()) if real.height else float("nan")
+        row["real_under_50_tokens"] = real.filter(pl.col("n_tokens") < 50).height
+        row["too_short"] = decided.filter(pl.col("reason") == "too_short").height
+        results.append(row)
+    return results
+
+
+def table(results: list[dict]) -> str:
+    head = ["key", *KINDS, "garbage caught", "real docs in top", "their median tokens", "of them < 50 tokens"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        caught = sum(r[k][0] for k in KINDS if k != "repeated_line")
+        total = sum(r[k][1] for k in KINDS if k != "repeated_line")
+        cells = [r["key"], *(f"{r[k][0]}/{r[k][1]} ({r[k][0] / max(r[k][1], 1):.0%})" for k in KINDS)]
+        cells += [f"{caught}/{total} ({caught / max(total, 1):.0%})", str(r["real_in_top"])]
+        cells += [
+            f"{r['real_median_tokens']:.0f}",
+            f"{r['real_under_50_tokens']} ({r['real_under_50_tokens'] / max(r['real_in_top'], 1):.0%})",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--corpus", default="data/corpus/train.jsonl")
+    parser.add_argument("--out", default="runs/bench-rank-keys")
+    parser.add_argument("--real", type=int, default=500)
+    parser.add_argument("--short", type=int, default=150)
+    parser.add_argument("--garbage", type=int, default=50, help="documents of each garbage kind")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    mixed = out / "mixed.jsonl"
+    if not mixed.is_file():  # kept for reruns: scoring resumes, and the corpus must stay the one scored
+        build_corpus(mixed, Path(args.corpus), args.real, args.short, args.garbage, args.seed)
+    overrides = [
+        f"out_dir={out / 'run'}",
+        f"corpus.paths=[{mixed}]",
+        "corpus.num_shards=2",
+        "corpus.source_field=source",
+    ]
+    cfg = load_config(Path(args.config), overrides)
+    score.run(cfg)
+    scores = scan_scores(score_files(Layout(cfg.out_dir)))
+    kinds = (
+        pl.read_ndjson(mixed)
+        .with_row_index("row")
+        .select(sample_id=pl.lit(f"{mixed.name}:") + pl.col("row").cast(pl.String), kind="kind")
+    )
+    results = measure(scores, kinds)
+    counts = kinds.group_by("kind").len().sort("kind")
+    print(
+        f"\n{scores.select(pl.len()).collect().item()} samples: "
+        + ", ".join(f"{k} {n}" for k, n in counts.iter_rows())
+    )
+    print(
+        f"top {DROP:.0%} of the samples by each key (what MidRanking drops): garbage caught per kind, and the real documents in it\n"
+    )
+    print(table(results))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
