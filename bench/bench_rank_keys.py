@@ -48,6 +48,7 @@ KEYS = {
     "bits_per_byte": {"rank_by": "bits_per_byte"},
     "length_adjusted": {"rank_by": "length_adjusted"},
     "length_adjusted by source": {"rank_by": "length_adjusted", "adjust_by_source": True},
+    "length_adjusted, min_tokens 8": {"rank_by": "length_adjusted", "min_tokens": 8},
 }
 DROP = 0.1  # the top share MidRanking drops
 
@@ -120,12 +121,14 @@ def measure(scores: pl.LazyFrame, kinds: pl.DataFrame) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    head = ["key", *KINDS, "garbage caught", "real docs in top", "their median tokens", "of them < 50 tokens"]
+    head = ["key", "too_short", "top band", *KINDS, "high-loss garbage caught", "real docs in top"]
+    head += ["their median tokens", "of them < 50 tokens"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         caught = sum(r[k][0] for k in KINDS if k != "repeated_line")
         total = sum(r[k][1] for k in KINDS if k != "repeated_line")
-        cells = [r["key"], *(f"{r[k][0]}/{r[k][1]} ({r[k][0] / max(r[k][1], 1):.0%})" for k in KINDS)]
+        cells = [r["key"], str(r["too_short"]), str(r["top_samples"])]
+        cells += [f"{r[k][0]}/{r[k][1]} ({r[k][0] / max(r[k][1], 1):.0%})" for k in KINDS]
         cells += [f"{caught}/{total} ({caught / max(total, 1):.0%})", str(r["real_in_top"])]
         cells += [
             f"{r['real_median_tokens']:.0f}",
