@@ -19,7 +19,7 @@ matplotlib.use("Agg")  # before pyplot: render to files, never open a window
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.colors import LogNorm
+from matplotlib.colors import ListedColormap, LogNorm
 
 ALL_COLOR, KEPT_COLOR, CUT_COLOR = "#9aa5b1", "#d9480f", "#1c7ed6"
 BAND_COLORS = ("#1c7ed6", "#2b8a3e", "#862e9c", "#e67700")
@@ -92,15 +92,15 @@ def plot_loss_vs_length(
         token_edges, loss_edges, grid, norm=LogNorm(vmin=1, vmax=max(1, counts.max())), cmap=cmap
     )
     fig.colorbar(mesh, ax=ax, label="samples")
-    if kept is not None:
+    if kept is not None:  # every cell holding a kept sample, in one solid colour over the grey
         ax.pcolormesh(
             token_edges,
             loss_edges,
             np.ma.masked_equal(kept.T, 0),
-            norm=LogNorm(vmin=1, vmax=max(1, counts.max())),
-            cmap="Oranges",
+            cmap=ListedColormap([KEPT_COLOR]),
+            alpha=0.8,
         )
-        ax.plot([], [], "s", color=KEPT_COLOR, label="kept (same colour scale)")
+        ax.plot([], [], "s", color=KEPT_COLOR, label="cells holding kept samples")
     ax.set_xscale("log")
     ax.set_xlabel("length (scored tokens)")
     ax.set_ylabel("loss (nats/token)")
