@@ -24,7 +24,7 @@ from pipeline.records import Record
 from pipeline.samples import SamplePolicy, make_samples
 from stages import inspect, score, select
 from stages.select import decide
-from tests.helpers import write_config
+from tests.helpers import ROOT, write_config
 from tests.test_selection import brute_force, exact_ends
 
 UNICODE_TEXTS = [
@@ -298,3 +298,18 @@ def test_report_draws_the_key_and_where_the_band_falls(scored, tmp_path):
         assert all(r["n_tokens"] >= 4 for r in region["rows"])
     html = (report / "index.html").read_text()
     assert "ranked by bits_per_byte" in html and f"key_hist-{names[1]}.png" in html
+
+
+def test_compare_arms_take_a_rank_key():
+    from stages.compare import arm_setup
+
+    arms = "compare.arms=[random,midranking.bits_per_byte,random_length_matched.length_adjusted,top.length_adjusted]"
+    cfg = load_config(ROOT / "configs/tiny.yaml", [arms])
+    band, objective = arm_setup(cfg, "midranking.bits_per_byte", 0)
+    assert (band.strategy, band.rank_by, objective) == ("midranking", "bits_per_byte", "uniform")
+    band, _ = arm_setup(cfg, "random_length_matched.length_adjusted", 1)
+    assert band.match == arm_setup(cfg, "midranking.length_adjusted", 0)[0].resolved_name()
+    assert arm_setup(cfg, "top.length_adjusted", 0)[0].rank_by == "length_adjusted"
+    for bad, message in (("random.loss", "does not rank"), ("midranking.perplexity", "unknown rank key")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(ROOT / "configs/tiny.yaml", [f"compare.arms=[random,{bad}]"])
