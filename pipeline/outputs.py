@@ -135,12 +135,14 @@ class Counts:
 
 @dataclass(frozen=True, slots=True)
 class Positions:
-    """The band on the ranking line, as shares of the measure counted from the highest loss."""
+    """The band on the ranking line, as shares of the measure counted from the hardest sample (the
+    highest rank key; the samples under min_tokens are not on the line)."""
 
     start: float
     stop: float
     order: str
-    """`loss` (hardest first) or `random` (a seeded hash of the sample_id)."""
+    """`loss` (ranked, hardest first: by the band's rank key, whatever it is) or `random` (a seeded
+    hash of the sample_id)."""
     measure: str
     """What the shares count: `samples` or `tokens`."""
 

@@ -3,8 +3,10 @@
     midrank select --config configs/default.yaml
     midrank select --config configs/default.yaml 'select.bands=[{strategy: midranking, skip: 0.05, keep: 0.3}, {strategy: cc_net_middle}]'
 
-Writes, per band, `<out_dir>/selected/<band>/part-{shard:05d}.parquet` (the kept samples with their
-text and every score column, plus `weight` when asked), optionally `rejected/` (every dropped
+Each band ranks by its `rank_by` key (loss, bits_per_byte, length_adjusted: pipeline/rank_keys.py)
+after taking the samples under its `min_tokens` out as too_short. Writes, per band,
+`<out_dir>/selected/<band>/part-{shard:05d}.parquet` (the kept samples with their text, every
+score column and the key's, plus `weight` when asked), optionally `rejected/` (every dropped
 sample with its reason) and `data.jsonl`, and `manifest.json` last. The corpus is read once, shard
 by shard, for all bands together. A band whose manifest exists with the same config is skipped; a
 band directory holding a different config is refused, never overwritten.
