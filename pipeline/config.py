@@ -310,6 +310,11 @@ class BandConfig:
         _require_name(self.match, "match", optional=self.strategy != "length_matched")
         _require(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
         _require(
+            self.rank_by in get_args(RankKey),
+            "rank_by",
+            f"must be one of {list(get_args(RankKey))}, got {self.rank_by!r}",
+        )
+        _require(
             not self.adjust_by_source or self.rank_by == "length_adjusted",
             "adjust_by_source",
             f"only applies to rank_by=length_adjusted (rank_by is {self.rank_by})",
@@ -616,10 +621,11 @@ class CompareConfig:
             base, _, key = arm.partition(".")
             _require(base in COMPARE_ARMS, "arms", f"unknown arm {arm!r}; one of {list(COMPARE_ARMS)}")
             _require(
-                not key or key in get_args(RankKey),
+                not arm.endswith(".") and (not key or key in get_args(RankKey)),
                 "arms",
                 f"{arm!r}: unknown rank key {key!r}; one of {list(get_args(RankKey))}",
             )
+            _require(key != "loss", "arms", f"{arm!r}: loss is every arm's default key; write {base!r}")
             _require(
                 not key or base not in UNRANKED_ARMS,
                 "arms",

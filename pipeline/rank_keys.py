@@ -1,7 +1,7 @@
 """Rank keys: what a band ranks samples by (DESIGN.md §7), each derived from stored score columns.
 
-    curves = estimate_curves(scores, by_source=False)           # only length_adjusted needs one
-    keyed = scores.with_columns(key_expr("length_adjusted", curves).alias("length_adjusted"))
+    curves = estimate_curves(scores, by_source=False)           # only length_adjusted needs them
+    keyed = with_key(scores, "length_adjusted", curves)          # adds the column `length_adjusted`
 
 - `loss`: mean NLL of the target tokens, nats/token (the paper's key).
 - `bits_per_byte`: nll_sum / (ln 2 x n_bytes), the bits the model needs per byte of the text the
@@ -15,7 +15,9 @@
   log(length) between the bins' median lengths (flat beyond the first and the last). Medians,
   not means: the garbage a band is meant to drop should not pull the expectation up. The curve
   is estimated over the samples that are ranked, over the whole corpus or within each source,
-  and recorded in the band's manifest, so the key can be recomputed from it.
+  and recorded in the band's manifest, so the key can be recomputed from it. It is flat below the
+  first bin's median length, and the spread of loss is not taken out: the shortest texts, whose
+  loss varies most, still reach the top more often than long ones (min_tokens is the remedy).
 """
 
 from __future__ import annotations
@@ -66,17 +68,9 @@ class LengthCurve:
     """Each bin's median loss (nats/token)."""
     samples: list[int]
 
-    def expected(self) -> pl.Expr:
-        """The expected loss at each row's `n_tokens`: piecewise linear in log(length)."""
-        log_length = pl.col("n_tokens").cast(pl.Float64).log()
-        xs, ys = [math.log(v) for v in self.lengths], self.losses
-        expr = pl.when(log_length <= xs[0]).then(pl.lit(ys[0]))
-        for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:], strict=False):
-            expr = expr.when(log_length <= x1).then(y0 + (log_length - x0) * ((y1 - y0) / (x1 - x0)))
-        return expr.otherwise(pl.lit(ys[-1]))
-
     def at(self, lengths: np.ndarray) -> np.ndarray:
-        """The same curve evaluated in numpy (for plotting)."""
+        """The expected loss at each length: linear in log(length) between the points, flat
+        beyond the first and the last."""
         return np.interp(np.log(lengths), np.log(self.lengths), self.losses)
 
 
@@ -96,70 +90,109 @@ def merge_sparse(edges: np.ndarray, counts: np.ndarray, min_samples: int) -> np.
     return np.asarray(kept, dtype=np.int64)
 
 
-def estimate_curve(scores: pl.LazyFrame, min_samples: int = MIN_BIN_SAMPLES) -> LengthCurve:
-    """The length curve of the samples in `scores` (needs n_tokens, loss): two streaming
-    group-bys, one for the counts per fine bin, one for the medians per merged bin."""
+def _group(by_source: bool) -> pl.Expr:
+    """What a curve is estimated over: each source, or everything (a constant)."""
+    return pl.col("source") if by_source else pl.lit(ALL_SOURCES)
+
+
+def estimate_curves(
+    scores: pl.LazyFrame, *, by_source: bool, min_samples: int = MIN_BIN_SAMPLES
+) -> dict[str, LengthCurve]:
+    """The length curve of the samples in `scores` (needs n_tokens, loss, and source when
+    by_source): one over everything (named ALL_SOURCES), or one per source. Three streaming
+    passes whatever the number of sources: the longest sample (the fine bins span 1..longest for
+    every source), counts per (source, fine bin), medians per (source, merged bin)."""
+    group = _group(by_source)
     longest = scores.select(pl.col("n_tokens").max()).collect(engine="streaming").item() or 1
     fine = length_edges(int(longest))
-    counted = scores.group_by(_bin=length_bin(fine)).agg(pl.len()).collect(engine="streaming")
-    counts = np.zeros(len(fine) - 1, dtype=np.int64)
-    counts[counted["_bin"].to_numpy()] = counted["len"].to_numpy()
-    edges = merge_sparse(fine, counts, min_samples)
+    counted = scores.group_by(_group=group, _bin=length_bin(fine)).agg(pl.len()).collect(engine="streaming")
+    merged_edges, mapping = {}, []
+    for name in sorted(counted["_group"].unique().to_list()):
+        mine = counted.filter(pl.col("_group") == name)
+        counts = np.zeros(len(fine) - 1, dtype=np.int64)
+        counts[mine["_bin"].to_numpy()] = mine["len"].to_numpy()
+        edges = merge_sparse(fine, counts, min_samples)
+        merged_edges[name] = edges
+        # merged edges are a subset of the fine ones: fine bin i lies in the merged bin holding fine[i]
+        merged = np.searchsorted(edges, fine[:-1], side="right") - 1
+        mapping.append(pl.DataFrame({"_group": name, "_bin": np.arange(len(fine) - 1), "_merged": merged}))
+    to_merged = pl.concat(mapping).with_columns(pl.col("_bin").cast(pl.UInt32)).lazy()
     medians = (
-        scores.group_by(_bin=length_bin(edges))
+        scores.with_columns(_group=group, _bin=length_bin(fine))
+        .join(to_merged, on=["_group", "_bin"])
+        .group_by("_group", "_merged")
         .agg(
             length=pl.col("n_tokens").cast(pl.Float64).median(),
             loss=pl.col("loss").cast(pl.Float64).median(),
             samples=pl.len(),
         )
-        .sort("_bin")
+        .sort("_group", "_merged")
         .collect(engine="streaming")
     )
-    return LengthCurve(
-        edges=edges.tolist(),
-        lengths=medians["length"].to_list(),
-        losses=medians["loss"].to_list(),
-        samples=medians["samples"].to_list(),
-    )
+    return {
+        name: LengthCurve(
+            edges=merged_edges[name].tolist(),
+            lengths=part["length"].to_list(),
+            losses=part["loss"].to_list(),
+            samples=part["samples"].to_list(),
+        )
+        for (name,), part in medians.group_by("_group", maintain_order=True)
+    }
 
 
-def estimate_curves(scores: pl.LazyFrame, *, by_source: bool) -> dict[str, LengthCurve]:
-    """One curve over every source (named ALL_SOURCES), or one per source."""
-    if not by_source:
-        return {ALL_SOURCES: estimate_curve(scores)}
-    sources = scores.select(pl.col("source").unique().sort()).collect()["source"].to_list()
-    return {s: estimate_curve(scores.filter(pl.col("source") == s)) for s in sources}
-
-
-def expected_loss(curves: dict[str, LengthCurve]) -> pl.Expr:
-    if ALL_SOURCES in curves:
-        return curves[ALL_SOURCES].expected()
-    expr = pl.when(pl.lit(False)).then(pl.lit(None, dtype=pl.Float64))
-    for source, curve in curves.items():
-        expr = expr.when(pl.col("source") == source).then(curve.expected())
-    return expr.otherwise(pl.lit(None, dtype=pl.Float64))
-
-
-def key_expr(key: str, curves: dict[str, LengthCurve] | None = None) -> pl.Expr:
-    """The key's value of every row, in float64; larger is harder."""
+def with_key(
+    frame: pl.LazyFrame, key: str, curves: dict[str, LengthCurve] | None = None, *, by_source: bool = False
+) -> pl.LazyFrame:
+    """`frame` with a column named `key` holding each row's key in float64 (larger is harder);
+    `loss` is already there. length_adjusted needs the curves (per source when by_source): the
+    expected loss is computed once per distinct (source, length) and joined back, so the cost
+    does not grow with the number of curves."""
     if key == "loss":
-        return pl.col("loss").cast(pl.Float64)
+        return frame
     if key == "bits_per_byte":
-        return pl.col("nll_sum") / (math.log(2) * pl.col("n_bytes").cast(pl.Float64))
-    if key == "length_adjusted":
-        if curves is None:
-            raise ValueError("length_adjusted needs the corpus's length curve (estimate_curves)")
-        return pl.col("loss").cast(pl.Float64) - expected_loss(curves)
-    raise ValueError(f"unknown rank key {key!r}; one of {list(RANK_KEYS)}")
+        return frame.with_columns(
+            (pl.col("nll_sum") / (math.log(2) * pl.col("n_bytes").cast(pl.Float64))).alias(key)
+        )
+    if key != "length_adjusted":
+        raise ValueError(f"unknown rank key {key!r}; one of {list(RANK_KEYS)}")
+    if curves is None:
+        raise ValueError("length_adjusted needs the corpus's length curves (estimate_curves)")
+    grouped = frame.with_columns(_group=_group(by_source))
+    pairs = grouped.select("_group", "n_tokens").unique().collect(engine="streaming")
+    expected = np.full(pairs.height, np.nan)
+    names, lengths = pairs["_group"].to_numpy(), pairs["n_tokens"].to_numpy()
+    for name, curve in curves.items():
+        mine = names == name
+        expected[mine] = curve.at(lengths[mine])
+    table = pairs.with_columns(_expected=pl.Series(expected).fill_nan(None)).lazy()
+    return (
+        grouped.join(table, on=["_group", "n_tokens"], how="left", maintain_order="left")
+        .with_columns((pl.col("loss").cast(pl.Float64) - pl.col("_expected")).alias(key))
+        .drop("_group", "_expected")
+    )
 
 
 def check_key_columns(scores: pl.LazyFrame, key: str, where: str) -> None:
-    """bits_per_byte needs n_bytes on every row; scores written before midrank stored it have none."""
+    """bits_per_byte needs n_bytes >= 1 on every row; scores written before midrank stored it
+    have none."""
     if key != "bits_per_byte":
         return
-    missing = scores.select(pl.col("n_bytes").null_count()).collect().item()
+    missing, empty, example = (
+        scores.select(
+            missing=pl.col("n_bytes").null_count(),
+            empty=(pl.col("n_bytes") < 1).sum(),
+            example=pl.col("sample_id").filter(pl.col("n_bytes").is_null() | (pl.col("n_bytes") < 1)).first(),
+        )
+        .collect()
+        .row(0)
+    )
     if missing:
         raise ProvenanceError(
-            f"{where}: {missing:,} scored samples have no n_bytes (scored by a midrank older than the "
-            "bits_per_byte key); rank them by loss or length_adjusted, or score again into another out_dir"
+            f"{where}: {missing:,} scored samples have no n_bytes (e.g. {example}; scored by a midrank older "
+            "than the bits_per_byte key); rank them by loss or length_adjusted, or score again into another out_dir"
+        )
+    if empty:
+        raise ProvenanceError(
+            f"{where}: {empty:,} scored samples cover no byte of text (n_bytes 0, e.g. {example}), so they "
+            "have no bits per byte; rank by loss, or set min_tokens to leave them out"
         )

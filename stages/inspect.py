@@ -29,7 +29,7 @@ from pipeline.locks import lock
 from pipeline.log import get_logger
 from pipeline.outputs import BandExcerpt, BandManifest, OutputError, ReportBand, ReportSummary, to_json
 from pipeline.plots import Panel, plot_histograms, plot_loss_vs_length
-from pipeline.rank_keys import ALL_SOURCES, estimate_curves, key_expr
+from pipeline.rank_keys import ALL_SOURCES, estimate_curves, with_key
 from pipeline.readers import InputError
 from pipeline.records import CorpusError, ReadStats, record_id, sample_text
 from pipeline.report import render_report
@@ -87,7 +87,8 @@ class DrawnBand:
         ranked = scores.filter(pl.col("n_tokens") >= self.manifest.parameters.get("min_tokens", 0))
         if self.key == "loss":
             return ranked
-        return ranked.with_columns(key_expr(self.key, self.manifest.length_curves).alias(self.key))
+        by_source = bool(self.manifest.parameters.get("adjust_by_source", False))
+        return with_key(ranked, self.key, self.manifest.length_curves, by_source=by_source)
 
 
 def load_band(layout: Layout, name: str) -> DrawnBand:
@@ -298,7 +299,8 @@ def draw_figures(scores: pl.LazyFrame, bands: list[DrawnBand], icfg, sources: li
         if band.key == "loss":
             continue
         kept = histogram_2d(band.kept, length, length_edges, LOSS, edges)
-        own = (band.manifest.length_curves or {}).get(ALL_SOURCES)
+        by_source = band.manifest.parameters.get("adjust_by_source", False)
+        own = None if by_source else (band.manifest.length_curves or {}).get(ALL_SOURCES)
         name = f"loss_vs_length-{band.name}.png"
         plot_loss_vs_length(
             counts,

@@ -44,7 +44,7 @@ from pipeline.outputs import (
     SourceCount,
     SourceMix,
 )
-from pipeline.rank_keys import LengthCurve, check_key_columns, estimate_curves, key_expr
+from pipeline.rank_keys import LengthCurve, check_key_columns, estimate_curves, with_key
 from pipeline.records import ReadStats, record_digest, record_id, sample_text
 from pipeline.scores import check_corpus_unchanged, common_provenance, scan_scores, score_files
 from pipeline.selection import Band, Reason, band_for, irdro_weight_expr, length_matched, select
@@ -95,7 +95,7 @@ def decide(
     if cfg.rank_by == "length_adjusted":
         curves = estimate_curves(ranked, by_source=cfg.adjust_by_source)
     if cfg.rank_by != "loss":
-        ranked = ranked.with_columns(key_expr(cfg.rank_by, curves).alias(cfg.rank_by))
+        ranked = with_key(ranked, cfg.rank_by, curves, by_source=cfg.adjust_by_source)
     if cfg.strategy == "length_matched":
         decided, _, short = length_matched(ranked, reference, cfg.seed)
         if short:

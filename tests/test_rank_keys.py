@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.artifacts import ProvenanceError
 from pipeline.config import BandConfig, ConfigError, load_config
 from pipeline.outputs import BandManifest, from_json, to_json
-from pipeline.rank_keys import LengthCurve, key_expr
+from pipeline.rank_keys import LengthCurve, with_key
 from pipeline.records import Record
 from pipeline.samples import SamplePolicy, make_samples
 from stages import inspect, score, select
@@ -54,7 +54,7 @@ def test_bits_per_byte_equals_a_direct_computation_from_the_text(tmp_path, tiny_
     cfg = load_config(write_config(tmp_path, corpus, tiny_model_dir))
     score.run(cfg)
     scores = pl.read_parquet(tmp_path / "out" / "scores" / "part-*.parquet")
-    scores = scores.with_columns(key_expr("bits_per_byte").alias("bpb")).sort("sample_id")
+    scores = with_key(scores.lazy(), "bits_per_byte").collect().sort("sample_id")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     by_id = {f"corpus.jsonl:{i}": t for i, t in enumerate(UNICODE_TEXTS)}
@@ -62,7 +62,22 @@ def test_bits_per_byte_equals_a_direct_computation_from_the_text(tmp_path, tiny_
     for row in scores.iter_rows(named=True):
         text = by_id[row["sample_id"]]
         assert row["n_bytes"] == len(text.encode("utf-8"))
-        assert row["bpb"] == pytest.approx(direct_bits_per_byte(model, tokenizer, text), rel=1e-4)
+        assert row["bits_per_byte"] == pytest.approx(direct_bits_per_byte(model, tokenizer, text), rel=1e-4)
+
+
+def test_n_bytes_without_bos_and_across_split_windows(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "the cat sat on a mat while data flows through pipes " * 12
+    first = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][0]
+    (sample,), _ = make_samples(
+        Record("r:0", "s", text), tokenizer, SamplePolicy(max_tokens=512, bos_id=None)
+    )
+    assert sample.n_bytes == len(text.encode()) - (first[1] - first[0])  # the first token is context
+    split = SamplePolicy(
+        max_tokens=32, bos_id=tokenizer.bos_token_id, long_docs="split", split_context_tokens=8
+    )
+    windows, _ = make_samples(Record("r:0", "s", text), tokenizer, split)
+    assert len(windows) > 3 and sum(w.n_bytes for w in windows) == len(text.encode())
 
 
 def test_n_bytes_of_a_response_is_its_utf8_bytes(tiny_model_dir):
@@ -81,11 +96,10 @@ def test_n_bytes_of_a_response_is_its_utf8_bytes(tiny_model_dir):
 # -- length_adjusted in plain Python ----------------------------------------------------------------
 
 
-def brute_curve(rows, min_samples=50, bins=32):
+def brute_curve(rows, longest, min_samples=50, bins=32):
     """(lengths, losses) of the curve, from its definition: 32 log-spaced integer edges from 1 to
-    max + 1, bins merged low lengths first until each holds min_samples (a short remainder joins
+    the longest ranked sample + 1 (of every source), bins merged low lengths first until each holds min_samples (a short remainder joins
     the last), median length and median loss per bin."""
-    longest = max(r["n_tokens"] for r in rows)
     edges = sorted({int(x) for x in np.geomspace(1, longest + 1, bins + 1)})
     groups, current = [], []
     for low, high in itertools.pairwise(edges):
@@ -124,7 +138,7 @@ def brute_keys(rows, key, by_source=False):
         groups.setdefault(r["source"] if by_source else "", []).append(r)
     values = {}
     for group in groups.values():
-        curve = brute_curve(group)
+        curve = brute_curve(group, max(r["n_tokens"] for r in rows))
         values |= {r["sample_id"]: r["loss"] - interpolate(*curve, r["n_tokens"]) for r in group}
     return values
 
@@ -162,13 +176,15 @@ def test_length_adjusted_equals_brute_force(rows, by_source):
     assert all(got[k] == pytest.approx(v, abs=1e-12) for k, v in expected.items())
     # the curves as a manifest records them (JSON) give the same key back
     recorded = from_json(dict[str, LengthCurve], json.loads(json.dumps(to_json(decision.curves))), "test")
-    again = pl.LazyFrame(rows).select("sample_id", key_expr("length_adjusted", recorded).alias("v"))
+    again = with_key(pl.LazyFrame(rows), "length_adjusted", recorded, by_source=by_source)
+    again = again.select("sample_id", "length_adjusted")
     assert dict(again.collect().iter_rows()) == got
 
 
 STRATEGIES = [
     ("midranking", {"skip": 0.1, "keep": 0.3}),
     ("band", {"low": 0.3, "high": 0.6}),
+    ("marion_middle", {}),  # a peer's preset: loss quantiles [0.35, 0.65)
     ("top", {"keep": 0.25}),
     ("bottom", {"keep": 0.25}),
     ("all", {}),
@@ -193,9 +209,11 @@ def test_every_strategy_with_every_key_equals_a_brute_force_sort(
     values = brute_keys(ranked, key)
     gaps = np.diff(np.sort(np.fromiter(values.values(), dtype=float)))
     assert gaps[gaps > 0].min() > 1e-9  # no near-tie that rounding could flip
+    preset = strategy == "marion_middle"
+    ends = exact_ends("band", {"low": 0.35, "high": 0.65}) if preset else exact_ends(strategy, params)
     expected = brute_force(
         ranked,
-        exact_ends(strategy, params),
+        ends,
         measure,
         by_source,
         order_key=lambda r: (-values[r["sample_id"]], r["sample_id"]),
@@ -206,6 +224,23 @@ def test_every_strategy_with_every_key_equals_a_brute_force_sort(
     assert decided.height == len(rows)
 
 
+def test_a_source_named_like_the_global_curve_gets_its_own_curve(rows):
+    renamed = [r | {"source": "*" if r["source"] == "web" else r["source"]} for r in rows]
+    cfg = BandConfig(strategy="top", keep=0.2, rank_by="length_adjusted", adjust_by_source=True)
+    got = decide(pl.LazyFrame(renamed), cfg, "test").rows.select("sample_id", "length_adjusted").collect()
+    expected = brute_keys(renamed, "length_adjusted", by_source=True)
+    assert all(value == pytest.approx(expected[k], abs=1e-12) for k, value in got.iter_rows())
+
+
+def test_bits_per_byte_refuses_a_sample_without_bytes(rows):
+    rows[7]["n_bytes"] = 0
+    with pytest.raises(
+        ProvenanceError, match=r"1 scored samples cover no byte of text \(n_bytes 0, e.g. c.jsonl:7"
+    ):
+        decide(pl.LazyFrame(rows), BandConfig(rank_by="bits_per_byte"), "here")
+    decide(pl.LazyFrame(rows), BandConfig(rank_by="length_adjusted"), "here")  # other keys do not need it
+
+
 def test_ranking_strategies_refuse_nothing_but_random_ones_refuse_a_key():
     for strategy in ("random", "all", "length_matched"):
         with pytest.raises(ConfigError, match="does not rank"):
@@ -214,6 +249,8 @@ def test_ranking_strategies_refuse_nothing_but_random_ones_refuse_a_key():
         BandConfig(adjust_by_source=True)
     with pytest.raises(ConfigError, match="min_tokens"):
         BandConfig(min_tokens=-1)
+    with pytest.raises(ConfigError, match="rank_by: must be one of"):
+        BandConfig(rank_by="perplexity")
 
 
 # -- the stage: too_short counted and rejected, old scores, the report ------------------------------
@@ -310,6 +347,12 @@ def test_compare_arms_take_a_rank_key():
     band, _ = arm_setup(cfg, "random_length_matched.length_adjusted", 1)
     assert band.match == arm_setup(cfg, "midranking.length_adjusted", 0)[0].resolved_name()
     assert arm_setup(cfg, "top.length_adjusted", 0)[0].rank_by == "length_adjusted"
-    for bad, message in (("random.loss", "does not rank"), ("midranking.perplexity", "unknown rank key")):
+    bad_arms = [
+        ("irdro.bits_per_byte", "does not rank"),
+        ("midranking.perplexity", "unknown rank key"),
+        ("midranking.", "unknown rank key"),
+        ("midranking.loss", "write 'midranking'"),
+    ]
+    for bad, message in bad_arms:
         with pytest.raises(ConfigError, match=message):
             load_config(ROOT / "configs/tiny.yaml", [f"compare.arms=[random,{bad}]"])
