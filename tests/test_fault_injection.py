@@ -42,8 +42,12 @@ def progress(out: Path, stage: str) -> int:
     """How far the stage has got, as a number that only grows."""
     layout = Layout(out)
     if stage == "score":
-        chunks = len(list(layout.scores_dir.glob(".part-*.chunks/chunk-*.parquet")))
-        return 100 * len(part_files(layout.scores_dir)) + chunks
+        while True:
+            try:
+                chunks = len(list(layout.scores_dir.glob(".part-*.chunks/chunk-*.parquet")))
+                return 100 * len(part_files(layout.scores_dir)) + chunks
+            except FileNotFoundError:  # a finished shard's checkpoint folder removed mid-glob: look again
+                continue
     if stage == "select":
         return len(list(out.glob("*/*/part-*.parquet"))) + len(list(out.glob("selected/*/manifest.json")))
     return len(list(layout.train_run("run").checkpoints.glob("checkpoint-*")))
