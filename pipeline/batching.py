@@ -23,7 +23,7 @@ from torch.utils.data import IterableDataset
 
 from pipeline.config import CorpusConfig, ScoreConfig
 from pipeline.records import ReadStats, record_digest
-from pipeline.samples import Sample, SamplePolicy, make_samples
+from pipeline.samples import Sample, SamplePolicy, make_samples, unconditional_samples
 from pipeline.sharding import ShardPlan, iter_shard_rows
 
 
@@ -69,6 +69,7 @@ META_FIELDS = (
     "n_bytes",
     "truncated",
     "record_hash",
+    "unconditional",
 )
 
 
@@ -103,7 +104,11 @@ class ShardBatches(IterableDataset):
                     continue
                 made, reason = make_samples(record, self.tokenizer, self.policy)
                 digest = record_digest(record)
-                samples.extend(dataclasses.replace(sample, record_hash=digest) for sample in made)
+                made = [dataclasses.replace(sample, record_hash=digest) for sample in made]
+                samples.extend(made)
+                if self.policy.unconditional_ids:
+                    for sample in made:
+                        samples.extend(unconditional_samples(sample, self.policy.unconditional_ids))
                 if reason:
                     skipped[reason] += 1
             samples.sort(key=lambda s: -len(s.input_ids))

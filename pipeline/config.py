@@ -205,8 +205,23 @@ class ScoreConfig:
     score_prompt: bool = False
     """Instruction data: score the prompt and template tokens too, not only the responses."""
 
+    unconditional: bool = False
+    """Instruction data: also score each response without its prompt -> `nll_sum_uncond` (the same
+    target tokens, preceded only by BOS and `unconditional_prefix`), for the `ifd` rank key. It
+    costs one more forward of the response tokens per sample, in the same pass. A multi-turn chat's
+    assistant turns are each scored alone, and their NLLs summed."""
+
+    unconditional_prefix: str = ""
+    """Text between BOS and each response in the unconditional pass (e.g. the chat template's
+    assistant header, `<|im_start|>assistant\n`); empty: BOS only."""
+
     def __post_init__(self) -> None:
         _require(self.max_tokens >= 2, "max_tokens", f"must be >= 2, got {self.max_tokens}")
+        _require(
+            not (self.unconditional and self.score_prompt),
+            "unconditional",
+            "compares a response's loss with and without its prompt; it cannot go with score_prompt=true",
+        )
         if self.split_context_tokens is not None:
             _require(
                 1 <= self.split_context_tokens < self.max_tokens,
@@ -673,6 +688,11 @@ class Config:
     compare: CompareConfig = field(default_factory=CompareConfig)
 
     def __post_init__(self) -> None:
+        _require(
+            not self.score.unconditional or self.corpus.mode != "text",
+            "score.unconditional",
+            "scores responses without their prompts; corpus.mode=text has no prompts",
+        )
         _require(
             self.inspect.name != self.compare.name,
             "inspect.name",

@@ -18,6 +18,11 @@
   and recorded in the band's manifest, so the key can be recomputed from it. It is flat below the
   first bin's median length, and the spread of loss is not taken out: the shortest texts, whose
   loss varies most, still reach the top more often than long ones (min_tokens is the remedy).
+- `ifd` (instruction data scored with score.unconditional): the instruction-following difficulty
+  of Li et al. (2023), nll_sum / nll_sum_uncond — the response's loss given its prompt over its
+  loss without it, on the same tokens. Near 1 (or above) when the prompt does not help predict the
+  answer: a wrong answer is fluent text whose loss barely depends on the question, so plain loss
+  keeps it while ifd ranks it at the top.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import polars as pl
 
 from pipeline.artifacts import ProvenanceError
 
-RankKey = Literal["loss", "bits_per_byte", "length_adjusted"]
+RankKey = Literal["loss", "bits_per_byte", "length_adjusted", "ifd"]
 RANK_KEYS: tuple[str, ...] = get_args(RankKey)
 
 LENGTH_BINS = 32
@@ -153,6 +158,8 @@ def with_key(
         return frame.with_columns(
             (pl.col("nll_sum") / (math.log(2) * pl.col("n_bytes").cast(pl.Float64))).alias(key)
         )
+    if key == "ifd":
+        return frame.with_columns((pl.col("nll_sum") / pl.col("nll_sum_uncond")).alias(key))
     if key != "length_adjusted":
         raise ValueError(f"unknown rank key {key!r}; one of {list(RANK_KEYS)}")
     if curves is None:
@@ -173,8 +180,16 @@ def with_key(
 
 
 def check_key_columns(scores: pl.LazyFrame, key: str, where: str) -> None:
-    """bits_per_byte needs n_bytes >= 1 on every row; scores written before midrank stored it
-    have none."""
+    """bits_per_byte needs n_bytes >= 1 on every row (scores written before midrank stored it
+    have none); ifd needs the unconditional NLL."""
+    if key == "ifd":
+        missing = scores.select(pl.col("nll_sum_uncond").null_count()).collect().item()
+        if missing:
+            raise ProvenanceError(
+                f"{where}: {missing:,} scored samples have no unconditional loss (nll_sum_uncond); rank_by=ifd "
+                "needs instruction data scored with score.unconditional=true (into another out_dir)"
+            )
+        return
     if key != "bits_per_byte":
         return
     missing, empty, example = (

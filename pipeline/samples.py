@@ -36,6 +36,7 @@ A sequence with no target token is not a sample: `too_short` (fewer than 2 token
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -63,6 +64,9 @@ class Sample:
     truncated: bool
     record_hash: int = 0
     """`records.record_digest` of the record the sample came from."""
+    unconditional: bool = False
+    """A response of the sample `sample_id` without its prompt (score.unconditional): scored
+    beside it, its NLL summed into the sample's `nll_sum_uncond`."""
 
     @property
     def n_tokens(self) -> int:
@@ -83,18 +87,32 @@ class SamplePolicy:
     split_context_tokens: int = 1
     prompt_format: str = "chat_template"
     score_prompt: bool = False
+    unconditional_ids: tuple[int, ...] = ()
+    """score.unconditional: the context each response is scored after without its prompt (BOS and
+    the prefix's tokens); empty when off."""
 
     @classmethod
     def of(cls, score: ScoreConfig, tokenizer, *, max_tokens: int | None = None) -> SamplePolicy:
         """The scoring policy of `score`; with `max_tokens` (training, evaluation), the same
         targets truncated to that length."""
+        bos_id = tokenizer.bos_token_id if score.add_bos else None
+        unconditional: tuple[int, ...] = ()
+        if score.unconditional and not max_tokens:
+            prefix = tokenizer(score.unconditional_prefix, add_special_tokens=False)["input_ids"]
+            unconditional = (*([] if bos_id is None else [bos_id]), *prefix)
+            if not unconditional:
+                raise ConfigError(
+                    f"score.unconditional: {tokenizer.name_or_path} has no BOS token (or score.add_bos is off), "
+                    "so a response alone has nothing to be predicted from; set score.unconditional_prefix"
+                )
         return cls(
             max_tokens=max_tokens or score.max_tokens,
-            bos_id=tokenizer.bos_token_id if score.add_bos else None,
+            bos_id=bos_id,
             long_docs="truncate" if max_tokens else score.long_docs,
             split_context_tokens=score.resolved_split_context(),
             prompt_format=score.prompt_format,
             score_prompt=score.score_prompt,
+            unconditional_ids=unconditional,
         )
 
 
@@ -259,6 +277,26 @@ def instruction_sample(record: Record, tokenizer, policy: SamplePolicy) -> tuple
             record.sample_id, record.source, 0, ids, spans, 0, len(record.text), n_bytes, len(text), truncated
         )
     ], None
+
+
+def unconditional_samples(sample: Sample, context: tuple[int, ...]) -> list[Sample]:
+    """The sample's responses without their prompt: each run of targets (an assistant turn)
+    after `context` alone, the same target tokens. Their NLLs summed give the sample's
+    unconditional NLL over exactly its targets.
+
+        conditional     <sys> <user> question <asst> answer-1 <end> <user> more <asst> answer-2 <end>
+        unconditional   BOS answer-1 <end>          BOS answer-2 <end>       (targets: the same tokens)
+    """
+    return [
+        dataclasses.replace(
+            sample,
+            input_ids=[*context, *sample.input_ids[start:end]],
+            targets=((len(context), len(context) + end - start),),
+            n_bytes=0,
+            unconditional=True,
+        )
+        for start, end in sample.targets
+    ]
 
 
 def utf8_bytes(text: str) -> int:

@@ -45,12 +45,13 @@ STATS_KEY = b"midrank.stats"
 # derived, the worst token flags garbage); the span of the record's text it covers, to join it back;
 # a hash of the record, to tell that the text joined back is the one scored; the UTF-8 bytes the
 # targets cover, for bits per byte (added after scoring_version 2 without a bump, so that finished
-# scores still rank by loss: files written before it read with n_bytes null).
+# scores still rank by loss: files written before it read with n_bytes null); with
+# score.unconditional, the summed NLL of the same targets without the prompt (else null).
 SCORE_SCHEMA = pa.schema(
     {"sample_id": pa.string(), "shard": pa.int32(), "source": pa.string(), "window": pa.int32()}
     | {"n_tokens": pa.int32(), "nll_sum": pa.float64(), "loss": pa.float64(), "max_token_nll": pa.float32()}
     | {"n_chars": pa.int32(), "char_start": pa.int32(), "char_end": pa.int32(), "truncated": pa.bool_()}
-    | {"record_hash": pa.int64(), "n_bytes": pa.int64()}
+    | {"record_hash": pa.int64(), "n_bytes": pa.int64(), "nll_sum_uncond": pa.float64()}
 )
 
 
@@ -85,6 +86,8 @@ def make_provenance(cfg: Config, plan: ShardPlan) -> dict[str, Any]:
         key["split_context_tokens"] = cfg.score.resolved_split_context()
     if cfg.corpus.mode != "text":  # how instruction data becomes tokens; plain text ignores these
         key |= {"prompt_format": cfg.score.prompt_format, "score_prompt": cfg.score.score_prompt}
+    if cfg.score.unconditional:  # nll_sum_uncond is written, after this context
+        key |= {"unconditional_prefix": cfg.score.unconditional_prefix}
     return {"key": key, "model_path": cfg.model.path, "code_version": code_version(), "config": to_dict(cfg)}
 
 
@@ -118,14 +121,23 @@ def window_table(
     shard: int, metas: list[dict[str, list]], results: list[np.ndarray]
 ) -> tuple[pa.Table, list[str]]:
     """The rows of one window of scored samples (`results`: (3, rows) arrays of nll_sum,
-    n_tokens, max_token_nll per batch); samples with a non-finite loss are left out and returned
-    by id."""
+    n_tokens, max_token_nll per batch); the responses scored without their prompts are summed
+    into their sample's `nll_sum_uncond`. Samples with a non-finite loss are left out and
+    returned by id."""
     if not results:
         return SCORE_SCHEMA.empty_table(), []
     values = np.concatenate(results, axis=1)
     meta = {k: [v for m in metas for v in m[k]] for k in metas[0]}
+    companion = np.asarray(meta.pop("unconditional"), dtype=bool)
+    uncond: dict[str, float] = {}
+    for sample_id, nll in zip(np.asarray(meta["sample_id"])[companion], values[0][companion], strict=True):
+        uncond[sample_id] = uncond.get(sample_id, 0.0) + float(nll)
+    main = ~companion
+    values = values[:, main]
+    meta = {k: [v for v, keep in zip(column, main, strict=True) if keep] for k, column in meta.items()}
     nll_sum, n_tokens, max_nll = values[0], values[1].astype(np.int32), values[2].astype(np.float32)
-    finite = np.isfinite(nll_sum)
+    nll_uncond = np.array([uncond.get(sid, np.nan) for sid in meta["sample_id"]]) if uncond else None
+    finite = np.isfinite(nll_sum) & (np.isfinite(nll_uncond) if nll_uncond is not None else True)
     bad = [sid for sid, ok in zip(meta["sample_id"], finite, strict=True) if not ok]
     columns = {
         "sample_id": meta["sample_id"],
@@ -142,6 +154,7 @@ def window_table(
         "truncated": np.asarray(meta["truncated"], dtype=bool),
         "record_hash": np.asarray(meta["record_hash"], dtype=np.int64),
         "n_bytes": np.asarray(meta["n_bytes"], dtype=np.int64),
+        "nll_sum_uncond": nll_uncond if nll_uncond is not None else pa.nulls(len(nll_sum), pa.float64()),
     }
     table = pa.Table.from_pydict(columns, schema=SCORE_SCHEMA)
     return (table.filter(pa.array(finite)) if bad else table), bad

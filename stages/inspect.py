@@ -39,7 +39,7 @@ from pipeline.sharding import plan_shards, shard_records
 LOSS = pl.col("loss")
 EXAMPLE_COLUMNS = ("sample_id", "shard", "source", "loss", "n_tokens", "char_start", "char_end")
 # what the rank keys are derived from
-KEY_COLUMNS = ("nll_sum", "n_bytes")
+KEY_COLUMNS = ("nll_sum", "n_bytes", "nll_sum_uncond")
 
 
 def source_table(scores: pl.LazyFrame, top_decile: float) -> list[dict[str, Any]]:
@@ -256,7 +256,11 @@ def selected_bands(cfg: Config, layout: Layout) -> list[DrawnBand]:
     return bands
 
 
-KEY_UNITS = {"bits_per_byte": "bits/byte", "length_adjusted": "nats/token above the expected loss"}
+KEY_UNITS = {
+    "bits_per_byte": "bits/byte",
+    "length_adjusted": "nats/token above the expected loss",
+    "ifd": "loss with the prompt / loss without it",
+}
 
 
 def draw_figures(scores: pl.LazyFrame, bands: list[DrawnBand], icfg, sources: list[str], work: Path) -> dict:

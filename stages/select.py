@@ -172,9 +172,10 @@ def manifest_for(cfg: Config, band_cfg: BandConfig, band: Pending, provenance: d
 MESSAGES = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
 
 
-def write_part(rows: pl.DataFrame, records: dict, where: Path, shard: int) -> None:
+def write_part(rows: pl.DataFrame, records: dict, where: Path, shard: int, mode: str) -> None:
     """One shard's rows of a band with their text (and prompt or messages) joined back from the
-    corpus records."""
+    corpus records. The columns follow the corpus mode, not the rows, so every part of a band
+    (an empty one too) has the same schema."""
     texts, prompts, messages = [], [], []
     columns = ("sample_id", "char_start", "char_end", "record_hash")
     for sample_id, char_start, char_end, record_hash in rows.select(columns).iter_rows():
@@ -189,9 +190,9 @@ def write_part(rows: pl.DataFrame, records: dict, where: Path, shard: int) -> No
         prompts.append(record.prompt)
         messages.append(list(record.messages) if record.messages is not None else None)
     table = rows.with_columns(text=pl.Series(texts, dtype=pl.String))
-    if any(p is not None for p in prompts):
+    if mode in ("prompt_response", "alpaca"):
         table = table.with_columns(prompt=pl.Series(prompts, dtype=pl.String))
-    if any(m is not None for m in messages):
+    if mode == "chat":
         table = table.with_columns(messages=pl.Series(messages, dtype=MESSAGES))
     write_table_atomic(table.to_arrow(), part_path(where, shard), {})
 
@@ -280,9 +281,10 @@ def write_bands(cfg: Config, layout: Layout, plan: ShardPlan, pending: dict[str,
         for name, band in pending.items():
             paths = layout.band(name)
             part = band.decided.filter(pl.col("shard") == shard).collect()
-            write_part(part.filter(pl.col("kept")).drop("kept", "reason"), records, paths.dir, shard)
+            mode = cfg.corpus.mode
+            write_part(part.filter(pl.col("kept")).drop("kept", "reason"), records, paths.dir, shard, mode)
             if cfg.select.write_rejected:
-                write_part(part.filter(~pl.col("kept")).drop("kept"), records, paths.rejected, shard)
+                write_part(part.filter(~pl.col("kept")).drop("kept"), records, paths.rejected, shard, mode)
 
 
 def finish_band(cfg: Config, layout: Layout, name: str, band: Pending, provenance: dict) -> None:

@@ -229,3 +229,103 @@ def test_training_targets_are_the_scored_targets(tmp_path, chat_model_dir, score
     assert dropped == {} and trained == scored
     prompt_tokens = [len(ids) - 1 for ids in dataset["input_ids"]]  # every token after the first
     assert (trained == prompt_tokens) is score_prompt
+
+
+def unconditional_nll(model, bos: int, pieces: list[str], tokenizer) -> float:
+    """Each response piece after BOS alone, by a plain forward; NLLs summed."""
+    total = 0.0
+    for text in pieces:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = [bos, *piece]
+        total += nll_restricted(model, ids, list(range(1, len(ids))))
+    return total
+
+
+def test_unconditional_loss_and_ifd_equal_plain_forwards(tmp_path, chat_model_dir, chat_model):
+    model, tokenizer = chat_model
+    chats = [
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "what sat on the mat"},
+            {"role": "assistant", "content": "the cat"},
+            {"role": "user", "content": "and then"},
+            {"role": "assistant", "content": "it slept at night"},
+        ],
+        [
+            {"role": "user", "content": "where do data flow"},
+            {"role": "assistant", "content": "through pipes"},
+        ],
+    ]
+    corpus = jsonl(tmp_path / "chat.jsonl", [{"messages": m, "source": "s"} for m in chats])
+    config = write_config(tmp_path, corpus, chat_model_dir)
+    overrides = [
+        "score.max_tokens=256",  # nothing truncated
+        "score.batch_tokens=1024",
+        "corpus.mode=chat",
+        "score.unconditional=true",
+        "select.bands=[{strategy: all, measure: tokens}]",
+    ]
+    cfg = load_config(config, overrides)
+    score.run(cfg)
+    scores = pl.read_parquet(tmp_path / "out" / "scores" / "part-*.parquet").sort("sample_id")
+    bos = tokenizer.bos_token_id
+    # each assistant turn's targets: its content and <|im_end|>\n (test_multi_turn_chat_... checks them)
+    expected = [
+        unconditional_nll(model, bos, ["the cat<|im_end|>\n", "it slept at night<|im_end|>\n"], tokenizer),
+        unconditional_nll(model, bos, ["through pipes<|im_end|>\n"], tokenizer),
+    ]
+    assert scores["nll_sum_uncond"].to_list() == pytest.approx(expected, abs=1e-4)
+    provenance_key = json.loads((tmp_path / "out" / "scores" / "summary.json").read_text())["provenance"][
+        "key"
+    ]
+    assert provenance_key["unconditional_prefix"] == ""
+    # plain prompt/response pairs: the response after BOS alone
+    pairs = jsonl(
+        tmp_path / "pairs.jsonl", [{"prompt": "where is the cat", "response": "on the mat", "source": "s"}]
+    )
+    plain = (
+        write_config(tmp_path / "plain", pairs, chat_model_dir)
+        if (tmp_path / "plain").mkdir() is None
+        else None
+    )
+    plain_cfg = load_config(
+        plain, ["corpus.mode=prompt_response", "score.prompt_format=plain", "score.unconditional=true"]
+    )
+    score.run(plain_cfg)
+    (row,) = pl.read_parquet(tmp_path / "plain" / "out" / "scores" / "part-*.parquet").iter_rows(named=True)
+    assert row["nll_sum_uncond"] == pytest.approx(
+        unconditional_nll(model, bos, ["on the mat"], tokenizer), abs=1e-4
+    )
+    # ifd: the conditional NLL over the unconditional one, as selected
+    cfg = load_config(config, [*overrides[:4], "select.bands=[{strategy: top, keep: 1.0, rank_by: ifd}]"])
+    (band,) = select.run(cfg)
+    kept = pl.read_parquet(band / "part-*.parquet").sort("sample_id")
+    conditional = [nll_restricted(model, *ids_and_targets(tokenizer, m)) for m in chats]
+    assert kept["ifd"].to_list() == pytest.approx(
+        [c / u for c, u in zip(conditional, expected, strict=True)], rel=1e-4
+    )
+
+
+def ids_and_targets(tokenizer, messages) -> tuple[list[int], list[int]]:
+    """The rendered chat's ids and the positions of the assistant turns' tokens, piece by piece."""
+    ids, positions = [], []
+    for message in messages:
+        header = f"<|im_start|>{message['role']}\n"
+        body = f"{message['content']}<|im_end|>\n"
+        ids += tokenizer(header, add_special_tokens=False)["input_ids"]
+        piece = tokenizer(body, add_special_tokens=False)["input_ids"]
+        if message["role"] == "assistant":
+            positions += range(len(ids), len(ids) + len(piece))
+        ids += piece
+    return ids, positions
+
+
+def test_unconditional_needs_instruction_data_and_a_context(tmp_path, tiny_model_dir):
+    corpus = jsonl(tmp_path / "t.jsonl", [{"text": "the cat", "source": "s"}])
+    with pytest.raises(ConfigError, match="corpus.mode=text has no prompts"):
+        load_config(write_config(tmp_path, corpus, tiny_model_dir), ["score.unconditional=true"])
+    with pytest.raises(ConfigError, match="cannot go with score_prompt"):
+        load_config(
+            write_config(tmp_path, corpus, tiny_model_dir),
+            ["score.unconditional=true", "score.score_prompt=true"],
+        )

@@ -133,6 +133,8 @@ def brute_keys(rows, key, by_source=False):
         return {r["sample_id"]: r["loss"] for r in rows}
     if key == "bits_per_byte":
         return {r["sample_id"]: r["nll_sum"] / (math.log(2) * r["n_bytes"]) for r in rows}
+    if key == "ifd":
+        return {r["sample_id"]: r["nll_sum"] / r["nll_sum_uncond"] for r in rows}
     groups = {}
     for r in rows:
         groups.setdefault(r["source"] if by_source else "", []).append(r)
@@ -161,6 +163,7 @@ def rows():
                 "nll_sum": loss * n,
                 "loss": loss,
                 "n_bytes": n * rng.randint(2, 6),
+                "nll_sum_uncond": loss * n * rng.uniform(0.8, 1.6),
             }
         )
     return out
@@ -192,7 +195,7 @@ STRATEGIES = [
 
 
 @pytest.mark.parametrize(("strategy", "params"), STRATEGIES)
-@pytest.mark.parametrize("key", ["loss", "bits_per_byte", "length_adjusted"])
+@pytest.mark.parametrize("key", ["loss", "bits_per_byte", "length_adjusted", "ifd"])
 @pytest.mark.parametrize(("measure", "by_source", "min_tokens"), [("samples", False, 0), ("tokens", True, 6)])
 def test_every_strategy_with_every_key_equals_a_brute_force_sort(
     rows, strategy, params, key, measure, by_source, min_tokens
@@ -230,6 +233,12 @@ def test_a_source_named_like_the_global_curve_gets_its_own_curve(rows):
     got = decide(pl.LazyFrame(renamed), cfg, "test").rows.select("sample_id", "length_adjusted").collect()
     expected = brute_keys(renamed, "length_adjusted", by_source=True)
     assert all(value == pytest.approx(expected[k], abs=1e-12) for k, value in got.iter_rows())
+
+
+def test_ifd_refuses_scores_without_the_unconditional_loss(rows):
+    rows[3]["nll_sum_uncond"] = None
+    with pytest.raises(ProvenanceError, match="1 scored samples have no unconditional loss"):
+        decide(pl.LazyFrame(rows), BandConfig(rank_by="ifd"), "here")
 
 
 def test_bits_per_byte_refuses_a_sample_without_bytes(rows):
