@@ -1,15 +1,19 @@
-"""Where did the deliberately broken pairs of the embedded instruction sample land?
+"""Where did the deliberately broken pairs of the embedded instruction sample land, under each rank key?
 
     python -m data.check_instruct --config configs/instruct.yaml
 
 Joins each training pair's `kind` label (ok / mismatched / truncated, from data/build_instruct.py)
-with the first band's decision — dropped as too hard (the top), kept, or dropped as too easy — and
-prints the counts and shares per kind. Needs `select.write_rejected: true`.
+with the first band's decision as selected (dropped as too hard — the top —, kept, or dropped as
+too easy), then ranks the same scores by each key with that band's parameters and counts, per
+kind, the pairs in the dropped top band: by `loss`, by `ifd` (when the scores hold the
+unconditional loss, score.unconditional), and by both together (a pair dropped when it is in
+either top band). Needs `select.write_rejected: true`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -18,6 +22,10 @@ import polars as pl
 
 from pipeline.config import load_config
 from pipeline.layout import Layout, part_files
+from pipeline.scores import scan_scores, score_files
+from stages.select import decide
+
+KINDS = ("ok", "mismatched", "truncated")
 
 
 def decisions(layout: Layout, band: str) -> dict[str, str]:
@@ -28,25 +36,56 @@ def decisions(layout: Layout, band: str) -> dict[str, str]:
     return out
 
 
+def top_bands(cfg, layout: Layout) -> dict[str, set[str]]:
+    """The samples each key's top band drops (the first band's parameters, ranked by that key)."""
+    scores = scan_scores(score_files(layout))
+    band = cfg.select.bands[0]
+    keys = ["loss"]
+    if scores.select(pl.col("nll_sum_uncond").is_not_null().all()).collect().item():
+        keys.append("ifd")
+    tops = {}
+    for key in keys:
+        decided = decide(scores, dataclasses.replace(band, rank_by=key), str(layout.scores_dir)).rows
+        tops[key] = set(
+            decided.filter(pl.col("reason") == "too_hard").select("sample_id").collect()["sample_id"]
+        )
+    if "ifd" in tops:
+        tops["loss or ifd"] = tops["loss"] | tops["ifd"]
+    return tops
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/instruct.yaml")
     args = parser.parse_args()
     cfg = load_config(args.config)
+    layout = Layout(cfg.out_dir)
     corpus = Path(cfg.corpus.paths[0])
     band = cfg.select.bands[0].resolved_name()
-    placed = decisions(Layout(cfg.out_dir), band)
-    counts: Counter = Counter()
-    for row, line in enumerate(corpus.open(encoding="utf-8")):
-        kind = json.loads(line)["kind"]
-        counts[kind, placed.get(f"{corpus.name}:{row}", "not_scored")] += 1
-    columns = ["too_hard", "kept", "too_easy", "not_scored"]
+    placed = decisions(layout, band)
+    kinds = {
+        f"{corpus.name}:{row}": json.loads(line)["kind"]
+        for row, line in enumerate(corpus.open(encoding="utf-8"))
+    }
+    counts: Counter = Counter((kind, placed.get(sid, "not_scored")) for sid, kind in kinds.items())
+    columns = ["too_hard", "kept", "too_easy", "too_short", "not_scored"]
     print(f"band {band}: where each kind of pair went")
     print(f"  {'kind':12s} {'pairs':>6s} " + " ".join(f"{c:>16s}" for c in columns))
-    for kind in ("ok", "mismatched", "truncated"):
+    for kind in KINDS:
         total = sum(counts[kind, c] for c in columns)
         cells = " ".join(f"{counts[kind, c]:6d} ({counts[kind, c] / max(total, 1):6.1%})" for c in columns)
         print(f"  {kind:12s} {total:6d} {cells}")
+    totals = Counter(kinds.values())
+    print(
+        f"\nthe top band each key drops (the band's skip={cfg.select.bands[0].skip}): pairs of each kind in it"
+    )
+    print(f"  {'ranked by':12s} {'dropped':>8s} " + " ".join(f"{k:>18s}" for k in KINDS))
+    for key, dropped in top_bands(cfg, layout).items():
+        caught = Counter(kinds[sid] for sid in dropped if sid in kinds)
+        cells = " ".join(
+            f"{caught[k]:5d}/{totals[k]:<4d} ({caught[k] / max(totals[k], 1):5.1%})" for k in KINDS
+        )
+        print(f"  {key:12s} {len(dropped):8d} {cells}")
 
 
 if __name__ == "__main__":

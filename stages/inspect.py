@@ -28,7 +28,7 @@ from pipeline.layout import Layout, ReportPaths, part_files
 from pipeline.locks import lock
 from pipeline.log import get_logger
 from pipeline.outputs import BandExcerpt, BandManifest, OutputError, ReportBand, ReportSummary, to_json
-from pipeline.plots import Panel, plot_histograms, plot_loss_vs_length
+from pipeline.plots import Panel, plot_histograms, plot_loss_vs_length, plot_with_and_without_prompt
 from pipeline.rank_keys import ALL_SOURCES, estimate_curves, with_key
 from pipeline.readers import InputError
 from pipeline.records import CorpusError, ReadStats, record_id, sample_text
@@ -299,6 +299,7 @@ def draw_figures(scores: pl.LazyFrame, bands: list[DrawnBand], icfg, sources: li
         "Loss against length (scored tokens), with the median loss at each length (rank_by=length_adjusted "
         "subtracts it) and the bands ranked by loss"
     )
+    images |= draw_with_and_without_prompt(scores, bands, icfg, work)
     for band in bands:
         if band.key == "loss":
             continue
@@ -317,6 +318,29 @@ def draw_figures(scores: pl.LazyFrame, bands: list[DrawnBand], icfg, sources: li
             title=f"loss against length, band {band.name}",
         )
         images[name] = f"Where band {band.name} (ranked by {band.key}) falls in (length, loss)"
+    return images
+
+
+def draw_with_and_without_prompt(scores: pl.LazyFrame, bands: list[DrawnBand], icfg, work: Path) -> dict:
+    """Instruction data scored with score.unconditional: loss with the prompt against without it,
+    for the whole set and with each band's kept samples drawn over it."""
+    if scores.select(pl.col("nll_sum_uncond").is_not_null().any()).collect().item() is not True:
+        return {}
+    scored = scores.filter(pl.col("nll_sum_uncond").is_not_null())
+    without = (pl.col("nll_sum_uncond") / pl.col("n_tokens")).alias("loss_without_prompt")
+    (low_with, high_with), (low_without, high_without) = (
+        value_range(scored, LOSS),
+        value_range(scored, without),
+    )
+    edges = uniform_edges(min(low_with, low_without), max(high_with, high_without), icfg.bins)
+    counts = histogram_2d(scored, without, edges, LOSS, edges)
+    images = {}
+    for band in bands or [None]:
+        kept = histogram_2d(band.kept, without, edges, LOSS, edges) if band else None
+        name = f"with_without_prompt-{band.name}.png" if band else "with_without_prompt.png"
+        title = f"band {band.name}" if band else "loss with and without the prompt"
+        plot_with_and_without_prompt(counts, edges, work / name, kept=kept, title=title)
+        images[name] = f"Each response's loss with its prompt against without it, {title}"
     return images
 
 

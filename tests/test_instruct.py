@@ -322,7 +322,7 @@ def ids_and_targets(tokenizer, messages) -> tuple[list[int], list[int]]:
 
 def test_unconditional_needs_instruction_data_and_a_context(tmp_path, tiny_model_dir):
     corpus = jsonl(tmp_path / "t.jsonl", [{"text": "the cat", "source": "s"}])
-    with pytest.raises(ConfigError, match="corpus.mode=text has no prompts"):
+    with pytest.raises(ConfigError, match=r"corpus\.mode=text has no prompts"):
         load_config(write_config(tmp_path, corpus, tiny_model_dir), ["score.unconditional=true"])
     with pytest.raises(ConfigError, match="cannot go with score_prompt"):
         load_config(
