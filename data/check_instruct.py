@@ -7,7 +7,8 @@ with the first band's decision as selected (dropped as too hard — the top —,
 too easy), then ranks the same scores by each key with that band's parameters and counts, per
 kind, the pairs in the dropped top band: by `loss`, by `ifd` (when the scores hold the
 unconditional loss, score.unconditional), and by both together (a pair dropped when it is in
-either top band). Needs `select.write_rejected: true`.
+either top band, or in either top band of half the size: about as many dropped as by one key).
+Needs `select.write_rejected: true`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.config import load_config
+from pipeline.config import BandConfig, load_config
 from pipeline.layout import Layout, part_files
 from pipeline.scores import scan_scores, score_files
 from stages.select import decide
@@ -36,21 +37,27 @@ def decisions(layout: Layout, band: str) -> dict[str, str]:
     return out
 
 
+def top_band(scores: pl.LazyFrame, band: BandConfig, key: str, skip: float, where: str) -> set[str]:
+    """The samples the band drops from the top when ranked by `key` with this skip."""
+    decided = decide(scores, dataclasses.replace(band, rank_by=key, skip=skip), where).rows
+    return set(decided.filter(pl.col("reason") == "too_hard").select("sample_id").collect()["sample_id"])
+
+
 def top_bands(cfg, layout: Layout) -> dict[str, set[str]]:
-    """The samples each key's top band drops (the first band's parameters, ranked by that key)."""
+    """The samples each key's top band drops (the first band's parameters, ranked by that key),
+    and two combinations: either top band (dropping up to twice as many), and either top band of
+    half the size (about as many dropped as by one key)."""
     scores = scan_scores(score_files(layout))
-    band = cfg.select.bands[0]
-    keys = ["loss"]
-    if scores.select(pl.col("nll_sum_uncond").is_not_null().all()).collect().item():
-        keys.append("ifd")
-    tops = {}
-    for key in keys:
-        decided = decide(scores, dataclasses.replace(band, rank_by=key), str(layout.scores_dir)).rows
-        tops[key] = set(
-            decided.filter(pl.col("reason") == "too_hard").select("sample_id").collect()["sample_id"]
-        )
-    if "ifd" in tops:
-        tops["loss or ifd"] = tops["loss"] | tops["ifd"]
+    band, where = cfg.select.bands[0], str(layout.scores_dir)
+    tops = {"loss": top_band(scores, band, "loss", band.skip, where)}
+    if not scores.select(pl.col("nll_sum_uncond").is_not_null().all()).collect().item():
+        return tops
+    tops["ifd"] = top_band(scores, band, "ifd", band.skip, where)
+    tops["loss or ifd"] = tops["loss"] | tops["ifd"]
+    half = band.skip / 2
+    tops["either, half"] = top_band(scores, band, "loss", half, where) | top_band(
+        scores, band, "ifd", half, where
+    )
     return tops
 
 
