@@ -15,7 +15,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.nll import NLLScorer
 from pipeline.records import Record
 from pipeline.samples import SamplePolicy, make_samples
-from stages import score, select, train
+from stages import inspect, score, select, train
 from tests.helpers import write_config
 from tests.test_readers import read_all
 
@@ -304,6 +304,9 @@ def test_unconditional_loss_and_ifd_equal_plain_forwards(tmp_path, chat_model_di
     assert kept["ifd"].to_list() == pytest.approx(
         [c / u for c, u in zip(conditional, expected, strict=True)], rel=1e-4
     )
+    report = inspect.run(cfg)
+    assert (report / f"with_without_prompt-{band.name}.png").stat().st_size > 5000
+    assert json.loads((report / "summary.json").read_text())["bands"][0]["key"] == "ifd"
 
 
 def ids_and_targets(tokenizer, messages) -> tuple[list[int], list[int]]:
