@@ -99,6 +99,7 @@ class ShardBatches(IterableDataset):
             skipped = Counter(stats.skipped)
             stats.skipped.clear()
             samples: list[Sample] = []
+            companions: list[Sample] = []  # responses without their prompts (score.unconditional)
             for record in window:
                 if record is None:
                     continue
@@ -108,13 +109,16 @@ class ShardBatches(IterableDataset):
                 samples.extend(made)
                 if self.policy.unconditional_ids:
                     for sample in made:
-                        samples.extend(unconditional_samples(sample, self.policy.unconditional_ids))
+                        companions.extend(unconditional_samples(sample, self.policy.unconditional_ids))
                 if reason:
                     skipped[reason] += 1
-            samples.sort(key=lambda s: -len(s.input_ids))
-            for batch in pack_batches(samples, self.score.batch_tokens):
-                meta = {name: [getattr(s, name) for s in batch] for name in META_FIELDS}
-                yield {"batch": collate(batch, self.pad_id) | {"meta": meta}, "window_end": None}
+            # packed apart: the samples' own batches (and so their bf16 numbers) are the same with
+            # or without the unconditional pass
+            for group in (samples, companions):
+                group.sort(key=lambda s: -len(s.input_ids))
+                for batch in pack_batches(group, self.score.batch_tokens):
+                    meta = {name: [getattr(s, name) for s in batch] for name in META_FIELDS}
+                    yield {"batch": collate(batch, self.pad_id) | {"meta": meta}, "window_end": None}
             yield {
                 "batch": None,
                 "window_end": position,

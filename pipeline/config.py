@@ -212,8 +212,12 @@ class ScoreConfig:
     assistant turns are each scored alone, and their NLLs summed."""
 
     unconditional_prefix: str = ""
-    """Text between BOS and each response in the unconditional pass (e.g. the chat template's
-    assistant header, `<|im_start|>assistant\n`); empty: BOS only."""
+    """The context each response is scored after in the unconditional pass, as text (special
+    tokens written out, e.g. a chat template's assistant header `<|im_start|>assistant\n`); no
+    BOS is added to it. Empty: BOS alone. With a chat template, BOS alone is a poor context (for
+    SmolLM2 it is `<|im_start|>`, after which a role name is expected): the first response tokens
+    then cost tens of nats the prompt never explains, an offset per turn that makes IFD grow with
+    the response's length."""
 
     def __post_init__(self) -> None:
         _require(self.max_tokens >= 2, "max_tokens", f"must be >= 2, got {self.max_tokens}")
@@ -692,6 +696,13 @@ class Config:
             not self.score.unconditional or self.corpus.mode != "text",
             "score.unconditional",
             "scores responses without their prompts; corpus.mode=text has no prompts",
+        )
+        uses_ifd = [b.resolved_name() for b in self.select.bands if b.rank_by == "ifd"]
+        uses_ifd += [arm for arm in self.compare.arms if arm.endswith(".ifd")]
+        _require(
+            not uses_ifd or self.score.unconditional,
+            "score.unconditional",
+            f"must be true for rank_by=ifd ({', '.join(uses_ifd)}): ifd needs each response scored without its prompt",
         )
         _require(
             self.inspect.name != self.compare.name,

@@ -45,6 +45,7 @@ def _share(part: int, whole: int) -> str:
 
 def _examples(regions: list[dict[str, Any]], key: str = "loss") -> str:
     parts = []
+    with_ifd = key != "ifd" and any(row.get("ifd") is not None for r in regions for row in r["rows"])
     for region, rows in ((r["region"], r["rows"]) for r in regions):
         parts.append(f"<h4>{escape(region)}</h4>")
         if not rows:
@@ -57,12 +58,15 @@ def _examples(regions: list[dict[str, Any]], key: str = "loss") -> str:
             else:
                 text = f"<pre>{escape(row['text'])}{'…' if row.get('text_cut') else ''}</pre>"
             key_cell = f"<td>{row[key]:.3f}</td>" if key != "loss" else ""
+            if with_ifd:  # instruction data scored without prompts too: the plain ratio
+                key_cell += f"<td>{row['ifd']:.3f}</td>" if row.get("ifd") is not None else "<td>-</td>"
             body.append(
                 f"<tr>{key_cell}<td>{row['loss']:.3f}</td><td>{row['n_tokens']:,}</td>"
                 f'<td class="l">{escape(row["source"])}</td><td class="l">{escape(row["sample_id"])}</td>'
                 f'<td class="l">{text}</td></tr>'
             )
-        columns = ([key] if key != "loss" else []) + ["loss", "tokens", "source", "sample_id", "text"]
+        columns = ([key] if key != "loss" else []) + (["ifd"] if with_ifd else [])
+        columns += ["loss", "tokens", "source", "sample_id", "text"]
         head = "".join(f"<th>{h}</th>" for h in columns)
         parts.append(f"<table><tr>{head}</tr>{''.join(body)}</table>")
     return "\n".join(parts)

@@ -88,8 +88,8 @@ class SamplePolicy:
     prompt_format: str = "chat_template"
     score_prompt: bool = False
     unconditional_ids: tuple[int, ...] = ()
-    """score.unconditional: the context each response is scored after without its prompt (BOS and
-    the prefix's tokens); empty when off."""
+    """score.unconditional: the context each response is scored after without its prompt (the
+    prefix's tokens, or BOS); empty when off."""
 
     @classmethod
     def of(cls, score: ScoreConfig, tokenizer, *, max_tokens: int | None = None) -> SamplePolicy:
@@ -99,7 +99,9 @@ class SamplePolicy:
         unconditional: tuple[int, ...] = ()
         if score.unconditional and not max_tokens:
             prefix = tokenizer(score.unconditional_prefix, add_special_tokens=False)["input_ids"]
-            unconditional = (*([] if bos_id is None else [bos_id]), *prefix)
+            unconditional = (
+                tuple(prefix) if score.unconditional_prefix else (() if bos_id is None else (bos_id,))
+            )
             if not unconditional:
                 raise ConfigError(
                     f"score.unconditional: {tokenizer.name_or_path} has no BOS token (or score.add_bos is off), "
@@ -285,7 +287,7 @@ def unconditional_samples(sample: Sample, context: tuple[int, ...]) -> list[Samp
     unconditional NLL over exactly its targets.
 
         conditional     <sys> <user> question <asst> answer-1 <end> <user> more <asst> answer-2 <end>
-        unconditional   BOS answer-1 <end>          BOS answer-2 <end>       (targets: the same tokens)
+        unconditional   <ctx> answer-1 <end>        <ctx> answer-2 <end>     (targets: the same tokens)
     """
     return [
         dataclasses.replace(

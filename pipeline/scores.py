@@ -137,7 +137,7 @@ def window_table(
     meta = {k: [v for v, keep in zip(column, main, strict=True) if keep] for k, column in meta.items()}
     nll_sum, n_tokens, max_nll = values[0], values[1].astype(np.int32), values[2].astype(np.float32)
     nll_uncond = np.array([uncond.get(sid, np.nan) for sid in meta["sample_id"]]) if uncond else None
-    finite = np.isfinite(nll_sum) & (np.isfinite(nll_uncond) if nll_uncond is not None else True)
+    finite = np.isfinite(nll_sum)
     bad = [sid for sid, ok in zip(meta["sample_id"], finite, strict=True) if not ok]
     columns = {
         "sample_id": meta["sample_id"],
@@ -154,7 +154,10 @@ def window_table(
         "truncated": np.asarray(meta["truncated"], dtype=bool),
         "record_hash": np.asarray(meta["record_hash"], dtype=np.int64),
         "n_bytes": np.asarray(meta["n_bytes"], dtype=np.int64),
-        "nll_sum_uncond": nll_uncond if nll_uncond is not None else pa.nulls(len(nll_sum), pa.float64()),
+        # a non-finite unconditional NLL is left null: the sample still ranks by loss, and ifd refuses it
+        "nll_sum_uncond": pa.array(nll_uncond, mask=~np.isfinite(nll_uncond))
+        if nll_uncond is not None
+        else pa.nulls(len(nll_sum), pa.float64()),
     }
     table = pa.Table.from_pydict(columns, schema=SCORE_SCHEMA)
     return (table.filter(pa.array(finite)) if bad else table), bad

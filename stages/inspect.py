@@ -131,7 +131,8 @@ def example_regions(scores: pl.LazyFrame, band: DrawnBand | None, k: int) -> dic
     lowest = ranked.bottom_k(k, by=[key, "sample_id"])
     highest = ranked.top_k(k, by=[key, "sample_id"])
     median = band.kept.select(value.median()).collect().item()
-    columns = list(dict.fromkeys([*EXAMPLE_COLUMNS, key]))
+    present = band.kept.collect_schema().names()  # a band selected by an older midrank lacks some
+    columns = list(dict.fromkeys([*EXAMPLE_COLUMNS, key, *(c for c in KEY_COLUMNS if c in present)]))
     inside = band.kept.filter(value >= median).bottom_k(k, by=key).select(columns)
     if band.interval is None:
         return {f"lowest {key}": lowest, "kept (around its median)": inside, f"highest {key}": highest}
@@ -358,6 +359,13 @@ def draw_key_histogram(scores: pl.LazyFrame, band: DrawnBand, icfg, sources: lis
     return {name: f"{band.key} per ranked sample, {title}"}
 
 
+def with_ifd(rows: pl.LazyFrame) -> pl.LazyFrame:
+    """The plain ratio nll_sum / nll_sum_uncond beside each example, where the scores have both."""
+    if not {"nll_sum", "nll_sum_uncond"} <= set(rows.collect_schema().names()):
+        return rows
+    return rows.with_columns(ifd=pl.col("nll_sum") / pl.col("nll_sum_uncond"))
+
+
 def examples_by_band(
     cfg: Config, scores: pl.LazyFrame, bands: list[DrawnBand], provenance: dict
 ) -> list[tuple]:
@@ -368,7 +376,8 @@ def examples_by_band(
             [
                 {
                     "region": r,
-                    "rows": f.drop(KEY_COLUMNS, strict=False)
+                    "rows": with_ifd(f)
+                    .drop(KEY_COLUMNS, strict=False)
                     .sort(band.key if band else "loss", "sample_id")
                     .collect()
                     .to_dicts(),
