@@ -332,3 +332,28 @@ def test_unconditional_needs_instruction_data_and_a_context(tmp_path, tiny_model
             write_config(tmp_path, corpus, tiny_model_dir),
             ["score.unconditional=true", "score.score_prompt=true"],
         )
+
+
+def test_a_prefix_is_the_whole_unconditional_context_and_scores_do_not_move(
+    tmp_path, chat_model_dir, chat_model
+):
+    model, tokenizer = chat_model
+    rows = [
+        {"prompt": f"where is cat {i}", "response": "on the mat " * (1 + i % 3), "source": "s"}
+        for i in range(6)
+    ]
+    pairs = jsonl(tmp_path / "pairs.jsonl", rows)
+    config = write_config(tmp_path, pairs, chat_model_dir)
+    base = ["corpus.mode=prompt_response", "score.prompt_format=plain"]
+    with_prefix = [*base, "score.unconditional=true", "score.unconditional_prefix=\"<|im_start|>assistant\\n\""]
+    score.run(load_config(config, [*with_prefix, f"out_dir={tmp_path / 'with'}"]))
+    score.run(load_config(config, [*base, f"out_dir={tmp_path / 'without'}"]))
+    scored = pl.read_parquet(tmp_path / "with" / "scores" / "part-*.parquet").sort("sample_id")
+    plain = pl.read_parquet(tmp_path / "without" / "scores" / "part-*.parquet").sort("sample_id")
+    assert scored["nll_sum"].to_list() == plain["nll_sum"].to_list()  # the extra pass changes nothing
+    context = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    for row, record in zip(scored.iter_rows(named=True), rows, strict=True):
+        response = tokenizer(record["response"], add_special_tokens=False)["input_ids"]
+        ids = [*context, *response]  # no BOS before the prefix
+        expected = nll_restricted(model, ids, list(range(len(context), len(ids))))
+        assert row["nll_sum_uncond"] == pytest.approx(expected, abs=1e-4)
