@@ -345,7 +345,7 @@ def test_a_prefix_is_the_whole_unconditional_context_and_scores_do_not_move(
     pairs = jsonl(tmp_path / "pairs.jsonl", rows)
     config = write_config(tmp_path, pairs, chat_model_dir)
     base = ["corpus.mode=prompt_response", "score.prompt_format=plain"]
-    with_prefix = [*base, "score.unconditional=true", "score.unconditional_prefix=\"<|im_start|>assistant\\n\""]
+    with_prefix = [*base, "score.unconditional=true", 'score.unconditional_prefix="<|im_start|>assistant\\n"']
     score.run(load_config(config, [*with_prefix, f"out_dir={tmp_path / 'with'}"]))
     score.run(load_config(config, [*base, f"out_dir={tmp_path / 'without'}"]))
     scored = pl.read_parquet(tmp_path / "with" / "scores" / "part-*.parquet").sort("sample_id")
