@@ -19,11 +19,11 @@ import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 
-from pipeline.rank_keys import RankKey
+from pipeline.rank_keys import RANK_KEYS, RankKey
 
 
 class ConfigError(ValueError):
@@ -329,9 +329,9 @@ class BandConfig:
         _require_name(self.match, "match", optional=self.strategy != "length_matched")
         _require(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
         _require(
-            self.rank_by in get_args(RankKey),
+            self.rank_by in RANK_KEYS,
             "rank_by",
-            f"must be one of {list(get_args(RankKey))}, got {self.rank_by!r}",
+            f"must be one of {list(RANK_KEYS)}, got {self.rank_by!r}",
         )
         _require(
             not self.adjust_by_source or self.rank_by == "length_adjusted",
@@ -640,9 +640,9 @@ class CompareConfig:
             base, _, key = arm.partition(".")
             _require(base in COMPARE_ARMS, "arms", f"unknown arm {arm!r}; one of {list(COMPARE_ARMS)}")
             _require(
-                not arm.endswith(".") and (not key or key in get_args(RankKey)),
+                not arm.endswith(".") and (not key or key in RANK_KEYS),
                 "arms",
-                f"{arm!r}: unknown rank key {key!r}; one of {list(get_args(RankKey))}",
+                f"{arm!r}: unknown rank key {key!r}; one of {list(RANK_KEYS)}",
             )
             _require(key != "loss", "arms", f"{arm!r}: loss is every arm's default key; write {base!r}")
             _require(

@@ -87,7 +87,8 @@ class NLLScorer:
         if self._buffer is None or self._buffer.shape[0] < n or self._buffer.dtype != hidden.dtype:
             rows = max(n, self.head_chunk_tokens)
             self._buffer = torch.empty((rows, vocab), dtype=hidden.dtype, device=hidden.device)
-            self._buffer32 = torch.empty((rows, vocab), dtype=torch.float32, device=hidden.device)
+            if hidden.dtype != torch.float32:  # fp32 logits are used where they are written
+                self._buffer32 = torch.empty((rows, vocab), dtype=torch.float32, device=hidden.device)
         torch.mm(hidden, self.head.weight.t(), out=self._buffer[:n])
         if hidden.dtype == torch.float32:
             return self._buffer[:n]

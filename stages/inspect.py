@@ -363,7 +363,7 @@ def with_ifd(rows: pl.LazyFrame) -> pl.LazyFrame:
     """The plain ratio nll_sum / nll_sum_uncond beside each example, where the scores have both."""
     if not {"nll_sum", "nll_sum_uncond"} <= set(rows.collect_schema().names()):
         return rows
-    return rows.with_columns(ifd=pl.col("nll_sum") / pl.col("nll_sum_uncond"))
+    return with_key(rows, "ifd")
 
 
 def examples_by_band(

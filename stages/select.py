@@ -141,8 +141,8 @@ def source_mix(summary: pl.DataFrame) -> dict[str, SourceCount]:
     return {row["source"]: SourceCount(row["samples"], row["tokens"]) for row in grouped.to_dicts()}
 
 
-def manifest_for(cfg: Config, band_cfg: BandConfig, band: Pending, provenance: dict) -> BandManifest:
-    summary = band.summary
+def manifest_for(cfg: Config, band: Pending, provenance: dict) -> BandManifest:
+    band_cfg, summary = band.config, band.summary
     kept = summary.filter(pl.col("kept"))
     rejected = summary.filter(~pl.col("kept")).group_by("reason").agg(pl.col("samples").sum())
     if band_cfg.strategy == "length_matched":  # not a band of the ranking: a sample of it, by lengths
@@ -281,10 +281,13 @@ def write_bands(cfg: Config, layout: Layout, plan: ShardPlan, pending: dict[str,
         for name, band in pending.items():
             paths = layout.band(name)
             part = band.decided.filter(pl.col("shard") == shard).collect()
-            mode = cfg.corpus.mode
-            write_part(part.filter(pl.col("kept")).drop("kept", "reason"), records, paths.dir, shard, mode)
+            write_part(
+                part.filter(pl.col("kept")).drop("kept", "reason"), records, paths.dir, shard, cfg.corpus.mode
+            )
             if cfg.select.write_rejected:
-                write_part(part.filter(~pl.col("kept")).drop("kept"), records, paths.rejected, shard, mode)
+                write_part(
+                    part.filter(~pl.col("kept")).drop("kept"), records, paths.rejected, shard, cfg.corpus.mode
+                )
 
 
 def finish_band(cfg: Config, layout: Layout, name: str, band: Pending, provenance: dict) -> None:
@@ -293,7 +296,7 @@ def finish_band(cfg: Config, layout: Layout, name: str, band: Pending, provenanc
     if cfg.select.jsonl:
         frame = pl.read_parquet(part_files(paths.dir))
         frame.select("sample_id", "source", "loss", "text").write_ndjson(paths.jsonl)
-    manifest = manifest_for(cfg, band.config, band, provenance)
+    manifest = manifest_for(cfg, band, provenance)
     save_config(cfg, paths.dir)
     manifest.write(paths.manifest)
     get_logger().info(
