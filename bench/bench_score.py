@@ -135,17 +135,57 @@ def child(args: argparse.Namespace) -> None:
 
 
 def spawn(kind: str, model: str, corpus: Path, work: Path, dtype: str = "float32", run: str = "") -> dict:
+    """A contender in its own process; `wall_s` is process start to results on disk."""
     tag = f"{kind}-{dtype}-{Path(model).name}-{corpus.stem}{run}"
     result = work / f"{tag}.json"
     command = [sys.executable, __file__, "--child", kind, "--model", model, "--corpus", str(corpus)]
     command += ["--dtype", dtype, "--out-dir", str(work / f"out-{tag}"), "--result", str(result)]
+    started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, stderr=subprocess.PIPE, text=True, check=False)
+    wall = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"{kind} run failed:\n{done.stderr[-3000:]}")
     out = json.loads(result.read_text())
     out["losses"] = {int(k): v for k, v in out["losses"].items()}
     out["tokens_per_s"] = out["tokens"] / out["seconds"]
+    out["wall_s"] = wall
     return out
+
+
+def token_ids(model_dir: str, corpus: Path) -> list[list[int]]:
+    """Each document's ids as midrank scores them: BOS, then the text, cut to MAX_TOKENS."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [
+        [tokenizer.bos_token_id, *tokenizer(d["text"], add_special_tokens=False).input_ids][:MAX_TOKENS]
+        for d in read_docs(corpus)
+    ]
+
+
+def spawn_vllm(python: str, model: str, corpus: Path, work: Path) -> dict:
+    """vLLM in its own virtual environment, on the ids midrank scores; `wall_s` as in spawn."""
+    docs, result = work / "vllm-docs.json", work / "vllm-result.json"
+    ids = token_ids(model, corpus)
+    docs.write_text(json.dumps(ids))
+    command = [python, str(ROOT / "bench" / "vllm_peer.py"), "--model", model, "--docs", str(docs)]
+    command += ["--out", str(result)]
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"vLLM run failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    out = json.loads(result.read_text())
+    tokens = sum(out["n_tokens"])
+    return {
+        "losses": {
+            i: s / max(n, 1) for i, (s, n) in enumerate(zip(out["nll_sum"], out["n_tokens"], strict=True))
+        },
+        "tokens": tokens,
+        "wall_s": wall,
+        "steady_tokens_per_s": tokens / out["score_s"],
+        "engine_start_s": out["engine_start_s"],
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,6 +233,40 @@ def write_corpus(docs: list[dict], path: Path) -> Path:
     return path
 
 
+def compare_vllm(
+    python: str, name: str, model_dir: str, corpus: Path, work: Path, mine: dict, params: int, peaks: dict
+) -> None:
+    """vLLM beside midrank bf16 on the same documents and targets: end to end (process start to
+    scores on disk), steady state (after start-up), MFU, and how far the rankings agree."""
+    peer = spawn_vllm(python, model_dir, corpus, work)
+    if peer["tokens"] != mine["tokens"]:
+        sys.exit(
+            f"vLLM scored {peer['tokens']:,} targets, midrank {mine['tokens']:,}: not the same documents"
+        )
+    peak = peaks["bfloat16"]
+    rows = {
+        "(b) midrank bf16": (mine["tokens"] / mine["wall_s"], mine["tokens_per_s"], mine["wall_s"]),
+        "(c) vLLM bf16": (peer["tokens"] / peer["wall_s"], peer["steady_tokens_per_s"], peer["wall_s"]),
+    }
+    print(f"{name:12s} {'run':16s} {'end to end':>11s} {'steady':>9s} {'MFU':>6s} {'wall':>7s}  (tokens/s)")
+    for label, (end_to_end, steady, wall) in rows.items():
+        print(
+            f"{name:12s} {label:16s} {end_to_end:11,.0f} {steady:9,.0f} {2 * params * steady / peak:6.1%} {wall:6.1f}s"
+        )
+    (ours_e2e, ours_steady, _), (theirs_e2e, theirs_steady, _) = rows.values()
+    ids = sorted(mine["losses"])
+    ours = np.array([mine["losses"][i] for i in ids])
+    theirs = np.array([peer["losses"][i] for i in ids])
+    rho = np.corrcoef(ranks(ours), ranks(theirs))[0, 1]
+    a, b = band(ours), band(theirs)
+    print(
+        f"{name:12s} midrank / vLLM: end to end {ours_e2e / theirs_e2e:.2f}x, steady state "
+        f"{ours_steady / theirs_steady:.2f}x (vLLM engine start-up {peer['engine_start_s']:.0f}s); losses "
+        f"differ by up to {np.abs(ours - theirs).max():.3f} nats/token, Spearman {rho:.4f}, MidRanking band "
+        f"membership differs for {len(a ^ b) // 2} of {len(a)} samples\n"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -205,6 +279,12 @@ def main() -> None:
     parser.add_argument("--embedded-model", default="data/models/smollm2-135m")
     parser.add_argument(
         "--memory-scale", type=int, default=10, help="corpus multiple for the RSS check (0: skip)"
+    )
+    peers = ROOT / ".venv-peers" / "bin" / "python"
+    parser.add_argument(
+        "--vllm-python",
+        default=str(peers) if peers.exists() else "",
+        help="the python of vLLM's own environment (`make bench-peers`); empty: no vLLM run",
     )
     for hidden in ("--child", "--model", "--dtype", "--out-dir", "--result"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -269,6 +349,10 @@ def main() -> None:
                 f"{name:12s} bf16 vs fp32: Spearman {rho:.4f}; MidRanking band (skip 10%, keep 30%) "
                 f"membership differs for {len(a ^ b) // 2} of {len(a)} samples; {params / 1e6:.1f}M parameters\n"
             )
+            if args.vllm_python:
+                compare_vllm(
+                    args.vllm_python, name, model_dir, corpus, work, runs["(b) midrank bf16"], params, peaks
+                )
         if args.memory_scale:
             # Peak RSS varies from run to run (transient allocations inside PyTorch's CPU kernels),
             # so each size runs twice and both peaks are printed.

@@ -1,13 +1,24 @@
-"""Benchmark the selection maths against the naive approach, on synthetic score shards.
+"""Benchmark selection at scale against the tools a user would otherwise pick, on synthetic scores.
 
-    .venv/bin/python bench/bench_select.py                 # 10M samples in 20 shards
-    .venv/bin/python bench/bench_select.py --samples 1000000
+    .venv/bin/python bench/bench_select.py                          # 10M samples
+    .venv/bin/python bench/bench_select.py --samples 10M,100M,1B --data /big/disk/bench-select
 
-(a) naive: pandas reads every score file whole, sorts by loss (ties by sample_id) and slices the
-    MidRanking band by position.
-(b) midrank: `pipeline.selection.select` as a lazy Polars query over the same files (the columns
-    selection needs only), then the kept ids.
-Each runs in its own process, so peak RSS is its own; both must keep the same set of samples.
+Each size's score shards (sample_id, source, n_tokens, loss with three decimals, so many ties;
+1M rows a shard, the columns selection reads) are generated once under --data and reused. The
+task: the MidRanking band (skip 10%, keep 50%, by samples, ranked by loss descending, ties by
+sample_id ascending) written as the kept sample_ids to Parquet. Each arm runs in its own process,
+so its peak RSS is its own:
+
+(a) pandas: read every file, sort, slice by position (only up to --in-memory-max samples: it holds
+    everything, ~260 bytes a sample).
+(b) DuckDB: `ORDER BY loss DESC, sample_id LIMIT keep OFFSET skip` over read_parquet, COPY to
+    Parquet, with its default settings (memory limit 80% of RAM, spilling to disk beyond).
+(c) DuckDB with memory_limit --duckdb-limit: held to midrank's memory target.
+(d) Polars: a lazy sort and slice, sunk to Parquet (its streaming engine sorts in memory).
+(e) midrank: pipeline.selection.select (histogram passes, then a streaming filter), sunk to Parquet.
+
+The kept sets must be identical: compared whole up to 10M samples, above that by count and two
+order-independent 64-bit fingerprints (sums of seeded hashes of the kept sample_ids).
 """
 
 from __future__ import annotations
@@ -16,9 +27,9 @@ import argparse
 import json
 import math
 import resource
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -28,125 +39,202 @@ import polars as pl
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SKIP, KEEP = 0.1, 0.5
+SKIP, KEEP = "0.1", "0.5"
+ROWS_PER_SHARD = 1_000_000
+SOURCES = ["web", "code", "books", "wiki"]
 
 
-def sample_ids(start: int, stop: int) -> pl.Series:
-    index = pl.int_range(start, stop, eager=True)
-    return "corpus/part-" + (index // 100_000).cast(pl.String) + ".jsonl:" + (index % 100_000).cast(pl.String)
+def count(text: str) -> int:
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9}
+    return int(float(text[:-1]) * scale[text[-1].upper()]) if text[-1].upper() in scale else int(text)
 
 
-def make_shards(directory: Path, samples: int, shards: int) -> list[Path]:
-    """Score files shaped like stage one's, with tied losses (3 decimals) and 4 sources."""
-    rng = np.random.default_rng(0)
-    files = []
-    per_shard = samples // shards
-    for shard in range(shards):
-        n_tokens = rng.integers(2, 512, per_shard).astype(np.int32)
-        nll_sum = np.round(rng.gamma(4.0, 0.8, per_shard), 3) * n_tokens
-        frame = pl.DataFrame(
-            {
-                "sample_id": sample_ids(shard * per_shard, (shard + 1) * per_shard),
-                "shard": np.full(per_shard, shard, dtype=np.int32),
-                "source": rng.choice(["web", "code", "books", "wiki"], per_shard),
-                "window": np.zeros(per_shard, dtype=np.int32),
-                "n_tokens": n_tokens,
-                "nll_sum": nll_sum,
-                "loss": nll_sum / n_tokens,
-                "max_token_nll": rng.uniform(0, 20, per_shard).astype(np.float32),
-                "n_chars": n_tokens * 4,
-                "char_start": np.zeros(per_shard, dtype=np.int32),
-                "char_end": n_tokens * 4,
-                "truncated": np.zeros(per_shard, dtype=bool),
-            }
-        )
-        path = directory / f"part-{shard:05d}.parquet"
-        frame.write_parquet(path)
-        files.append(path)
+def shard_frame(shard: int, rows: int) -> pl.DataFrame:
+    rng = np.random.default_rng(shard)
+    n_tokens = rng.integers(2, 512, rows).astype(np.int32)
+    index = pl.int_range(0, rows, eager=True)
+    return pl.DataFrame(
+        {
+            "sample_id": f"corpus/part-{shard:05d}.jsonl:" + index.cast(pl.String),
+            "source": rng.choice(SOURCES, rows),
+            "n_tokens": n_tokens,
+            "loss": np.round(rng.gamma(4.0, 0.8, rows), 3),
+        }
+    )
+
+
+def make_shards(directory: Path, samples: int) -> list[Path]:
+    """The size's shards, generated unless a finished set is there (a `done` marker written last)."""
+    done = directory / "done"
+    shards = math.ceil(samples / ROWS_PER_SHARD)
+    files = [directory / f"part-{shard:05d}.parquet" for shard in range(shards)]
+    if done.is_file() and done.read_text() == str(samples):
+        return files
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    started = time.perf_counter()
+    for shard, path in enumerate(files):
+        rows = min(ROWS_PER_SHARD, samples - shard * ROWS_PER_SHARD)
+        shard_frame(shard, rows).write_parquet(path)
+        if shard % 50 == 49:
+            rate = (shard + 1) / (time.perf_counter() - started)
+            print(
+                f"  generated {shard + 1}/{shards} shards, {(shards - shard - 1) / rate:.0f}s left",
+                flush=True,
+            )
+    done.write_text(str(samples))
     return files
 
 
-def run_naive(files: list[str], out: Path) -> int:
+def band_rows(n: int) -> tuple[int, int]:
+    """[first, last) positions of the band, in exact rationals of the decimals as written."""
+    skip, keep = Fraction(SKIP), Fraction(KEEP)
+    return math.ceil(skip * n), math.ceil((skip + keep) * n)
+
+
+def run_pandas(pattern: str, n: int, out: Path) -> None:
     import pandas as pd
 
-    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    files = sorted(Path(pattern).parent.glob(Path(pattern).name))
+    frame = pd.concat([pd.read_parquet(f, columns=["sample_id", "loss"]) for f in files], ignore_index=True)
     frame = frame.sort_values(["loss", "sample_id"], ascending=[False, True], kind="stable")
-    n = len(frame)
-    skip, keep = Fraction(str(SKIP)), Fraction(str(KEEP))
-    kept = frame[["sample_id"]].iloc[math.ceil(skip * n) : math.ceil((skip + keep) * n)]
-    kept.to_parquet(out)
-    return len(kept)
+    first, last = band_rows(n)
+    frame[["sample_id"]].iloc[first:last].to_parquet(out)
 
 
-def run_midrank(files: list[str], out: Path) -> int:
+def run_duckdb(pattern: str, n: int, out: Path, limit: str | None) -> None:
+    import duckdb
+
+    connection = duckdb.connect(config={"temp_directory": str(out.parent / "duckdb.tmp")})
+    if limit:
+        connection.execute(f"SET memory_limit = '{limit}'")
+    connection.execute("SET preserve_insertion_order = false")
+    first, last = band_rows(n)
+    connection.execute(
+        f"COPY (SELECT sample_id FROM read_parquet('{pattern}') ORDER BY loss DESC, sample_id "
+        f"LIMIT {last - first} OFFSET {first}) TO '{out}' (FORMAT parquet)"
+    )
+
+
+def run_polars(pattern: str, n: int, out: Path) -> None:
+    first, last = band_rows(n)
+    ordered = pl.scan_parquet(pattern).sort(["loss", "sample_id"], descending=[True, False])
+    ordered.slice(first, last - first).select("sample_id").sink_parquet(out)
+
+
+def run_midrank(pattern: str, n: int, out: Path) -> None:
     from pipeline.selection import band_for, select
 
-    scores = pl.scan_parquet(files).select("sample_id", "loss")  # what a samples-measured band needs
-    decided = select(scores, band_for("midranking", skip=SKIP, keep=KEEP))
-    kept = decided.filter(pl.col("kept")).select("sample_id").collect()
-    kept.write_parquet(out)
-    return kept.height
+    scores = pl.scan_parquet(pattern).select("sample_id", "loss")  # what a band by samples reads
+    decided = select(scores, band_for("midranking", skip=float(SKIP), keep=float(KEEP)))
+    decided.filter(pl.col("kept")).select("sample_id").sink_parquet(out)
 
 
-def same_ids(a: Path, b: Path) -> bool:
-    ids = [pl.read_parquet(p)["sample_id"].sort() for p in (a, b)]
-    return ids[0].equals(ids[1])
-
-
-def child(kind: str, files: list[str], result: Path) -> None:
+def child(arm: str, pattern: str, n: int, out: Path, limit: str | None) -> None:
     started = time.perf_counter()
-    kept = (run_naive if kind == "naive" else run_midrank)(files, result.with_suffix(".parquet"))
+    if arm == "pandas":
+        run_pandas(pattern, n, out)
+    elif arm.startswith("duckdb"):
+        run_duckdb(pattern, n, out, limit if arm == "duckdb-limited" else None)
+    elif arm == "polars-sort":
+        run_polars(pattern, n, out)
+    else:
+        run_midrank(pattern, n, out)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result.write_text(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "kept": kept}))
+    out.with_suffix(".json").write_text(json.dumps({"seconds": seconds, "peak_rss_mb": peak}))
+
+
+def fingerprint(path: Path) -> tuple[int, int, int]:
+    """Count and two order-independent fingerprints of a set of sample_ids, streamed."""
+    ids = pl.scan_parquet(path).select("sample_id")
+    low = [
+        (pl.col("sample_id").hash(seed) & 0xFFFFFFFF).cast(pl.Int64).sum().alias(f"h{seed}")
+        for seed in (1, 2)
+    ]
+    return ids.select(pl.len(), *low).collect().row(0)
+
+
+def same_set(a: Path, b: Path, n: int) -> bool:
+    if n <= 10_000_000:
+        ids = [pl.read_parquet(p)["sample_id"].sort() for p in (a, b)]
+        return ids[0].equals(ids[1])
+    return fingerprint(a) == fingerprint(b)
+
+
+def bench_size(data: Path, n: int, args: argparse.Namespace) -> None:
+    directory = data / f"{n}"
+    started = time.perf_counter()
+    files = make_shards(directory, n)
+    made = time.perf_counter() - started
+    size = sum(f.stat().st_size for f in files) / 1e9
+    print(
+        f"\n## {n:,} samples: {len(files)} shards, {size:.2f} GB on disk (ready in {made:.0f}s)", flush=True
+    )
+    arms = [a for a in args.arms.split(",") if a not in ("pandas", "polars-sort") or n <= args.in_memory_max]
+    work = data / "out"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    results = {}
+    for arm in arms:
+        out = work / f"{arm}.parquet"
+        command = [sys.executable, __file__, "--child", arm, "--pattern", str(directory / "*.parquet")]
+        command += ["--n", str(n), "--out", str(out), "--duckdb-limit", args.duckdb_limit]
+        finished = subprocess.run(command, cwd=ROOT)
+        if finished.returncode:
+            print(f"{arm:16s} failed (exit {finished.returncode})", flush=True)
+            continue
+        results[arm] = json.loads(out.with_suffix(".json").read_text())
+        r = results[arm]
+        print(f"{arm:16s} {r['seconds']:9.1f}s {r['peak_rss_mb']:10,.0f} MB peak RSS", flush=True)
+    if "midrank" not in results:
+        sys.exit("bench_select: the midrank arm did not finish")
+    mine = results["midrank"]
+    kept = band_rows(n)[1] - band_rows(n)[0]
+    for arm, r in results.items():
+        if arm == "midrank":
+            continue
+        same = same_set(work / "midrank.parquet", work / f"{arm}.parquet", n)
+        print(
+            f"midrank vs {arm}: time {r['seconds'] / mine['seconds']:.2f}x faster, peak RSS "
+            f"{mine['peak_rss_mb'] / r['peak_rss_mb']:.0%} of it, same kept set: {same}"
+        )
+        if not same:
+            sys.exit(f"bench_select: midrank kept another set of samples than {arm}")
+    got = fingerprint(work / "midrank.parquet")[0]
+    if got != kept:
+        sys.exit(f"bench_select: midrank kept {got:,} samples, the band holds {kept:,}")
+    shutil.rmtree(work)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=10_000_000)
-    parser.add_argument("--shards", type=int, default=20)
+    parser.add_argument("--samples", default="10M", help="sizes, comma-separated: 20000,10M,100M,1B")
+    parser.add_argument(
+        "--data", type=Path, default=ROOT / "runs" / "bench-select", help="where the shards are kept"
+    )
+    parser.add_argument("--arms", default="pandas,polars-sort,duckdb,duckdb-limited,midrank")
+    parser.add_argument(
+        "--pandas-max",
+        type=count,
+        default=100_000_000,
+        help="largest size the in-memory arms (pandas, Polars) run on",
+    )
+    parser.add_argument("--duckdb-limit", default="2GB", help="memory_limit of the duckdb-limited arm")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--files", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--pattern", help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.files.split(","), Path(args.result))
+        child(args.child, args.pattern, args.n, args.out, args.duckdb_limit)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        started = time.perf_counter()
-        files = make_shards(work, args.samples, args.shards)
-        size = sum(f.stat().st_size for f in files) / 1e6
-        print(
-            f"# bench/bench_select.py — {args.samples:,} samples in {args.shards} shards ({size:,.0f} MB), made in {time.perf_counter() - started:.0f}s"
-        )
-        print(f"# MidRanking skip {SKIP:.0%}, keep {KEEP:.0%}, ranked by loss (ties by sample_id)")
-        results = {}
-        for kind in ("naive", "midrank"):
-            result = work / f"{kind}.json"
-            command = [
-                sys.executable,
-                __file__,
-                "--child",
-                kind,
-                "--files",
-                ",".join(map(str, files)),
-                "--result",
-                str(result),
-            ]
-            subprocess.run(command, check=True, cwd=ROOT)
-            results[kind] = json.loads(result.read_text())
-        naive, mine = results["naive"], results["midrank"]
-        print(f"{'run':22s} {'seconds':>8s} {'peak RSS':>10s} {'kept':>11s}")
-        for label, r in (("(a) naive pandas", naive), ("(b) midrank polars", mine)):
-            print(f"{label:22s} {r['seconds']:8.1f} {r['peak_rss_mb']:8,.0f}MB {r['kept']:11,d}")
-        same = same_ids(work / "naive.parquet", work / "midrank.parquet")
-        print(
-            f"speed-up {naive['seconds'] / mine['seconds']:.1f}x, peak RSS {mine['peak_rss_mb'] / naive['peak_rss_mb']:.0%} of naive, "
-            f"same kept set: {same}"
-        )
-        if not same:
-            sys.exit("bench_select: midrank kept another set of samples than the naive sort")
+    print(
+        f"# bench/bench_select.py — MidRanking skip {float(SKIP):.0%}, keep {float(KEEP):.0%} by samples, "
+        "ranked by loss (ties by sample_id); time and peak RSS of each arm in its own process"
+    )
+    for n in map(count, args.samples.split(",")):
+        bench_size(args.data, n, args)
 
 
 if __name__ == "__main__":

@@ -502,6 +502,10 @@ class TrainConfig:
     save_total_limit: int = 2
     logging_steps: int = 10
     gradient_checkpointing: bool = False
+    head_chunk_tokens: int = 1024
+    """Target tokens per LM-head chunk in the training loss, each chunk's logits recomputed in the
+    backward pass, so full-vocabulary logits never exist; 0 computes them all (the model's own
+    forward). Taken as 0 under FSDP/DeepSpeed and for models whose logits are not lm_head(hidden)."""
     fsdp: str = ""
     """Passed to transformers' TrainingArguments.fsdp (e.g. "full_shard auto_wrap") on GPUs."""
 
@@ -542,6 +546,9 @@ class TrainConfig:
             _require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         _require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
         _require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(
+            self.head_chunk_tokens >= 0, "head_chunk_tokens", f"must be >= 0, got {self.head_chunk_tokens}"
+        )
         _require(self.eval_max_samples >= 0, "eval_max_samples", f"must be >= 0, got {self.eval_max_samples}")
         _require(self.eval_max_tokens >= 2, "eval_max_tokens", f"must be >= 2, got {self.eval_max_tokens}")
         _require_name(self.name, "name", optional=True)

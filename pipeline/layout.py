@@ -12,6 +12,7 @@
       reports/<name>/    index.html, *.png, summary.json, config.yaml (compare: table.md, results.json, deltas.png)
       train/<run>/       model/, checkpoints/, metrics.json, selection_manifest.json, config.yaml
       train/.eval-before/<hash>.json   the starting model's held-out evaluation, shared by runs
+      .exchange/select/<job>/  the partial histograms of a select job on several ranks, removed at its end
 
 Stages ask the layout for paths and never join names under `out_dir` themselves, so renaming a
 file or a folder is a change here and nowhere else.
@@ -193,6 +194,10 @@ class Layout:
     def lock(self, name: str) -> Path:
         """The lock a stage holds while it runs (pipeline/locks.py)."""
         return self.out_dir / ".locks" / f"{name}.lock"
+
+    def exchange(self) -> Path:
+        """Where the ranks of a select job pool their partial results (pipeline/exchange.py)."""
+        return self.out_dir / ".exchange" / "select"
 
     def eval_before(self, key: str) -> Path:
         """The starting model's held-out evaluation; `key` hashes everything it depends on. Run

@@ -19,13 +19,16 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import share_of
 
 Objective = Literal["uniform", "irdro", "midranking_online", "weighted"]
 
 
-def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def token_nll(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], head_chunk_tokens: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """NLL of every target token (fp32, with gradient) and the batch-local sample it belongs to.
 
     input_ids   BOS  a1  a2  BOS  b1  PAD        (a packed row: samples a and b)
@@ -34,18 +37,87 @@ def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
 
     Padded rows come with an `attention_mask`; packed rows with restarting `position_ids` and no
     mask, so each sample attends only to itself (see TrainCollator).
+
+    With `head_chunk_tokens`, full-vocabulary logits never exist: the model's forward keeps the
+    logits of one position only, and the LM head runs on the target positions' final hidden
+    states, `head_chunk_tokens` at a time, each chunk checkpointed (its logits are recomputed in
+    the backward pass instead of kept). Only for models whose logits are `lm_head(hidden)`
+    (`head_is_plain`) and whose parameters are not sharded (FSDP, ZeRO-3).
     """
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-    ).logits
     segment = batch["segment"][:, 1:]
     predicted = segment >= 0
     targets = batch["input_ids"][:, 1:][predicted]
-    nll = F.cross_entropy(logits[:, :-1][predicted].float(), targets, reduction="none")
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch.get("attention_mask"),
+        "position_ids": batch.get("position_ids"),
+        "use_cache": False,
+    }
+    if not head_chunk_tokens:
+        logits = model(**inputs).logits
+        nll = F.cross_entropy(logits[:, :-1][predicted].float(), targets, reduction="none")
+        return nll, segment[predicted]
+    inner = _unwrap(model)
+    final = {}
+    hook = inner.base_model.register_forward_hook(
+        lambda _m, _i, out: final.update(hidden=out.last_hidden_state)
+    )
+    try:
+        model(**inputs, logits_to_keep=1)  # through any DDP wrapper, so its gradient hooks are set
+    finally:
+        hook.remove()
+    hidden = final["hidden"][:, :-1][predicted]
+    head = inner.get_output_embeddings()
+    nll = (
+        torch.cat(
+            [
+                checkpoint(
+                    _head_nll,
+                    hidden[i : i + head_chunk_tokens],
+                    targets[i : i + head_chunk_tokens],
+                    head.weight,
+                    head.bias,
+                    use_reentrant=False,
+                )
+                for i in range(0, targets.numel(), head_chunk_tokens)
+            ]
+        )
+        if targets.numel()
+        else hidden.new_zeros(0, dtype=torch.float32)
+    )
     return nll, segment[predicted]
+
+
+def _head_nll(
+    hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="none")
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):  # DDP, accelerate wrappers
+        model = model.module
+    return model
+
+
+@torch.no_grad()
+def head_is_plain(model: torch.nn.Module) -> bool:
+    """Whether the model's logits are `lm_head(final hidden state)` (no soft-capping or scaling),
+    so the chunked head of token_nll computes what the model's own forward would. Checked on a
+    few tokens against the model's forward."""
+    inner = _unwrap(model)
+    device = next(inner.parameters()).device
+    ids = torch.arange(16, device=device)[None] % inner.get_output_embeddings().weight.shape[0]
+    batch = {"input_ids": ids, "segment": torch.zeros_like(ids)}
+    was_training = inner.training
+    inner.eval()
+    try:
+        full, _ = token_nll(inner, batch)
+        chunked, _ = token_nll(inner, batch, head_chunk_tokens=4)
+    finally:
+        inner.train(was_training)
+    tolerance = 1e-3 if inner.get_output_embeddings().weight.dtype == torch.float32 else 0.1
+    return bool(torch.allclose(full, chunked, atol=tolerance, rtol=0))
 
 
 def packing_isolates(model: torch.nn.Module, features: list[dict], collator) -> bool:

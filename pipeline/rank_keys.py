@@ -35,6 +35,8 @@ import numpy as np
 import polars as pl
 
 from pipeline.artifacts import ProvenanceError
+from pipeline.band_ends import find_ends, group_totals
+from pipeline.exchange import LOCAL, Exchange
 
 RankKey = Literal["loss", "bits_per_byte", "length_adjusted", "ifd"]
 RANK_KEYS: tuple[str, ...] = get_args(RankKey)
@@ -101,48 +103,59 @@ def _group(by_source: bool) -> pl.Expr:
 
 
 def estimate_curves(
-    scores: pl.LazyFrame, *, by_source: bool, min_samples: int = MIN_BIN_SAMPLES
+    scores: pl.LazyFrame, *, by_source: bool, min_samples: int = MIN_BIN_SAMPLES, exchange: Exchange = LOCAL
 ) -> dict[str, LengthCurve]:
     """The length curve of the samples in `scores` (needs n_tokens, loss, and source when
-    by_source): one over everything (named ALL_SOURCES), or one per source. Three streaming
-    passes whatever the number of sources: the longest sample (the fine bins span 1..longest for
-    every source), counts per (source, fine bin), medians per (source, merged bin)."""
+    by_source): one over everything (named ALL_SOURCES), or one per source. Streaming passes
+    whatever the number of sources or samples: the longest sample (the fine bins span
+    1..longest for every source), counts per (source, fine bin), then the exact medians of
+    length and loss per (source, merged bin) as order statistics (pipeline/band_ends.py). On
+    several ranks each passes its own scores and `exchange` pools them."""
     group = _group(by_source)
-    longest = scores.select(pl.col("n_tokens").max()).collect(engine="streaming").item() or 1
+    mine = scores.select(pl.col("n_tokens").max()).collect()
+    longest = exchange.gather("longest", mine)["n_tokens"].max() or 1
     fine = length_edges(int(longest))
-    counted = scores.group_by(_group=group, _bin=length_bin(fine)).agg(pl.len()).collect(engine="streaming")
+    counted = scores.group_by(_grp=group, _bin=length_bin(fine)).agg(pl.len()).collect()
+    counted = exchange.gather("length-counts", counted).group_by("_grp", "_bin").agg(pl.col("len").sum())
     merged_edges, mapping = {}, []
-    for name in sorted(counted["_group"].unique().to_list()):
-        mine = counted.filter(pl.col("_group") == name)
+    for name in sorted(counted["_grp"].unique().to_list()):
+        mine = counted.filter(pl.col("_grp") == name)
         counts = np.zeros(len(fine) - 1, dtype=np.int64)
         counts[mine["_bin"].to_numpy()] = mine["len"].to_numpy()
         edges = merge_sparse(fine, counts, min_samples)
         merged_edges[name] = edges
         # merged edges are a subset of the fine ones: fine bin i lies in the merged bin holding fine[i]
         merged = np.searchsorted(edges, fine[:-1], side="right") - 1
-        mapping.append(pl.DataFrame({"_group": name, "_bin": np.arange(len(fine) - 1), "_merged": merged}))
+        mapping.append(pl.DataFrame({"_grp": name, "_bin": np.arange(len(fine) - 1), "_merged": merged}))
     to_merged = pl.concat(mapping).with_columns(pl.col("_bin").cast(pl.UInt32)).lazy()
-    medians = (
-        scores.with_columns(_group=group, _bin=length_bin(fine))
-        .join(to_merged, on=["_group", "_bin"])
-        .group_by("_group", "_merged")
-        .agg(
-            length=pl.col("n_tokens").cast(pl.Float64).median(),
-            loss=pl.col("loss").cast(pl.Float64).median(),
-            samples=pl.len(),
-        )
-        .sort("_group", "_merged")
-        .collect(engine="streaming")
+    binned = (
+        scores.with_columns(_grp=group, _bin=length_bin(fine))
+        .join(to_merged, on=["_grp", "_bin"])
+        .with_columns(_group=pl.concat_str(pl.col("_grp"), pl.lit("\x1f"), pl.col("_merged").cast(pl.String)))
     )
-    return {
-        name: LengthCurve(
+    lengths = _medians(binned, pl.col("n_tokens"), exchange)
+    losses = _medians(binned, pl.col("loss"), exchange)
+    curves = {}
+    for name in merged_edges:
+        bins = sorted((int(g.rpartition("\x1f")[2]), g) for g in lengths if g.startswith(name + "\x1f"))
+        curves[name] = LengthCurve(
             edges=merged_edges[name].tolist(),
-            lengths=part["length"].to_list(),
-            losses=part["loss"].to_list(),
-            samples=part["samples"].to_list(),
+            lengths=[lengths[g][0] for _, g in bins],
+            losses=[losses[g][0] for _, g in bins],
+            samples=[lengths[g][1] for _, g in bins],
         )
-        for (name,), part in medians.group_by("_group", maintain_order=True)
-    }
+    return curves
+
+
+def _medians(binned: pl.LazyFrame, value: pl.Expr, exchange: Exchange) -> dict[str, tuple[float, int]]:
+    """Median of `value` and count in each _group: the middle order statistic (the mean of the
+    two middle ones for an even count), exact, in memory independent of the group sizes."""
+    keyed = binned.with_columns(_key=value.cast(pl.Float64), _size=pl.lit(1, dtype=pl.Int64))
+    totals = group_totals(keyed, exchange)
+    count = dict(zip(totals["_group"].to_list(), totals["rows"].to_list(), strict=True))
+    middle = {g: [(n + 1) // 2, n // 2 + 1] for g, n in count.items()}  # 1-based positions
+    found = find_ends(keyed, totals, middle, exchange=exchange, values_only=True)
+    return {g: ((found[g, a][0] + found[g, b][0]) / 2, count[g]) for g, (a, b) in middle.items()}
 
 
 def with_key(

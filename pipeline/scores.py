@@ -176,6 +176,8 @@ def conform(table: pa.Table) -> pa.Table:
 def scan_scores(files: list[Path]) -> pl.LazyFrame:
     """The score files as one lazy table; columns a file predates (n_bytes) read as nulls, in
     whichever order old and new files come."""
+    if not files:  # a rank with no shard of its own still takes part in a select job
+        return pl.LazyFrame(schema=SCORE_POLARS_SCHEMA)
     return pl.scan_parquet(files, schema=SCORE_POLARS_SCHEMA, missing_columns="insert")
 
 

@@ -14,10 +14,10 @@ wrote (skip 0.2 + keep 0.1 is 3/10, not 0.30000000000000004), turned once into i
 equal samples with skip 0.2, keep 0.1 keep exactly one. In tokens, the kept total is within one
 sample of (stop - start) x total. With `by_source`, positions are computed within each source, so
 each source keeps its own band and the domain mix is kept.
-The whole table is never sorted: the band's two ends are found from the numeric keys alone (the
-sample_ids of the one or two tied groups at each end are read to break ties), then each row is
-decided by comparing its (key, sample_id) with the two ends, which streams. On 10M samples this
-takes a third of the memory of sorting everything with pandas (bench/bench_select.py).
+The whole table is never sorted nor held: the band's two ends (in each source) are found by
+histogram passes over the keys (pipeline/band_ends.py), then each row is decided by comparing its
+(key, sample_id) with them, which streams. Memory is independent of the number of samples
+(bench/bench_select.py runs it on a billion).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
+from pipeline.band_ends import BUCKETS, MAX_ROWS, find_ends, group_totals, mark_past
 from pipeline.config import exact_share
+from pipeline.exchange import LOCAL, Exchange
 from pipeline.rank_keys import length_bin, length_edges
 
 Strategy = Literal["midranking", "band", "top", "bottom", "random", "all"]
@@ -91,37 +93,6 @@ def _order_key(band: Band, seed: int, key: str) -> pl.Expr:
     return -pl.col(key).cast(pl.Float64) if band.order == "loss" else pl.col("sample_id").hash(seed)
 
 
-def _boundary(scores: pl.LazyFrame, keys: np.ndarray, sizes: np.ndarray, threshold: int) -> tuple | None:
-    """The (key, sample_id) of the first sample, in (key, sample_id) order, that has at least
-    `threshold` of the measure before it; None when no sample does. Only the numeric keys are
-    sorted; sample_ids are read for the one or two tied groups at the boundary."""
-    order = np.argsort(keys, kind="stable")
-    sorted_keys, sorted_sizes = keys[order], sizes[order]
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-    before = np.r_[0, np.cumsum(sorted_sizes)][starts]  # measure before each tied group
-    total = int(sorted_sizes.sum())
-    if threshold >= total:
-        return None
-    group = int(np.searchsorted(before, threshold, side="right")) - 1
-    for g in (group, group + 1):
-        if g >= len(starts):
-            return None
-        key = sorted_keys[starts[g]]
-        tied = scores.filter(pl.col("_key") == key).select("sample_id", "_size").sort("sample_id").collect()
-        tied_before = before[g] + np.r_[0, np.cumsum(tied["_size"].to_numpy())[:-1]]
-        hits = np.flatnonzero(tied_before >= threshold)
-        if len(hits):
-            return key, tied["sample_id"][int(hits[0])]
-    return None
-
-
-def _at_or_after(boundary: tuple | None) -> pl.Expr:
-    if boundary is None:
-        return pl.lit(False)
-    key, sample_id = boundary
-    return (pl.col("_key") > key) | ((pl.col("_key") == key) & (pl.col("sample_id") >= sample_id))
-
-
 def select(
     scores: pl.LazyFrame,
     band: Band,
@@ -130,84 +101,107 @@ def select(
     by_source: bool = False,
     seed: int = 0,
     key: str = "loss",
+    buckets: int = BUCKETS,
+    max_rows: int = MAX_ROWS,
+    exchange: Exchange = LOCAL,
 ) -> pl.LazyFrame:
     """All samples with `kept` and `reason`. Needs `sample_id` and the column `key` (larger is
     harder: `loss`, or a key of pipeline/rank_keys.py added beforehand), plus `n_tokens` for
     measure=tokens and `source` for by_source.
 
-    The band is found without sorting the whole table: its two ends are (key, sample_id)
-    boundaries computed from the numeric keys alone, then every row is decided by comparing its
-    own key with them, a streaming filter."""
+    The band's two ends in each group are found by histogram passes (pipeline/band_ends.py:
+    `buckets` per pass, at most about `max_rows` rows held), then every row is decided by
+    comparing its (key, sample_id) with them, a streaming filter. On several ranks, `scores` are
+    this rank's and `exchange` pools the passes' histograms: each rank decides its own rows."""
     size = pl.col("n_tokens").cast(pl.Int64) if measure == "tokens" else pl.lit(1, dtype=pl.Int64)
-    keyed = scores.with_columns(_key=_order_key(band, seed, key), _size=size)
-    groups = keyed.select("source").unique().collect()["source"].to_list() if by_source else [None]
-    decided = []
-    for source in groups:
-        part = keyed.filter(pl.col("source") == source) if by_source else keyed
-        numeric = part.select("_key", "_size").collect()
-        keys, sizes = numeric["_key"].to_numpy(), numeric["_size"].to_numpy()
-        first, last = band.thresholds(int(sizes.sum()))
-        start = _boundary(part, keys, sizes, first)
-        stop = _boundary(part, keys, sizes, last)
-        after_start, after_stop = _at_or_after(start), _at_or_after(stop)
-        kept = after_start & ~after_stop
-        if band.order == "random":
-            reason = pl.when(kept).then(None).otherwise(pl.lit("not_sampled", dtype=Reason))
-        else:
-            too_hard = pl.lit("too_hard", dtype=Reason)
-            reason = (
-                pl.when(kept)
-                .then(None)
-                .when(~after_start)
-                .then(too_hard)
-                .otherwise(pl.lit("too_easy", dtype=Reason))
-            )
-        decided.append(part.with_columns(kept=kept, reason=reason).drop("_key", "_size"))
-    return pl.concat(decided)
+    keyed = scores.with_columns(
+        _key=_order_key(band, seed, key), _size=size, _group=pl.col("source") if by_source else pl.lit("")
+    )
+    totals = group_totals(keyed, exchange)
+    totals_of = dict(zip(totals["_group"], totals["size"], strict=True))
+    thresholds = {group: band.thresholds(size) for group, size in totals_of.items()}
+    wanted = {group: [t for t in ends if t < totals_of[group]] for group, ends in thresholds.items()}
+    found = find_ends(keyed, totals, wanted, buckets=buckets, max_rows=max_rows, exchange=exchange)
+    ends = {
+        group: {
+            name: found[group, threshold] if threshold < totals_of[group] else False  # none has all before it
+            for name, threshold in zip(("_past_start", "_past_stop"), (first, last), strict=True)
+        }
+        for group, (first, last) in thresholds.items()
+    }
+    ended = mark_past(keyed, ends, grouped=by_source)
+    after_start, after_stop = pl.col("_past_start"), pl.col("_past_stop")
+    kept = after_start & ~after_stop
+    if band.order == "random":
+        reason = pl.when(kept).then(None).otherwise(pl.lit("not_sampled", dtype=Reason))
+    else:
+        reason = (
+            pl.when(kept)
+            .then(None)
+            .when(~after_start)
+            .then(pl.lit("too_hard", dtype=Reason))
+            .otherwise(pl.lit("too_easy", dtype=Reason))
+        )
+    helpers = ["_key", "_size", "_group", "_past_start", "_past_stop"]
+    return ended.with_columns(kept=kept, reason=reason).drop(helpers)
 
 
-def irdro_weight_expr(kept: pl.LazyFrame, kl_reg: float) -> pl.Expr:
+def irdro_weight_expr(kept: pl.LazyFrame, kl_reg: float, exchange: Exchange = LOCAL) -> pl.Expr:
     """IR-DRO weight over the kept set: softmax(loss / kl_reg), rescaled to mean 1, in float64, as
-    an expression whose two normalisers (max loss, mean of exp) are computed once, so it can be
-    applied shard by shard.
+    an expression whose two normalisers (max loss, mean of exp) are computed once (over every
+    rank's kept samples), so it can be applied shard by shard.
 
     The max is subtracted before exp, so extreme losses do not overflow; a large kl_reg tends to
     uniform weights, a small one puts all the weight on the hardest sample."""
     if kl_reg <= 0:
         raise ValueError(f"kl_reg must be > 0, got {kl_reg}")
     loss = pl.col("loss").cast(pl.Float64)
-    top = kept.select(loss.max()).collect().item()
-    mean = kept.select(((loss - top) / kl_reg).exp().mean()).collect().item()
-    return ((loss - top) / kl_reg).exp() / mean
+    top = exchange.gather("top-loss", kept.select(loss.max()).collect())["loss"].max()
+    shifted = ((loss - top) / kl_reg).exp()
+    sums = exchange.gather("mean-weight", kept.select(total=shifted.sum(), samples=pl.len()).collect())
+    mean = sums["total"].sum() / sums["samples"].sum()
+    return shifted / mean
 
 
 def length_matched(
-    scores: pl.LazyFrame, reference: np.ndarray, seed: int
+    scores: pl.LazyFrame,
+    reference: pl.DataFrame,
+    seed: int,
+    *,
+    exchange: Exchange = LOCAL,
+    buckets: int = BUCKETS,
+    max_rows: int = MAX_ROWS,
 ) -> tuple[pl.LazyFrame, np.ndarray, int]:
     """All samples with `kept` and `reason`: a seeded random sample with, in every length bin, as
-    many samples as `reference` (the lengths of another selection) has, so the two sets share a
-    length distribution, and (with it) nearly their token count. Returns the decision, the bin
-    edges, and how many samples were short (bins of the whole set too small for the reference).
+    many samples as `reference` has (the length counts of another selection: `n_tokens`,
+    `samples`, over every rank), so the two sets share a length distribution, and (with it)
+    nearly their token count. Returns the decision, the bin edges, and how many samples were
+    short (bins of the whole set too small for the reference).
 
     A control for a band by loss: mean token loss falls with length, so a band can differ from a
-    random sample by its lengths alone; this random sample cannot."""
-    longest = scores.select(pl.col("n_tokens").max()).collect().item() or 1
-    edges = length_edges(int(max(longest, reference.max(initial=1))))
-    wanted = np.histogram(reference, bins=edges)[0]
+    random sample by its lengths alone; this random sample cannot. Each bin keeps its first
+    samples in the order of a seeded hash of sample_id, found like a band's end."""
+    mine = scores.select(pl.col("n_tokens").max()).collect()
+    longest = exchange.gather("longest", mine)["n_tokens"].max() or 1
+    edges = length_edges(int(max(longest, reference["n_tokens"].max() or 1)))
     # numpy.histogram's bins: [e_i, e_i+1), the last closed; the edges span every length
-    ranked = scores.with_columns(_bin=length_bin(edges), _key=pl.col("sample_id").hash(seed)).with_columns(
-        _rank=pl.col("_key").rank("ordinal").over("_bin")
+    wanted = np.histogram(reference["n_tokens"], bins=edges, weights=reference["samples"])[0].astype(np.int64)
+    keyed = scores.with_columns(
+        _group=length_bin(edges), _key=pl.col("sample_id").hash(seed), _size=pl.lit(1, dtype=pl.Int64)
     )
-    quota = pl.LazyFrame({"_bin": np.arange(len(wanted), dtype=np.uint32), "_quota": wanted})
-    available = ranked.group_by("_bin").agg(pl.len().alias("_n")).collect()
-    have = dict(zip(available["_bin"].to_list(), available["_n"].to_list(), strict=True))
+    totals = group_totals(keyed, exchange)
+    have = dict(zip(totals["_group"].to_list(), totals["rows"].to_list(), strict=True))
     short = int(sum(max(0, int(w) - have.get(b, 0)) for b, w in enumerate(wanted)))
+    quota = {b: int(wanted[b]) for b in have}
+    thresholds = {b: [q] for b, q in quota.items() if 0 < q < have[b]}
+    found = find_ends(keyed, totals, thresholds, buckets=buckets, max_rows=max_rows, exchange=exchange)
+    ends = {b: {"_past_quota": found.get((b, q), q <= 0)} for b, q in quota.items()}  # else all or none
     decided = (
-        ranked.join(quota, on="_bin", how="left", maintain_order="left")
-        .with_columns(kept=pl.col("_rank") <= pl.col("_quota").fill_null(0))
+        mark_past(keyed, ends, grouped=True)
+        .with_columns(kept=~pl.col("_past_quota"))
         .with_columns(
             reason=pl.when(pl.col("kept")).then(None).otherwise(pl.lit("not_sampled", dtype=Reason))
         )
-        .drop("_bin", "_key", "_rank", "_quota")
+        .drop("_group", "_key", "_size", "_past_quota")
     )
     return decided, edges, short

@@ -20,8 +20,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
 from pipeline.config import ConfigError, TrainConfig
+from pipeline.log import get_logger
 from pipeline.model import cpu_supports_bf16
-from pipeline.objectives import objective_loss, packing_isolates, per_sample_losses, token_nll
+from pipeline.objectives import head_is_plain, objective_loss, packing_isolates, per_sample_losses, token_nll
 from pipeline.train_data import TrainCollator
 
 
@@ -61,10 +62,16 @@ class ObjectiveTrainer(Trainer):
         super().__init__(*args, callbacks=[self.trained], **kwargs)
         self.train_cfg = train_cfg
         self.target_tokens = torch.zeros((), dtype=torch.long)
+        self.head_chunk_tokens = train_cfg.head_chunk_tokens
+        if self.head_chunk_tokens and (
+            train_cfg.fsdp or train_cfg.deepspeed or not head_is_plain(self.model)
+        ):
+            get_logger().info("train: the LM head runs on every position (sharded or non-plain head)")
+            self.head_chunk_tokens = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         c = self.train_cfg
-        nll, segment = token_nll(model, inputs)
+        nll, segment = token_nll(model, inputs, self.head_chunk_tokens)
         losses, counts = per_sample_losses(nll, segment, int(inputs["n_samples"]))
         loss, trained = objective_loss(
             c.objective,

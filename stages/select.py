@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
 from pipeline.artifacts import ProvenanceError, write_table_atomic
@@ -32,6 +31,7 @@ from pipeline.config import (
     save_config,
     to_dict,
 )
+from pipeline.exchange import LOCAL, Exchange, exchange_for
 from pipeline.layout import Layout, part_files, part_path
 from pipeline.locks import lock
 from pipeline.log import get_logger
@@ -45,6 +45,7 @@ from pipeline.outputs import (
     SourceMix,
 )
 from pipeline.rank_keys import LengthCurve, check_key_columns, estimate_curves, with_key
+from pipeline.ranks import shards_of_rank
 from pipeline.records import ReadStats, record_digest, record_id, sample_text
 from pipeline.scores import check_corpus_unchanged, common_provenance, scan_scores, score_files
 from pipeline.selection import Band, Reason, band_for, irdro_weight_expr, length_matched, select
@@ -78,39 +79,55 @@ class Decision:
     curves: dict[str, LengthCurve] | None = None
 
 
+def pooled_sum(exchange: Exchange, name: str, value: pl.LazyFrame) -> int:
+    """A one-value query summed over every rank's scores."""
+    return int(exchange.gather(name, value.collect()).to_series().sum())
+
+
 def decide(
-    scores: pl.LazyFrame, cfg: BandConfig, where: str, reference: np.ndarray | None = None
+    scores: pl.LazyFrame,
+    cfg: BandConfig,
+    where: str,
+    reference: pl.DataFrame | None = None,
+    exchange: Exchange = LOCAL,
 ) -> Decision:
     """The band's ends are fixed here once, and each shard is then decided on its own. Samples
     under min_tokens are rejected as too_short before anything is ranked or sampled; the shares
-    (and the length curve) count the rest. `reference`: the lengths a length_matched sample
-    matches; `where`: the scores, for errors."""
+    (and the length curve) count the rest. `reference`: the length counts a length_matched
+    sample matches; `where`: the scores, for errors. On several ranks `scores` are this rank's
+    and every total is pooled through `exchange`."""
     ranked = scores.filter(pl.col("n_tokens") >= cfg.min_tokens) if cfg.min_tokens else scores
-    if cfg.min_tokens and ranked.select(pl.len()).collect().item() == 0:
+    if cfg.min_tokens and pooled_sum(exchange, "ranked", ranked.select(pl.len())) == 0:
         raise ConfigError(
             f"select.bands: {cfg.resolved_name()}: no scored sample has min_tokens={cfg.min_tokens} tokens; lower it"
         )
     check_key_columns(ranked, cfg.rank_by, where)
     curves = None
     if cfg.rank_by == "length_adjusted":
-        curves = estimate_curves(ranked, by_source=cfg.adjust_by_source)
+        curves = estimate_curves(ranked, by_source=cfg.adjust_by_source, exchange=exchange)
     if cfg.rank_by != "loss":
         ranked = with_key(ranked, cfg.rank_by, curves, by_source=cfg.adjust_by_source)
     if cfg.strategy == "length_matched":
-        decided, _, short = length_matched(ranked, reference, cfg.seed)
+        decided, _, short = length_matched(ranked, reference, cfg.seed, exchange=exchange)
         if short:
             get_logger().warning(
                 f"{cfg.resolved_name()}: {short} samples short of {cfg.match}'s length distribution "
                 "(too few samples of some lengths in the whole set)"
             )
     else:
-        total_tokens = int(ranked.select(pl.col("n_tokens").cast(pl.Int64).sum()).collect().item())
+        total_tokens = pooled_sum(exchange, "tokens", ranked.select(pl.col("n_tokens").cast(pl.Int64).sum()))
         band, measure = band_of(cfg, total_tokens)
         decided = select(
-            ranked, band, measure=measure, by_source=cfg.by_source, seed=cfg.seed, key=cfg.rank_by
+            ranked,
+            band,
+            measure=measure,
+            by_source=cfg.by_source,
+            seed=cfg.seed,
+            key=cfg.rank_by,
+            exchange=exchange,
         )
     if cfg.weights:
-        weight = irdro_weight_expr(decided.filter(pl.col("kept")), cfg.kl_reg)
+        weight = irdro_weight_expr(decided.filter(pl.col("kept")), cfg.kl_reg, exchange)
         decided = decided.with_columns(weight=pl.when(pl.col("kept")).then(weight))
     if cfg.min_tokens:
         too_short = scores.filter(pl.col("n_tokens") < cfg.min_tokens).with_columns(
@@ -120,9 +137,10 @@ def decide(
     return Decision(decided, curves)
 
 
-def summarize(decided: pl.LazyFrame, key: str) -> pl.DataFrame:
-    """Samples, tokens, loss and key range per (source, kept, reason): what the manifest reports."""
-    return (
+def summarize(decided: pl.LazyFrame, key: str, exchange: Exchange = LOCAL) -> pl.DataFrame:
+    """Samples, tokens, loss and key range per (source, kept, reason), over every rank: what the
+    manifest reports."""
+    mine = (
         decided.group_by("source", "kept", "reason")
         .agg(
             samples=pl.len(),
@@ -133,6 +151,15 @@ def summarize(decided: pl.LazyFrame, key: str) -> pl.DataFrame:
             max_key=pl.col(key).cast(pl.Float64).max(),
         )
         .collect()
+    )
+    return (
+        exchange.gather("summary", mine)
+        .group_by("source", "kept", "reason")
+        .agg(
+            pl.col("samples", "tokens").sum(),
+            pl.col("min_loss", "min_key").min(),
+            pl.col("max_loss", "max_key").max(),
+        )
     )
 
 
@@ -210,19 +237,24 @@ class Pending:
         return self.decision.rows
 
 
-def reference_lengths(band_cfg: BandConfig, layout: Layout, pending: dict[str, Pending]) -> np.ndarray:
-    """The lengths (target tokens) of the kept samples of the band a length_matched band matches:
-    decided in this run, or selected before."""
+def reference_lengths(
+    band_cfg: BandConfig, layout: Layout, pending: dict[str, Pending], exchange: Exchange
+) -> pl.DataFrame:
+    """How many kept samples of each length (target tokens: `n_tokens`, `samples`) the band a
+    length_matched band matches has: decided in this run (pooled over the ranks), or selected
+    before."""
+    by_length = pl.len().alias("samples")
     if band_cfg.match in pending:
-        kept = pending[band_cfg.match].decided.filter(pl.col("kept")).select("n_tokens").collect()
-    elif layout.band(band_cfg.match).manifest.is_file():
-        kept = pl.read_parquet(part_files(layout.band(band_cfg.match).dir), columns=["n_tokens"])
+        kept = pending[band_cfg.match].decided.filter(pl.col("kept")).group_by("n_tokens").agg(by_length)
+        return exchange.gather("reference", kept.collect()).group_by("n_tokens").agg(pl.col("samples").sum())
+    if layout.band(band_cfg.match).manifest.is_file():
+        parts = pl.scan_parquet(part_files(layout.band(band_cfg.match).dir))
+        return parts.group_by("n_tokens").agg(by_length).collect()
     else:
         raise ConfigError(
             f"select.bands: {band_cfg.resolved_name()} matches band {band_cfg.match!r}, which is not selected; "
             "list that band before it"
         )
-    return kept["n_tokens"].to_numpy()
 
 
 def same_parameters(previous: dict, band_cfg: BandConfig) -> bool:
@@ -232,7 +264,7 @@ def same_parameters(previous: dict, band_cfg: BandConfig) -> bool:
 
 
 def bands_to_select(
-    cfg: Config, layout: Layout, scores: pl.LazyFrame, provenance: dict
+    cfg: Config, layout: Layout, scores: pl.LazyFrame, provenance: dict, exchange: Exchange = LOCAL
 ) -> dict[str, Pending]:
     """The bands that are not selected yet (or whose scores changed), each decided and checked; a
     name already holding another selection, or a band that keeps nothing, is an error."""
@@ -251,10 +283,12 @@ def bands_to_select(
                 continue
             log.info(f"{name}: the scores were recomputed since this band was selected; selecting again")
         reference = (
-            reference_lengths(band_cfg, layout, pending) if band_cfg.strategy == "length_matched" else None
+            reference_lengths(band_cfg, layout, pending, exchange)
+            if band_cfg.strategy == "length_matched"
+            else None
         )
-        decision = decide(scores, band_cfg, str(layout.scores_dir), reference)
-        summary = summarize(decision.rows, band_cfg.rank_by)
+        decision = decide(scores, band_cfg, str(layout.scores_dir), reference, exchange)
+        summary = summarize(decision.rows, band_cfg.rank_by, exchange)
         kept = summary.filter(pl.col("kept"))
         if kept["samples"].sum() == 0:
             raise ConfigError(f"select.bands: {name} keeps no sample; widen the band (or lower min_tokens)")
@@ -265,18 +299,23 @@ def bands_to_select(
     return pending
 
 
-def write_bands(cfg: Config, layout: Layout, plan: ShardPlan, pending: dict[str, Pending]) -> None:
-    """Every band's kept (and rejected) rows with their texts, reading the corpus once, shard by shard."""
-    for name in pending:  # every band was checked first: a bad one touched nothing
-        paths = layout.band(name)
-        for stale in (paths.dir, paths.rejected):  # a run cut short before its manifest
-            if stale.exists():
-                layout.remove(stale)
-        paths.dir.mkdir(parents=True)
-        if cfg.select.write_rejected:
-            paths.rejected.mkdir(parents=True)
+def write_bands(
+    cfg: Config, layout: Layout, plan: ShardPlan, pending: dict[str, Pending], exchange: Exchange = LOCAL
+) -> None:
+    """Every band's kept (and rejected) rows with their texts, reading the corpus once, shard by
+    shard: on several ranks, each rank its own shards, into the folders rank 0 made."""
+    if exchange.rank == 0:
+        for name in pending:  # every band was checked first: a bad one touched nothing
+            paths = layout.band(name)
+            for stale in (paths.dir, paths.rejected):  # a run cut short before its manifest
+                if stale.exists():
+                    layout.remove(stale)
+            paths.dir.mkdir(parents=True)
+            if cfg.select.write_rejected:
+                paths.rejected.mkdir(parents=True)
+    exchange.gather("folders-made", pl.DataFrame({"rank": [exchange.rank]}))
     stats = ReadStats()
-    for shard in range(len(plan.shards)):
+    for shard in shards_of_rank(len(plan.shards), exchange.rank, exchange.world_size):
         records = shard_records(plan, shard, cfg.corpus, stats)
         for name, band in pending.items():
             paths = layout.band(name)
@@ -307,18 +346,30 @@ def finish_band(cfg: Config, layout: Layout, name: str, band: Pending, provenanc
 
 
 def run(cfg: Config) -> list[Path]:
+    """On several ranks (torchrun, a Slurm array: pipeline/ranks.py) each rank reads the scores of
+    its own shards and the band's ends are found from their pooled histograms
+    (pipeline/exchange.py); each rank writes its shards' parts, rank 0 the manifests."""
     started = time.perf_counter()
     layout = Layout(cfg.out_dir)
-    with lock(layout, "select"):
-        plan = plan_shards(cfg.corpus)
-        files = score_files(layout)
-        provenance = common_provenance(files)
-        check_corpus_unchanged(layout, plan, provenance)
-        scores = scan_scores(files)
-        pending = bands_to_select(cfg, layout, scores, provenance)
-        if pending:
-            write_bands(cfg, layout, plan, pending)
-            for name, band in pending.items():
-                finish_band(cfg, layout, name, band, provenance)
-            get_logger().info(f"selected {len(pending)} band(s) in {time.perf_counter() - started:.1f}s")
-        return [layout.band(b.resolved_name()).dir for b in cfg.select.bands]
+    exchange = exchange_for(layout.exchange())
+    try:
+        with lock(layout, "select" if exchange.rank == 0 else f"select.rank-{exchange.rank}"):
+            plan = plan_shards(cfg.corpus)
+            files = score_files(layout)
+            provenance = common_provenance(files)
+            check_corpus_unchanged(layout, plan, provenance)
+            mine = [files[shard] for shard in shards_of_rank(len(files), exchange.rank, exchange.world_size)]
+            pending = bands_to_select(cfg, layout, scan_scores(mine), provenance, exchange)
+            if pending:
+                write_bands(cfg, layout, plan, pending, exchange)
+                exchange.gather("parts-written", pl.DataFrame({"rank": [exchange.rank]}))
+                if exchange.rank == 0:
+                    for name, band in pending.items():
+                        finish_band(cfg, layout, name, band, provenance)
+                seconds = time.perf_counter() - started
+                get_logger().info(f"selected {len(pending)} band(s) in {seconds:.1f}s")
+            exchange.close()
+    except BaseException as error:  # the other ranks would wait for this one's histograms
+        exchange.abort(error)
+        raise
+    return [layout.band(b.resolved_name()).dir for b in cfg.select.bands]

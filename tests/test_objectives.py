@@ -200,3 +200,44 @@ def test_a_sample_is_cut_to_a_range_of_its_targets():
     rest = cut_to_targets(feature, 2, 8)
     assert rest["targets"] == [[5, 6], [10, 15]] and rest["input_ids"] == list(range(15))
     assert cut_to_targets(feature, 4, 6)["targets"] == [[11, 13]]
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_chunked_head_gives_the_full_logits_loss_and_gradients(model_and_features, tiny_model_dir, pack):
+    """The chunked, checkpointed LM head (no full-vocabulary logits) against the model's own
+    forward: the same token NLLs and the same gradient on every parameter, padded or packed, with
+    chunks that split samples and a last chunk shorter than the others."""
+    from pipeline.objectives import head_is_plain
+
+    _, features = model_and_features
+    batch = TrainCollator(0, 128, pack)(features)
+    grads = []
+    for chunk in (0, 7):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        nll, segment = token_nll(model, batch, head_chunk_tokens=chunk)
+        losses, _ = per_sample_losses(nll, segment, len(features))
+        (losses * torch.arange(1.0, len(features) + 1)).sum().backward()  # a weighted objective
+        grads.append((nll.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert grads[0][0].numel() % 7 and grads[0][0].numel() > 7
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=0)
+    for name, full in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], full, atol=1e-5, rtol=1e-4, msg=name)
+    assert head_is_plain(model)
+
+
+def test_a_head_that_is_not_plain_is_detected(tiny_model_dir):
+    """A model that scales its logits after the head (as Cohere, Gemma's soft-capping do) is not
+    run through the chunked head."""
+    from pipeline.objectives import head_is_plain
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    forward = model.forward
+
+    def scaled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    model.forward = scaled
+    assert not head_is_plain(model)

@@ -178,3 +178,71 @@ def test_a_length_matched_band_shares_the_lengths_of_the_band_it_matches(scored,
     )
     with pytest.raises(ConfigError, match="matches band 'nowhere', which is not selected"):
         select.run(load_config(config, ["select.bands=[{strategy: length_matched, match: nowhere}]"]))
+
+
+RANKED_BANDS = (
+    "select.bands=[{name: mid, strategy: midranking, skip: 0.1, keep: 0.4, weights: true},"
+    " {name: adjusted, skip: 0.05, keep: 0.5, measure: tokens, by_source: true, rank_by: length_adjusted, min_tokens: 3},"
+    " {name: matched, strategy: length_matched, match: mid, seed: 1},"
+    " {name: sample, strategy: random, keep: 0.3, seed: 2}]"
+)
+
+
+@pytest.mark.parametrize("nproc", [2, 4])  # 4 ranks over 3 shards: one rank has no scores
+def test_select_on_several_ranks_writes_what_one_process_writes(scored, tmp_path, nproc):
+    """torchrun ranks each read the scores of their own shards and pool the histograms: every
+    band's parts, weights, curves and manifest numbers are those of a single process."""
+    import shutil
+
+    from tests.helpers import torchrun
+
+    config, _ = scored
+    select.run(load_config(config, [RANKED_BANDS, "select.write_rejected=true"]))
+    many = tmp_path / "many"
+    shutil.copytree(tmp_path / "out" / "scores", many / "scores")
+    result = torchrun(
+        "select",
+        "--config",
+        str(config),
+        RANKED_BANDS,
+        "select.write_rejected=true",
+        f"out_dir={many}",
+        nproc=nproc,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for band in ("mid", "adjusted", "matched", "sample"):
+        for folder in ("selected", "rejected"):
+            one = pl.read_parquet(tmp_path / "out" / folder / band / "part-*.parquet").sort("sample_id")
+            ranks = pl.read_parquet(many / folder / band / "part-*.parquet").sort("sample_id")
+            assert ranks.height and ranks.equals(one), (band, folder)
+        manifests = [
+            json.loads((out / "selected" / band / "manifest.json").read_text())
+            for out in (tmp_path / "out", many)
+        ]
+        for field in (
+            "samples",
+            "tokens",
+            "rejected",
+            "per_source",
+            "loss_thresholds",
+            "rank_key",
+            "length_curves",
+            "positions",
+        ):
+            assert manifests[0][field] == manifests[1][field], (band, field)
+    assert not any((many / ".exchange" / "select").iterdir())  # the job's files are removed
+
+
+def test_a_rank_that_fails_stops_the_others(scored, tmp_path):
+    """One rank's error (here: its lock is held) reaches the ranks waiting for its histograms."""
+    from pipeline.layout import Layout
+    from pipeline.locks import lock
+    from tests.helpers import torchrun
+
+    config, _ = scored
+    layout = Layout(tmp_path / "out")
+    with lock(layout, "select.rank-1"):
+        result = torchrun("select", "--config", str(config), RANKED_BANDS, nproc=2)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "select stopped on another rank: rank 1" in output

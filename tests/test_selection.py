@@ -1,6 +1,7 @@
 """Selection maths against a brute-force computation in plain Python."""
 
 import math
+import os
 import random
 from fractions import Fraction
 
@@ -157,6 +158,75 @@ def test_random_bands_with_decimal_shares_equal_brute_force():
         assert kept == expected, (case, strategy, params, measure, by_source, n)
 
 
+# Budgets that force every path of pipeline/band_ends.py on a few hundred rows: histograms of 3
+# buckets, several passes narrowing the key, ties narrowed by sample_id one character a pass.
+TIGHT = [{"buckets": 3, "max_rows": 1}, {"buckets": 2, "max_rows": 4}, {"buckets": 5, "max_rows": 30}]
+
+
+@pytest.mark.parametrize(("strategy", "params"), CASES)
+@pytest.mark.parametrize("measure", ["samples", "tokens"])
+@pytest.mark.parametrize("by_source", [False, True])
+@pytest.mark.parametrize("budget", TIGHT)
+def test_ends_found_in_many_narrow_passes_equal_brute_force(
+    scores, strategy, params, measure, by_source, budget
+):
+    rows, lazy = scores
+    decided = select(lazy, band_for(strategy, **params), measure=measure, by_source=by_source, **budget)
+    kept = set(decided.filter(pl.col("kept")).collect()["sample_id"])
+    assert kept == brute_force(rows, exact_ends(strategy, params), measure, by_source)
+
+
+def test_ties_are_narrowed_by_sample_id_of_any_length_and_script():
+    """One loss value shared by most rows, so an end is found inside the tie by sample_id alone:
+    ids that are prefixes of others, non-ASCII characters, ids of different lengths."""
+    rng = random.Random(5)
+    alphabet = ["a", "b", "é", "ß", "中", "0", "9", "-", "😀"]
+    ids = {"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(600)}
+    rows = [
+        {
+            "sample_id": i,
+            "source": rng.choice("xy"),
+            "n_tokens": rng.randint(1, 9),
+            "loss": rng.choice([1.0, 2.0, 2.0, 2.0]),
+        }
+        for i in sorted(ids)
+    ]
+    frame = pl.LazyFrame(rows)
+    for strategy, params in CASES:
+        for measure in ("samples", "tokens"):
+            for by_source in (False, True):
+                decided = select(
+                    frame,
+                    band_for(strategy, **params),
+                    measure=measure,
+                    by_source=by_source,
+                    buckets=4,
+                    max_rows=3,
+                )
+                kept = set(decided.filter(pl.col("kept")).collect()["sample_id"])
+                expected = brute_force(rows, exact_ends(strategy, params), measure, by_source)
+                assert kept == expected, (strategy, params, measure, by_source)
+
+
+def test_ends_over_keys_of_any_magnitude():
+    """Keys from -1e308 to 1e308 and subnormals: bucket widths neither overflow nor stall."""
+    values = [-1.7e308, 1.7e308, 5e-324, 1e-323, 0.0, -0.0, 1.0, 1.0 + 2**-52, 3.0, -5e-324] * 7
+    rows = [
+        {"sample_id": f"s{i:03d}", "source": "a", "n_tokens": 1 + i % 3, "loss": v}
+        for i, v in enumerate(values)
+    ]
+    for strategy, params in CASES:
+        for measure in ("samples", "tokens"):
+            decided = select(
+                pl.LazyFrame(rows), band_for(strategy, **params), measure=measure, buckets=3, max_rows=2
+            )
+            kept = set(decided.filter(pl.col("kept")).collect()["sample_id"])
+            assert kept == brute_force(rows, exact_ends(strategy, params), measure, False), (
+                strategy,
+                measure,
+            )
+
+
 def test_random_strategy_is_seeded_and_brute_forced(scores):
     rows, lazy = scores
     band = band_for("random", keep=0.25)
@@ -179,6 +249,8 @@ def test_random_strategy_is_seeded_and_brute_forced(scores):
     )
     assert set(first.filter(~pl.col("kept"))["reason"]) == {"not_sampled"}
     assert len(kept) == 100
+    narrow = select(lazy, band, seed=7, buckets=3, max_rows=2).filter(pl.col("kept")).collect()
+    assert set(narrow["sample_id"]) == kept  # 64-bit hash keys narrowed pass by pass
 
 
 @pytest.mark.parametrize("keep", [0.1, 0.37, 0.5])
@@ -260,7 +332,8 @@ def test_length_matched_sample_has_the_reference_length_histogram():
         {"sample_id": [f"s{i}" for i in range(n)], "n_tokens": lengths, "loss": rng.random(n)}
     )
     reference = rng.integers(100, 300, 400)  # e.g. a band's lengths
-    decided, edges, short = length_matched(scores, reference, seed=3)
+    counts = pl.DataFrame({"n_tokens": reference}).group_by("n_tokens").agg(samples=pl.len())
+    decided, edges, short = length_matched(scores, counts, seed=3)
     kept = decided.filter(pl.col("kept")).collect()
     assert short == 0 and kept.height == 400
     assert (
@@ -268,7 +341,60 @@ def test_length_matched_sample_has_the_reference_length_histogram():
         == np.histogram(reference, edges)[0].tolist()
     )
     assert abs(int(kept["n_tokens"].sum()) - int(reference.sum())) < 0.02 * reference.sum()
-    again, _, _ = length_matched(scores, reference, seed=3)
-    other, _, _ = length_matched(scores, reference, seed=4)
+    again, _, _ = length_matched(scores, counts, seed=3)
+    other, _, _ = length_matched(scores, counts, seed=4)
     assert again.collect().equals(decided.collect()) and not other.collect().equals(decided.collect())
     assert set(decided.filter(~pl.col("kept")).collect()["reason"]) == {"not_sampled"}
+    # brute force: in each bin, the samples first in the order of the seeded hash (ties by id)
+    table = scores.collect().with_columns(h=pl.col("sample_id").hash(3))
+    wanted = np.histogram(reference, edges)[0]
+    expected = set()
+    for b in range(len(edges) - 1):
+        upper = (
+            (table["n_tokens"] <= edges[b + 1]) if b == len(edges) - 2 else (table["n_tokens"] < edges[b + 1])
+        )
+        inside = table.filter((table["n_tokens"] >= edges[b]) & upper)
+        ordered = sorted(zip(inside["h"].to_list(), inside["sample_id"].to_list(), strict=True))
+        expected |= {sample_id for _, sample_id in ordered[: wanted[b]]}
+    assert set(kept["sample_id"]) == expected
+    narrow, _, _ = length_matched(scores, counts, seed=3, buckets=3, max_rows=5)
+    assert set(narrow.filter(pl.col("kept")).collect()["sample_id"]) == expected
+
+
+def test_ranks_pooling_their_histograms_keep_what_one_process_keeps(scores, tmp_path):
+    """Two torchrun ranks, each selecting from the score files of its own shards and pooling the
+    passes through files, keep together exactly the brute-force band, with tight budgets (many
+    passes, ties narrowed by sample_id) as with the default ones; the exchange files are removed."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, TORCHRUN_ENV
+    from tests.select_ranks_job import CASES
+
+    rows, _ = scores
+    scores_dir = tmp_path  # the fixture's part-*.parquet
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [str(ROOT / "tests" / "select_ranks_job.py"), str(scores_dir), str(out)]
+    done = subprocess.run(
+        command, cwd=ROOT, env={**os.environ, **TORCHRUN_ENV}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ids = {r["sample_id"]: r for r in rows}
+    hashes = dict(zip(ids, pl.Series(list(ids)).hash(7), strict=True))
+    for case, (strategy, params, measure, by_source) in enumerate(CASES):
+        order = (lambda r: (hashes[r["sample_id"]], r["sample_id"])) if strategy == "random" else None
+        expected = brute_force(rows, exact_ends(strategy, params), measure, by_source, order_key=order)
+        for budget in ("tight", "default"):
+            parts = [pl.read_parquet(out / f"case{case}-{budget}-rank{rank}.parquet") for rank in (0, 1)]
+            assert all(p.height for p in parts)  # both ranks kept some of their own rows
+            kept = pl.concat(parts)["sample_id"].to_list()
+            assert len(kept) == len(set(kept)) and set(kept) == expected, (
+                strategy,
+                params,
+                measure,
+                by_source,
+                budget,
+            )
+    assert not (out / ".exchange").exists() or not any((out / ".exchange").iterdir())
