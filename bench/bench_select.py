@@ -196,7 +196,7 @@ def bench_size(data: Path, n: int, args: argparse.Namespace) -> None:
             continue
         same = same_set(work / "midrank.parquet", work / f"{arm}.parquet", n)
         print(
-            f"midrank vs {arm}: time {r['seconds'] / mine['seconds']:.2f}x faster, peak RSS "
+            f"midrank vs {arm}: {arm} takes {r['seconds'] / mine['seconds']:.2f}x midrank's time, midrank's peak RSS "
             f"{mine['peak_rss_mb'] / r['peak_rss_mb']:.0%} of it, same kept set: {same}"
         )
         if not same:
@@ -215,9 +215,9 @@ def main() -> None:
     )
     parser.add_argument("--arms", default="pandas,polars-sort,duckdb,duckdb-limited,midrank")
     parser.add_argument(
-        "--pandas-max",
+        "--in-memory-max",
         type=count,
-        default=100_000_000,
+        default=10_000_000,
         help="largest size the in-memory arms (pandas, Polars) run on",
     )
     parser.add_argument("--duckdb-limit", default="2GB", help="memory_limit of the duckdb-limited arm")

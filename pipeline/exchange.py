@@ -58,6 +58,10 @@ class FileExchange:
         frame.write_parquet(partial)
         partial.replace(mine)  # readers never see half a file
         paths = [step / f"rank-{r:05d}.parquet" for r in range(self.world_size)]
+        self._wait_for(paths, step)
+        return pl.concat([pl.read_parquet(p) for p in paths], how="vertical_relaxed")
+
+    def _wait_for(self, paths: list[Path], step: Path) -> None:
         started, pause = time.monotonic(), 0.01
         while missing := [p for p in paths if not p.is_file()]:
             if (self.directory / ABORTED).is_file():
@@ -65,14 +69,13 @@ class FileExchange:
                     f"select stopped on another rank: {(self.directory / ABORTED).read_text()}"
                 )
             if time.monotonic() - started > self.timeout:
-                ranks = ", ".join(p.stem.removeprefix("rank-").lstrip("0") or "0" for p in missing)
+                ranks = ", ".join(p.stem.rpartition("-")[2].lstrip("0") or "0" for p in missing)
                 raise TimeoutError(
                     f"{step}: rank(s) {ranks} did not write their part within {self.timeout:.0f}s; "
                     "is every rank of the job running select?"
                 )
             time.sleep(pause)
             pause = min(pause * 2, 1.0)
-        return pl.concat([pl.read_parquet(p) for p in paths], how="vertical_relaxed")
 
     def abort(self, error: BaseException) -> None:
         """Tell the other ranks, waiting in `gather`, that this one stopped (and why)."""
@@ -80,9 +83,11 @@ class FileExchange:
         (self.directory / ABORTED).write_text(f"rank {self.rank}: {type(error).__name__}: {error}")
 
     def close(self) -> None:
-        """After a last gather (so no rank still reads), rank 0 removes the job's files."""
-        self.gather("done", pl.DataFrame({"rank": [self.rank]}))
+        """Every rank says it has read its last gather; then rank 0 removes the job's files (not
+        before: a rank still waiting would never see the files it waits for)."""
+        (self.directory / f"left-{self.rank:05d}").touch()
         if self.rank == 0:
+            self._wait_for([self.directory / f"left-{r:05d}" for r in range(self.world_size)], self.directory)
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
