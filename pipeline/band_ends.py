@@ -18,7 +18,8 @@ Bucketing is monotone in the key, so each bucket's rows are exactly those with a
 samples they are read and sorted. A range of one key value (ties) with more than `max_rows`
 samples narrows by sample_id, one character a pass, the same way. Every open end is advanced in
 the same pass, so a band's two ends in every source cost about three passes over the key column.
-Memory: the histograms (buckets x ends) and `max_rows` samples, whatever the number of rows.
+Memory: the histograms (buckets x ends, times the ranks when pooled) and up to 2 x `max_rows`
+samples, whatever the number of rows.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def group_totals(keyed: pl.LazyFrame, exchange: Exchange = LOCAL) -> pl.DataFram
         "lo": pl.col("_key").min(),
         "hi": pl.col("_key").max(),
     }
-    mine = keyed.group_by("_group").agg(**stats).collect()
+    mine = keyed.group_by("_group").agg(**stats).collect(engine="streaming")
     merged = _MERGE["rows"], _MERGE["size"], _MERGE["lo"], _MERGE["hi"]
     return exchange.gather("totals", mine).group_by("_group").agg(*merged).sort("_group", nulls_last=True)
 
@@ -145,7 +146,8 @@ def _read_and_sort(
         # string buffers of every row scanned (3.4 GB at 100M samples instead of 0.2)
         own_copy = pl.concat_str(pl.col("sample_id"), pl.lit("")).alias("sample_id")
         held = exchange.gather(
-            "rows", keyed.filter(inside).select("_group", "_key", "_size", own_copy).collect()
+            "rows",
+            keyed.filter(inside).select("_group", "_key", "_size", own_copy).collect(engine="streaming"),
         )
         for part in batch:
             rows = held.filter(part.rows_in()).sort("_key", "sample_id")
@@ -197,7 +199,7 @@ def _key_histograms(
         .filter(key.is_between(lo, pl.col("_hi")))
         .group_by("_id", _bucket=bucket)
         .agg(rows=pl.len(), size=pl.col("_size").sum(), lo=key.min(), hi=key.max())
-        .collect()
+        .collect(engine="streaming")
     )
     histograms = exchange.gather("buckets", histograms).group_by("_id", "_bucket").agg(**_MERGE)
     return {
@@ -219,7 +221,7 @@ def _id_histogram(keyed: pl.LazyFrame, part: Range, exchange: Exchange) -> pl.Da
         keyed.filter(part.rows_in())
         .group_by(_char=pl.col("sample_id").str.slice(len(prefix), 1))
         .agg(rows=pl.len(), size=pl.col("_size").sum())
-        .collect()
+        .collect(engine="streaming")
     )
     histogram = (
         exchange.gather("ids", histogram).group_by("_char").agg(_MERGE["rows"], _MERGE["size"]).sort("_char")

@@ -502,10 +502,12 @@ class TrainConfig:
     save_total_limit: int = 2
     logging_steps: int = 10
     gradient_checkpointing: bool = False
-    head_chunk_tokens: int = 1024
+    head_chunk_tokens: int = 0
     """Target tokens per LM-head chunk in the training loss, each chunk's logits recomputed in the
-    backward pass, so full-vocabulary logits never exist; 0 computes them all (the model's own
-    forward). Taken as 0 under FSDP/DeepSpeed and for models whose logits are not lm_head(hidden)."""
+    backward pass, so full-vocabulary logits never exist (for large batches x vocabularies); 0
+    computes them all (the model's own forward: faster, and on the embedded preset the logits are
+    not what sets peak memory, bench/bench_train.py). Taken as 0 under FSDP/DeepSpeed and for
+    models whose logits are not lm_head(hidden)."""
     fsdp: str = ""
     """Passed to transformers' TrainingArguments.fsdp (e.g. "full_shard auto_wrap") on GPUs."""
 

@@ -8,7 +8,9 @@ Every rank calls `gather` in the same order with the same names (the selection m
 deterministic given the merged results, so it does): call N of every rank is written to
 `<dir>/<job>/<N>-<name>/rank-<r>.parquet` (atomically), then each rank waits until all ranks'
 files are there and reads them all. `<job>` is the launcher's job id (torchrun's run id, the
-Slurm job), so a job that died cannot hand a later one its stale partials. A rank that fails
+Slurm job and step), so a job that died cannot hand a later one its stale partials; a launcher
+that reuses an id (a fixed --rdzv-id, MIDRANK_JOB_ID) must not reuse it after a failed run. The
+ranks run together: a Slurm array throttled to fewer tasks at once than it has waits, then fails. A rank that fails
 writes `ABORTED` with its error there, and the others stop with it instead of waiting.
 """
 
@@ -85,6 +87,7 @@ class FileExchange:
     def close(self) -> None:
         """Every rank says it has read its last gather; then rank 0 removes the job's files (not
         before: a rank still waiting would never see the files it waits for)."""
+        self.directory.mkdir(parents=True, exist_ok=True)  # a rerun with nothing to select gathered nothing
         (self.directory / f"left-{self.rank:05d}").touch()
         if self.rank == 0:
             self._wait_for([self.directory / f"left-{r:05d}" for r in range(self.world_size)], self.directory)
@@ -102,7 +105,7 @@ def job_id() -> str:
     for name, restarts in (
         ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"),
         ("SLURM_ARRAY_JOB_ID", "SLURM_RESTART_COUNT"),
-        ("SLURM_JOB_ID", "SLURM_RESTART_COUNT"),
+        ("SLURM_JOB_ID", "SLURM_STEP_ID"),  # srun steps of one allocation share the job id
         ("MIDRANK_JOB_ID", ""),
     ):
         if env.get(name, "none") != "none":

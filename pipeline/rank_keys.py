@@ -112,10 +112,10 @@ def estimate_curves(
     length and loss per (source, merged bin) as order statistics (pipeline/band_ends.py). On
     several ranks each passes its own scores and `exchange` pools them."""
     group = _group(by_source)
-    mine = scores.select(pl.col("n_tokens").max()).collect()
+    mine = scores.select(pl.col("n_tokens").max()).collect(engine="streaming")
     longest = exchange.gather("longest", mine)["n_tokens"].max() or 1
     fine = length_edges(int(longest))
-    counted = scores.group_by(_grp=group, _bin=length_bin(fine)).agg(pl.len()).collect()
+    counted = scores.group_by(_grp=group, _bin=length_bin(fine)).agg(pl.len()).collect(engine="streaming")
     counted = exchange.gather("length-counts", counted).group_by("_grp", "_bin").agg(pl.col("len").sum())
     merged_edges, mapping = {}, []
     for name in sorted(counted["_grp"].unique().to_list()):

@@ -181,7 +181,7 @@ def length_matched(
     A control for a band by loss: mean token loss falls with length, so a band can differ from a
     random sample by its lengths alone; this random sample cannot. Each bin keeps its first
     samples in the order of a seeded hash of sample_id, found like a band's end."""
-    mine = scores.select(pl.col("n_tokens").max()).collect()
+    mine = scores.select(pl.col("n_tokens").max()).collect(engine="streaming")
     longest = exchange.gather("longest", mine)["n_tokens"].max() or 1
     edges = length_edges(int(max(longest, reference["n_tokens"].max() or 1)))
     # numpy.histogram's bins: [e_i, e_i+1), the last closed; the edges span every length

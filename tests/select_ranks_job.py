@@ -1,4 +1,4 @@
-"""One rank of a selection job (run by tests/test_select_ranks.py under torchrun): selects from
+"""One rank of a selection job (run by tests/test_selection.py under torchrun): selects from
 the score files of its shards, pooling the band's ends with the other ranks through files, and
 writes the ids it keeps.
 
