@@ -51,7 +51,6 @@ class Range:
     hi: Any
     offset: int
     rows: int
-    size: int
     prefix: str | None = None
 
     def rows_in(self) -> pl.Expr:
@@ -104,7 +103,7 @@ def find_ends(
                 ends[row["_group"], threshold] = threshold <= 0
             else:
                 open_ends[row["_group"], threshold] = Range(
-                    row["_group"], row["lo"], row["hi"], 0, row["rows"], row["size"]
+                    row["_group"], row["lo"], row["hi"], 0, row["rows"]
                 )
     while open_ends:
         # the same order on every rank (a set's order follows string hashes, which differ by process)
@@ -252,7 +251,6 @@ def _narrow(
             hi=bucket["hi"],
             offset=int(covered[i] - bucket["size"]),
             rows=bucket["rows"],
-            size=bucket["size"],
             prefix=bucket.get("prefix", part.prefix),
         )
     return narrowed

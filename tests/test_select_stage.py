@@ -200,15 +200,8 @@ def test_select_on_several_ranks_writes_what_one_process_writes(scored, tmp_path
     select.run(load_config(config, [RANKED_BANDS, "select.write_rejected=true"]))
     many = tmp_path / "many"
     shutil.copytree(tmp_path / "out" / "scores", many / "scores")
-    result = torchrun(
-        "select",
-        "--config",
-        str(config),
-        RANKED_BANDS,
-        "select.write_rejected=true",
-        f"out_dir={many}",
-        nproc=nproc,
-    )
+    job = ("select", "--config", str(config), RANKED_BANDS, "select.write_rejected=true", f"out_dir={many}")
+    result = torchrun(*job, nproc=nproc)
     assert result.returncode == 0, result.stdout + result.stderr
     for band in ("mid", "adjusted", "matched", "sample"):
         for folder in ("selected", "rejected"):
@@ -236,15 +229,7 @@ def test_select_on_several_ranks_writes_what_one_process_writes(scored, tmp_path
         ):
             assert manifests[0].get(field) == manifests[1].get(field), (band, field)
     assert not any((many / ".exchange" / "select").iterdir())  # the job's files are removed
-    again = torchrun(
-        "select",
-        "--config",
-        str(config),
-        RANKED_BANDS,
-        "select.write_rejected=true",
-        f"out_dir={many}",
-        nproc=nproc,
-    )
+    again = torchrun(*job, nproc=nproc)
     assert again.returncode == 0 and "already selected" in again.stdout + again.stderr, again.stderr[-2000:]
 
 
