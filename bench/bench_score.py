@@ -8,7 +8,8 @@
 (a) naive: documents in file order, fixed batches of 16 padded to the longest, fp32, HF
     `model(...)` with full logits, then a masked cross-entropy on the flat (N, V) view.
 (b) midrank: the real stage (`stages.score.run`): token-budget batches sorted by length, chunked LM
-    head on target positions only, tokenization in a DataLoader worker, Parquet output.
+    head on target positions only, tokenization in a DataLoader worker, Parquet output; under the
+    malloc `midrank score` picks (jemalloc when installed: pipeline/cpu_memory.py).
 
 Each run is its own process, so peak RSS is its own. Prints tokens/s, the ratio to (a), peak RSS,
 MFU (2 x parameters x tokens/s against this machine's measured matmul peak in the same dtype), the
@@ -101,6 +102,7 @@ def run_midrank(model_dir: str, corpus: Path, dtype: str, out_dir: str) -> dict:
     import pyarrow.parquet as pq
 
     from pipeline.config import load_config
+    from pipeline.cpu_memory import relaunch_for_cpu
     from pipeline.layout import Layout
     from pipeline.outputs import ScoresSummary
     from stages import score
@@ -116,6 +118,7 @@ def run_midrank(model_dir: str, corpus: Path, dtype: str, out_dir: str) -> dict:
             f"score.max_tokens={MAX_TOKENS}",
         ],
     )
+    relaunch_for_cpu(cfg.model)  # as `midrank score` does: under jemalloc when it is installed
     score.run(cfg)
     layout = Layout(cfg.out_dir)
     summary = ScoresSummary.read(layout.scores_summary)

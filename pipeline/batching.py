@@ -6,8 +6,17 @@
 
 A window (`score.window_rows` rows) is also the unit of checkpointing: the scorer writes a chunk of
 results at each window end, so a killed run resumes at the next window. Within a window, samples
-are sorted longest first and packed while `rows x longest <= batch_tokens`, so padding stays small
-and the biggest batch of a window comes first.
+are sorted longest first and packed while `rows x batch_length(longest) <= batch_tokens`, so
+padding stays small and the biggest batch of a window comes first.
+
+Batches take one of a few shapes. A batch is padded to `batch_length(longest)` (a multiple of 16
+up to 128 tokens, then of an eighth of the length's power of two: at most 12.5% longer, 24
+lengths up to 512), and the scorer pads a window's last, short batch with empty rows to the full
+`batch_rows`. Why: on CPU the process grew with the number of distinct batch shapes it had seen,
+not with the work in flight. Measured on SmolLM2-135M in bf16 with the heap kept (pipeline/model.py),
+40 batches of random shapes grew the resident set by 260-400 MB every 20 batches under every
+malloc setting tried; with these shapes it levels off (bench/bench_score.py's memory check prints
+the peak for 1x and 10x the documents).
 """
 
 from __future__ import annotations
@@ -27,11 +36,24 @@ from pipeline.samples import Sample, SamplePolicy, make_samples, unconditional_s
 from pipeline.sharding import ShardPlan, iter_shard_rows
 
 
+def batch_length(longest: int) -> int:
+    """The padded length of a batch whose longest sample has `longest` tokens."""
+    step = 16 if longest <= 128 else 1 << (max(longest - 1, 1).bit_length() - 4)
+    return -(-longest // step) * step
+
+
+def batch_rows(length: int, batch_tokens: int) -> int:
+    """Rows of a full batch of padded `length` within the budget (one if a row alone exceeds it)."""
+    return max(1, batch_tokens // length)
+
+
 def pack_batches(samples: list[Sample], batch_tokens: int) -> list[list[Sample]]:
     """Greedy packing of samples sorted longest first: each batch's padded size fits the budget."""
     batches: list[list[Sample]] = []
     for sample in samples:
-        if batches and (len(batches[-1]) + 1) * len(batches[-1][0].input_ids) <= batch_tokens:
+        if batches and len(batches[-1]) < batch_rows(
+            batch_length(len(batches[-1][0].input_ids)), batch_tokens
+        ):
             batches[-1].append(sample)
         else:
             batches.append([sample])
@@ -44,11 +66,18 @@ def pad_id_of(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def collate(samples: list[Sample], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
-    length = max(len(s.input_ids) for s in samples)
-    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
-    target_mask = torch.zeros((len(samples), length), dtype=torch.bool)
+def collate(
+    samples: list[Sample], pad_id: int, padding_side: str = "right", rows: int = 0
+) -> dict[str, torch.Tensor]:
+    """Padded tensors of `samples`, `batch_length` long; with `rows`, empty rows follow the samples
+    up to that many (each attends to its first position only, so no row of the attention is empty,
+    and none is a target)."""
+    length = batch_length(max(len(s.input_ids) for s in samples))
+    shape = (max(rows, len(samples)), length)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(shape, dtype=torch.long)
+    attention_mask[len(samples) :, 0 if padding_side == "right" else -1] = 1
+    target_mask = torch.zeros(shape, dtype=torch.bool)
     for row, s in enumerate(samples):
         n = len(s.input_ids)
         start = 0 if padding_side == "right" else length - n
@@ -118,7 +147,9 @@ class ShardBatches(IterableDataset):
                 group.sort(key=lambda s: -len(s.input_ids))
                 for batch in pack_batches(group, self.score.batch_tokens):
                     meta = {name: [getattr(s, name) for s in batch] for name in META_FIELDS}
-                    yield {"batch": collate(batch, self.pad_id) | {"meta": meta}, "window_end": None}
+                    full = batch_rows(batch_length(len(batch[0].input_ids)), self.score.batch_tokens)
+                    tensors = collate(batch, self.pad_id, rows=full)
+                    yield {"batch": tensors | {"meta": meta}, "window_end": None}
             yield {
                 "batch": None,
                 "window_end": position,

@@ -166,6 +166,11 @@ class ModelConfig:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel passed to transformers."""
 
+    cpu_allocator: Literal["auto", "jemalloc", "system"] = "auto"
+    """The malloc of a command that runs the model on the CPU (pipeline/cpu_memory.py). `auto`:
+    jemalloc when installed (the command re-executes itself with it preloaded), else glibc's;
+    `jemalloc`: an error if it is not installed; `system`: glibc's."""
+
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class ScoreConfig:

@@ -8,7 +8,6 @@ Weights load from safetensors only and `trust_remote_code` stays off unless the 
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 from dataclasses import dataclass
@@ -48,22 +47,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-
-
-def tune_cpu_malloc() -> None:
-    """Keep freed memory in the heap instead of returning it to the OS after each batch.
-
-    Measured here: with glibc defaults, batched CPU inference spent more time in page faults than
-    it gained from batching (52 s of system time in one run), because every batch's activations
-    were mmap'ed and unmapped afresh; with this, bf16 scoring runs ~30% faster (training too). The cost is a
-    resident set that stays near its high-water mark (bench/bench_score.py prints it)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_max = -1, -4
-    libc.mallopt(m_mmap_max, 0)
-    libc.mallopt(m_trim_threshold, 1 << 30)
 
 
 def hash_files(paths: list[Path]) -> str:

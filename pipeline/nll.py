@@ -8,8 +8,9 @@ How positions line up (one row, BOS as context, right padding):
     predicts        t1   t2   t3   .                 h[j] predicts input_ids[j + 1]
 
 so the loss uses hidden[:, :-1] where target_mask[:, 1:] is set, against input_ids[:, 1:]. Only
-those N hidden states go through the LM head, in chunks of `head_chunk_tokens`, and the
-log-softmax runs in fp32 whatever the model dtype. Full (batch, length, vocab) logits never exist.
+those N hidden states go through the LM head, in chunks of `head_chunk_tokens` (N padded to a
+multiple of HEAD_ROWS, so that the head's shapes, like the batches', come from a small set: see
+pipeline/batching.py), and the log-softmax runs in fp32 whatever the model dtype. Full (batch, length, vocab) logits never exist.
 In bf16 the head matmul accumulates in fp32 but, on CPU, rounds its output to bf16. Measured on
 SmolLM2-135M over 60 held-out documents: an fp32 head would change per-sample losses by at most
 0.011 nats, against 0.022 for the bf16 body itself, and cost 40% more time per batch, so the head
@@ -28,7 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.batching import batch_length, batch_rows
 from pipeline.log import get_logger
+
+HEAD_ROWS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +105,11 @@ class NLLScorer:
         nll, correct = [], []
         for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True):
             logits = self._chunk_logits(h)
-            correct.append(logits.argmax(-1) == t)
+            # max() gives the top logit and the first index reaching it (argmax's tie rule) in one
+            # pass: measured at 1024 x 49,152, 39 ms against 70 ms for argmax() alone
+            top, predicted = logits.max(1, keepdim=True)
+            correct.append(predicted.squeeze(1) == t)
             target_logit = logits.gather(1, t[:, None]).squeeze(1)
-            top = logits.amax(1, keepdim=True)
             total = logits.sub_(top).exp_().sum(1)  # the logits are spent here
             nll.append(top.squeeze(1) + total.log() - target_logit)
         if not nll:
@@ -123,8 +129,14 @@ class NLLScorer:
         rows = torch.arange(input_ids.shape[0], device=self.device)[:, None].expand_as(predicted)[predicted]
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if self.fast_path:
-            hidden = self.body(**kwargs, use_cache=False).last_hidden_state[:, :-1][predicted]
-            token_nll, correct = self._head_nll(hidden, targets)
+            hidden = self.body(**kwargs, use_cache=False).last_hidden_state
+            n = targets.numel()
+            positions = F.pad(predicted, (0, 1)).flatten().nonzero().squeeze(1)  # h[j] predicts t[j + 1]
+            padded = -(-n // HEAD_ROWS) * HEAD_ROWS  # the extra rows repeat position 0 and are dropped
+            positions = F.pad(positions, (0, padded - n))
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+            token_nll, correct = self._head_nll(hidden, F.pad(targets, (0, padded - n)))
+            token_nll, correct = token_nll[:n], correct[:n]
         else:
             logits = self.model(**kwargs, use_cache=False).logits[:, :-1][predicted].float()
             token_nll = F.cross_entropy(logits, targets, reduction="none")
@@ -175,8 +187,10 @@ class BudgetedScorer:
         """Score one batch of the largest shape first: an out-of-memory error surfaces (and the
         budget shrinks) before any real work, and on CPU the heap reaches its high-water mark at
         once, so peak memory does not depend on which documents come later."""
-        rows = max(1, self.batch_tokens // max_tokens)
+        length = batch_length(max_tokens)
         generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, vocab_size, (rows, max_tokens), generator=generator)
+        ids = torch.randint(
+            0, vocab_size, (batch_rows(length, self.batch_tokens), length), generator=generator
+        )
         mask = torch.ones_like(ids)
         self({"input_ids": ids, "attention_mask": mask, "target_mask": mask.bool()})

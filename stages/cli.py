@@ -28,6 +28,7 @@ import sys
 
 from pipeline.artifacts import ProvenanceError
 from pipeline.config import ConfigError, dump_config, load_config
+from pipeline.cpu_memory import relaunch_for_cpu
 from pipeline.layout import LayoutError
 from pipeline.locks import LockedError
 from pipeline.log import get_logger
@@ -49,6 +50,9 @@ COMMANDS = {
         "train every arm at equal compute; loss and tasks vs random, 95% intervals",
     ),
 }
+# commands that run the model: on the CPU they re-execute themselves under jemalloc when it is
+# installed (pipeline/cpu_memory.py)
+RELAUNCHED_COMMANDS = {"score"}
 # Expected failures: bad config or input, outputs that do not fit together, a busy out_dir, and
 # the machine's own (a file that cannot be read or written, a full disk). Anything else is a bug.
 ERRORS = (
@@ -94,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     module = COMMANDS[args.command][0]
     try:
         cfg = load_config(args.config, args.overrides)
+        if argv is None and args.command in RELAUNCHED_COMMANDS:  # main(argv) from Python keeps its process
+            relaunch_for_cpu(cfg.model)
         if module is None:
             print(dump_config(cfg), end="")
         else:

@@ -22,10 +22,11 @@ from torch.utils.data import DataLoader
 
 from pipeline.batching import ShardBatches
 from pipeline.config import Config, save_config
+from pipeline.cpu_memory import tune_cpu_malloc
 from pipeline.layout import Layout
 from pipeline.locks import check_free, lock
 from pipeline.log import RowProgress, format_counts, get_logger
-from pipeline.model import load_model, tune_cpu_malloc
+from pipeline.model import load_model
 from pipeline.nll import BudgetedScorer, NLLScorer
 from pipeline.ranks import rank_and_world, shards_of_rank
 from pipeline.readers import InputError
@@ -65,8 +66,9 @@ def score_shard(
     window_started = time.perf_counter()
     for item in loader:
         if item["batch"] is not None:
-            metas.append(item["batch"].pop("meta"))
-            results.append(scorer(item["batch"]))
+            meta = item["batch"].pop("meta")
+            metas.append(meta)
+            results.append(scorer(item["batch"])[:, : len(meta["sample_id"])])  # less the empty rows
             continue
         table, bad = window_table(shard, metas, results)
         metas, results = [], []
@@ -115,7 +117,7 @@ def run(cfg: Config) -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the DataLoader worker forks
     loaded = load_model(cfg.model)
     if loaded.device.type == "cpu":
-        tune_cpu_malloc()
+        log.info(f"malloc: {tune_cpu_malloc()} (model.cpu_allocator={cfg.model.cpu_allocator})")
     kernel = NLLScorer(loaded.model, cfg.score.head_chunk_tokens)
     if not kernel.fast_path:
         log.warning("this model's logits are not lm_head(hidden): scoring through its full forward (slower)")

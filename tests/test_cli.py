@@ -6,8 +6,12 @@ import shutil
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 
+from pipeline import cpu_memory
+from pipeline.config import ConfigError, ModelConfig
+from pipeline.cpu_memory import jemalloc_library
 from stages.cli import one_line
 from tests.helpers import ROOT, make_texts, write_config, write_corpus
 
@@ -119,3 +123,27 @@ def test_debug_shows_the_traceback(setup):
     config, _ = setup
     result = midrank("score", "--debug", "--config", str(config), "model.path=/nonexistent")
     assert result.returncode != 0 and "Traceback" in result.stderr and "ConfigError" in result.stderr
+
+
+def test_score_on_the_cpu_reexecutes_itself_under_jemalloc(tmp_path, setup):
+    """pipeline/cpu_memory.py: same scores under either malloc; `system` keeps glibc's."""
+    config, _ = setup
+    assert jemalloc_library(), "these tests need jemalloc: apt-get install libjemalloc2"
+    runs = {}
+    for allocator, expected in (("auto", "jemalloc"), ("system", "glibc")):
+        out = tmp_path / allocator
+        result = midrank(
+            "score", "--config", str(config), f"out_dir={out}", f"model.cpu_allocator={allocator}"
+        )
+        assert result.returncode == 0, result.stderr
+        assert f"malloc: {expected} (model.cpu_allocator={allocator})" in result.stderr
+        parts = sorted((out / "scores").glob("part-*.parquet"))
+        runs[allocator] = [n for part in parts for n in pq.read_table(part).column("nll_sum").to_pylist()]
+    assert runs["auto"] == runs["system"] and len(runs["auto"]) == 12
+
+
+def test_jemalloc_asked_for_but_missing_names_the_key(monkeypatch):
+    monkeypatch.setattr(cpu_memory, "jemalloc_library", lambda: None)
+    with pytest.raises(ConfigError, match=r"model\.cpu_allocator: jemalloc is not installed"):
+        cpu_memory.wants_jemalloc(ModelConfig(path="m", device="cpu", cpu_allocator="jemalloc"))
+    assert not cpu_memory.wants_jemalloc(ModelConfig(path="m", device="cpu", cpu_allocator="auto"))

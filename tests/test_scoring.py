@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.batching import collate, pack_batches
+from pipeline.batching import batch_length, collate, pack_batches
 from pipeline.nll import NLLScorer
 from pipeline.records import Record
 from pipeline.samples import Sample, SamplePolicy, make_samples, split_windows
@@ -54,9 +54,12 @@ def test_batched_loss_equals_sample_alone(model_and_tokenizer, padding_side):
     assert len(lengths) > 5, "the test needs mixed lengths"
     scorer = NLLScorer(model, head_chunk_tokens=37)  # chunks that do not divide the token count
     assert scorer.fast_path
-    for batch in (samples, samples[::-1][:7], samples[3:4]):  # different companions and sizes
-        tensors = collate(batch, tokenizer.pad_token_id, padding_side)
+    # different companions and sizes, and empty rows after the samples (a window's last batch)
+    for batch, rows in ((samples, 0), (samples[::-1][:7], 10), (samples[3:4], 3)):
+        tensors = collate(batch, tokenizer.pad_token_id, padding_side, rows=rows)
+        assert tensors["input_ids"].shape[0] == max(rows, len(batch))
         out = scorer(tensors["input_ids"], tensors["attention_mask"], tensors["target_mask"])
+        assert out.n_tokens[len(batch) :].eq(0).all() and out.nll_sum[len(batch) :].eq(0).all()
         for row, sample in enumerate(batch):
             nll_sum, n_tokens, max_nll, n_correct = reference(model, sample.input_ids)
             assert out.n_correct[row].item() == n_correct
@@ -198,7 +201,18 @@ def test_pack_batches_respects_the_budget():
     batches = pack_batches(samples, 128)
     assert [len(s.input_ids) for b in batches for s in b] == [len(s.input_ids) for s in samples]
     for batch in batches:
-        assert len(batch) * len(batch[0].input_ids) <= 128 or len(batch) == 1
+        assert len(batch) * batch_length(len(batch[0].input_ids)) <= 128 or len(batch) == 1
+    assert [len(b) for b in batches] == [2, 2, 4, 1]  # 64 64 | 50 33 (to 64) | 20 9 7 3 (to 32) | 2
+
+
+def test_batch_length_is_the_next_of_a_few_lengths():
+    """Multiples of 16 up to 128, then eight evenly spaced lengths per doubling, listed apart."""
+    allowed = set(range(16, 129, 16))
+    for low in (128, 256, 512, 1024, 2048):
+        allowed |= {low + k * low // 8 for k in range(1, 9)}
+    for longest in range(1, 4097):
+        assert batch_length(longest) == min(a for a in allowed if a >= longest), longest
+    assert len({batch_length(n) for n in range(1, 513)}) == 24
 
 
 def test_truncation_tokenizes_only_the_start_of_a_long_document(model_and_tokenizer):
