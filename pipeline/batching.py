@@ -9,14 +9,14 @@ results at each window end, so a killed run resumes at the next window. Within a
 are sorted longest first and packed while `rows x batch_length(longest) <= batch_tokens`, so
 padding stays small and the biggest batch of a window comes first.
 
-Batches take one of a few shapes. A batch is padded to `batch_length(longest)` (a multiple of 16
-up to 128 tokens, then of an eighth of the length's power of two: at most 12.5% longer, 24
-lengths up to 512), and the scorer pads a window's last, short batch with empty rows to the full
-`batch_rows`. Why: on CPU the process grew with the number of distinct batch shapes it had seen,
-not with the work in flight. Measured on SmolLM2-135M in bf16 with the heap kept (pipeline/model.py),
-40 batches of random shapes grew the resident set by 260-400 MB every 20 batches under every
-malloc setting tried; with these shapes it levels off (bench/bench_score.py's memory check prints
-the peak for 1x and 10x the documents).
+Batches take one of a few shapes. A batch is padded to `batch_length(longest)`: a multiple of 16
+up to 128 tokens; above, a multiple of an eighth of the largest power of two below the length (at
+most 12.5% longer; 24 lengths up to 512). The scorer fills a window's last, short batch with empty
+rows up to `batch_rows`. Why: on the CPU, memory grew with the number of distinct batch shapes
+seen. Measured on SmolLM2-135M in bf16 (glibc's heap kept, pipeline/cpu_memory.py): 40 batches of
+random shapes grew the resident set by 260-400 MB every 20 batches; 140 batches of these shapes
+levelled off after about 80 (1,406 -> 1,551 MB, then flat). Over a long run glibc's heap still
+fragments (+20% for 10x the documents); jemalloc's does not (pipeline/cpu_memory.py).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def batch_rows(length: int, batch_tokens: int) -> int:
 
 
 def pack_batches(samples: list[Sample], batch_tokens: int) -> list[list[Sample]]:
-    """Greedy packing of samples sorted longest first: each batch's padded size fits the budget."""
+    """Greedy packing of samples sorted longest first: each batch's padded size fits the budget,
+    except a lone row, which may be up to `batch_length` of a budget-long sample."""
     batches: list[list[Sample]] = []
     for sample in samples:
         if batches and len(batches[-1]) < batch_rows(
@@ -70,13 +71,13 @@ def collate(
     samples: list[Sample], pad_id: int, padding_side: str = "right", rows: int = 0
 ) -> dict[str, torch.Tensor]:
     """Padded tensors of `samples`, `batch_length` long; with `rows`, empty rows follow the samples
-    up to that many (each attends to its first position only, so no row of the attention is empty,
-    and none is a target)."""
+    up to that many (each attends to its first position only, whatever the padding side, so every
+    query has a key; none is a target)."""
     length = batch_length(max(len(s.input_ids) for s in samples))
     shape = (max(rows, len(samples)), length)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     attention_mask = torch.zeros(shape, dtype=torch.long)
-    attention_mask[len(samples) :, 0 if padding_side == "right" else -1] = 1
+    attention_mask[len(samples) :, 0] = 1
     target_mask = torch.zeros(shape, dtype=torch.bool)
     for row, s in enumerate(samples):
         n = len(s.input_ids)

@@ -167,9 +167,10 @@ class ModelConfig:
     """Attention kernel passed to transformers."""
 
     cpu_allocator: Literal["auto", "jemalloc", "system"] = "auto"
-    """The malloc of a command that runs the model on the CPU (pipeline/cpu_memory.py). `auto`:
-    jemalloc when installed (the command re-executes itself with it preloaded), else glibc's;
-    `jemalloc`: an error if it is not installed; `system`: glibc's."""
+    """The malloc of `midrank score` on the CPU (pipeline/cpu_memory.py). `auto`: jemalloc when
+    installed (the command re-executes itself with it preloaded), else the system's; `jemalloc`:
+    an error if it is not installed or does not load; `system`: the system's. A malloc preloaded
+    by the user is kept. Training keeps glibc's (under jemalloc it peaked at 2.6x the memory)."""
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

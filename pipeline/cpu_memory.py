@@ -1,6 +1,6 @@
 """The heap of a process that runs the model on the CPU: jemalloc when installed, else glibc tuned.
 
-    relaunch_for_cpu(cfg.model)   # the CLI, before a stage that loads the model; may exec itself
+    relaunch_for_cpu(cfg.model)   # `midrank score`, before the stage runs; may exec itself
     tune_cpu_malloc()             # the stage, once the model is on the CPU
 
 Measured on SmolLM2-135M in bf16 (`bench/bench_score.py`'s memory check, 1,600 documents against a
@@ -37,9 +37,18 @@ def jemalloc_library() -> str | None:
 
 
 def running_allocator() -> str:
-    """'jemalloc' if this process's malloc is jemalloc's, else 'glibc'."""
-    with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-        return "jemalloc" if "jemalloc" in maps.read() else "glibc"
+    """This process's malloc, by a symbol only it puts in the global scope (as a preloaded
+    library does): 'jemalloc', 'tcmalloc', 'mimalloc', else 'glibc' or 'system'."""
+    process = ctypes.CDLL(None)
+    for name, symbol in (("jemalloc", "mallctl"), ("tcmalloc", "tc_malloc"), ("mimalloc", "mi_malloc")):
+        if hasattr(process, symbol):
+            return name
+    return "glibc" if hasattr(process, "gnu_get_libc_version") else "system"
+
+
+def preloaded_malloc() -> bool:
+    """Whether the user preloads a malloc of their own (theirs is kept, with their settings)."""
+    return any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc"))
 
 
 def wants_jemalloc(cfg: ModelConfig) -> bool:
@@ -49,11 +58,11 @@ def wants_jemalloc(cfg: ModelConfig) -> bool:
 
     if cfg.cpu_allocator == "system" or resolve_device(cfg.device).type != "cpu":
         return False
-    if jemalloc_library() is None:
+    if sys.platform != "linux" or jemalloc_library() is None:
         if cfg.cpu_allocator == "jemalloc":
             raise ConfigError(
                 "model.cpu_allocator: jemalloc is not installed (Debian/Ubuntu: apt-get install "
-                "libjemalloc2), or set model.cpu_allocator=system"
+                "libjemalloc2; Linux only), or set model.cpu_allocator=system"
             )
         get_logger().info(
             "jemalloc is not installed: glibc's malloc, whose peak memory grows with the corpus "
@@ -65,10 +74,21 @@ def wants_jemalloc(cfg: ModelConfig) -> bool:
 
 def relaunch_for_cpu(cfg: ModelConfig) -> None:
     """Re-execute this process under jemalloc when `wants_jemalloc`; returns only if it does not.
-    The process keeps its pid, so torchrun and Slurm still see the rank they started."""
-    if os.environ.get(RELAUNCHED) or not wants_jemalloc(cfg):
+    The process keeps its pid, so torchrun and Slurm still see the rank they started. Once
+    re-executed, checks that jemalloc did load (a library the preload cannot use is only a
+    message from the loader): an error for `jemalloc`, a warning for `auto`."""
+    if os.environ.get(RELAUNCHED):
+        if running_allocator() != "jemalloc":
+            message = (
+                f"model.cpu_allocator: jemalloc ({jemalloc_library()}) did not load as this process's malloc"
+            )
+            if cfg.cpu_allocator == "jemalloc":
+                raise ConfigError(message + "; set model.cpu_allocator=system")
+            get_logger().warning(message + ": running on the system's malloc")
         return
-    if sys.platform != "linux" or running_allocator() == "jemalloc":
+    if cfg.cpu_allocator == "system" or preloaded_malloc() or running_allocator() == "jemalloc":
+        return
+    if not wants_jemalloc(cfg):
         return
     env = dict(os.environ)
     env["LD_PRELOAD"] = " ".join(filter(None, [jemalloc_library(), env.get("LD_PRELOAD")]))
@@ -81,7 +101,8 @@ def relaunch_for_cpu(cfg: ModelConfig) -> None:
 
 def tune_cpu_malloc() -> str:
     """Keep freed memory in glibc's heap instead of returning it to the OS after each batch; the
-    allocator in use is returned (under jemalloc there is nothing to tune: JEMALLOC_CONF did it).
+    allocator in use is returned (any other malloc is left as it is: under relaunch_for_cpu's
+    jemalloc, JEMALLOC_CONF did the same).
 
     Measured here: with glibc defaults, batched CPU inference spent more time in page faults than
     it gained from batching (52 s of system time in one run), because every batch's activations

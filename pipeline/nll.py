@@ -10,7 +10,8 @@ How positions line up (one row, BOS as context, right padding):
 so the loss uses hidden[:, :-1] where target_mask[:, 1:] is set, against input_ids[:, 1:]. Only
 those N hidden states go through the LM head, in chunks of `head_chunk_tokens` (N padded to a
 multiple of HEAD_ROWS, so that the head's shapes, like the batches', come from a small set: see
-pipeline/batching.py), and the log-softmax runs in fp32 whatever the model dtype. Full (batch, length, vocab) logits never exist.
+pipeline/batching.py), and the log-softmax runs in fp32 whatever the model dtype. Full
+(batch, length, vocab) logits never exist.
 In bf16 the head matmul accumulates in fp32 but, on CPU, rounds its output to bf16. Measured on
 SmolLM2-135M over 60 held-out documents: an fp32 head would change per-sample losses by at most
 0.011 nats, against 0.022 for the bf16 body itself, and cost 40% more time per batch, so the head
@@ -83,7 +84,7 @@ class NLLScorer:
         """fp32 logits of one head chunk, written into a buffer kept across batches. Measured on
         SmolLM2-135M in bf16 on CPU: allocating them afresh (192 MiB a chunk, and as much again
         for the log-softmax) grew the process by a chunk's size every few batches — freed blocks
-        left in the heap (pipeline/model.py keeps them) that the next chunk did not fit back into
+        left in the heap (pipeline/cpu_memory.py keeps them) that the next chunk did not fit back into
         — so peak RSS grew with the corpus."""
         n, vocab = hidden.shape[0], self.head.weight.shape[0]
         if self.fp32_logits_from_mm or self.head.bias is not None:
@@ -166,6 +167,8 @@ class BudgetedScorer:
     def __call__(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
         """(3, rows) array of nll_sum, n_tokens, max_token_nll."""
         rows, length = batch["input_ids"].shape
+        if not batch["target_mask"].any():  # empty rows only (half of a window's last batch, split)
+            return np.zeros((3, rows))
         if rows > 1 and rows * length > self.batch_tokens:
             half = rows // 2
             parts = [{k: v[:half] for k, v in batch.items()}, {k: v[half:] for k, v in batch.items()}]
@@ -192,5 +195,8 @@ class BudgetedScorer:
         ids = torch.randint(
             0, vocab_size, (batch_rows(length, self.batch_tokens), length), generator=generator
         )
-        mask = torch.ones_like(ids)
+        # padded past max_tokens, as real batches are: positions stay within the model's, and the
+        # attention takes its padding mask (a mask of all ones would let it skip building one)
+        mask = torch.zeros_like(ids)
+        mask[:, :max_tokens] = 1
         self({"input_ids": ids, "attention_mask": mask, "target_mask": mask.bool()})

@@ -50,8 +50,8 @@ COMMANDS = {
         "train every arm at equal compute; loss and tasks vs random, 95% intervals",
     ),
 }
-# commands that run the model: on the CPU they re-execute themselves under jemalloc when it is
-# installed (pipeline/cpu_memory.py)
+# commands that re-execute themselves under jemalloc on the CPU when it is installed
+# (pipeline/cpu_memory.py; measured for scoring only)
 RELAUNCHED_COMMANDS = {"score"}
 # Expected failures: bad config or input, outputs that do not fit together, a busy out_dir, and
 # the machine's own (a file that cannot be read or written, a full disk). Anything else is a bug.
@@ -85,7 +85,9 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, relaunch: bool = False) -> int:
+    """Run one command; `relaunch` (the command line only, see `command`) lets it re-execute its
+    own process, which Python callers of main() never want."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local model directories only; never wait on a hub
     parser = argparse.ArgumentParser(prog="midrank", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     module = COMMANDS[args.command][0]
     try:
         cfg = load_config(args.config, args.overrides)
-        if argv is None and args.command in RELAUNCHED_COMMANDS:  # main(argv) from Python keeps its process
+        if relaunch and args.command in RELAUNCHED_COMMANDS:
             relaunch_for_cpu(cfg.model)
         if module is None:
             print(dump_config(cfg), end="")
@@ -112,5 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def command() -> int:
+    """The `midrank` script and `python -m stages.cli`: a real command line."""
+    return main(relaunch=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

@@ -128,7 +128,8 @@ def test_debug_shows_the_traceback(setup):
 def test_score_on_the_cpu_reexecutes_itself_under_jemalloc(tmp_path, setup):
     """pipeline/cpu_memory.py: same scores under either malloc; `system` keeps glibc's."""
     config, _ = setup
-    assert jemalloc_library(), "these tests need jemalloc: apt-get install libjemalloc2"
+    if not jemalloc_library():  # CI installs it, and fails on a skipped test
+        pytest.skip("jemalloc is not installed: apt-get install libjemalloc2")
     runs = {}
     for allocator, expected in (("auto", "jemalloc"), ("system", "glibc")):
         out = tmp_path / allocator

@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.batching import batch_length, collate, pack_batches
+from pipeline.batching import ShardBatches, batch_length, batch_rows, collate, pack_batches
+from pipeline.config import load_config
 from pipeline.nll import NLLScorer
 from pipeline.records import Record
 from pipeline.samples import Sample, SamplePolicy, make_samples, split_windows
-from tests.helpers import make_texts
+from pipeline.sharding import plan_shards
+from tests.helpers import make_texts, write_config, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +205,29 @@ def test_pack_batches_respects_the_budget():
     for batch in batches:
         assert len(batch) * batch_length(len(batch[0].input_ids)) <= 128 or len(batch) == 1
     assert [len(b) for b in batches] == [2, 2, 4, 1]  # 64 64 | 50 33 (to 64) | 20 9 7 3 (to 32) | 2
+
+
+def test_shard_batches_take_one_of_a_few_shapes(tmp_path, tiny_model_dir, model_and_tokenizer):
+    """Every batch is batch_length(its longest sample) long and batch_rows of it tall, the rows
+    after the samples empty; every sample is in one batch."""
+    _, tokenizer = model_and_tokenizer
+    corpus = write_corpus(tmp_path / "c.jsonl", make_texts(40, seed=5))
+    cfg = load_config(write_config(tmp_path, corpus, tiny_model_dir), [])
+    plan = plan_shards(cfg.corpus)
+    seen, padded = [], 0
+    for shard in range(len(plan.shards)):
+        for item in ShardBatches(plan, shard, cfg.corpus, cfg.score, tokenizer):
+            if item["batch"] is None:
+                continue
+            tensors, real = item["batch"], len(item["batch"]["meta"]["sample_id"])
+            rows, length = tensors["input_ids"].shape
+            longest = int(tensors["attention_mask"][:real].sum(1).max())
+            assert (rows, length) == (batch_rows(length, cfg.score.batch_tokens), batch_length(longest))
+            assert not tensors["target_mask"][real:].any()
+            assert tensors["attention_mask"][real:].sum() == rows - real  # one position each
+            seen += tensors["meta"]["sample_id"]
+            padded += rows - real
+    assert len(seen) == len(set(seen)) == 40 and padded > 0
 
 
 def test_batch_length_is_the_next_of_a_few_lengths():
