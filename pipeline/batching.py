@@ -11,12 +11,12 @@ padding stays small and the biggest batch of a window comes first.
 
 Batches take one of a few shapes. A batch is padded to `batch_length(longest)`: a multiple of 16
 up to 128 tokens; above, a multiple of an eighth of the largest power of two below the length (at
-most 12.5% longer; 24 lengths up to 512). The scorer fills a window's last, short batch with empty
-rows up to `batch_rows`. Why: on the CPU, memory grew with the number of distinct batch shapes
-seen. Measured on SmolLM2-135M in bf16 (glibc's heap kept, pipeline/cpu_memory.py): 40 batches of
-random shapes grew the resident set by 260-400 MB every 20 batches; 140 batches of these shapes
-levelled off after about 80 (1,406 -> 1,551 MB, then flat). Over a long run glibc's heap still
-fragments (+20% for 10x the documents); jemalloc's does not (pipeline/cpu_memory.py).
+most 12.5% longer; 24 lengths up to 512). Each group's last, short batch of a window is filled
+with empty rows up to `batch_rows`. Why: on the CPU, memory grew with the number of distinct
+batch shapes seen. Measured on SmolLM2-135M in bf16 (glibc's heap kept, pipeline/cpu_memory.py):
+40 batches of random shapes grew the resident set by 260-400 MB every 20 batches; 140 batches of
+these shapes levelled off after about 80 (1,406 -> 1,551 MB, then flat). Over a long run glibc's
+heap still fragments (+20% for 10x the documents); jemalloc's does not (pipeline/cpu_memory.py).
 """
 
 from __future__ import annotations

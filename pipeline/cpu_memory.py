@@ -37,18 +37,19 @@ def jemalloc_library() -> str | None:
 
 
 def running_allocator() -> str:
-    """This process's malloc, by a symbol only it puts in the global scope (as a preloaded
-    library does): 'jemalloc', 'tcmalloc', 'mimalloc', else 'glibc' or 'system'."""
+    """This process's malloc, from what is loaded (not from LD_PRELOAD's text): 'jemalloc' (its
+    `mallctl` is in the global scope), 'tcmalloc' or 'mimalloc' likewise, 'preloaded' for another
+    library that replaces libc's malloc, else 'glibc' or 'system'."""
     process = ctypes.CDLL(None)
     for name, symbol in (("jemalloc", "mallctl"), ("tcmalloc", "tc_malloc"), ("mimalloc", "mi_malloc")):
         if hasattr(process, symbol):
             return name
-    return "glibc" if hasattr(process, "gnu_get_libc_version") else "system"
-
-
-def preloaded_malloc() -> bool:
-    """Whether the user preloads a malloc of their own (theirs is kept, with their settings)."""
-    return any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc"))
+    if not hasattr(process, "gnu_get_libc_version"):
+        return "system"
+    libc = ctypes.CDLL("libc.so.6")
+    address = ctypes.c_void_p
+    replaced = ctypes.cast(process.malloc, address).value != ctypes.cast(libc.malloc, address).value
+    return "preloaded" if replaced else "glibc"
 
 
 def wants_jemalloc(cfg: ModelConfig) -> bool:
@@ -58,11 +59,15 @@ def wants_jemalloc(cfg: ModelConfig) -> bool:
 
     if cfg.cpu_allocator == "system" or resolve_device(cfg.device).type != "cpu":
         return False
-    if sys.platform != "linux" or jemalloc_library() is None:
+    if sys.platform != "linux":
+        if cfg.cpu_allocator == "jemalloc":
+            raise ConfigError("model.cpu_allocator: jemalloc is preloaded on Linux only; set it to auto")
+        return False
+    if jemalloc_library() is None:
         if cfg.cpu_allocator == "jemalloc":
             raise ConfigError(
                 "model.cpu_allocator: jemalloc is not installed (Debian/Ubuntu: apt-get install "
-                "libjemalloc2; Linux only), or set model.cpu_allocator=system"
+                "libjemalloc2), or set model.cpu_allocator=system"
             )
         get_logger().info(
             "jemalloc is not installed: glibc's malloc, whose peak memory grows with the corpus "
@@ -76,17 +81,25 @@ def relaunch_for_cpu(cfg: ModelConfig) -> None:
     """Re-execute this process under jemalloc when `wants_jemalloc`; returns only if it does not.
     The process keeps its pid, so torchrun and Slurm still see the rank they started. Once
     re-executed, checks that jemalloc did load (a library the preload cannot use is only a
-    message from the loader): an error for `jemalloc`, a warning for `auto`."""
-    if os.environ.get(RELAUNCHED):
-        if running_allocator() != "jemalloc":
+    message from the loader): an error for `jemalloc`, a warning for `auto`. A malloc the user
+    preloads is kept (`jemalloc` asked for over another one is an error)."""
+    running = running_allocator()
+    if os.environ.pop(RELAUNCHED, None):  # popped: a process this one starts decides for itself
+        if running != "jemalloc":
             message = (
                 f"model.cpu_allocator: jemalloc ({jemalloc_library()}) did not load as this process's malloc"
             )
             if cfg.cpu_allocator == "jemalloc":
                 raise ConfigError(message + "; set model.cpu_allocator=system")
-            get_logger().warning(message + ": running on the system's malloc")
+            get_logger().warning(message + f": running on {running}'s")
         return
-    if cfg.cpu_allocator == "system" or preloaded_malloc() or running_allocator() == "jemalloc":
+    if cfg.cpu_allocator == "system" or running == "jemalloc":
+        return
+    if running not in ("glibc", "system"):  # the user's own malloc, preloaded: kept
+        if cfg.cpu_allocator == "jemalloc":
+            raise ConfigError(
+                f"model.cpu_allocator: jemalloc asked for, but {running} malloc is preloaded (LD_PRELOAD)"
+            )
         return
     if not wants_jemalloc(cfg):
         return

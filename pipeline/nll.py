@@ -199,4 +199,5 @@ class BudgetedScorer:
         # attention takes its padding mask (a mask of all ones would let it skip building one)
         mask = torch.zeros_like(ids)
         mask[:, :max_tokens] = 1
+        mask[-1, max_tokens - 1 :] = 0  # one row a token short: padding even at length == max_tokens
         self({"input_ids": ids, "attention_mask": mask, "target_mask": mask.bool()})

@@ -21,7 +21,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from pipeline.batching import ShardBatches
-from pipeline.config import Config, save_config
+from pipeline.config import Config, ConfigError, save_config
 from pipeline.cpu_memory import tune_cpu_malloc
 from pipeline.layout import Layout
 from pipeline.locks import check_free, lock
@@ -117,7 +117,13 @@ def run(cfg: Config) -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the DataLoader worker forks
     loaded = load_model(cfg.model)
     if loaded.device.type == "cpu":
-        log.info(f"malloc: {tune_cpu_malloc()} (model.cpu_allocator={cfg.model.cpu_allocator})")
+        allocator = tune_cpu_malloc()
+        log.info(f"malloc: {allocator} (model.cpu_allocator={cfg.model.cpu_allocator})")
+        if cfg.model.cpu_allocator == "jemalloc" and allocator != "jemalloc":
+            raise ConfigError(
+                f"model.cpu_allocator: jemalloc asked for, but this process runs on {allocator}'s malloc "
+                "(only `midrank score` re-executes itself under jemalloc)"
+            )
     kernel = NLLScorer(loaded.model, cfg.score.head_chunk_tokens)
     if not kernel.fast_path:
         log.warning("this model's logits are not lm_head(hidden): scoring through its full forward (slower)")

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,18 +11,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import cpu_memory
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.config import ConfigError, ModelConfig, load_config
 from pipeline.cpu_memory import jemalloc_library
+from stages import score
 from stages.cli import one_line
 from tests.helpers import ROOT, make_texts, write_config, write_corpus
 
 
-def midrank(*args, cwd=None):
+def midrank(*args, cwd=None, env=None):
     return subprocess.run(
         [sys.executable, "-m", "stages.cli", *args],
         capture_output=True,
         text=True,
         cwd=cwd or ROOT,
+        env=env,
         check=False,
     )
 
@@ -148,3 +151,25 @@ def test_jemalloc_asked_for_but_missing_names_the_key(monkeypatch):
     with pytest.raises(ConfigError, match=r"model\.cpu_allocator: jemalloc is not installed"):
         cpu_memory.wants_jemalloc(ModelConfig(path="m", device="cpu", cpu_allocator="jemalloc"))
     assert not cpu_memory.wants_jemalloc(ModelConfig(path="m", device="cpu", cpu_allocator="auto"))
+
+
+def test_jemalloc_that_did_not_load_after_the_reexec_is_an_error(setup):
+    """The re-executed process checks what it runs on (a preload the loader cannot use is only a
+    message on stderr); with `auto` it warns and scores."""
+    config, _ = setup
+    env = {**os.environ, "MIDRANK_RELAUNCHED": "1"}  # as if re-executed, but without the preload
+    strict = midrank("score", "--config", str(config), "model.cpu_allocator=jemalloc", env=env)
+    assert "jemalloc" in one_error_line(strict) and "did not load" in strict.stderr
+    lenient = midrank("score", "--config", str(config), "model.cpu_allocator=auto", env=env)
+    assert (
+        lenient.returncode == 0
+        and "did not load as this process's malloc: running on glibc's" in lenient.stderr
+    )
+
+
+def test_jemalloc_asked_for_in_a_process_not_under_it_is_an_error(tmp_path, setup):
+    """`midrank demo` and Python callers score in their own process: `jemalloc` cannot hold there."""
+    config, _ = setup
+    cfg = load_config(str(config), ["model.cpu_allocator=jemalloc", f"out_dir={tmp_path}/in-process"])
+    with pytest.raises(ConfigError, match=r"only `midrank score` re-executes itself"):
+        score.run(cfg)
