@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	    { apt-get install -y -qq libjemalloc2 >/dev/null 2>&1 || \
 	      { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libjemalloc2 >/dev/null 2>&1; }; }; } || \
-	  echo "note: libjemalloc2 is not installed: CPU scoring runs on glibc's malloc (see README, Stage one)"
+	  echo "note: libjemalloc2 is not installed: CPU scoring runs on glibc's malloc (see docs/scoring.md, Memory)"
 	touch $@
 
 # The embedded corpus: real text from Debian packages and the Python standard library. A source whose

@@ -1,6 +1,6 @@
 """Build the embedded corpus from real text this machine has (or can install from Debian).
 
-    python -m data.build_corpus --out data/corpus                 # the default: a few thousand docs
+    python -m data.build_corpus --out data/corpus                 # the default: 150 docs per source
     python -m data.build_corpus --out data/big --per-source 5000  # a bigger one on request
 
 One document per natural unit: a fortune, a Jargon File entry, a Python documentation page, a
@@ -421,7 +421,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/corpus"))
     parser.add_argument(
-        "--per-source", type=int, default=300, help="documents per source (default %(default)s)"
+        "--per-source", type=int, default=150, help="documents per source (default %(default)s)"
     )
     parser.add_argument(
         "--max-chars", type=int, default=12000, help="cap on one document (default %(default)s)"

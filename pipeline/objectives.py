@@ -9,7 +9,7 @@ of every target token), so padding never contributes and several samples packed 
 separate losses. Under data parallelism each rank's loss is scaled so that the gradient DDP
 averages equals the gradient of the objective over the global batch: counts (tokens, samples) are
 summed across ranks, and with `gather=True` the IR-DRO weights and the MidRanking band are computed
-over every rank's per-sample losses (DESIGN.md §1).
+over every rank's per-sample losses (docs/design.md §1).
 """
 
 from __future__ import annotations

@@ -140,9 +140,9 @@ class Positions:
 
     start: float
     stop: float
-    order: str
-    """`loss` (ranked, hardest first: by the band's rank key, whatever it is) or `random` (a seeded
-    hash of the sample_id)."""
+    ranked_by: str
+    """The rank key the band's line is ordered by, hardest first (`loss`, `bits_per_byte`, ...), or
+    `random` (a seeded hash of the sample_id)."""
     measure: str
     """What the shares count: `samples` or `tokens`."""
 

@@ -1,4 +1,4 @@
-"""Rank keys: what a band ranks samples by (DESIGN.md §7), each derived from stored score columns.
+"""Rank keys: what a band ranks samples by (docs/design.md §5), each derived from stored score columns.
 
     curves = estimate_curves(scores, by_source=False)           # only length_adjusted needs them
     keyed = with_key(scores, "length_adjusted", curves)          # adds the column `length_adjusted`

@@ -1,4 +1,4 @@
-"""Selection maths: global ranking of scored samples, bands over it, IR-DRO weights (DESIGN.md §1).
+"""Selection maths: global ranking of scored samples, bands over it, IR-DRO weights (docs/design.md §1).
 
     band = band_for("midranking", skip=0.1, keep=0.3)
     decided = select(pl.scan_parquet("scores/part-*.parquet"), band, measure="tokens")
@@ -49,7 +49,8 @@ class Band:
     taken as the decimal they print as: 0.1 is 1/10)."""
     stop: Fraction
     """Share of the measure, counted from the highest loss, at which the band ends."""
-    order: Literal["loss", "random"] = "loss"
+    order: Literal["rank_key", "random"] = "rank_key"
+    """`rank_key`: hardest first by the band's rank key; `random`: a seeded hash of the sample_id."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "start", exact_share(self.start))
@@ -90,7 +91,7 @@ def band_for(
 def _order_key(band: Band, seed: int, key: str) -> pl.Expr:
     """The primary sort key, ascending: minus the rank key (hardest first), or a seeded hash for
     `random`."""
-    return -pl.col(key).cast(pl.Float64) if band.order == "loss" else pl.col("sample_id").hash(seed)
+    return -pl.col(key).cast(pl.Float64) if band.order == "rank_key" else pl.col("sample_id").hash(seed)
 
 
 def select(

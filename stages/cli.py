@@ -13,8 +13,8 @@
 Each command is a stage module's `run(cfg)`, imported only when asked for (a stage pulls in torch
 and transformers). Every expected failure (config, input, model, outputs, a busy out_dir, a
 file that cannot be read or written) ends with one line naming the file and what to do, and exit
-status 2; `--debug` shows its traceback. A traceback without `--debug` is a bug. This module lives in stages/, not beside the library as STYLE.md's layout has
-it, because it dispatches to the stages and the library must not import them.
+status 2; `--debug` shows its traceback. A traceback without `--debug` is a bug. This module lives in stages/, not in the library
+(docs/development.md §3), because it dispatches to the stages and the library must not import them.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None, *, relaunch: bool = False) -> int:
     parser = argparse.ArgumentParser(prog="midrank", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+        # argparse %-formats help text: a literal "%" (as in "95% intervals") must be doubled
+        p = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)
         p.add_argument("--config", default="configs/default.yaml", help="YAML preset (default: %(default)s)")
         p.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
         p.add_argument("overrides", nargs="*", metavar="section.key=value")

@@ -22,7 +22,7 @@ metric, with both intervals), `evals/` (each model's per-document and per-item n
 `config.yaml`. Reruns reuse finished selections, training runs and evaluations.
 
 Unlike the pipeline's stages this is an experiment built from them, so it calls `score`, `select`
-and `train` directly (STYLE.md has stages share code only through pipeline/; a composition of
+and `train` directly (docs/development.md §4: stages share code only through pipeline/; a composition of
 stages is the one exception, like `demo`).
 """
 

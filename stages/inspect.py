@@ -95,7 +95,7 @@ def load_band(layout: Layout, name: str) -> DrawnBand:
     manifest = BandManifest.read(layout.band(name).manifest)
     kept = pl.scan_parquet(part_files(layout.band(name).dir))
     key = manifest.rank_key.key if manifest.rank_key else "loss"
-    ranks = manifest.positions.order == "loss"  # not a random sample
+    ranks = manifest.positions.ranked_by != "random"  # not a random sample
     per_source = (
         kept.group_by("source").agg(low=pl.col(key).min(), high=pl.col(key).max()).collect()
         if ranks

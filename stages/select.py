@@ -178,7 +178,8 @@ def manifest_for(cfg: Config, band: Pending, provenance: dict) -> BandManifest:
     else:
         ranked_tokens = int(summary.filter(pl.col("reason").ne_missing("too_short"))["tokens"].sum())
         band_range, measure = band_of(band_cfg, ranked_tokens)
-        positions = Positions(float(band_range.start), float(band_range.stop), band_range.order, measure)
+        ranked_by = band_cfg.rank_by if band_range.order == "rank_key" else "random"
+        positions = Positions(float(band_range.start), float(band_range.stop), ranked_by, measure)
     return BandManifest(
         band=band_cfg.resolved_name(),
         strategy=band_cfg.strategy,

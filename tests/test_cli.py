@@ -14,7 +14,7 @@ from pipeline import cpu_memory
 from pipeline.config import ConfigError, ModelConfig, load_config
 from pipeline.cpu_memory import jemalloc_library
 from stages import score
-from stages.cli import one_line
+from stages.cli import COMMANDS, one_line
 from tests.helpers import ROOT, make_texts, write_config, write_corpus
 
 
@@ -27,6 +27,13 @@ def midrank(*args, cwd=None, env=None):
         env=env,
         check=False,
     )
+
+
+@pytest.mark.parametrize("command", [[], *([name] for name in COMMANDS)], ids=lambda c: " ".join(c) or "top")
+def test_help_runs_for_every_command(command):
+    result = midrank(*command, "--help")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.startswith("usage: midrank"), result.stdout
 
 
 def test_config_prints_the_resolved_preset():

@@ -25,7 +25,7 @@ MANIFEST = {
     "band": "mid",
     "strategy": "midranking",
     "parameters": {"by_source": False, "skip": 0.1},
-    "positions": {"start": 0.1, "stop": 0.5, "order": "loss", "measure": "samples"},
+    "positions": {"start": 0.1, "stop": 0.5, "ranked_by": "loss", "measure": "samples"},
     "loss_thresholds": {"min_kept": 2.5, "max_kept": 4.0},
     **COUNTS,
     "rejected": {"too_easy": 5, "too_hard": 1},

@@ -300,6 +300,7 @@ def test_too_short_samples_are_rejected_and_counted(scored, tmp_path):
     ranked = scores.height - len(short)
     assert kept.height == int(Fraction(ranked) * Fraction("0.5")) - int(Fraction(ranked) * Fraction("0.1"))
     assert manifest.rank_key.key == "bits_per_byte"
+    assert manifest.positions.ranked_by == "bits_per_byte"
     assert manifest.rank_key.max_kept == pytest.approx(kept["bits_per_byte"].max())
 
 

@@ -34,7 +34,7 @@ def scores(tmp_path):
 
 def exact_ends(strategy: str, params: dict) -> tuple[Fraction, Fraction]:
     """The band's [start, stop) as exact rationals of the decimals as written, from the strategy's
-    own definition (DESIGN.md §1) — independent of `Band` and `band_for`."""
+    own definition (docs/design.md §1) — independent of `Band` and `band_for`."""
     q = {k: Fraction(str(v)) for k, v in params.items()}
     skip, keep, low, high = q.get("skip", 0), q.get("keep", 1), q.get("low", 0), q.get("high", 1)
     return {
