@@ -1,5 +1,5 @@
 """A band's ends found in memory independent of the corpus size, by histogram passes over the
-scores (docs/design.md §1; pipeline/selection.py decides the rows with them).
+scores (docs/design.md §4; pipeline/selection.py decides the rows with them).
 
     ends = find_ends(keyed, totals, {"web": [100, 400]})  # keyed: _group, _key, _size, sample_id
     ends["web", 100]  # (key, sample_id) of the sample covering position 100, or True / False

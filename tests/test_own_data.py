@@ -44,5 +44,7 @@ def test_the_own_data_snippet_runs_as_written(tmp_path, tiny_model_dir):
     scored = pl.read_parquet(out / "scores" / "part-*.parquet")
     assert scored.height == 60
     assert (out / "reports" / "main" / "index.html").exists()
-    assert any((out / "selected").glob("*/manifest.json"))
+    band = "runs/mine/selected/midranking-s0.1-k0.5-samples/"  # where README says the band is
+    assert band in (ROOT / "README.md").read_text(encoding="utf-8")
+    assert (tmp_path / band / "manifest.json").exists()
     assert any((out / "train").glob("*/model"))
