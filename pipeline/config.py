@@ -391,7 +391,7 @@ class SelectConfig:
     """The bands to emit, all from one pass over the scores and the corpus."""
 
     write_rejected: bool = False
-    """Also write selected/<band>/rejected/ with every dropped sample and its reason."""
+    """Also write rejected/<band>/ with every dropped sample and its reason."""
 
     jsonl: bool = False
     """Also write selected/<band>/data.jsonl (text + source + loss) next to the Parquet."""
