@@ -7,29 +7,18 @@ Reads files only: no network, no model, well under a second.
 
 from __future__ import annotations
 
-import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 MARKDOWN = [README, *sorted(DOCS.rglob("*.md"))]
 
-# generated, installed or cached: not the repository's own text
-SKIPPED_DIRS = {
-    ".git",
-    ".venv",
-    ".venv-peers",
-    "runs",
-    "build",
-    "__pycache__",
-    ".pytest_cache",
-    ".ruff_cache",
-}
-SKIPPED_DATA = ("data/corpus", "data/models", "data/instruct", "data/tasks")
 # the two notes the docs replaced, spelt so that this file does not name them itself
 RETIRED = ("DESIGN" + ".md", "STYLE" + ".md")
 # what a repository path in backticks starts with
@@ -42,19 +31,16 @@ DOCS_CITATION = re.compile(r"(docs/[\w./-]+?\.md)(?:[,:]?\s*§\s*(\d+))?")
 
 
 def repository_files() -> list[Path]:
-    """Every file of the repository's own, outside generated data, environments and caches."""
-    files = []
-    for directory, subdirs, names in os.walk(ROOT):
-        here = Path(directory)
-        subdirs[:] = [
-            d
-            for d in subdirs
-            if d not in SKIPPED_DIRS
-            and not d.endswith(".egg-info")
-            and not (here / d).relative_to(ROOT).as_posix().startswith(SKIPPED_DATA)
-        ]
-        files += [here / name for name in names if (here / name).is_file()]
-    return files
+    """Every file of the repository's own: tracked, or new and not ignored (so not the built data,
+    environments and caches that .gitignore names)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [ROOT / name for name in listed.split("\0") if name and (ROOT / name).is_file()]
 
 
 def text_of(path: Path) -> str:
