@@ -8,8 +8,9 @@ origin):
 - `man_command`: a man page's summary and first description sentence -> which command;
 - `fortune_ending`: a fortune without its last six words -> which ending is its own;
 - `jargon_term`: a Jargon File definition -> which headword.
-The answer's own name is masked in the text (as a whole word, in its spellings), and an item whose
-question still names it (or a word of it) is left out. Distractors are other items' answers, drawn by a
+The answer's own name is masked in the text (as a whole word, in its spellings, and every word
+that starts with a stem of it), and an item whose question still names it (or a word of it) is
+left out. Distractors are other items' answers, drawn by a
 hash of the item, so building twice gives the same bytes. Every document behind an item is one
 the corpus (train, held-out and out-of-distribution files) does not contain: the corpus files are
 read and their origins left out (checked again at the end, and by the tests).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import re
 from collections.abc import Iterator
@@ -54,19 +56,31 @@ def spellings(name: str) -> set[str]:
     return {name, re.sub(r"[-_.]", " ", name), re.sub(r"[-_.]", "", name)}
 
 
+def stems(name: str) -> set[str]:
+    """The stems of the answer's words of four letters or more: each word's first 60% of letters,
+    at least four (`grou` of groups, `Itan` of Itanic), so that `group memberships` and `Itanium`
+    do not give away `groups` and `Itanic`."""
+    words = [w for w in re.split(r"[-_. ]", name) if len(w) >= 4]
+    return {w[: max(4, math.ceil(0.6 * len(w)))] for w in words}
+
+
 def masked(text: str, name: str) -> str:
-    """The text with the answer's name replaced, as a whole word in any of its spellings, so the
-    question does not give it away (and `cat` is not masked inside `concatenate`)."""
+    """The text with the answer's name replaced, as a whole word in any of its spellings, and every
+    word starting with one of its stems, so the question does not give it away (and `cat` is not
+    masked inside `concatenate`)."""
     for spelling in sorted(spellings(name), key=len, reverse=True):
         text = re.sub(rf"(?<![\w-]){re.escape(spelling)}(?![\w-])", "___", text, flags=re.IGNORECASE)
+    for stem in sorted(stems(name), key=len, reverse=True):
+        text = re.sub(rf"(?<![\w-]){re.escape(stem)}[\w-]*", "___", text, flags=re.IGNORECASE)
     return " ".join(text.split())
 
 
 def leaks(question: str, answer: str) -> bool:
-    """True when the question still names the answer: a spelling of it, or a word of it of four
-    letters or more (`merge` of git-merge-base), as a whole word."""
+    """True when the question still names the answer: a spelling of it or a word of it of four
+    letters or more (`merge` of git-merge-base) as a whole word, or a word starting with a stem."""
     words = {w for w in re.split(r"[-_. ]", answer) if len(w) >= 4} | spellings(answer)
-    return any(re.search(rf"(?<!\w){re.escape(w)}(?!\w)", question, re.IGNORECASE) for w in words)
+    whole = any(re.search(rf"(?<!\w){re.escape(w)}(?!\w)", question, re.IGNORECASE) for w in words)
+    return whole or any(re.search(rf"(?<!\w){re.escape(s)}", question, re.IGNORECASE) for s in stems(answer))
 
 
 def clip(text: str) -> str:

@@ -304,7 +304,8 @@ class BandConfig:
     """An absolute budget in tokens instead of `keep` (0: use `keep`); implies measure=tokens."""
 
     by_source: bool = False
-    """Apply the band within each source, so the domain mix is kept."""
+    """Apply the band within each source, so the domain mix is kept; length_matched: match the
+    band's sources and, within each, its lengths (bins of source x length)."""
 
     seed: int = 0
     """random: the seed of the sample order."""
@@ -572,11 +573,14 @@ class TrainConfig:
 
 
 COMPARE_ARMS = (
-    "random", "random_length_matched", "top", "bottom", "midranking", "irdro", "weighted", "all",
-    *BAND_PRESETS,
+    "random", "random_replicate", "random_length_matched", "random_matched", "top", "bottom",
+    "midranking", "irdro", "weighted", "all", *BAND_PRESETS,
 )  # fmt: skip
 
-UNRANKED_ARMS = ("random", "irdro", "weighted", "all")
+UNRANKED_ARMS = ("random", "random_replicate", "irdro", "weighted", "all")
+
+COMPARE_METRICS = ("heldout loss", "heldout loss by source", "ood loss")
+"""The loss metrics a contrast can be pre-registered on (tasks: `task <name> loss`)."""
 
 # lm-evaluation-harness names of the paper's zero-shot tasks (they download their data: hub access)
 PAPER_TASKS = ("piqa", "hellaswag", "winogrande", "arc_challenge", "boolq", "mmlu")
@@ -588,19 +592,44 @@ class CompareConfig:
     """Results go to <out_dir>/reports/<name>/; the training runs to <out_dir>/train/<name>-<arm>-seed<s>/."""
 
     arms: tuple[str, ...] = (
-        "random", "random_length_matched", "top", "bottom", "midranking", "irdro",
+        "random", "random_replicate", "random_length_matched", "random_matched", "top", "bottom",
+        "midranking", "irdro",
     )  # fmt: skip
-    """Training sets, all from one scoring pass: a seeded `random` sample; `random_length_matched`
-    (a seeded random sample with the MidRanking set's length histogram: the control that leaves
-    only the loss); the hardest (`top`) and easiest (`bottom`); the MidRanking band; `irdro` (online
-    IR-DRO on the random sample); `weighted` (offline IR-DRO weights on the random sample); `all`;
-    or a peer's preset band (cc_net_middle, marion_middle, ankner_high50, ...). An arm that ranks
-    (top, bottom, midranking, random_length_matched, a preset) takes a rank key after a dot, as
-    its own arm: `midranking.bits_per_byte`, `midranking.length_adjusted` (plain: by loss);
-    `random_length_matched.<key>` matches the MidRanking set of that key."""
+    """Training sets, all from one scoring pass: a seeded `random` sample; `random_replicate` (a
+    second random sample, its own draw: the A/A control, whose verdicts show how often the
+    analysis calls two equal arms different); `random_length_matched` (a random sample with the
+    MidRanking set's length histogram); `random_matched` (a random sample with the MidRanking
+    set's sources and, within each, its lengths: the control that leaves only the loss); the
+    hardest (`top`) and easiest (`bottom`); the MidRanking band; `irdro` (online IR-DRO on a random
+    sample); `weighted` (offline IR-DRO weights on a random sample); `all`; or a peer's preset band
+    (cc_net_middle, marion_middle, ankner_high50, ...). Every random draw is its own: a hash stream
+    per arm and seed. An arm that ranks (top, bottom, midranking, the matched ones, a preset)
+    takes a rank key after a dot, as its own arm: `midranking.bits_per_byte`,
+    `midranking.length_adjusted` (plain: by loss); `random_matched.<key>` matches the MidRanking
+    set of that key."""
 
     reference: str = "random"
-    """The arm every other is compared with (difference and its intervals)."""
+    """The arm every other is compared with."""
+
+    primary: str = ""
+    """The pre-registered contrast: this arm against the reference on `primary_metric`, tested
+    alone at 5%. Every other arm x metric is a secondary contrast, Holm-corrected together (all
+    of them when empty)."""
+
+    primary_metric: str = "heldout loss"
+    """`heldout loss` (token-weighted), `heldout loss by source` (each source's loss, averaged with
+    equal weights), `ood loss`, or `task <name> loss`."""
+
+    equivalence_margin: float = 0.005
+    """Nats per token: a loss contrast whose 90% interval lies within +-margin is `equivalent`
+    (two one-sided tests); one neither different nor equivalent is `inconclusive`."""
+
+    task_equivalence_margin: float = 0.02
+    """The same for task losses, in nats per character of the correct answer."""
+
+    by_source: bool = False
+    """Take random, top, bottom and MidRanking within each source (each keeps its share of every
+    source), so no arm changes the source mix."""
 
     keep: float = 0.5
     """Share of the corpus's tokens each of random/top/bottom/MidRanking holds."""
@@ -609,8 +638,9 @@ class CompareConfig:
     """MidRanking: share of the tokens dropped from the top before the kept band."""
 
     seeds: tuple[int, ...] = (0,)
-    """Each arm is trained once per seed (data order, and the random samples); seed s of every arm
-    is paired with seed s of the reference. Two or more give a t-interval over seeds."""
+    """Each arm is trained once per seed (data order, and its random sample). Seeds are not paired
+    across arms: each arm's runs are independent draws, and two or more seeds per arm measure the
+    run-to-run noise that the intervals need."""
 
     token_budget: int = 0
     """Target tokens every arm trains on, exactly (a whole number of steps). 0: one pass over the
@@ -635,15 +665,13 @@ class CompareConfig:
     task_limit: int = 0
     """Items of each task evaluated (the first ones); 0: all."""
 
-    eval_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    eval_dtype: Literal["bfloat16", "float32"] = "float32"
     """The dtype every model (trained arms and the starting one alike) is loaded in for evaluation,
-    losses and tasks: bf16 as lm-evaluation-harness users run it, ~2x faster than fp32 on a CPU
-    with AMX; float32 for exact checks."""
+    losses and tasks. float32: a short continual-training run moves most weights by less than
+    bf16's rounding step, so bf16 evaluation hides part of what training did; bfloat16 is ~2x
+    faster on a CPU."""
 
     task_batch_size: int = 32
-
-    bootstrap_resamples: int = 2000
-    """Resamples of the held-out documents / task items for the bootstrap intervals."""
 
     def __post_init__(self) -> None:
         _require_name(self.name, "name")
@@ -685,9 +713,22 @@ class CompareConfig:
         _require(self.task_limit >= 0, "task_limit", f"must be >= 0, got {self.task_limit}")
         _require(self.task_batch_size > 0, "task_batch_size", f"must be > 0, got {self.task_batch_size}")
         _require(
-            self.bootstrap_resamples >= 100,
-            "bootstrap_resamples",
-            f"must be >= 100 for a 95% interval, got {self.bootstrap_resamples}",
+            not self.primary or (self.primary in self.arms and self.primary != self.reference),
+            "primary",
+            f"must be one of the arms {list(self.arms)} other than the reference {self.reference!r} "
+            f"(or empty), got {self.primary!r}",
+        )
+        _require(
+            self.primary_metric in COMPARE_METRICS
+            or (self.primary_metric.startswith("task ") and self.primary_metric.endswith(" loss")),
+            "primary_metric",
+            f"one of {list(COMPARE_METRICS)} or 'task <name> loss', got {self.primary_metric!r}",
+        )
+        _require(self.equivalence_margin > 0, "equivalence_margin", f"must be > 0, got {self.equivalence_margin}")
+        _require(
+            self.task_equivalence_margin > 0,
+            "task_equivalence_margin",
+            f"must be > 0, got {self.task_equivalence_margin}",
         )
 
 

@@ -3,6 +3,7 @@ log-likelihood, as the paper's code evaluated piqa, hellaswag and mmlu.
 
     scores = evaluate_tasks(model, tokenizer, local=[Path("data/tasks/man_command.jsonl")])
     scores["man_command"].accuracy, scores["man_command"].items   # per item 0/1, in file order
+    scores["man_command"].nll                                     # per item, the correct answer's NLL
 
 Local tasks are JSONL files of {question, choices, label} (data/build_tasks.py writes them); each
 becomes an lm-eval task (named by the file's stem) through a generated YAML over the local file,
@@ -46,6 +47,10 @@ class TaskScore:
     accuracy: float
     items: list[float]
     """Per item, 1.0 when the correct choice scored highest (per character), in file order."""
+    nll: list[float]
+    """Per item, minus the log-likelihood of the correct choice after the question."""
+    chars: list[int]
+    """Per item, the characters of the correct choice as it continues the question."""
 
 
 def evaluate_tasks(
@@ -98,5 +103,11 @@ def evaluate_tasks(
         metric = METRIC if f"{METRIC},none" in results["results"][task] else "acc"  # mmlu has no acc_norm
         samples = [s for part in parts for s in sorted(results["samples"][part], key=lambda s: s["doc_id"])]
         items = [float(s[metric]) for s in samples]
-        scores[short] = TaskScore(accuracy=results["results"][task][f"{metric},none"], items=items)
+        correct = [int(s["target"]) for s in samples]
+        scores[short] = TaskScore(
+            accuracy=results["results"][task][f"{metric},none"],
+            items=items,
+            nll=[-float(s["filtered_resps"][c][0]) for s, c in zip(samples, correct, strict=True)],
+            chars=[len(s["arguments"][c][1]) for s, c in zip(samples, correct, strict=True)],
+        )
     return scores

@@ -2,7 +2,7 @@
 
     nll, segment = token_nll(model, batch)                   # per target token, and its sample
     losses, counts = per_sample_losses(nll, segment, n)       # mean NLL of each sample in the batch
-    loss, trained = objective_loss("irdro", losses, counts, nll, kl_reg=1.0)   # trained: (samples,) bool
+    loss, weights = objective_loss("irdro", losses, counts, nll, kl_reg=1.0)   # weights: (samples,)
 
 A sample's loss is the mean NLL of its own target tokens, found through `segment` (the sample index
 of every target token), so padding never contributes and several samples packed into one row keep
@@ -213,10 +213,11 @@ def objective_loss(
     weights: torch.Tensor | None = None,
     gather: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the scalar to backpropagate on this rank, which of this rank's samples it trains on).
-    `losses`/`counts` per sample, `nll` per token. A sample is trained on when its weight in the
-    objective is not zero: the online band's samples, every sample otherwise (unless an IR-DRO or
-    offline weight underflows to 0).
+    """(the scalar to backpropagate on this rank, each of this rank's samples' weight in it).
+    `losses`/`counts` per sample, `nll` per token. The weights (detached, unnormalised) say how
+    much each sample counts: its target tokens (uniform), its IR-DRO or offline weight, 1 or 0 (the
+    online band). A sample is trained on when its weight is not zero; (sum w)^2 / sum w^2 is how
+    many samples the step effectively learns from.
 
     - uniform: mean token NLL over the global batch.
     - irdro: sum_i w_i l_i, w = softmax(l / kl_reg) over this rank's batch, or the global one.
@@ -224,22 +225,21 @@ def objective_loss(
     - weighted: sum_i w_i l_i / (samples), with w from the dataset (offline IR-DRO weights, mean 1).
     """
     world = _world()
-    every = torch.ones_like(losses, dtype=torch.bool)
     if objective == "uniform":
         tokens = _sum_across_ranks(counts.sum())
-        return nll.sum() / tokens.clamp(min=1) * world, every
+        return nll.sum() / tokens.clamp(min=1) * world, counts.detach().to(losses.dtype)
     if objective == "weighted":
         if weights is None:
             raise ValueError("objective 'weighted' needs a `weight` column in the training data")
         samples = _sum_across_ranks(torch.tensor(losses.numel(), device=losses.device))
         w = weights.to(losses.dtype)
-        return (w * losses).sum() / samples * world, w != 0
+        return (w * losses).sum() / samples * world, w.detach()
     pool, own = _gather(losses) if gather else (losses.detach(), slice(0, losses.numel()))
     scale = world if gather else 1  # gathered: each rank holds part of one global objective
     if objective == "irdro":
         w = irdro_weights(pool, kl_reg)[own]
-        return (w * losses).sum() * scale, w != 0
+        return (w * losses).sum() * scale, w.detach()
     if objective == "midranking_online":
         kept = midranking_mask(pool, skip, keep)
-        return losses[kept[own]].sum() / kept.sum() * scale, kept[own]
+        return losses[kept[own]].sum() / kept.sum() * scale, kept[own].to(losses.dtype)
     raise ValueError(f"unknown objective {objective!r}")

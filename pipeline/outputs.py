@@ -269,6 +269,16 @@ class TrainSummary:
     distinct_tokens: int | None = None
     """Distinct target tokens trained on (token-budget batches): below the budget when the plan
     passed over the set more than once."""
+    positions: int | None = None
+    """Positions the model processed, targets and their context (token-budget batches)."""
+    attention: int | None = None
+    """Sum over the micro-batches' samples of their squared length: attention's cost (token-budget
+    batches, each packed sample attending only to itself)."""
+    effective_samples: float | None = None
+    """Mean per micro-batch (this run, rank 0) of (sum w)^2 / sum w^2 over the samples' weights in
+    the objective: how many samples a step effectively learns from."""
+    batch_samples: float | None = None
+    """Mean samples per micro-batch (this run, rank 0)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -154,11 +154,12 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 def plot_compare(rows: list, reference: str, path: Path) -> Path:
-    """One panel per metric: each arm's difference from the reference (seed-paired mean) with its
-    95% intervals — over seeds (t, thick) and over documents/items (bootstrap, thin). Losses in
-    nats/token (left of zero is better), accuracies in points (right of zero is better)."""
-    metrics = list(dict.fromkeys(r.metric for r in rows))
-    arms = [r.arm for r in rows if r.metric == metrics[0] and r.arm != reference]
+    """One panel per tested metric: each arm's difference from the reference with its 95%
+    interval over seeds and documents/items; the shaded band is the equivalence margin. Losses:
+    left of zero is better."""
+    metrics = list(dict.fromkeys(r.metric for r in rows if r.role in ("primary", "secondary")))
+    tested = [r for r in rows if r.metric in metrics]
+    arms = [r.arm for r in tested if r.metric == metrics[0] and r.arm != reference]
     fig, axes = plt.subplots(
         1,
         len(metrics),
@@ -168,28 +169,23 @@ def plot_compare(rows: list, reference: str, path: Path) -> Path:
     )
     y = np.arange(len(arms))[::-1]
     for ax, metric in zip(axes[0], metrics, strict=True):
-        mine = {r.arm: r for r in rows if r.metric == metric}
-        scale = 1.0 if mine[arms[0]].lower_is_better else 100.0
+        mine = {r.arm: r for r in tested if r.metric == metric}
+        margin = mine[arms[0]].margin
+        if margin:
+            ax.axvspan(-margin, margin, color=ALL_COLOR, alpha=0.15, linewidth=0)
         for yi, arm in zip(y, arms, strict=True):
             r = mine[arm]
-            mean = r.vs_reference.mean * scale
-            for interval, width in ((r.vs_reference_items, 1.2), (r.vs_reference, 4.0)):
-                if not np.isnan(interval.low):
-                    ax.plot(
-                        [interval.low * scale, interval.high * scale],
-                        [yi, yi],
-                        color=ALL_COLOR,
-                        linewidth=width,
-                        alpha=0.6,
-                    )
-            ax.plot([mean], [yi], "o", color=KEPT_COLOR if arm == "midranking" else "black")
+            low, high = r.interval()
+            if not np.isnan(low):
+                ax.plot([low, high], [yi, yi], color=ALL_COLOR, linewidth=3.0, alpha=0.7)
+            ax.plot([r.estimate.mean], [yi], "o", color=KEPT_COLOR if r.role == "primary" else "black")
         ax.axvline(0, color="black", linewidth=0.8)
-        unit = "nats/token, lower is better" if scale == 1.0 else "points, higher is better"
-        ax.set_title(f"{metric}\n({unit})", fontsize=9)
+        ax.set_title(f"{metric}\n({mine[arms[0]].unit}, lower is better)", fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
     axes[0][0].set_yticks(y, arms, fontsize=9)
     fig.suptitle(
-        f"Difference from {reference} with 95% intervals (thick: over seeds, thin: over documents/items)",
+        f"Difference from {reference}, 95% intervals over seeds and documents; shaded: the equivalence "
+        "margin; orange: the primary contrast",
         fontsize=10,
     )
     fig.tight_layout()

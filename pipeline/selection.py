@@ -169,6 +169,7 @@ def length_matched(
     reference: pl.DataFrame,
     seed: int,
     *,
+    by_source: bool = False,
     exchange: Exchange = LOCAL,
     buckets: int = BUCKETS,
     max_rows: int = MAX_ROWS,
@@ -181,19 +182,38 @@ def length_matched(
 
     A control for a band by loss: mean token loss falls with length, so a band can differ from a
     random sample by its lengths alone; this random sample cannot. Each bin keeps its first
-    samples in the order of a seeded hash of sample_id, found like a band's end."""
+    samples in the order of a seeded hash of sample_id, found like a band's end.
+
+    `by_source`: the bins are source x length (`reference` has a `source` column too), so the
+    sample also has the other selection's mix of sources, and within each source its lengths."""
     mine = scores.select(pl.col("n_tokens").max()).collect(engine="streaming")
     longest = exchange.gather("longest", mine)["n_tokens"].max() or 1
     edges = length_edges(int(max(longest, reference["n_tokens"].max() or 1)))
-    # numpy.histogram's bins: [e_i, e_i+1), the last closed; the edges span every length
-    wanted = np.histogram(reference["n_tokens"], bins=edges, weights=reference["samples"])[0].astype(np.int64)
+
+    def cell(source: pl.Expr, length: pl.Expr) -> pl.Expr:
+        """A sample's group: its length bin, or (by_source) "<bin>\x1f<source>"."""
+        if not by_source:
+            return length
+        return pl.concat_str([length.cast(pl.String), source.cast(pl.String)], separator="\x1f")
+
+    # the bins of length_bin: [e_i, e_i+1), the edges span every length
+    wanted_rows = (
+        reference.lazy()
+        .select(_group=cell(pl.col("source") if by_source else pl.lit(""), length_bin(edges)), samples="samples")
+        .group_by("_group")
+        .agg(pl.col("samples").sum())
+        .collect()
+    )
+    wanted = dict(zip(wanted_rows["_group"].to_list(), wanted_rows["samples"].to_list(), strict=True))
     keyed = scores.with_columns(
-        _group=length_bin(edges), _key=pl.col("sample_id").hash(seed), _size=pl.lit(1, dtype=pl.Int64)
+        _group=cell(pl.col("source") if by_source else pl.lit(""), length_bin(edges)),
+        _key=pl.col("sample_id").hash(seed),
+        _size=pl.lit(1, dtype=pl.Int64),
     )
     totals = group_totals(keyed, exchange)
     have = dict(zip(totals["_group"].to_list(), totals["rows"].to_list(), strict=True))
-    short = int(sum(max(0, int(w) - have.get(b, 0)) for b, w in enumerate(wanted)))
-    quota = {b: int(wanted[b]) for b in have}
+    short = int(sum(max(0, int(w) - have.get(b, 0)) for b, w in wanted.items()))
+    quota = {b: int(wanted.get(b, 0)) for b in have}
     thresholds = {b: [q] for b, q in quota.items() if 0 < q < have[b]}
     found = find_ends(keyed, totals, thresholds, buckets=buckets, max_rows=max_rows, exchange=exchange)
     ends = {b: {"_past_quota": found.get((b, q), q <= 0)} for b, q in quota.items()}  # else all or none

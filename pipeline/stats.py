@@ -1,74 +1,141 @@
-"""Confidence intervals for a difference between two arms of an experiment.
+"""One interval per contrast between two arms of an experiment, over both sources of noise, and
+the tests that turn it into a verdict (docs/compare.md, "Statistics").
 
-    t_interval([0.012, 0.020, 0.009])                     # paired seeds: mean difference, 95% t-interval
-    bootstrap_ratio(differences, weights, resamples=2000, seed=0)   # items resampled with replacement
+    estimate = contrast(arm_nll, reference_nll, tokens)       # (seeds, documents) arrays, per-doc tokens
+    estimate.mean, estimate.interval()                         # difference, 95% interval
+    estimate.p_value(), estimate.p_equivalent(margin=0.005)    # difference from 0; TOST within +-margin
+    holm([0.01, 0.04, 0.03])                                   # Holm-adjusted p-values
 
 Two kinds of noise blur an arm's difference from the reference: the training run (seed: data
-order, random sample) and the evaluation set (which documents or task items happen to be in it).
-`t_interval` covers the first — one difference per seed, seeds paired across arms; `bootstrap_ratio`
-the second — per-item differences (already averaged over seeds) resampled with replacement, the
-statistic a ratio of sums so that a token-weighted loss difference is resampled as it is computed.
+order, its random sample) and the evaluation set (which documents or task items happen to be in
+it). The arms' runs are independent draws (each its own sample and order), the documents are
+shared. The difference is estimated as it is reported — every model's token-weighted loss, the
+mean over an arm's seeds, one arm minus the other — and its variance is the sum of
+
+- each arm's run-to-run variance: the sample variance of its models' losses over seeds / seeds;
+- the document-sampling variance of the per-document differences (linearised for the ratio of
+  sums), minus the part of it that is run-to-run noise already counted above (each document's
+  own variance over seeds, less their common part), floored at zero
+
+— the moment estimator of a two-way (seed x document) random-effects model, with Satterthwaite's
+degrees of freedom for its Student-t interval. tests/test_stats.py checks its coverage by
+simulation with known seed and document variances, and that it reduces to Welch's interval when
+documents add nothing.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats as scipy_stats
 
 CONFIDENCE = 0.95
+ALPHA = 0.05
 
 
 @dataclass(frozen=True, slots=True)
-class Interval:
+class Estimate:
+    """A difference, its standard error and degrees of freedom (t-distributed); NaN where the
+    run-to-run noise is unmeasured (an arm with one seed)."""
+
     mean: float
-    low: float
-    high: float
-    n: int
-    """Seeds (t-interval) or items (bootstrap) behind it."""
+    se: float
+    df: float
+    seeds: tuple[int, int]
+    """Runs of the arm and of the reference behind it."""
+    items: int
+    """Documents (or task items) behind it."""
+    seed_variance: float
+    """The run-to-run part of se²."""
+    item_variance: float
+    """The document-sampling part of se²."""
 
-    def excludes_zero(self) -> bool:
-        return self.low > 0 or self.high < 0
+    @property
+    def defined(self) -> bool:
+        return math.isfinite(self.se)
 
-    @classmethod
-    def undefined(cls, mean: float, n: int) -> Interval:
-        return cls(mean, math.nan, math.nan, n)
+    def interval(self, confidence: float = CONFIDENCE) -> tuple[float, float]:
+        if not self.defined:
+            return math.nan, math.nan
+        if self.se == 0:
+            return self.mean, self.mean
+        half = scipy_stats.t.ppf((1 + confidence) / 2, self.df) * self.se
+        return self.mean - half, self.mean + half
+
+    def p_value(self) -> float:
+        """Two-sided p of "no difference"."""
+        if not self.defined:
+            return math.nan
+        if self.se == 0:
+            return 0.0 if self.mean != 0 else 1.0
+        return float(2 * scipy_stats.t.sf(abs(self.mean) / self.se, self.df))
+
+    def p_equivalent(self, margin: float) -> float:
+        """Two one-sided tests (TOST): the larger p of "difference <= -margin" and "difference >=
+        margin"; below alpha, the difference lies within +-margin (its 1-2alpha interval does)."""
+        if not self.defined:
+            return math.nan
+        if self.se == 0:
+            return 0.0 if abs(self.mean) < margin else 1.0
+        below = scipy_stats.t.sf((self.mean + margin) / self.se, self.df)
+        above = scipy_stats.t.cdf((self.mean - margin) / self.se, self.df)
+        return float(max(below, above))
 
 
-def t_interval(differences: list[float], confidence: float = CONFIDENCE) -> Interval:
-    """The mean of paired differences with its Student-t interval: mean ± t(n-1) · sd / √n
-    (undefined for one difference)."""
-    n = len(differences)
-    mean = statistics.fmean(differences)
-    if n < 2:
-        return Interval.undefined(mean, n)
-    half = scipy_stats.t.ppf((1 + confidence) / 2, n - 1) * statistics.stdev(differences) / math.sqrt(n)
-    return Interval(mean, mean - half, mean + half, n)
+def contrast(
+    arm: np.ndarray, reference: np.ndarray, tokens: np.ndarray, groups: np.ndarray | None = None
+) -> Estimate:
+    """The difference arm - reference of a ratio metric over shared documents: `arm` and
+    `reference` are (seeds, documents) arrays of per-document sums (NLL), `tokens` the per-document
+    denominators (target tokens, characters, or 1 for a plain mean). Without `groups` the metric
+    is sum(NLL) / sum(tokens); with per-document group labels (sources) it is the mean over groups,
+    equally weighted, of each group's ratio."""
+    a, r = np.asarray(arm, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    t = np.asarray(tokens, dtype=np.float64)
+    if a.ndim != 2 or r.ndim != 2 or not a.shape[1] == r.shape[1] == len(t) or len(t) == 0:
+        raise ValueError(f"need (seeds, documents) arrays over the same documents, got {a.shape}, {r.shape}")
+    labels = np.zeros(len(t), dtype=np.int64) if groups is None else np.unique(groups, return_inverse=True)[1]
+    n_groups, docs = int(labels.max()) + 1, len(t)
+    group_tokens = np.bincount(labels, weights=t, minlength=n_groups)
+    weight = 1.0 / (n_groups * group_tokens[labels])  # the metric is sum_d weight_d * nll_d
+    value_a, value_r = a @ weight, r @ weight  # each model's metric
+    mean = float(value_a.mean() - value_r.mean())
+    seeds = (a.shape[0], r.shape[0])
+    if min(seeds) < 2 or docs < 2:  # run-to-run or document noise unmeasured
+        return Estimate(mean, math.nan, math.nan, seeds, docs, math.nan, math.nan)
+    seed_parts = value_a.var(ddof=1) / seeds[0], value_r.var(ddof=1) / seeds[1]
+    # per document: its difference, minus what the group's ratio difference predicts for its length
+    diff = a.mean(axis=0) - r.mean(axis=0)
+    group_diff = np.bincount(labels, weights=diff, minlength=n_groups) / group_tokens
+    influence = docs * weight * (diff - group_diff[labels] * t)
+    seed_noise = sum(_seed_noise(x * docs * weight) for x in (a, r))
+    item_part = max(0.0, (influence.var(ddof=1) - seed_noise) / docs)
+    variance = sum(seed_parts) + item_part
+    parts = [(seed_parts[0], seeds[0] - 1), (seed_parts[1], seeds[1] - 1), (item_part, docs - 1)]
+    denominator = sum(v * v / df for v, df in parts)
+    df = variance * variance / denominator if denominator > 0 else math.inf
+    return Estimate(mean, math.sqrt(variance), df, seeds, docs, sum(seed_parts), item_part)
 
 
-def bootstrap_ratio(
-    differences: np.ndarray,
-    weights: np.ndarray,
-    *,
-    resamples: int,
-    seed: int,
-    confidence: float = CONFIDENCE,
-    chunk: int = 256,
-) -> Interval:
-    """sum(differences) / sum(weights) with its percentile bootstrap interval: items drawn with
-    replacement, `resamples` times, from one seeded generator (drawn in chunks of resample rows,
-    so memory stays small). Weights of 1 make it a plain mean."""
-    differences, weights = np.asarray(differences, dtype=np.float64), np.asarray(weights, dtype=np.float64)
-    n = len(differences)
-    rng = np.random.default_rng(seed)
-    statistic = np.empty(resamples)
-    for start in range(0, resamples, chunk):
-        rows = min(chunk, resamples - start)
-        picks = rng.integers(0, n, size=(rows, n))
-        statistic[start : start + rows] = differences[picks].sum(axis=1) / weights[picks].sum(axis=1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(statistic, [tail, 100 - tail])
-    return Interval(float(differences.sum() / weights.sum()), float(low), float(high), n)
+def _seed_noise(y: np.ndarray) -> float:
+    """The expected sample variance over documents of the run-to-run noise in their seed means
+    (y: seeds x documents): each document's variance over seeds / seeds, less their common part
+    (the variance of the mean over documents), per the D - 1 of a sample variance."""
+    seeds, docs = y.shape
+    per_doc = y.var(axis=0, ddof=1).sum() / seeds
+    common = docs * y.mean(axis=1).var(ddof=1) / seeds
+    return (per_doc - common) / (docs - 1)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment (family-wise error at alpha under any dependence): the i-th
+    smallest p times (m - i), made non-decreasing, capped at 1. NaN stays NaN and does not count."""
+    finite = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(finite):
+        running = max(running, min(1.0, (len(finite) - rank) * p))
+        adjusted[i] = running
+    return adjusted

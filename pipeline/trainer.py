@@ -52,6 +52,28 @@ class TrainedTokens(TrainerCallback, ExportableState):
         return {"args": {"tokens": self.tokens}, "attributes": {}}
 
 
+class EffectiveSamples:
+    """Per micro-batch, how many samples the objective effectively learns from, (sum w)^2 / sum w^2
+    of the samples' weights in it (Kish's effective sample size), beside how many it holds: a
+    reweighting objective (IR-DRO) spends the same compute on fewer effective samples."""
+
+    def __init__(self):
+        self.effective: list[float] = []
+        self.held: list[int] = []
+
+    def add(self, weights: torch.Tensor) -> None:
+        w = weights.detach().double()
+        squares = float((w * w).sum())
+        self.effective.append(float(w.sum()) ** 2 / squares if squares > 0 else 0.0)
+        self.held.append(w.numel())
+
+    def means(self) -> tuple[float | None, float | None]:
+        """(mean effective samples, mean samples) per micro-batch of this run on this rank."""
+        if not self.held:
+            return None, None
+        return sum(self.effective) / len(self.effective), sum(self.held) / len(self.held)
+
+
 class ObjectiveTrainer(Trainer):
     """The Trainer with midrank's per-sample objectives as its loss."""
 
@@ -62,6 +84,7 @@ class ObjectiveTrainer(Trainer):
         super().__init__(*args, callbacks=[self.trained], **kwargs)
         self.train_cfg = train_cfg
         self.target_tokens = torch.zeros((), dtype=torch.long)
+        self.effective = EffectiveSamples()
         self.head_chunk_tokens = train_cfg.head_chunk_tokens
         if self.head_chunk_tokens and (
             train_cfg.fsdp or train_cfg.deepspeed or not head_is_plain(self.model)
@@ -73,7 +96,7 @@ class ObjectiveTrainer(Trainer):
         c = self.train_cfg
         nll, segment = token_nll(model, inputs, self.head_chunk_tokens)
         losses, counts = per_sample_losses(nll, segment, int(inputs["n_samples"]))
-        loss, trained = objective_loss(
+        loss, weights = objective_loss(
             c.objective,
             losses,
             counts,
@@ -85,7 +108,9 @@ class ObjectiveTrainer(Trainer):
             gather=c.gather_losses,
         )
         self.target_tokens = self.target_tokens.to(counts.device) + counts.sum().detach()
-        self.trained.add(counts[trained].sum().detach())
+        self.trained.add(counts[weights != 0].sum().detach())
+        if model.training:
+            self.effective.add(weights)
         return (loss, None) if return_outputs else loss
 
 

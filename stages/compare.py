@@ -29,6 +29,7 @@ stages is the one exception, like `demo`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import time
@@ -39,8 +40,11 @@ from pipeline.artifacts import digest, write_json_atomic, write_text_atomic
 from pipeline.comparison import (
     ArmMetric,
     DocumentLosses,
+    Margins,
     ModelEval,
+    TaskItems,
     compare_arms,
+    descriptive_table,
     metric_table,
     training_table,
     verdict_table,
@@ -59,33 +63,47 @@ from stages import score, select, train
 
 
 def arm_setup(cfg: Config, arm: str, seed: int) -> tuple[BandConfig, str]:
-    """(the training set's band, the training objective) of an arm: `<arm>` or `<arm>.<rank key>`."""
+    """(the training set's band, the training objective) of an arm: `<arm>` or `<arm>.<rank key>`.
+    Every random draw has its own hash stream (`stream`), so no two arms share a sample by
+    construction."""
     c = cfg.compare
     name, _, key = arm.partition(".")
     by_key = {"rank_by": key} if key else {}
-    tokens = {"measure": "tokens", "keep": c.keep}
-    if name in ("random", "irdro"):
-        return BandConfig(strategy="random", seed=seed, **tokens), "irdro" if name == "irdro" else "uniform"
-    if name == "weighted":  # offline IR-DRO: weights over the random sample, from its scored losses
-        band = BandConfig(strategy="random", seed=seed, weights=True, kl_reg=cfg.train.kl_reg, **tokens)
+    tokens = {"measure": "tokens", "keep": c.keep, "by_source": c.by_source}
+    draw = stream(arm, seed)
+    if name in ("random", "random_replicate", "irdro"):
+        return BandConfig(strategy="random", seed=draw, **tokens), "irdro" if name == "irdro" else "uniform"
+    if name == "weighted":  # offline IR-DRO: weights over a random sample, from its scored losses
+        band = BandConfig(strategy="random", seed=draw, weights=True, kl_reg=cfg.train.kl_reg, **tokens)
         return band, "weighted"
     if name in ("top", "bottom"):
         return BandConfig(strategy=name, **tokens, **by_key), "uniform"
     if name == "midranking":
         return midranking_band(cfg, key), "uniform"
-    if name == "random_length_matched":
-        return BandConfig(
-            strategy="length_matched", match=midranking_band(cfg, key).resolved_name(), seed=seed
-        ), "uniform"
+    if name in ("random_length_matched", "random_matched"):
+        match = midranking_band(cfg, key).resolved_name()
+        by_source = name == "random_matched"
+        return BandConfig(strategy="length_matched", match=match, seed=draw, by_source=by_source), "uniform"
     if name == "all":
         return BandConfig(strategy="all", measure="tokens"), "uniform"
     return BandConfig(strategy=name, **by_key), "uniform"  # a peer's preset band
 
 
+def stream(arm: str, seed: int) -> int:
+    """The hash seed of an arm's random draw at a seed: 32 bits of sha256("<arm>/<seed>"), so
+    `random` and its controls at seed s are independent samples, not one sample twice."""
+    return int.from_bytes(hashlib.sha256(f"{arm}/{seed}".encode()).digest()[:4], "big")
+
+
 def midranking_band(cfg: Config, key: str = "") -> BandConfig:
     c = cfg.compare
     return BandConfig(
-        strategy="midranking", skip=c.skip, keep=c.keep, measure="tokens", rank_by=key or "loss"
+        strategy="midranking",
+        skip=c.skip,
+        keep=c.keep,
+        measure="tokens",
+        rank_by=key or "loss",
+        by_source=c.by_source,
     )
 
 
@@ -191,7 +209,7 @@ def evaluate_model(cfg: Config, model_dir: Path, label: str) -> ModelEval:
             batch_tokens=cfg.score.batch_tokens,
             desc=f"{label}: {what}",
         )
-        return DocumentLosses([r.nll for r in rows], [r.tokens for r in rows])
+        return DocumentLosses([r.nll for r in rows], [r.tokens for r in rows], [r.source for r in rows])
 
     heldout = losses(tcfg.eval_paths, "held-out loss")
     ood = losses(c.ood_paths, "out-of-distribution loss") if c.ood_paths else None
@@ -205,7 +223,7 @@ def evaluate_model(cfg: Config, model_dir: Path, label: str) -> ModelEval:
             batch_size=c.task_batch_size,
             limit=c.task_limit or None,
         )
-        tasks = {name: s.items for name, s in scores.items()}
+        tasks = {name: TaskItems(s.items, s.nll, s.chars) for name, s in scores.items()}
     return ModelEval(heldout, ood, tasks)
 
 
@@ -249,26 +267,34 @@ def cached_evaluation(cfg: Config, model_dir: Path, label: str, timer: Timer) ->
 def training_rows(
     arms: list[Arm], runs: dict[tuple[str, int], RunMetrics], sets: dict[str, BandManifest]
 ) -> list[dict]:
-    """Per arm, means over its seeds: set size, steps, trained tokens, samples seen, their length."""
+    """Per arm, means over its seeds: set size, steps, trained tokens, samples seen, their length,
+    and the compute: positions processed, attention's sum of squared lengths, effective samples."""
     rows = []
     for name in dict.fromkeys(a.arm for a in arms):
         mine = [a for a in arms if a.arm == name]
         trained = [runs[a.key()].train for a in mine]
+
+        def mean(field: str, of=trained) -> float | None:
+            values = [getattr(t, field) for t in of]
+            return None if any(v is None for v in values) else sum(values) / len(values)
+
         band = mine[0].band.resolved_name()
         rows.append(
             {
                 "arm": name,
-                # the random samples differ per seed: random-k0.5-seed*-tokens
+                # each seed draws its own random sample: random-k0.5-seed*-tokens
                 "band": band
                 if len({a.band.resolved_name() for a in mine}) == 1
                 else re.sub(r"seed\d+", "seed*", band),
                 "objective": mine[0].objective,
                 "set_tokens": sum(sets[a.band.resolved_name()].tokens.kept for a in mine) / len(mine),
-                "steps": sum(t.steps for t in trained) / len(mine),
-                "trained_tokens": sum(t.trained_tokens for t in trained) / len(mine),
-                "samples_seen": sum(t.samples_seen for t in trained) / len(mine),
-                "mean_sample_tokens": sum(t.mean_sample_tokens for t in trained) / len(mine),
-                "distinct_tokens": sum(t.distinct_tokens for t in trained) / len(mine),
+                **{
+                    field: mean(field)
+                    for field in (
+                        "steps", "trained_tokens", "samples_seen", "mean_sample_tokens", "distinct_tokens",
+                        "positions", "attention", "effective_samples", "batch_samples",
+                    )  # fmt: skip
+                },
                 "per_seed_trained_tokens": [t.trained_tokens for t in trained],
             }
         )
@@ -283,28 +309,42 @@ def report(cfg: Config, arms: list[Arm], sets, runs, evals, budget: int) -> tupl
         arms=list(c.arms),
         seeds=list(c.seeds),
         reference=c.reference,
-        resamples=c.bootstrap_resamples,
+        primary=(c.primary, c.primary_metric) if c.primary else None,
+        margins=Margins(c.equivalence_margin, c.task_equivalence_margin),
     )
     training = training_rows(arms, runs, sets)
     seeds = f"{len(c.seeds)} seed{'s' if len(c.seeds) > 1 else ''} ({', '.join(map(str, c.seeds))})"
-    metrics = list(dict.fromkeys(r.metric for r in rows))
+    tested = list(dict.fromkeys(r.metric for r in rows if r.role in ("primary", "secondary")))
+    primary = (
+        f"Primary contrast (pre-registered): `{c.primary}` vs `{c.reference}` on {c.primary_metric}."
+        if c.primary
+        else "No primary contrast: every contrast is in the Holm family."
+    )
     parts = [
         f"Every arm trained on exactly {budget:,} target tokens ({budget // c.tokens_per_step} steps of "
-        f"{c.tokens_per_step:,}), {seeds}, seed s of every arm paired with seed s of `{c.reference}`.",
+        f"{c.tokens_per_step:,}), {seeds} per arm, each run its own draw; evaluated in {c.eval_dtype}. "
+        + primary,
         "",
         training_table(training),
         verdict_table(rows, c.reference),
-        *(metric_table(rows, m, c.reference) for m in metrics),
+        *(metric_table(rows, m, c.reference) for m in tested),
+        descriptive_table(rows, "heldout loss: ", c.reference, "**heldout loss per source** (nats/token)"),
+        descriptive_table(rows, "task ", c.reference, "**task accuracy** (points)"),
         "Change from start: the trained model minus the starting model, mean over seeds. vs "
-        f"{c.reference}: the arm minus {c.reference} (seed-paired mean); * marks an interval that "
-        "excludes zero.",
+        f"{c.reference}: the arm's mean over seeds minus {c.reference}'s. 95% CI: Student-t with "
+        "Satterthwaite's df over both the run-to-run and the document/item noise; * marks an "
+        "interval that excludes zero (unadjusted). p: Holm-adjusted (the primary's as is). "
+        "equivalent: the TOST p (difference within +-margin), adjusted the same way, is < 0.05; a "
+        "contrast neither better, worse nor equivalent is inconclusive.",
     ]
     table = "\n".join(parts) + "\n"
     results = {
         "token_budget": budget,
         "tokens_per_step": c.tokens_per_step,
         "reference": c.reference,
+        "primary": {"arm": c.primary, "metric": c.primary_metric} if c.primary else None,
         "seeds": list(c.seeds),
+        "eval_dtype": c.eval_dtype,
         "training": training,
         "metrics": [r.to_json() for r in rows],
         "runs": [

@@ -108,7 +108,9 @@ def decide(
     if cfg.rank_by != "loss":
         ranked = with_key(ranked, cfg.rank_by, curves, by_source=cfg.adjust_by_source)
     if cfg.strategy == "length_matched":
-        decided, _, short = length_matched(ranked, reference, cfg.seed, exchange=exchange)
+        decided, _, short = length_matched(
+            ranked, reference, cfg.seed, by_source=cfg.by_source, exchange=exchange
+        )
         if short:
             get_logger().warning(
                 f"{cfg.resolved_name()}: {short} samples short of {cfg.match}'s length distribution "
@@ -245,12 +247,13 @@ def reference_lengths(
     length_matched band matches has: decided in this run (pooled over the ranks), or selected
     before."""
     by_length = pl.len().alias("samples")
+    cells = ["n_tokens", "source"] if band_cfg.by_source else ["n_tokens"]
     if band_cfg.match in pending:
-        kept = pending[band_cfg.match].decided.filter(pl.col("kept")).group_by("n_tokens").agg(by_length)
-        return exchange.gather("reference", kept.collect()).group_by("n_tokens").agg(pl.col("samples").sum())
+        kept = pending[band_cfg.match].decided.filter(pl.col("kept")).group_by(cells).agg(by_length)
+        return exchange.gather("reference", kept.collect()).group_by(cells).agg(pl.col("samples").sum())
     if layout.band(band_cfg.match).manifest.is_file():
         parts = pl.scan_parquet(part_files(layout.band(band_cfg.match).dir))
-        return parts.group_by("n_tokens").agg(by_length).collect()
+        return parts.group_by(cells).agg(by_length).collect()
     else:
         raise ConfigError(
             f"select.bands: {band_cfg.resolved_name()} matches band {band_cfg.match!r}, which is not selected; "

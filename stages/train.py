@@ -43,7 +43,13 @@ from pipeline.model import load_model
 from pipeline.outputs import OutputError, RunMetrics, TrainSummary
 from pipeline.ranks import rank_and_world
 from pipeline.samples import SamplePolicy
-from pipeline.train_data import TokenBudgetCollator, TrainCollator, plan_token_batches, tokenize_dataset
+from pipeline.train_data import (
+    TokenBudgetCollator,
+    TrainCollator,
+    cut_to_targets,
+    plan_token_batches,
+    tokenize_dataset,
+)
 from pipeline.trainer import (
     ObjectiveTrainer,
     check_packing,
@@ -205,17 +211,31 @@ class TrainingSet:
             self.dataset, collator
         )
 
-    def seen(self) -> tuple[int | None, float | None, int | None]:
-        """(distinct samples trained on, their mean target tokens, distinct target tokens), known
-        for token-budget batches."""
+    def seen(self) -> Seen:
+        """What the token-budget batches trained on, and the compute they took (None otherwise)."""
         if self.batches is None:
-            return None, None, None
+            return Seen()
         covered: dict[int, set[int]] = {}
+        lengths = []
         for batch in self.batches:
             for i, start, stop in batch:
                 covered.setdefault(i, set()).update(range(start, stop))
+                lengths.append(len(cut_to_targets(self.dataset[i], start, stop)["input_ids"]))
         mean = sum(self.counts[i] for i in covered) / len(covered)
-        return len(covered), mean, sum(len(targets) for targets in covered.values())
+        distinct = sum(len(targets) for targets in covered.values())
+        return Seen(len(covered), mean, distinct, sum(lengths), sum(n * n for n in lengths))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Seen:
+    samples: int | None = None
+    """Distinct samples trained on."""
+    mean_sample_tokens: float | None = None
+    distinct_tokens: int | None = None
+    positions: int | None = None
+    """Positions the model processed (targets and their context), summed over micro-batches."""
+    attention: int | None = None
+    """Sum of squared sequence lengths: what attention costs (each packed sample attends only to itself)."""
 
 
 def training_set(cfg: Config, files: list[Path], tokenizer, world_size: int) -> TrainingSet:
@@ -269,7 +289,8 @@ def train_summary(
     if world_size > 1:
         torch.distributed.all_reduce(tokens)
     seconds = result.metrics["train_runtime"]
-    samples_seen, mean_sample_tokens, distinct_tokens = train_set.seen()
+    seen = train_set.seen()
+    effective, held = trainer.effective.means()
     return TrainSummary(
         objective=plan.cfg.train.objective,
         steps=result.global_step,
@@ -284,9 +305,13 @@ def train_summary(
         precision=plan.precision,
         world_size=world_size,
         data=[str(f) for f in plan.data.files],
-        samples_seen=samples_seen,
-        mean_sample_tokens=mean_sample_tokens,
-        distinct_tokens=distinct_tokens,
+        samples_seen=seen.samples,
+        mean_sample_tokens=seen.mean_sample_tokens,
+        distinct_tokens=seen.distinct_tokens,
+        positions=seen.positions,
+        attention=seen.attention,
+        effective_samples=effective,
+        batch_samples=held,
     )
 
 

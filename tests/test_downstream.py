@@ -104,3 +104,12 @@ def test_task_questions_do_not_name_their_answers(tmp_path):
             words = set(re.findall(r"[a-z0-9]+", row["question"].lower()))
             parts = [p for p in re.findall(r"[a-z0-9]+", answer) if len(p) >= 4]
             assert not words & {*parts, re.sub(r"[^a-z0-9]", "", answer)}, (name, answer, row["question"])
+
+
+def test_masking_hides_the_answers_stem_not_only_the_whole_word():
+    question = build_tasks.masked("Print the group memberships of a user; see also groupadd.", "groups")
+    assert "group" not in question.lower() and question.count("___") == 2
+    assert "Itan" not in build_tasks.masked("The Itanium was late.", "Itanic")
+    # a short answer is masked as a whole word only: `cat` stays inside `concatenate`
+    assert build_tasks.masked("cat: concatenate files", "cat") == "___: concatenate files"
+    assert build_tasks.leaks("members of groupings", "groups") and not build_tasks.leaks("a ___ list", "groups")

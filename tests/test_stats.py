@@ -1,5 +1,5 @@
-"""Confidence intervals and the compare analysis, each against a computation that shares nothing
-with the code under test (SciPy's own routines, or plain loops over hand-made numbers)."""
+"""The compare analysis's statistics, each against a computation that shares nothing with the code
+under test: SciPy's own tests, hand arithmetic, and a simulation with known variances."""
 
 import math
 
@@ -7,129 +7,159 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from pipeline.comparison import DocumentLosses, ModelEval, compare_arms
-from pipeline.stats import bootstrap_ratio, t_interval
+from pipeline.comparison import DocumentLosses, Margins, ModelEval, TaskItems, compare_arms
+from pipeline.stats import Estimate, contrast, holm
 
 
-@pytest.mark.parametrize("values", [[0.012, 0.020, 0.009], [-1.0, 2.5], [0.3, 0.1, -0.2, 0.4, 0.0, 0.25]])
-def test_t_interval_equals_scipys_one_sample_t_test(values):
-    ours = t_interval(values)
-    theirs = scipy_stats.ttest_1samp(values, 0.0).confidence_interval(0.95)
-    assert ours.mean == pytest.approx(np.mean(values))
-    assert (ours.low, ours.high) == pytest.approx((theirs.low, theirs.high), rel=1e-12)
-    assert ours.n == len(values)
+def simulated(rng, *, seeds=5, docs=105, sd_seed=0.006, sd_doc=0.02, sd_run_doc=0.04, delta=0.01):
+    """Two arms' per-document NLL sums (seeds x docs) and the documents' tokens, drawn from a
+    two-way model: per-token loss = arm mean + document + arm x document + run + run x document
+    noise (larger per token on short documents)."""
+    tokens = rng.integers(10, 256, size=docs).astype(float)
+    document = rng.normal(3.0, 0.5, size=docs)
+    arms = []
+    for mean in (delta, 0.0):
+        per_token = (
+            mean
+            + document
+            + rng.normal(0, sd_doc, size=docs)
+            + rng.normal(0, sd_seed, size=(seeds, 1))
+            + rng.normal(0, sd_run_doc, size=(seeds, docs)) * np.sqrt(64 / tokens)
+        )
+        arms.append(per_token * tokens)
+    return arms[0], arms[1], tokens
 
 
-def test_t_interval_by_hand_with_a_table_quantile():
-    # three differences: mean 3, sd 1, t(0.975, 2) = 4.302652729749464 from a printed t-table
-    interval = t_interval([2.0, 3.0, 4.0])
-    half = 4.302652729749464 * 1.0 / math.sqrt(3)
-    assert (interval.low, interval.high) == pytest.approx((3 - half, 3 + half), rel=1e-9)
-    assert interval.excludes_zero()
-    assert not t_interval([-1.0, 2.0, 3.0]).excludes_zero()
+@pytest.mark.parametrize(
+    ("variances", "seed"),
+    [
+        ({}, 0),  # both seeds and documents matter, as measured on the embedded default
+        ({"sd_doc": 0.0}, 1),  # documents add nothing beyond run-to-run noise
+        ({"sd_seed": 0.0, "sd_doc": 0.05}, 2),  # documents dominate
+        ({"seeds": 3}, 3),
+    ],
+)
+def test_the_interval_covers_the_true_difference_95_percent_of_the_time(variances, seed):
+    rng = np.random.default_rng(seed)
+    experiments, covered = 2000, 0
+    for _ in range(experiments):
+        arm, reference, tokens = simulated(rng, **variances)
+        low, high = contrast(arm, reference, tokens).interval()
+        covered += low <= 0.01 <= high
+    # 2,000 experiments: the standard error of a 95% coverage is 0.5 points
+    assert abs(covered / experiments - 0.95) <= 0.02, covered / experiments
 
 
-def test_one_seed_has_no_t_interval():
-    interval = t_interval([0.5])
-    assert interval.mean == 0.5 and math.isnan(interval.low) and math.isnan(interval.high)
-    assert not interval.excludes_zero()
+def test_the_source_weighted_interval_covers_too():
+    rng = np.random.default_rng(11)
+    covered = 0
+    for _ in range(2000):
+        arm, reference, tokens = simulated(rng)
+        sources = np.arange(len(tokens)) % 7
+        low, high = contrast(arm, reference, tokens, sources).interval()
+        covered += low <= 0.01 <= high
+    assert abs(covered / 2000 - 0.95) <= 0.02
 
 
-def test_bootstrap_ratio_agrees_with_scipys_paired_percentile_bootstrap():
+def test_an_interval_over_seeds_alone_would_not_cover():
+    """The reason for the second component: with documents varying, the seed part alone is too narrow."""
     rng = np.random.default_rng(5)
-    tokens = rng.integers(20, 300, size=150).astype(float)
-    differences = rng.normal(0.02, 0.3, size=150) * tokens
-    ours = bootstrap_ratio(differences, tokens, resamples=20000, seed=1)
-    theirs = scipy_stats.bootstrap(
-        (differences, tokens),
-        lambda d, w, axis=-1: d.sum(axis=axis) / w.sum(axis=axis),
-        paired=True,
-        vectorized=True,
-        method="percentile",
-        n_resamples=20000,
-        random_state=2,
-    ).confidence_interval
-    assert ours.mean == pytest.approx(differences.sum() / tokens.sum())
-    width = theirs.high - theirs.low
-    # two independent Monte Carlo estimates of the same percentiles: equal within 3% of the width
-    assert ours.low == pytest.approx(theirs.low, abs=0.03 * width)
-    assert ours.high == pytest.approx(theirs.high, abs=0.03 * width)
+    covered = 0
+    for _ in range(1000):
+        arm, reference, tokens = simulated(rng, sd_doc=0.05, sd_seed=0.002)
+        e = contrast(arm, reference, tokens)
+        half = scipy_stats.t.ppf(0.975, 8) * math.sqrt(e.seed_variance)
+        covered += abs(e.mean - 0.01) <= half
+    assert covered / 1000 < 0.8
 
 
-def test_bootstrap_of_a_mean_covers_the_normal_interval():
-    rng = np.random.default_rng(0)
-    items = rng.integers(0, 2, size=400).astype(float) - rng.integers(0, 2, size=400)
-    ours = bootstrap_ratio(items, np.ones_like(items), resamples=5000, seed=0)
-    se = items.std(ddof=1) / math.sqrt(len(items))
-    # for a mean of 400 items the percentile bootstrap is the normal interval to within a few %
-    assert ours.low == pytest.approx(items.mean() - 1.959964 * se, abs=0.1 * se)
-    assert ours.high == pytest.approx(items.mean() + 1.959964 * se, abs=0.1 * se)
+def test_without_document_effects_it_is_welchs_interval():
+    # every document of a model has the same per-token loss: only the runs vary
+    tokens = np.array([12.0, 40.0, 7.0, 90.0])
+    per_model_a = np.array([3.10, 3.05, 3.12, 3.08, 3.11])
+    per_model_b = np.array([3.00, 3.04, 2.98, 3.02])
+    e = contrast(np.outer(per_model_a, tokens), np.outer(per_model_b, tokens), tokens)
+    welch = scipy_stats.ttest_ind(per_model_a, per_model_b, equal_var=False)
+    ci = welch.confidence_interval(0.95)
+    assert e.mean == pytest.approx(per_model_a.mean() - per_model_b.mean())
+    assert e.interval() == pytest.approx((ci.low, ci.high), rel=1e-9)
+    assert e.p_value() == pytest.approx(welch.pvalue, rel=1e-9)
+    assert e.item_variance == 0.0
 
 
-def test_bootstrap_is_seeded():
-    d, w = np.arange(10.0), np.ones(10)
-    assert bootstrap_ratio(d, w, resamples=500, seed=3) == bootstrap_ratio(d, w, resamples=500, seed=3)
-
-
-def evaluation(nll: list[float], tokens: list[int], task: list[float]) -> ModelEval:
-    return ModelEval(DocumentLosses(nll, tokens), None, {"t": task})
-
-
-def test_compare_arms_pairs_seeds_and_averages_items_over_them():
-    tokens = [10, 30]
-    evals = {
-        "base": evaluation([30.0, 60.0], tokens, [0, 0, 1]),
-        ("random", 0): evaluation([20.0, 50.0], tokens, [1, 0, 1]),
-        ("random", 1): evaluation([22.0, 52.0], tokens, [0, 0, 1]),
-        ("mid", 0): evaluation([18.0, 44.0], tokens, [1, 1, 1]),
-        ("mid", 1): evaluation([21.0, 49.0], tokens, [1, 0, 1]),
-    }
-    rows = compare_arms(evals, arms=["random", "mid"], seeds=[0, 1], reference="random", resamples=200)
-    by = {(r.arm, r.metric): r for r in rows}
-    # held-out loss: (sum NLL) / 40 tokens; base 90/40, random 70/40 and 74/40, mid 62/40 and 70/40
-    loss = by[("mid", "heldout loss")]
-    assert loss.start == pytest.approx(90 / 40)
-    assert loss.change == pytest.approx(((62 - 90) / 40 + (70 - 90) / 40) / 2)
-    paired = [(62 - 70) / 40, (70 - 74) / 40]
-    assert loss.vs_reference.mean == pytest.approx(sum(paired) / 2)
-    half = 12.706204736174705 * abs(paired[0] - paired[1]) / math.sqrt(2) / math.sqrt(2)  # t(0.975, 1)
-    assert (loss.vs_reference.low, loss.vs_reference.high) == pytest.approx((-0.15 - half, -0.15 + half))
-    # per document, seed-averaged: doc 0 (18-20 + 21-22)/2 = -1.5, doc 1 (44-50 + 49-52)/2 = -4.5
-    assert loss.vs_reference_items.mean == pytest.approx((-1.5 - 4.5) / 40)
-    assert loss.vs_reference_items.n == 2
-    task = by[("mid", "task t")]
-    assert task.start == pytest.approx(1 / 3)
-    assert task.vs_reference.mean == pytest.approx(((3 - 2) / 3 + (2 - 1) / 3) / 2)
-    assert not task.lower_is_better
-    assert by[("random", "heldout loss")].vs_reference is None
-    assert by[("random", "heldout loss")].verdict() == "reference"
-
-
-def test_verdict_needs_every_interval_to_exclude_zero():
-    tokens = [1] * 50
-    base = [5.0] * 50
-    evals = {"base": evaluation(base, tokens, [0.0])}
-    for seed, shift in enumerate([0.0, 0.01, -0.01]):
-        evals[("random", seed)] = evaluation([4.0 + shift] * 50, tokens, [0.0])
-        # clearly lower in every seed and on every document
-        evals[("low", seed)] = evaluation([3.0 + shift + 0.001 * i for i in range(50)], tokens, [0.0])
-        # lower on average, but the seeds disagree
-        evals[("noisy", seed)] = evaluation([4.0 + [-0.5, 0.6, -0.2][seed]] * 50, tokens, [0.0])
-    rows = compare_arms(
-        evals, arms=["random", "low", "noisy"], seeds=[0, 1, 2], reference="random", resamples=500
+def test_the_mean_is_each_arms_token_weighted_loss_averaged_over_seeds():
+    tokens = np.array([10.0, 30.0])
+    arm = np.array([[18.0, 44.0], [21.0, 49.0]])
+    reference = np.array([[20.0, 50.0], [22.0, 52.0], [19.0, 51.0]])
+    e = contrast(arm, reference, tokens)
+    assert e.mean == pytest.approx((62 / 40 + 70 / 40) / 2 - (70 / 40 + 74 / 40 + 70 / 40) / 3)
+    assert e.seeds == (2, 3) and e.items == 2
+    by_source = contrast(arm, reference, tokens, np.array(["a", "b"]))
+    # each source's loss, equally weighted: (nll_a / 10 + nll_b / 30) / 2
+    assert by_source.mean == pytest.approx(
+        np.mean([(18 / 10 + 44 / 30) / 2, (21 / 10 + 49 / 30) / 2])
+        - np.mean([(20 / 10 + 50 / 30) / 2, (22 / 10 + 52 / 30) / 2, (19 / 10 + 51 / 30) / 2])
     )
-    verdicts = {r.arm: r.verdict() for r in rows if r.metric == "heldout loss"}
-    assert verdicts == {"random": "reference", "low": "better", "noisy": "no difference"}
 
 
-def test_one_seed_gives_no_verdict_however_clear_the_items():
-    tokens = [1] * 50
-    evals = {
-        "base": evaluation([5.0] * 50, tokens, [0.0]),
-        ("random", 0): evaluation([4.0] * 50, tokens, [0.0]),
-        ("low", 0): evaluation([3.0 + 0.001 * i for i in range(50)], tokens, [0.0]),
-    }
-    rows = compare_arms(evals, arms=["random", "low"], seeds=[0], reference="random", resamples=300)
-    low = next(r for r in rows if r.arm == "low" and r.metric == "heldout loss")
-    assert math.isnan(low.vs_reference.low) and low.vs_reference_items.excludes_zero()
-    assert low.verdict() == "not assessed (1 seed)"
+def test_one_seed_leaves_the_interval_undefined():
+    e = contrast(np.array([[1.0, 2.0]]), np.array([[1.0, 2.0], [1.5, 2.5]]), np.array([1.0, 1.0]))
+    assert not e.defined and math.isnan(e.interval()[0]) and math.isnan(e.p_value())
+
+
+@pytest.mark.parametrize("values", [[0.004, 0.001, -0.002, 0.003, 0.0], [0.02, 0.03, 0.025], [-0.001, 0.0015]])
+def test_tost_equals_two_one_sided_scipy_t_tests(values):
+    x = np.array(values)
+    e = Estimate(x.mean(), x.std(ddof=1) / math.sqrt(len(x)), len(x) - 1, (len(x), 0), 1, 0.0, 0.0)
+    margin = 0.005
+    lower = scipy_stats.ttest_1samp(x, -margin, alternative="greater").pvalue
+    upper = scipy_stats.ttest_1samp(x, margin, alternative="less").pvalue
+    assert e.p_equivalent(margin) == pytest.approx(max(lower, upper), rel=1e-9)
+    assert e.p_value() == pytest.approx(scipy_stats.ttest_1samp(x, 0.0).pvalue, rel=1e-9)
+
+
+def test_holm_by_hand():
+    # sorted: 0.01 (x4 = 0.04), 0.02 (x3 = 0.06), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> 0.06, monotone)
+    assert holm([0.03, 0.01, 0.04, 0.02]) == pytest.approx([0.06, 0.04, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    adjusted = holm([0.01, math.nan, 0.02])  # NaN (one seed) is not a test: m = 2
+    assert adjusted[0] == pytest.approx(0.02) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.02)
+
+
+def evaluation(nll: list[float], tokens: list[int], sources: list[str], task: list[float]) -> ModelEval:
+    items = TaskItems(correct=task, nll=[1.0 + x for x in task], chars=[4] * len(task))
+    return ModelEval(DocumentLosses(nll, tokens, sources), None, {"t": items})
+
+
+def test_compare_arms_roles_verdicts_and_holm():
+    rng = np.random.default_rng(2)
+    docs, tokens, sources = 60, [20] * 60, ["a", "b", "c"] * 20
+    evals = {"base": evaluation([70.0] * docs, tokens, sources, [0.0, 1.0] * 3)}
+    for seed in range(4):
+        noise = rng.normal(0, 0.2, size=docs)
+        evals[("random", seed)] = evaluation(list(60.0 + noise), tokens, sources, [1.0, 0.0] * 3)
+        evals[("same", seed)] = evaluation(list(60.0 + rng.normal(0, 0.2, size=docs)), tokens, sources, [1.0, 0.0] * 3)
+        evals[("low", seed)] = evaluation(list(58.0 + rng.normal(0, 0.2, size=docs)), tokens, sources, [1.0, 1.0] * 3)
+    rows = compare_arms(
+        evals,
+        arms=["random", "same", "low"],
+        seeds=[0, 1, 2, 3],
+        reference="random",
+        primary=("low", "heldout loss"),
+        margins=Margins(loss=0.01, task=0.02),
+    )
+    by = {(r.arm, r.metric): r for r in rows}
+    assert by[("low", "heldout loss")].role == "primary"
+    assert by[("low", "heldout loss")].verdict() == "better"  # -0.1 nats/token
+    assert by[("same", "heldout loss")].verdict() == "equivalent"  # within 0.01, narrowly measured
+    assert by[("random", "heldout loss")].verdict() == "reference"
+    assert by[("low", "heldout loss: a")].role == "descriptive" and by[("low", "heldout loss: a")].verdict() == ""
+    assert by[("low", "task t accuracy")].role == "descriptive"
+    # the secondary family: every non-reference arm x tested metric but the primary, Holm-adjusted
+    family = [r for r in rows if r.role == "secondary"]
+    assert {r.metric for r in family} == {"heldout loss", "heldout loss by source", "task t loss"}
+    assert len(family) == 2 * 3 - 1
+    raw = [r.estimate.p_value() for r in family]
+    assert [r.p_adjusted for r in family] == pytest.approx(holm(raw))
+    primary = by[("low", "heldout loss")]
+    assert primary.p_adjusted == pytest.approx(primary.estimate.p_value())
