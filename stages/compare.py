@@ -1,24 +1,26 @@
 """Compare: the paper's experiment in miniature — does the MidRanking band beat random data on
 *this* corpus, on held-out text, on text of another kind, and on downstream tasks?
 
-    midrank compare --config configs/default.yaml                          # one seed per arm
-    midrank compare --config configs/default.yaml 'compare.seeds=[0,1,2]'  # paired seeds, t-intervals
+    midrank compare --config configs/default.yaml                            # one seed per arm
+    midrank compare --config configs/default.yaml 'compare.seeds=[0,1,2,3,4]'  # intervals, verdicts
 
-From one scoring pass it selects each arm's training set (compare.arms: random, a random sample
-length-matched to MidRanking, top, bottom, MidRanking, IR-DRO online or offline, peers' bands),
-and trains the same starting model on each with the same compute: exactly `token_budget` target
-tokens (default: one pass over the smallest set) in steps of `tokens_per_step`, on whole samples
-as they were scored (train.max_tokens = score.max_tokens), same learning-rate schedule, seed s of
-every arm sharing its data-order seed. Then every trained model and the starting model (once)
-are evaluated the same way: per-document loss on the held-out set (train.eval_paths) and on
-out-of-distribution text (compare.ood_paths) and accuracy on the tasks (compare.tasks,
-compare.hub_tasks) with lm-evaluation-harness, the model loaded in compare.eval_dtype. pipeline/comparison.py
-compares each arm with the reference arm (t-interval over paired seeds, bootstrap over
-documents/items).
+From one scoring pass it selects each arm's training set (compare.arms: random, a second random
+draw (A/A), random samples matched to MidRanking's lengths or sources x lengths, top, bottom,
+MidRanking, IR-DRO online or offline, peers' bands; every random draw its own hash stream per arm
+and seed), and trains the same starting model on each with the same compute: exactly
+`token_budget` target tokens (default: one pass over the smallest set) in steps of
+`tokens_per_step`, on whole samples as they were scored (train.max_tokens = score.max_tokens),
+same learning-rate schedule. Then every trained model and the starting model (once) are
+evaluated the same way, loaded in compare.eval_dtype: per-document loss on the held-out set
+(train.eval_paths) and on out-of-distribution text (compare.ood_paths), and per item the correct
+answer's log-likelihood and accuracy on the tasks (compare.tasks, compare.hub_tasks) with
+lm-evaluation-harness. pipeline/comparison.py compares each arm with the reference arm: one
+interval over seeds and documents, the pre-registered primary contrast alone, Holm across the
+rest, TOST for equivalence.
 
 Writes `<out_dir>/reports/<name>/`: `table.md` (also printed), `results.json` (every number,
 every run, the time of each part), `deltas.png` (each arm's difference from the reference per
-metric, with both intervals), `evals/` (each model's per-document and per-item numbers) and
+tested metric, with its interval), `evals/` (each model's per-document and per-item numbers) and
 `config.yaml`. Reruns reuse finished selections, training runs and evaluations.
 
 Unlike the pipeline's stages this is an experiment built from them, so it calls `score`, `select`
