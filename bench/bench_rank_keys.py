@@ -8,14 +8,12 @@ lengths of the real documents in it.
         --real 40 --short 20 --garbage 6                           # a seconds-long smoke
 
 Real documents: `--real` documents drawn from the corpus, and `--short` very short real texts
-(the first line of other documents, cut to 1-12 words: headings, one-liners). Garbage, `--garbage`
-of each kind, each as long as a real document drawn at random (so garbage spans every length),
-given the source of a real document (contamination sits inside sources):
-- random_chars: uniformly random printable ASCII;
-- shuffled_words: a real document's words in random order;
-- base64: an encoded binary blob;
-- char_noise: a real document with a quarter of its letters replaced at random (OCR noise);
-- repeated_line: one real line repeated (garbage of low loss: no top band can catch it).
+(the first line of other documents, cut to 1-12 words: headings, one-liners). Junk, `--garbage`
+of each kind of data/junk.py (random characters, base64, hex dumps, keyboard mash, word salad,
+mojibake, markup soup, numeric tables, a rarely seen script, character noise, and repeated lines
+— junk of low loss that no top band can catch), each as long as a real document drawn at random
+(so junk spans every length), given the source of a real document (contamination sits inside
+sources). The multi-key rows drop the union of several keys' tops (`drop_top`).
 Scored through the `score` stage (the config's model, max_tokens and dtype) into `--out`, then
 ranked with the select stage's own `decide` for each key.
 """
@@ -23,10 +21,8 @@ ranked with the select stage's own `decide` for each key.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import random
-import string
 import sys
 from pathlib import Path
 
@@ -35,13 +31,13 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import BandConfig, load_config  # noqa: E402
+from data.junk import HIGH_LOSS_KINDS, KINDS, junk  # noqa: E402
+from pipeline.config import BandConfig, DropTop, load_config  # noqa: E402
 from pipeline.layout import Layout  # noqa: E402
 from pipeline.scores import scan_scores, score_files  # noqa: E402
 from stages import score  # noqa: E402
 from stages.select import decide  # noqa: E402
 
-KINDS = ("random_chars", "shuffled_words", "base64", "char_noise", "repeated_line")
 KEYS = {
     "loss": {},
     "loss, min_tokens 8": {"min_tokens": 8},
@@ -49,30 +45,12 @@ KEYS = {
     "length_adjusted": {"rank_by": "length_adjusted"},
     "length_adjusted by source": {"rank_by": "length_adjusted", "adjust_by_source": True},
     "length_adjusted, min_tokens 8": {"rank_by": "length_adjusted", "min_tokens": 8},
+    # the union of several keys' tops (drop_top), the rest of the 10% nowhere: the top is the union
+    "loss 5% + bits_per_byte 5%": {"drop_top": {"loss": 0.05, "bits_per_byte": 0.05}},
+    "loss 7% + bits_per_byte 5%": {"drop_top": {"loss": 0.07, "bits_per_byte": 0.05}},
+    "length_adjusted 5% + bits_per_byte 5%": {"drop_top": {"length_adjusted": 0.05, "bits_per_byte": 0.05}},
 }
 DROP = 0.1  # the top share MidRanking drops
-
-
-def garbage(kind: str, length: int, donor: str, rng: random.Random) -> str:
-    if kind == "random_chars":
-        alphabet = string.ascii_letters + string.digits + string.punctuation + " " * 8
-        return "".join(rng.choice(alphabet) for _ in range(length))
-    if kind == "shuffled_words":
-        words = donor.split()
-        rng.shuffle(words)
-        return " ".join(words)[:length] or "x"
-    if kind == "base64":
-        blob = base64.b64encode(rng.randbytes(length)).decode()[:length]
-        return "\n".join(blob[i : i + 76] for i in range(0, len(blob), 76))
-    if kind == "char_noise":
-        return "".join(
-            rng.choice(string.ascii_lowercase) if c.isalpha() and rng.random() < 0.25 else c
-            for c in donor[:length]
-        )
-    if kind == "repeated_line":
-        line = next((ln.strip() for ln in donor.splitlines() if ln.strip()), "ok")[:60]
-        return "\n".join([line] * max(1, length // (len(line) + 1)))
-    raise ValueError(kind)
 
 
 def build_corpus(path: Path, corpus: Path, real: int, short: int, per_kind: int, seed: int) -> None:
@@ -91,7 +69,7 @@ def build_corpus(path: Path, corpus: Path, real: int, short: int, per_kind: int,
     for kind in KINDS:
         for _ in range(per_kind):
             donor = rng.choice(donors)["text"]
-            text = garbage(kind, max(2, rng.choice(lengths)), donor, rng)
+            text = junk(kind, max(2, rng.choice(lengths)), donor, rng)
             rows.append({"text": text, "source": rng.choice(rows[:real])["source"], "kind": kind})
     rng.shuffle(rows)
     with path.open("w") as fh:
@@ -104,9 +82,12 @@ def measure(scores: pl.LazyFrame, kinds: pl.DataFrame) -> list[dict]:
     in it."""
     results = []
     for label, params in KEYS.items():
-        band = BandConfig(strategy="midranking", skip=DROP, keep=1 - DROP, **params)
+        if "drop_top" in params:  # the dropped union is the top; nothing else is skipped
+            band = BandConfig(strategy="midranking", skip=0, keep=1, drop_top=DropTop(**params["drop_top"]))
+        else:
+            band = BandConfig(strategy="midranking", skip=DROP, keep=1 - DROP, **params)
         decided = decide(scores, band, "bench").rows.collect().join(kinds, on="sample_id")
-        top = decided.filter(pl.col("reason") == "too_hard")
+        top = decided.filter(pl.col("reason").is_in(["too_hard", "dropped_top"]))
         row = {"key": label, "top_samples": top.height}
         for kind in KINDS:
             n = decided.filter(pl.col("kind") == kind).height
@@ -125,8 +106,8 @@ def table(results: list[dict]) -> str:
     head += ["their median tokens", "of them < 50 tokens"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        caught = sum(r[k][0] for k in KINDS if k != "repeated_line")
-        total = sum(r[k][1] for k in KINDS if k != "repeated_line")
+        caught = sum(r[k][0] for k in HIGH_LOSS_KINDS)
+        total = sum(r[k][1] for k in HIGH_LOSS_KINDS)
         cells = [r["key"], str(r["too_short"]), str(r["top_samples"])]
         cells += [f"{r[k][0]}/{r[k][1]} ({r[k][0] / max(r[k][1], 1):.0%})" for k in KINDS]
         cells += [f"{caught}/{total} ({caught / max(total, 1):.0%})", str(r["real_in_top"])]

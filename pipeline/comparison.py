@@ -103,7 +103,11 @@ class Metric:
                 return np.array(items.correct), np.ones(len(items.correct)), None
             return np.array(items.nll), np.array(items.chars, dtype=np.float64), None
         docs = getattr(evaluation, self.part)
-        nll, tokens, sources = np.array(docs.nll), np.array(docs.tokens, dtype=np.float64), np.array(docs.sources)
+        nll, tokens, sources = (
+            np.array(docs.nll),
+            np.array(docs.tokens, dtype=np.float64),
+            np.array(docs.sources),
+        )
         if self.source is not None:
             mine = sources == self.source
             return nll[mine], tokens[mine], None
@@ -221,7 +225,7 @@ def compare_arms(
             else:
                 role = "descriptive" if metric.role == "descriptive" else "secondary"
                 role = "primary" if primary == (arm, metric.name) else role
-                nll, tokens, groups = metric.data(base)
+                _nll, tokens, groups = metric.data(base)
                 estimate = contrast(
                     np.stack([metric.data(e)[0] for e in runs]),
                     np.stack([metric.data(e)[0] for e in ref]),
@@ -295,11 +299,16 @@ def metric_table(rows: list[ArmMetric], metric: str, reference: str) -> str:
     title = f"**{metric}** ({first.unit}; start {first.start * scale:.{digits}f}; {better} is better)"
     margin = next((r.margin for r in mine if r.margin is not None), None)
     header = ["arm", "change from start", f"vs {reference}", "95% CI (seeds + items)", "p", "equivalence p"]
-    header = header + ["verdict"] if margin is not None else header[:4]
+    header = [*header, "verdict"] if margin is not None else header[:4]
     body = []
     for r in mine:
         diff = "—" if r.estimate is None else f"{r.estimate.mean * scale:+.{digits}f}"
-        cells = [r.arm + (" (primary)" if r.role == "primary" else ""), f"{r.change * scale:+.{digits}f}", diff, _ci(r)]
+        cells = [
+            r.arm + (" (primary)" if r.role == "primary" else ""),
+            f"{r.change * scale:+.{digits}f}",
+            diff,
+            _ci(r),
+        ]
         if margin is not None:
             cells += [_p(r.p_adjusted), _p(r.p_equivalent_adjusted), r.verdict()]
         body.append(cells)
@@ -312,7 +321,9 @@ def verdict_table(rows: list[ArmMetric], reference: str) -> str:
     tested = [r for r in rows if r.role in ("primary", "secondary")]
     metrics = list(dict.fromkeys(r.metric for r in tested))
     arms = list(dict.fromkeys(r.arm for r in tested))
-    verdicts = {(r.arm, r.metric): r.verdict() + (" (primary)" if r.role == "primary" else "") for r in tested}
+    verdicts = {
+        (r.arm, r.metric): r.verdict() + (" (primary)" if r.role == "primary" else "") for r in tested
+    }
     body = [[arm, *(verdicts.get((arm, m), "") for m in metrics)] for arm in arms]
     title = (
         f"**Against {reference}** (primary: tested alone at 5%; the rest Holm-adjusted as one family; "
@@ -334,7 +345,10 @@ def descriptive_table(rows: list[ArmMetric], prefix: str, reference: str, title:
         scale, digits = _scale(r.unit)
         cells[r.arm, r.metric] = f"{r.estimate.mean * scale:+.{digits}f} {_ci(r)}"
     starts = {r.metric: r.start * _scale(r.unit)[0] for r in mine}
-    header = ["arm", *(f"{m.removeprefix(prefix)} ({starts[m]:.{_scale(mine[0].unit)[1]}f})" for m in metrics)]
+    header = [
+        "arm",
+        *(f"{m.removeprefix(prefix)} ({starts[m]:.{_scale(mine[0].unit)[1]}f})" for m in metrics),
+    ]
     body = [[arm, *(cells[arm, m] for m in metrics)] for arm in arms]
     note = f"vs {reference}, with the 95% interval; in parentheses the starting model's value"
     return "\n".join([title, "", *_lines(header, body), "", note]) + "\n"

@@ -268,6 +268,31 @@ BAND_PRESETS = {
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
+class DropTop:
+    """Shares dropped from the top under several rank keys at once, before the band is taken: a
+    sample in the top `loss` share by loss, or in the top `bits_per_byte` share by bits per byte,
+    ... is dropped (the union), and the band is then taken from what remains. Each key is blind to
+    some kind of junk (loss to mojibake, bits per byte to word salad); together they catch more."""
+
+    loss: float = 0.0
+    bits_per_byte: float = 0.0
+    length_adjusted: float = 0.0
+    ifd: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in RANK_KEYS:
+            value = getattr(self, key)
+            _require(0.0 <= value < 1.0, key, f"must be within [0, 1), got {value}")
+
+    def shares(self) -> dict[str, float]:
+        """The keys that drop anything, with their shares, in RANK_KEYS order."""
+        return {key: getattr(self, key) for key in RANK_KEYS if getattr(self, key) > 0}
+
+
+assert tuple(f.name for f in dataclasses.fields(DropTop)) == RANK_KEYS, "DropTop has a share per rank key"
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
 class BandConfig:
     name: str = ""
     """Output directory name under selected/; derived from the parameters when empty."""
@@ -331,8 +356,18 @@ class BandConfig:
     and counted, and the shares count the rest (a heading or a one-line fortune has the highest
     loss of all and says little about quality)."""
 
+    drop_top: DropTop = field(default_factory=DropTop)
+    """Drop the top share under each of several rank keys first (`drop_top: {loss: 0.1,
+    bits_per_byte: 0.05}`): the union is rejected as dropped_top, and the band's shares then
+    count what remains. Within each source with by_source; in the band's measure."""
+
     def __post_init__(self) -> None:
         _require_name(self.name, "name", optional=True)
+        _require(
+            not self.drop_top.shares() or self.strategy != "length_matched",
+            "drop_top",
+            "a length_matched sample matches another band's lengths; give drop_top to that band",
+        )
         _require_name(self.match, "match", optional=self.strategy != "length_matched")
         _require(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
         _require(
@@ -381,6 +416,7 @@ class BandConfig:
         parts += [] if self.rank_by == "loss" else [f"by_{self.rank_by}"]
         parts += ["adjustedbysource"] if self.adjust_by_source else []
         parts += [f"min{self.min_tokens}"] if self.min_tokens else []
+        parts += [f"drop_{key}{share:g}" for key, share in self.drop_top.shares().items()]
         parts += ["bysource"] if self.by_source else []
         parts += [f"irdro{self.kl_reg:g}"] if self.weights else []
         return "-".join(parts)
@@ -724,7 +760,9 @@ class CompareConfig:
             "primary_metric",
             f"one of {list(COMPARE_METRICS)} or 'task <name> loss', got {self.primary_metric!r}",
         )
-        _require(self.equivalence_margin > 0, "equivalence_margin", f"must be > 0, got {self.equivalence_margin}")
+        _require(
+            self.equivalence_margin > 0, "equivalence_margin", f"must be > 0, got {self.equivalence_margin}"
+        )
         _require(
             self.task_equivalence_margin > 0,
             "task_equivalence_margin",

@@ -174,6 +174,23 @@ class SourceMix:
     after: dict[str, SourceCount]
 
 
+@dataclass(frozen=True, slots=True)
+class DroppedTop:
+    """What a band's drop_top dropped before the band was taken."""
+
+    shares: dict[str, float]
+    """Per rank key, the top share dropped."""
+    by_key: dict[str, int]
+    """Per key, the samples in its top share (alone or with other keys)."""
+    alone: dict[str, int]
+    """Per key, the samples no other key dropped."""
+    together: int
+    """Samples two or more keys dropped."""
+    samples: int
+    """The union: every sample dropped."""
+    tokens: int
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BandExcerpt:
     """What a band kept and dropped: the part of its manifest the report shows."""
@@ -185,13 +202,15 @@ class BandExcerpt:
     samples: Counts
     tokens: Counts
     rejected: dict[str, int]
-    """Samples dropped, by reason: too_hard, too_easy, not_sampled, too_short."""
+    """Samples dropped, by reason: too_hard, too_easy, not_sampled, too_short, dropped_top."""
     per_source: SourceMix
     rank_key: RankKeyRange | None = None
     """What the band ranked by (absent in manifests of a midrank that ranked by loss only)."""
     length_curves: dict[str, LengthCurve] | None = None
     """rank_by=length_adjusted: the expected loss at each length it subtracted, per source or
     over all of them ("*"), so the key can be recomputed."""
+    dropped_top: DroppedTop | None = None
+    """drop_top: what each key dropped, alone and together (the band's positions count the rest)."""
 
     @classmethod
     def of(cls, manifest: BandExcerpt) -> BandExcerpt:

@@ -36,7 +36,7 @@ from pipeline.exchange import LOCAL, Exchange
 from pipeline.rank_keys import length_bin, length_edges
 
 Strategy = Literal["midranking", "band", "top", "bottom", "random", "all"]
-Reason = pl.Enum(["too_hard", "too_easy", "not_sampled", "too_short"])
+Reason = pl.Enum(["too_hard", "too_easy", "not_sampled", "too_short", "dropped_top"])
 
 
 Share = float | Fraction
@@ -147,6 +147,35 @@ def select(
     return ended.with_columns(kept=kept, reason=reason).drop(helpers)
 
 
+def top_by_keys(
+    scores: pl.LazyFrame,
+    shares: dict[str, Share],
+    *,
+    measure: Literal["samples", "tokens"] = "samples",
+    by_source: bool = False,
+    buckets: int = BUCKETS,
+    max_rows: int = MAX_ROWS,
+    exchange: Exchange = LOCAL,
+) -> pl.LazyFrame:
+    """`scores` with `dropped_by`: the keys in whose top share (hardest first, in `measure`, within
+    each source with by_source) the row falls, joined by "+" in the order of `shares`, or null.
+    Each key's top is the band [0, share) of that key's ranking, found like any band's end: exact
+    and streaming, so the union costs one band per key. Needs each key's column."""
+    flagged = scores
+    for key, share in shares.items():
+        top = Band(Fraction(0), exact_share(share))
+        flagged = select(
+            flagged, top, measure=measure, by_source=by_source, key=key,
+            buckets=buckets, max_rows=max_rows, exchange=exchange,
+        ).drop("reason").rename({"kept": f"_top_{key}"})  # fmt: skip
+    names = pl.concat_str(
+        [pl.when(pl.col(f"_top_{key}")).then(pl.lit(key)) for key in shares], separator="+", ignore_nulls=True
+    )
+    return flagged.with_columns(dropped_by=pl.when(names != "").then(names)).drop(
+        [f"_top_{key}" for key in shares]
+    )
+
+
 def irdro_weight_expr(kept: pl.LazyFrame, kl_reg: float, exchange: Exchange = LOCAL) -> pl.Expr:
     """IR-DRO weight over the kept set: softmax(loss / kl_reg), rescaled to mean 1, in float64, as
     an expression whose two normalisers (max loss, mean of exp) are computed once (over every
@@ -199,7 +228,9 @@ def length_matched(
     # the bins of length_bin: [e_i, e_i+1), the edges span every length
     wanted_rows = (
         reference.lazy()
-        .select(_group=cell(pl.col("source") if by_source else pl.lit(""), length_bin(edges)), samples="samples")
+        .select(
+            _group=cell(pl.col("source") if by_source else pl.lit(""), length_bin(edges)), samples="samples"
+        )
         .group_by("_group")
         .agg(pl.col("samples").sum())
         .collect()

@@ -174,9 +174,10 @@ def token_budget(cfg: Config, sets: dict[str, BandManifest], arms: list[Arm]) ->
 
 
 def train_config(cfg: Config, arm: Arm, steps: int) -> Config:
-    """The arm's training run: same everything but its set, objective and seed; exactly `steps`
-    steps of compare.tokens_per_step target tokens, packed; no evaluation (compare evaluates every
-    model the same way afterwards)."""
+    """The arm's training run: same everything but its set, objective and seed (its data order:
+    the arm's own stream at this seed, like its sample, so no two runs share an order); exactly
+    `steps` steps of compare.tokens_per_step target tokens, packed; no evaluation (compare
+    evaluates every model the same way afterwards)."""
     c = cfg.compare
     tcfg = dataclasses.replace(
         cfg.train,
@@ -184,7 +185,7 @@ def train_config(cfg: Config, arm: Arm, steps: int) -> Config:
         band=arm.band.resolved_name(),
         data_paths=(),
         objective=arm.objective,
-        seed=arm.seed,
+        seed=stream(arm.arm, arm.seed),
         max_steps=steps,
         target_tokens_per_batch=c.tokens_per_step,
         grad_accum=1,
@@ -293,9 +294,16 @@ def training_rows(
                 **{
                     field: mean(field)
                     for field in (
-                        "steps", "trained_tokens", "samples_seen", "mean_sample_tokens", "distinct_tokens",
-                        "positions", "attention", "effective_samples", "batch_samples",
-                    )  # fmt: skip
+                        "steps",
+                        "trained_tokens",
+                        "samples_seen",
+                        "mean_sample_tokens",
+                        "distinct_tokens",
+                        "positions",
+                        "attention",
+                        "effective_samples",
+                        "batch_samples",
+                    )
                 },
                 "per_seed_trained_tokens": [t.trained_tokens for t in trained],
             }

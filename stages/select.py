@@ -38,6 +38,7 @@ from pipeline.log import get_logger
 from pipeline.outputs import (
     BandManifest,
     Counts,
+    DroppedTop,
     LossRange,
     Positions,
     RankKeyRange,
@@ -48,7 +49,7 @@ from pipeline.rank_keys import LengthCurve, check_key_columns, estimate_curves, 
 from pipeline.ranks import shards_of_rank
 from pipeline.records import ReadStats, record_digest, record_id, sample_text
 from pipeline.scores import check_corpus_unchanged, common_provenance, scan_scores, score_files
-from pipeline.selection import Band, Reason, band_for, irdro_weight_expr, length_matched, select
+from pipeline.selection import Band, Reason, band_for, irdro_weight_expr, length_matched, select, top_by_keys
 from pipeline.sharding import ShardPlan, plan_shards, shard_records
 
 
@@ -101,12 +102,27 @@ def decide(
         raise ConfigError(
             f"select.bands: {cfg.resolved_name()}: no scored sample has min_tokens={cfg.min_tokens} tokens; lower it"
         )
-    check_key_columns(ranked, cfg.rank_by, where)
+    drops = cfg.drop_top.shares()
+    keys = list(dict.fromkeys([cfg.rank_by, *drops]))
+    for key in keys:
+        check_key_columns(ranked, key, where)
     curves = None
-    if cfg.rank_by == "length_adjusted":
+    if "length_adjusted" in keys:
         curves = estimate_curves(ranked, by_source=cfg.adjust_by_source, exchange=exchange)
-    if cfg.rank_by != "loss":
-        ranked = with_key(ranked, cfg.rank_by, curves, by_source=cfg.adjust_by_source)
+    for key in keys:
+        ranked = with_key(ranked, key, curves, by_source=cfg.adjust_by_source)
+    dropped = None
+    if drops:  # the union of each key's top share, over every ranked sample; the band counts the rest
+        measure = "tokens" if cfg.target_tokens else cfg.measure
+        flagged = top_by_keys(ranked, drops, measure=measure, by_source=cfg.by_source, exchange=exchange)
+        ranked = flagged.filter(pl.col("dropped_by").is_null())
+        dropped = flagged.filter(pl.col("dropped_by").is_not_null()).with_columns(
+            kept=pl.lit(False), reason=pl.lit("dropped_top", dtype=Reason)
+        )
+        if pooled_sum(exchange, "remaining", ranked.select(pl.len())) == 0:
+            raise ConfigError(
+                f"select.bands: {cfg.resolved_name()}: drop_top drops every sample; lower its shares"
+            )
     if cfg.strategy == "length_matched":
         decided, _, short = length_matched(
             ranked, reference, cfg.seed, by_source=cfg.by_source, exchange=exchange
@@ -131,6 +147,8 @@ def decide(
     if cfg.weights:
         weight = irdro_weight_expr(decided.filter(pl.col("kept")), cfg.kl_reg, exchange)
         decided = decided.with_columns(weight=pl.when(pl.col("kept")).then(weight))
+    if dropped is not None:
+        decided = pl.concat([decided, dropped], how="diagonal_relaxed")
     if cfg.min_tokens:
         too_short = scores.filter(pl.col("n_tokens") < cfg.min_tokens).with_columns(
             kept=pl.lit(False), reason=pl.lit("too_short", dtype=Reason)
@@ -142,8 +160,9 @@ def decide(
 def summarize(decided: pl.LazyFrame, key: str, exchange: Exchange = LOCAL) -> pl.DataFrame:
     """Samples, tokens, loss and key range per (source, kept, reason), over every rank: what the
     manifest reports."""
+    by = ["source", "kept", "reason"] + (["dropped_by"] if "dropped_by" in decided.collect_schema() else [])
     mine = (
-        decided.group_by("source", "kept", "reason")
+        decided.group_by(by)
         .agg(
             samples=pl.len(),
             tokens=pl.col("n_tokens").cast(pl.Int64).sum(),
@@ -156,7 +175,7 @@ def summarize(decided: pl.LazyFrame, key: str, exchange: Exchange = LOCAL) -> pl
     )
     return (
         exchange.gather("summary", mine)
-        .group_by("source", "kept", "reason")
+        .group_by(by)
         .agg(
             pl.col("samples", "tokens").sum(),
             pl.col("min_loss", "min_key").min(),
@@ -170,6 +189,27 @@ def source_mix(summary: pl.DataFrame) -> dict[str, SourceCount]:
     return {row["source"]: SourceCount(row["samples"], row["tokens"]) for row in grouped.to_dicts()}
 
 
+def dropped_top_counts(band_cfg: BandConfig, summary: pl.DataFrame) -> DroppedTop | None:
+    """What drop_top dropped: per key, the samples in its top share (alone, or with other keys)."""
+    shares = band_cfg.drop_top.shares()
+    if not shares:
+        return None
+    dropped = (
+        summary.filter(pl.col("reason") == "dropped_top")
+        .group_by("dropped_by")
+        .agg(pl.col("samples", "tokens").sum())
+    )
+    combos = {row["dropped_by"]: row["samples"] for row in dropped.to_dicts()}
+    return DroppedTop(
+        shares=shares,
+        by_key={key: sum(n for combo, n in combos.items() if key in combo.split("+")) for key in shares},
+        alone={key: combos.get(key, 0) for key in shares},
+        together=sum(n for combo, n in combos.items() if "+" in combo),
+        samples=int(dropped["samples"].sum()),
+        tokens=int(dropped["tokens"].sum()),
+    )
+
+
 def manifest_for(cfg: Config, band: Pending, provenance: dict) -> BandManifest:
     band_cfg, summary = band.config, band.summary
     kept = summary.filter(pl.col("kept"))
@@ -178,7 +218,8 @@ def manifest_for(cfg: Config, band: Pending, provenance: dict) -> BandManifest:
         share = int(kept["samples"].sum()) / max(int(summary["samples"].sum()), 1)
         positions = Positions(0.0, share, "random", "samples")
     else:
-        ranked_tokens = int(summary.filter(pl.col("reason").ne_missing("too_short"))["tokens"].sum())
+        ranked = summary.filter(~pl.col("reason").is_in(["too_short", "dropped_top"]).fill_null(False))
+        ranked_tokens = int(ranked["tokens"].sum())
         band_range, measure = band_of(band_cfg, ranked_tokens)
         ranked_by = band_cfg.rank_by if band_range.order == "rank_key" else "random"
         positions = Positions(float(band_range.start), float(band_range.stop), ranked_by, measure)
@@ -194,6 +235,7 @@ def manifest_for(cfg: Config, band: Pending, provenance: dict) -> BandManifest:
         per_source=SourceMix(before=source_mix(summary), after=source_mix(kept)),
         rank_key=RankKeyRange(band_cfg.rank_by, kept["min_key"].min(), kept["max_key"].max()),
         length_curves=band.decision.curves,
+        dropped_top=dropped_top_counts(band_cfg, summary),
         score_provenance=provenance,
         config=to_dict(cfg),
     )
@@ -325,7 +367,11 @@ def write_bands(
             paths = layout.band(name)
             part = band.decided.filter(pl.col("shard") == shard).collect()
             write_part(
-                part.filter(pl.col("kept")).drop("kept", "reason"), records, paths.dir, shard, cfg.corpus.mode
+                part.filter(pl.col("kept")).drop("kept", "reason", "dropped_by", strict=False),
+                records,
+                paths.dir,
+                shard,
+                cfg.corpus.mode,
             )
             if cfg.select.write_rejected:
                 write_part(

@@ -2,13 +2,15 @@
 
 import json
 import math
+import random
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data import build_corpus
+from data import build_corpus, build_noisy
 from data.build_tiny import build_tiny_model
+from data.junk import HIGH_LOSS_KINDS, KINDS, junk
 
 
 def sources(*names):
@@ -77,3 +79,39 @@ def test_instruction_sample_is_labelled_chat_data(tmp_path):
         assert user["role"] == "user" and assistant["role"] == "assistant" and assistant["content"].strip()
         if record["kind"] == "truncated":
             assert 3 <= len(assistant["content"].split()) <= 6
+
+
+def test_noisy_corpus_is_deterministic_and_its_labels_match_its_documents(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    real = [
+        {"origin": f"doc/{i}", "source": ["man", "fortunes"][i % 2], "text": f"Document {i}. " * (1 + i % 9)}
+        for i in range(85)
+    ]
+    (corpus / "train.jsonl").write_text("".join(json.dumps(d) + "\n" for d in real))
+    first = build_noisy.build(corpus, tmp_path / "a", share=0.15)
+    build_noisy.build(corpus, tmp_path / "b", share=0.15)
+    for name in ("train.jsonl", "labels.jsonl", "manifest.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    rows = [json.loads(line) for line in (tmp_path / "a" / "train.jsonl").open()]
+    labels = [json.loads(line) for line in (tmp_path / "a" / "labels.jsonl").open()]
+    assert len(rows) == len(labels) == first["documents"] == 85 + 15  # 15 of 100 are junk
+    assert all(set(row) == {"source", "text"} for row in rows)  # no label inside the corpus
+    by_origin = {d["origin"]: d["text"] for d in real}
+    for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
+        assert label["row"] == i and label["sample_id"] == f"train.jsonl:{i}"
+        if label["kind"] == "real":
+            assert row["text"] == by_origin[label["origin"]]
+        else:
+            assert label["kind"] in HIGH_LOSS_KINDS and label["origin"] is None
+            assert row["text"] not in by_origin.values() and row["source"] in {"man", "fortunes"}
+    assert sorted(label["origin"] for label in labels if label["origin"]) == sorted(by_origin)
+    assert {k for k in first["kinds"] if k != "real"} <= set(HIGH_LOSS_KINDS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_junk_kind_is_seeded_and_about_as_long_as_asked(kind):
+    donor = "The quick brown fox jumps over the lazy dog near the riverbank.\n" * 30
+    text = junk(kind, 600, donor, random.Random(3))
+    assert text == junk(kind, 600, donor, random.Random(3)) and text.strip()
+    assert 300 <= len(text) <= 1200, len(text)

@@ -143,7 +143,9 @@ def test_results_equal_a_direct_evaluation_of_the_saved_models(compared, tiny_mo
         row = metrics[("midranking", metric)]
         assert row["start"] == pytest.approx(base, abs=1e-5)
         assert row["change"] == pytest.approx((mid[0][0] + mid[1][0]) / 2 - base, abs=1e-5)
-        assert row["estimate"]["mean"] == pytest.approx(np.mean([m[0] for m in mid]) - np.mean([r[0] for r in ref]), abs=1e-5)
+        assert row["estimate"]["mean"] == pytest.approx(
+            np.mean([m[0] for m in mid]) - np.mean([r[0] for r in ref]), abs=1e-5
+        )
         assert row["estimate"]["items"] == len(ref[0][1]) and row["estimate"]["seeds"] == [2, 2]
         assert row["low"] < row["estimate"]["mean"] < row["high"]
     assert metrics[("midranking", "heldout loss")]["role"] == "primary"

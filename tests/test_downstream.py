@@ -112,4 +112,6 @@ def test_masking_hides_the_answers_stem_not_only_the_whole_word():
     assert "Itan" not in build_tasks.masked("The Itanium was late.", "Itanic")
     # a short answer is masked as a whole word only: `cat` stays inside `concatenate`
     assert build_tasks.masked("cat: concatenate files", "cat") == "___: concatenate files"
-    assert build_tasks.leaks("members of groupings", "groups") and not build_tasks.leaks("a ___ list", "groups")
+    assert build_tasks.leaks("members of groupings", "groups") and not build_tasks.leaks(
+        "a ___ list", "groups"
+    )

@@ -246,3 +246,27 @@ def test_a_rank_that_fails_stops_the_others(scored, tmp_path):
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "select stopped on another rank: rank 1" in output
+
+
+def test_a_multi_key_drop_is_recorded_per_key_and_per_sample(scored, tmp_path):
+    config, _ = scored
+    band = "select.bands=[{name: dropped, skip: 0, keep: 0.5, drop_top: {loss: 0.1, bits_per_byte: 0.1}}]"
+    (band_dir,) = select.run(load_config(config, [band, "select.write_rejected=true"]))
+    manifest = json.loads((band_dir / "manifest.json").read_text())
+    rejected = pl.read_parquet(tmp_path / "out" / "rejected" / "dropped" / "part-*.parquet")
+    kept = pl.read_parquet(band_dir / "part-*.parquet")
+    assert "dropped_by" not in kept.columns
+    dropped = rejected.filter(pl.col("reason") == "dropped_top")
+    counts = manifest["dropped_top"]
+    assert counts["samples"] == dropped.height == manifest["rejected"]["dropped_top"]
+    assert counts["tokens"] == dropped["n_tokens"].sum()
+    for key in ("loss", "bits_per_byte"):
+        by = dropped["dropped_by"].str.split("+").list.contains(key)
+        assert counts["by_key"][key] == by.sum() == 6  # 10% of 60 samples each
+        assert counts["alone"][key] == (dropped["dropped_by"] == key).sum()
+    assert counts["together"] == dropped["dropped_by"].str.contains(r"\+").sum()
+    assert (
+        counts["samples"] == counts["alone"]["loss"] + counts["alone"]["bits_per_byte"] + counts["together"]
+    )
+    # the band's shares count what remains: half of the 60 - dropped samples
+    assert kept.height == -(-(60 - dropped.height) // 2)  # ceil

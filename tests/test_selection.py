@@ -398,3 +398,69 @@ def test_ranks_pooling_their_histograms_keep_what_one_process_keeps(scores, tmp_
                 budget,
             )
     assert not (out / ".exchange").exists() or not any((out / ".exchange").iterdir())
+
+
+def _brute_top(rows: list[dict], key: str, share: str, measure: str) -> set[str]:
+    """The samples whose position — the measure ahead of them, hardest first by `key`, ties by
+    sample_id — is below share x total, in exact rationals."""
+    size = (lambda r: r["n_tokens"]) if measure == "tokens" else (lambda r: 1)
+    total, before, top = sum(size(r) for r in rows), 0, set()
+    for r in sorted(rows, key=lambda r: (-r[key], r["sample_id"])):
+        if before < Fraction(share) * total:
+            top.add(r["sample_id"])
+        before += size(r)
+    return top
+
+
+@pytest.mark.parametrize("measure", ["samples", "tokens"])
+@pytest.mark.parametrize(
+    "drops",
+    [{"loss": "0.1"}, {"loss": "0.1", "bits_per_byte": "0.05"}, {"loss": "0.2", "bits_per_byte": "0.3"}],
+)
+def test_multi_key_drop_equals_brute_force(measure, drops):
+    """drop_top: the union of each key's top share is dropped, then the band is taken from the rest;
+    against sorts in exact rationals that share nothing with the histogram search."""
+    from pipeline.config import BandConfig, DropTop
+    from stages.select import decide
+
+    rng = random.Random(7)
+    rows = []
+    for i in range(240):
+        n_tokens = rng.randint(1, 40)
+        loss = rng.choice([1.0, 2.5, 3.0, 3.0, 4.25, 6.0])  # ties on purpose
+        rows.append(
+            {
+                "sample_id": f"c.jsonl:{i}",
+                "source": rng.choice(["a", "b"]),
+                "n_tokens": n_tokens,
+                "loss": loss,
+                "nll_sum": loss * n_tokens,
+                "n_bytes": rng.randint(n_tokens, 8 * n_tokens),
+            }
+        )
+    for r in rows:
+        r["bits_per_byte"] = r["nll_sum"] / (math.log(2) * r["n_bytes"])
+    frame = pl.LazyFrame(rows).drop("bits_per_byte")
+    band = BandConfig(
+        strategy="midranking",
+        skip=0.1,
+        keep=0.5,
+        measure=measure,
+        drop_top=DropTop(**{k: float(v) for k, v in drops.items()}),
+    )
+    decided = decide(frame, band, "test").rows.collect()
+    dropped_by = {key: _brute_top(rows, key, share, measure) for key, share in drops.items()}
+    union = set().union(*dropped_by.values())
+    rest = [r for r in rows if r["sample_id"] not in union]
+    size = (lambda r: r["n_tokens"]) if measure == "tokens" else (lambda r: 1)
+    total, before, kept = sum(size(r) for r in rest), 0, set()
+    for r in sorted(rest, key=lambda r: (-r["loss"], r["sample_id"])):
+        if Fraction("0.1") * total <= before < Fraction("0.6") * total:
+            kept.add(r["sample_id"])
+        before += size(r)
+    assert set(decided.filter(pl.col("kept"))["sample_id"]) == kept
+    assert set(decided.filter(pl.col("reason") == "dropped_top")["sample_id"]) == union
+    for row in decided.filter(pl.col("reason") == "dropped_top").iter_rows(named=True):
+        expected = [key for key in drops if row["sample_id"] in dropped_by[key]]
+        assert row["dropped_by"] == "+".join(expected)
+    assert decided.height == len(rows)  # every sample decided once

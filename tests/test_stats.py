@@ -107,7 +107,9 @@ def test_one_seed_leaves_the_interval_undefined():
     assert not e.defined and math.isnan(e.interval()[0]) and math.isnan(e.p_value())
 
 
-@pytest.mark.parametrize("values", [[0.004, 0.001, -0.002, 0.003, 0.0], [0.02, 0.03, 0.025], [-0.001, 0.0015]])
+@pytest.mark.parametrize(
+    "values", [[0.004, 0.001, -0.002, 0.003, 0.0], [0.02, 0.03, 0.025], [-0.001, 0.0015]]
+)
 def test_tost_equals_two_one_sided_scipy_t_tests(values):
     x = np.array(values)
     e = Estimate(x.mean(), x.std(ddof=1) / math.sqrt(len(x)), len(x) - 1, (len(x), 0), 1, 0.0, 0.0)
@@ -123,7 +125,9 @@ def test_holm_by_hand():
     assert holm([0.03, 0.01, 0.04, 0.02]) == pytest.approx([0.06, 0.04, 0.06, 0.06])
     assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
     adjusted = holm([0.01, math.nan, 0.02])  # NaN (one seed) is not a test: m = 2
-    assert adjusted[0] == pytest.approx(0.02) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.02)
+    assert (
+        adjusted[0] == pytest.approx(0.02) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.02)
+    )
 
 
 def evaluation(nll: list[float], tokens: list[int], sources: list[str], task: list[float]) -> ModelEval:
@@ -138,8 +142,12 @@ def test_compare_arms_roles_verdicts_and_holm():
     for seed in range(4):
         noise = rng.normal(0, 0.2, size=docs)
         evals[("random", seed)] = evaluation(list(60.0 + noise), tokens, sources, [1.0, 0.0] * 3)
-        evals[("same", seed)] = evaluation(list(60.0 + rng.normal(0, 0.2, size=docs)), tokens, sources, [1.0, 0.0] * 3)
-        evals[("low", seed)] = evaluation(list(58.0 + rng.normal(0, 0.2, size=docs)), tokens, sources, [1.0, 1.0] * 3)
+        evals[("same", seed)] = evaluation(
+            list(60.0 + rng.normal(0, 0.2, size=docs)), tokens, sources, [1.0, 0.0] * 3
+        )
+        evals[("low", seed)] = evaluation(
+            list(58.0 + rng.normal(0, 0.2, size=docs)), tokens, sources, [1.0, 1.0] * 3
+        )
     rows = compare_arms(
         evals,
         arms=["random", "same", "low"],
@@ -153,7 +161,10 @@ def test_compare_arms_roles_verdicts_and_holm():
     assert by[("low", "heldout loss")].verdict() == "better"  # -0.1 nats/token
     assert by[("same", "heldout loss")].verdict() == "equivalent"  # within 0.01, narrowly measured
     assert by[("random", "heldout loss")].verdict() == "reference"
-    assert by[("low", "heldout loss: a")].role == "descriptive" and by[("low", "heldout loss: a")].verdict() == ""
+    assert (
+        by[("low", "heldout loss: a")].role == "descriptive"
+        and by[("low", "heldout loss: a")].verdict() == ""
+    )
     assert by[("low", "task t accuracy")].role == "descriptive"
     # the secondary family: every non-reference arm x tested metric but the primary, Holm-adjusted
     family = [r for r in rows if r.role == "secondary"]
