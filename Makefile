@@ -94,9 +94,10 @@ demo-instruct: $(STAMP) instruct model
 	$(VENV)/bin/midrank demo --config configs/instruct.yaml $(ARGS)
 	$(PY) -m data.check_instruct --config configs/instruct.yaml
 
-# The paper's experiment in miniature: every arm (random, length-matched random, top, bottom, MidRanking,
-# IR-DRO) trains the same token budget; held-out, out-of-distribution and task results against random
-# with 95% intervals -> $(out_dir)/reports/compare/ (ARGS="compare.seeds=[0,1,2]" for the t-intervals)
+# The paper's experiment in miniature: every arm (the preset's: random, a second random draw, a random
+# sample matched to MidRanking's sources and lengths, MidRanking) trains the same token budget; held-out
+# and out-of-distribution loss against random, one 95% interval per contrast over seeds and documents,
+# verdicts -> $(out_dir)/reports/compare/ (ARGS="compare.seeds=[0,1,2,3,4]" for intervals and verdicts)
 TASKS ?= tasks
 compare: $(STAMP) $(INPUTS) $(TASKS)
 	$(VENV)/bin/midrank compare --config $(CONFIG) $(ARGS)

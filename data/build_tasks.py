@@ -76,11 +76,13 @@ def masked(text: str, name: str) -> str:
 
 
 def leaks(question: str, answer: str) -> bool:
-    """True when the question still names the answer: a spelling of it or a word of it of four
-    letters or more (`merge` of git-merge-base) as a whole word, or a word starting with a stem."""
-    words = {w for w in re.split(r"[-_. ]", answer) if len(w) >= 4} | spellings(answer)
-    whole = any(re.search(rf"(?<!\w){re.escape(w)}(?!\w)", question, re.IGNORECASE) for w in words)
-    return whole or any(re.search(rf"(?<!\w){re.escape(s)}", question, re.IGNORECASE) for s in stems(answer))
+    """True when the question still gives the answer away: a spelling of it, or a word sharing
+    its first four letters with a word of the answer of four letters or more, either way round
+    (`merge` of git-merge-base, `hack` of hackishness, `temporary` of tempfile)."""
+    if any(re.search(rf"(?<!\w){re.escape(w)}(?!\w)", question, re.IGNORECASE) for w in spellings(answer)):
+        return True
+    prefixes = {w[:4].lower() for w in re.split(r"[-_. ]", answer) if len(w) >= 4}
+    return any(w[:4].lower() in prefixes for w in re.findall(r"\w{4,}", question))
 
 
 def clip(text: str) -> str:

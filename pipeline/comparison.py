@@ -26,7 +26,7 @@ adjusted p < 0.05; else `equivalent`: the TOST p (within +-margin) adjusted < 0.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -96,34 +96,35 @@ class Metric:
         return not self.accuracy
 
     def data(self, evaluation: ModelEval) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(per item: numerator, denominator; per item group labels or None)."""
+        """(per item: numerator, denominator; per item stratum — its source — or None)."""
         if self.part.startswith("task "):
             items = evaluation.tasks[self.part.removeprefix("task ")]
             if self.accuracy:
                 return np.array(items.correct), np.ones(len(items.correct)), None
             return np.array(items.nll), np.array(items.chars, dtype=np.float64), None
         docs = getattr(evaluation, self.part)
-        nll, tokens, sources = (
-            np.array(docs.nll),
-            np.array(docs.tokens, dtype=np.float64),
-            np.array(docs.sources),
-        )
+        nll, tokens = np.array(docs.nll), np.array(docs.tokens, dtype=np.float64)
+        sources = np.array(docs.sources)
         if self.source is not None:
             mine = sources == self.source
             return nll[mine], tokens[mine], None
-        return nll, tokens, sources if self.by_source else None
+        return nll, tokens, sources
 
 
 def metrics_of(evaluation: ModelEval) -> list[Metric]:
-    out = [
-        Metric("heldout loss", "nats/token", "tested", "heldout"),
-        Metric("heldout loss by source", "nats/token", "tested", "heldout", by_source=True),
-    ]
+    sources = sorted(set(evaluation.heldout.sources))
+    out = [Metric("heldout loss", "nats/token", "tested", "heldout")]
+    if len(sources) > 1:  # with one source it is the same number
+        out += [Metric("heldout loss by source", "nats/token", "tested", "heldout", by_source=True)]
     out += [Metric("ood loss", "nats/token", "tested", "ood")] if evaluation.ood is not None else []
-    out += [Metric(f"task {name} loss", "nats/char", "tested", f"task {name}") for name in evaluation.tasks]
+    out += [
+        Metric(f"task {name} loss", "nats/char", "tested", f"task {name}")
+        for name, items in evaluation.tasks.items()
+        if items.nll  # tasks whose correct answer lm-eval does not name by index have none
+    ]
     out += [
         Metric(f"heldout loss: {source}", "nats/token", "descriptive", "heldout", source=source)
-        for source in sorted(set(evaluation.heldout.sources))
+        for source in sources
     ]
     out += [
         Metric(f"task {name} accuracy", "points", "descriptive", f"task {name}", accuracy=True)
@@ -134,10 +135,10 @@ def metrics_of(evaluation: ModelEval) -> list[Metric]:
 
 def value(evaluation: ModelEval, metric: Metric) -> float:
     """The metric of one model: sum(NLL) / sum(tokens), or the mean of each source's."""
-    nll, tokens, groups = metric.data(evaluation)
-    if groups is None:
+    nll, tokens, sources = metric.data(evaluation)
+    if not metric.by_source:
         return float(nll.sum() / tokens.sum())
-    return float(np.mean([nll[groups == g].sum() / tokens[groups == g].sum() for g in np.unique(groups)]))
+    return float(np.mean([nll[sources == g].sum() / tokens[sources == g].sum() for g in np.unique(sources)]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +163,8 @@ class ArmMetric:
     unit: str
     lower_is_better: bool
     role: str
-    """`reference`, `primary`, `secondary` (Holm family) or `descriptive`."""
+    """`reference`, `primary`, `secondary` (the Holm family), `calibration` (the A/A contrast: a
+    check of the analysis, tested alone, not a hypothesis) or `descriptive`."""
     start: float
     """The starting model's value."""
     change: float
@@ -174,6 +176,8 @@ class ArmMetric:
     """p of "no difference": as is for the primary, Holm-adjusted in the secondary family."""
     p_equivalent_adjusted: float | None = None
     """TOST p of "differs by margin or more", adjusted the same way."""
+    versus: str = ""
+    """The arm it is compared with: the reference, or for a band's matched control, the control."""
 
     def interval(self) -> tuple[float, float]:
         return self.estimate.interval() if self.estimate is not None else (math.nan, math.nan)
@@ -198,7 +202,34 @@ class ArmMetric:
             return None if isinstance(x, float) and not math.isfinite(x) else x
 
         low, high = self.interval()
-        return finite(asdict(self) | {"low": low, "high": high, "verdict": self.verdict()})
+        extra = {"low": low, "high": high, "verdict": self.verdict()}
+        if self.estimate is not None:
+            extra |= {
+                "p": self.estimate.p_value(),
+                "equivalence_bound": self.estimate.equivalence_bound(),
+                "detectable_80": self.estimate.detectable(),
+            }
+        return finite(asdict(self) | extra)
+
+
+MATCHED_CONTROLS = ("random_matched", "random_length_matched")
+"""Random samples matched to a MidRanking band: that band is also compared with each of them."""
+
+CALIBRATION_ARMS = ("random_replicate",)
+"""Arms that differ from the reference by nothing but the draw (A/A)."""
+
+
+def contrasts_of(arms: list[str], reference: str) -> list[tuple[str, str]]:
+    """(arm, compared with): every arm against the reference, and each MidRanking band against
+    the random samples matched to it (`random_matched.<key>` to `midranking.<key>`) — the contrast
+    that leaves only the loss."""
+    pairs = [(arm, reference) for arm in arms if arm != reference]
+    for control in arms:
+        name, dot, key = control.partition(".")
+        band = f"midranking{dot}{key}"
+        if name in MATCHED_CONTROLS and band in arms and control != reference and band != reference:
+            pairs.append((band, control))
+    return pairs
 
 
 def compare_arms(
@@ -210,45 +241,65 @@ def compare_arms(
     primary: tuple[str, str] | None = None,
     margins: Margins = Margins(),
 ) -> list[ArmMetric]:
-    """Every arm on every metric: `evals` holds "base" (the starting model) and (arm, seed) keys.
-    `primary`: the pre-registered (arm, metric)."""
+    """Every contrast on every metric: `evals` holds "base" (the starting model) and (arm, seed)
+    keys. `primary`: the pre-registered (arm, metric), against the reference."""
     base = evals["base"]
     rows = []
     for metric in metrics_of(base):
         start = value(base, metric)
-        ref = [evals[(reference, s)] for s in seeds]
-        for arm in arms:
-            runs = [evals[(arm, s)] for s in seeds]
-            change = float(np.mean([value(e, metric) - start for e in runs]))
-            if arm == reference:
-                role, estimate = "reference", None
+
+        def change(arm: str, metric: Metric = metric, start: float = start) -> float:
+            return float(np.mean([value(evals[(arm, s)], metric) - start for s in seeds]))
+
+        _, tokens, strata = metric.data(base)
+        rows.append(
+            ArmMetric(
+                reference,
+                metric.name,
+                metric.unit,
+                metric.lower_is_better,
+                "reference",
+                start,
+                change(reference),
+                None,
+            )
+        )
+        for arm, versus in contrasts_of(arms, reference):
+            estimate = contrast(
+                np.stack([metric.data(evals[(arm, s)])[0] for s in seeds]),
+                np.stack([metric.data(evals[(versus, s)])[0] for s in seeds]),
+                tokens,
+                strata,
+                equal_strata=metric.by_source,
+            )
+            if metric.role == "descriptive":
+                role = "descriptive"
+            elif primary == (arm, metric.name) and versus == reference:
+                role = "primary"
+            elif arm in CALIBRATION_ARMS and versus == reference:
+                role = "calibration"
             else:
-                role = "descriptive" if metric.role == "descriptive" else "secondary"
-                role = "primary" if primary == (arm, metric.name) else role
-                _nll, tokens, groups = metric.data(base)
-                estimate = contrast(
-                    np.stack([metric.data(e)[0] for e in runs]),
-                    np.stack([metric.data(e)[0] for e in ref]),
-                    tokens,
-                    groups,
-                )
+                role = "secondary"
             rows.append(
                 ArmMetric(
-                    arm, metric.name, metric.unit, metric.lower_is_better, role, start, change, estimate,
-                    margins.of(metric),
+                    arm, metric.name, metric.unit, metric.lower_is_better, role, start, change(arm),
+                    estimate, margins.of(metric), versus=versus,
                 )
             )  # fmt: skip
+    if primary is not None and not any(r.role == "primary" for r in rows):
+        raise ValueError(
+            f"the primary contrast {primary[0]} vs {reference} on {primary[1]!r} is not among the "
+            f"metrics measured ({', '.join(m.name for m in metrics_of(base))})"
+        )
     return _adjusted(rows)
 
 
 def _adjusted(rows: list[ArmMetric]) -> list[ArmMetric]:
-    """The rows with their verdicts' p-values: the primary's as they are, the secondary family's
-    Holm-adjusted (difference and equivalence each)."""
-    from dataclasses import replace
-
+    """The rows with their verdicts' p-values: the primary's and the calibration's as they are,
+    the secondary family's Holm-adjusted (difference and equivalence each)."""
     out = [
         replace(r, p_adjusted=r.estimate.p_value(), p_equivalent_adjusted=r.estimate.p_equivalent(r.margin))
-        if r.role == "primary"
+        if r.role in ("primary", "calibration")
         else r
         for r in rows
     ]
@@ -289,68 +340,86 @@ def _lines(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
+def contrast_label(r: ArmMetric, reference: str) -> str:
+    """The contrast as the tables name it: the arm (against the reference), or `<arm> vs <control>`."""
+    label = r.arm if r.role == "reference" or r.versus == reference else f"{r.arm} vs {r.versus}"
+    return label + {"primary": " (primary)", "calibration": " (A/A)"}.get(r.role, "")
+
+
 def metric_table(rows: list[ArmMetric], metric: str, reference: str) -> str:
-    """One tested metric's markdown table: per arm, change from the start, difference from the
-    reference with its 95% interval, the adjusted p-values and the verdict."""
+    """One tested metric's markdown table: per contrast, the arm's change from the start, the
+    difference with its 95% interval, the p-values, the verdict, and what the design could see:
+    the smallest margin TOST would accept and the difference it detects with 80% power."""
     mine = [r for r in rows if r.metric == metric]
     first = mine[0]
     scale, digits = _scale(first.unit)
     better = "lower" if first.lower_is_better else "higher"
     title = f"**{metric}** ({first.unit}; start {first.start * scale:.{digits}f}; {better} is better)"
     margin = next((r.margin for r in mine if r.margin is not None), None)
-    header = ["arm", "change from start", f"vs {reference}", "95% CI (seeds + items)", "p", "equivalence p"]
-    header = [*header, "verdict"] if margin is not None else header[:4]
+    header = ["contrast", "change from start", "difference", "95% CI (seeds + items)"]
+    tested = margin is not None
+    if tested:
+        header += ["p", "equivalence p", "verdict", "equivalent within", "detectable (80%)"]
     body = []
     for r in mine:
-        diff = "—" if r.estimate is None else f"{r.estimate.mean * scale:+.{digits}f}"
+        defined = r.estimate is not None and r.estimate.defined
         cells = [
-            r.arm + (" (primary)" if r.role == "primary" else ""),
+            contrast_label(r, reference),
             f"{r.change * scale:+.{digits}f}",
-            diff,
+            "—" if r.estimate is None else f"{r.estimate.mean * scale:+.{digits}f}",
             _ci(r),
         ]
-        if margin is not None:
+        if tested:
             cells += [_p(r.p_adjusted), _p(r.p_equivalent_adjusted), r.verdict()]
+            cells += [
+                f"±{r.estimate.equivalence_bound() * scale:.{digits}f}" if defined else "—",
+                f"{r.estimate.detectable() * scale:.{digits}f}" if defined else "—",
+            ]
         body.append(cells)
-    note = f"equivalence margin ±{margin:g} {first.unit}" if margin is not None else "descriptive: no test"
+    note = (
+        f"equivalence margin ±{margin:g} {first.unit}; p: Holm-adjusted in the secondary family, "
+        "as is for the primary and the A/A contrast"
+        if tested
+        else "descriptive: no test"
+    )
     return "\n".join([title, "", *_lines(header, body), "", note]) + "\n"
 
 
 def verdict_table(rows: list[ArmMetric], reference: str) -> str:
-    """Per arm (rows) and tested metric (columns): the verdict against the reference."""
-    tested = [r for r in rows if r.role in ("primary", "secondary")]
+    """Per contrast (rows) and tested metric (columns): the verdict."""
+    tested = [r for r in rows if r.role in ("primary", "secondary", "calibration")]
     metrics = list(dict.fromkeys(r.metric for r in tested))
-    arms = list(dict.fromkeys(r.arm for r in tested))
+    labels = list(dict.fromkeys(contrast_label(r, reference).removesuffix(" (primary)") for r in tested))
     verdicts = {
-        (r.arm, r.metric): r.verdict() + (" (primary)" if r.role == "primary" else "") for r in tested
+        (contrast_label(r, reference).removesuffix(" (primary)"), r.metric): r.verdict()
+        + (" (primary)" if r.role == "primary" else "")
+        for r in tested
     }
-    body = [[arm, *(verdicts.get((arm, m), "") for m in metrics)] for arm in arms]
+    body = [[label, *(verdicts.get((label, m), "") for m in metrics)] for label in labels]
     title = (
-        f"**Against {reference}** (primary: tested alone at 5%; the rest Holm-adjusted as one family; "
-        "equivalent: TOST within the margin)"
+        f"**Verdicts** (against {reference} unless named; primary and A/A: tested alone at 5%; the "
+        "rest Holm-adjusted as one family; equivalent: TOST within the margin)"
     )
-    return "\n".join([title, "", *_lines(["arm", *metrics], body)]) + "\n"
+    return "\n".join([title, "", *_lines(["contrast", *metrics], body)]) + "\n"
 
 
 def descriptive_table(rows: list[ArmMetric], prefix: str, reference: str, title: str) -> str:
-    """Arms (rows) x the descriptive metrics starting with `prefix` (columns): the difference
-    from the reference and its 95% interval (* excludes zero; no multiplicity correction)."""
+    """Contrasts (rows) x the descriptive metrics starting with `prefix` (columns): the difference
+    and its 95% interval (* excludes zero; no multiplicity correction)."""
     mine = [r for r in rows if r.role == "descriptive" and r.metric.startswith(prefix)]
     if not mine:
         return ""
     metrics = list(dict.fromkeys(r.metric for r in mine))
-    arms = list(dict.fromkeys(r.arm for r in mine))
+    labels = list(dict.fromkeys(contrast_label(r, reference) for r in mine))
     cells = {}
     for r in mine:
         scale, digits = _scale(r.unit)
-        cells[r.arm, r.metric] = f"{r.estimate.mean * scale:+.{digits}f} {_ci(r)}"
+        cells[contrast_label(r, reference), r.metric] = f"{r.estimate.mean * scale:+.{digits}f} {_ci(r)}"
     starts = {r.metric: r.start * _scale(r.unit)[0] for r in mine}
-    header = [
-        "arm",
-        *(f"{m.removeprefix(prefix)} ({starts[m]:.{_scale(mine[0].unit)[1]}f})" for m in metrics),
-    ]
-    body = [[arm, *(cells[arm, m] for m in metrics)] for arm in arms]
-    note = f"vs {reference}, with the 95% interval; in parentheses the starting model's value"
+    digits = _scale(mine[0].unit)[1]
+    header = ["contrast", *(f"{m.removeprefix(prefix)} ({starts[m]:.{digits}f})" for m in metrics)]
+    body = [[label, *(cells[label, m] for m in metrics)] for label in labels]
+    note = "the difference with its 95% interval; in parentheses the starting model's value"
     return "\n".join([title, "", *_lines(header, body), "", note]) + "\n"
 
 

@@ -761,6 +761,18 @@ class CompareConfig:
             f"one of {list(COMPARE_METRICS)} or 'task <name> loss', got {self.primary_metric!r}",
         )
         _require(
+            self.primary_metric != "ood loss" or bool(self.ood_paths),
+            "primary_metric",
+            "'ood loss' needs compare.ood_paths",
+        )
+        task = self.primary_metric.removeprefix("task ").removesuffix(" loss")
+        _require(
+            not self.primary_metric.startswith("task ")
+            or task in {Path(t).stem for t in self.tasks} | set(self.hub_tasks),
+            "primary_metric",
+            f"{self.primary_metric!r} names no task of compare.tasks or compare.hub_tasks",
+        )
+        _require(
             self.equivalence_margin > 0, "equivalence_margin", f"must be > 0, got {self.equivalence_margin}"
         )
         _require(

@@ -53,6 +53,24 @@ class TaskScore:
     """Per item, the characters of the correct choice as it continues the question."""
 
 
+def correct_answers(samples: list[dict]) -> tuple[list[float], list[int]]:
+    """Per logged sample: minus the log-likelihood of its correct choice and the characters of that
+    choice (without lm-eval's leading space, as acc_norm counts them); empty lists when a sample's
+    target is not the index of its choice (winogrande names the shared continuation instead)."""
+    nll, chars = [], []
+    for sample in samples:
+        target = sample["target"]
+        if (
+            isinstance(target, bool)
+            or not isinstance(target, int)
+            or not 0 <= target < len(sample["arguments"])
+        ):
+            return [], []
+        nll.append(-float(sample["filtered_resps"][target][0]))
+        chars.append(len(sample["arguments"][target][1].removeprefix(" ")))
+    return nll, chars
+
+
 def evaluate_tasks(
     model,
     tokenizer,
@@ -103,11 +121,13 @@ def evaluate_tasks(
         metric = METRIC if f"{METRIC},none" in results["results"][task] else "acc"  # mmlu has no acc_norm
         samples = [s for part in parts for s in sorted(results["samples"][part], key=lambda s: s["doc_id"])]
         items = [float(s[metric]) for s in samples]
-        correct = [int(s["target"]) for s in samples]
+        nll, chars = correct_answers(samples)
+        if not nll:
+            logging.getLogger("midrank").warning(
+                f"task {short}: lm-eval does not name its correct choice by index (e.g. winogrande), "
+                "so it has accuracy but no answer loss"
+            )
         scores[short] = TaskScore(
-            accuracy=results["results"][task][f"{metric},none"],
-            items=items,
-            nll=[-float(s["filtered_resps"][c][0]) for s, c in zip(samples, correct, strict=True)],
-            chars=[len(s["arguments"][c][1]) for s, c in zip(samples, correct, strict=True)],
+            accuracy=results["results"][task][f"{metric},none"], items=items, nll=nll, chars=chars
         )
     return scores

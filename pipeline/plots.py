@@ -154,38 +154,42 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 def plot_compare(rows: list, reference: str, path: Path) -> Path:
-    """One panel per tested metric: each arm's difference from the reference with its 95%
-    interval over seeds and documents/items; the shaded band is the equivalence margin. Losses:
-    left of zero is better."""
-    metrics = list(dict.fromkeys(r.metric for r in rows if r.role in ("primary", "secondary")))
-    tested = [r for r in rows if r.metric in metrics]
-    arms = [r.arm for r in tested if r.metric == metrics[0] and r.arm != reference]
+    """One panel per tested metric: each contrast's difference with its 95% interval over seeds
+    and documents/items; the shaded band is the equivalence margin. Losses: left of zero is
+    better."""
+    from pipeline.comparison import contrast_label
+
+    tested = [r for r in rows if r.role in ("primary", "secondary", "calibration")]
+    metrics = list(dict.fromkeys(r.metric for r in tested))
+    labels = list(dict.fromkeys(contrast_label(r, reference) for r in tested if r.metric == metrics[0]))
     fig, axes = plt.subplots(
         1,
         len(metrics),
-        figsize=(3.4 * len(metrics) + 1.2, 0.45 * len(arms) + 1.8),
+        figsize=(3.4 * len(metrics) + 2.0, 0.45 * len(labels) + 1.8),
         sharey=True,
         squeeze=False,
     )
-    y = np.arange(len(arms))[::-1]
+    y = np.arange(len(labels))[::-1]
     for ax, metric in zip(axes[0], metrics, strict=True):
-        mine = {r.arm: r for r in tested if r.metric == metric}
-        margin = mine[arms[0]].margin
-        if margin:
-            ax.axvspan(-margin, margin, color=ALL_COLOR, alpha=0.15, linewidth=0)
-        for yi, arm in zip(y, arms, strict=True):
-            r = mine[arm]
+        mine = {contrast_label(r, reference): r for r in tested if r.metric == metric}
+        first = next(iter(mine.values()))
+        if first.margin:
+            ax.axvspan(-first.margin, first.margin, color=ALL_COLOR, alpha=0.15, linewidth=0)
+        for yi, label in zip(y, labels, strict=True):
+            r = mine.get(label)
+            if r is None:
+                continue
             low, high = r.interval()
             if not np.isnan(low):
                 ax.plot([low, high], [yi, yi], color=ALL_COLOR, linewidth=3.0, alpha=0.7)
             ax.plot([r.estimate.mean], [yi], "o", color=KEPT_COLOR if r.role == "primary" else "black")
         ax.axvline(0, color="black", linewidth=0.8)
-        ax.set_title(f"{metric}\n({mine[arms[0]].unit}, lower is better)", fontsize=9)
+        ax.set_title(f"{metric}\n({first.unit}, lower is better)", fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
-    axes[0][0].set_yticks(y, arms, fontsize=9)
+    axes[0][0].set_yticks(y, labels, fontsize=9)
     fig.suptitle(
-        f"Difference from {reference}, 95% intervals over seeds and documents; shaded: the equivalence "
-        "margin; orange: the primary contrast",
+        f"Difference (against {reference} unless named), 95% intervals over seeds and documents; "
+        "shaded: the equivalence margin; orange: the primary contrast",
         fontsize=10,
     )
     fig.tight_layout()

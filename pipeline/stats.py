@@ -9,18 +9,20 @@ the tests that turn it into a verdict (docs/compare.md, "Statistics").
 Two kinds of noise blur an arm's difference from the reference: the training run (seed: data
 order, its random sample) and the evaluation set (which documents or task items happen to be in
 it). The arms' runs are independent draws (each its own sample and order), the documents are
-shared. The difference is estimated as it is reported — every model's token-weighted loss, the
-mean over an arm's seeds, one arm minus the other — and its variance is the sum of
+shared. The difference is estimated as it is reported — every model's loss (token-weighted, or
+each source's averaged), the mean over an arm's seeds, one arm minus the other — and its variance
+is the sum of
 
-- each arm's run-to-run variance: the sample variance of its models' losses over seeds / seeds;
-- the document-sampling variance of the per-document differences (linearised for the ratio of
-  sums), minus the part of it that is run-to-run noise already counted above (each document's
-  own variance over seeds, less their common part), floored at zero
+- each arm's run-to-run variance: the sample variance of its models' values over seeds / seeds;
+- the document-sampling variance, within each stratum (the held-out set draws a fixed number of
+  documents per source): the variance of a sum of its documents' parts of the difference
+  (linearised for the ratio of sums), less the run-to-run noise those parts hold (each
+  document's own variance over seeds / seeds), floored at zero
 
 — the moment estimator of a two-way (seed x document) random-effects model, with Satterthwaite's
 degrees of freedom for its Student-t interval. tests/test_stats.py checks its coverage by
-simulation with known seed and document variances, and that it reduces to Welch's interval when
-documents add nothing.
+simulation with known seed and document variances on the held-out set's own design, and that it
+is Welch's interval when documents add nothing.
 """
 
 from __future__ import annotations
@@ -72,6 +74,19 @@ class Estimate:
             return 0.0 if self.mean != 0 else 1.0
         return float(2 * scipy_stats.t.sf(abs(self.mean) / self.se, self.df))
 
+    def equivalence_bound(self, alpha: float = ALPHA) -> float:
+        """The smallest margin TOST at `alpha` would accept: |mean| + t(1 - alpha, df) * se."""
+        if not self.defined:
+            return math.nan
+        return abs(self.mean) + float(scipy_stats.t.ppf(1 - alpha, self.df)) * self.se
+
+    def detectable(self, power: float = 0.8, alpha: float = ALPHA) -> float:
+        """The smallest true difference a two-sided test at `alpha` finds with `power`, at this se
+        and df: (t(1 - alpha/2) + t(power)) * se."""
+        if not self.defined:
+            return math.nan
+        return float(scipy_stats.t.ppf(1 - alpha / 2, self.df) + scipy_stats.t.ppf(power, self.df)) * self.se
+
     def p_equivalent(self, margin: float) -> float:
         """Two one-sided tests (TOST): the larger p of "difference <= -margin" and "difference >=
         margin"; below alpha, the difference lies within +-margin (its 1-2alpha interval does)."""
@@ -85,48 +100,58 @@ class Estimate:
 
 
 def contrast(
-    arm: np.ndarray, reference: np.ndarray, tokens: np.ndarray, groups: np.ndarray | None = None
+    arm: np.ndarray,
+    reference: np.ndarray,
+    tokens: np.ndarray,
+    strata: np.ndarray | None = None,
+    *,
+    equal_strata: bool = False,
 ) -> Estimate:
     """The difference arm - reference of a ratio metric over shared documents: `arm` and
     `reference` are (seeds, documents) arrays of per-document sums (NLL), `tokens` the per-document
-    denominators (target tokens, characters, or 1 for a plain mean). Without `groups` the metric
-    is sum(NLL) / sum(tokens); with per-document group labels (sources) it is the mean over groups,
-    equally weighted, of each group's ratio."""
+    denominators (target tokens, characters, or 1 for a plain mean). `strata`: per-document labels
+    of how the set was drawn (a fixed number of documents per source): the document variance is
+    computed within each stratum. The metric is sum(NLL) / sum(tokens), or with `equal_strata` the
+    mean over strata, equally weighted, of each stratum's ratio."""
     a, r = np.asarray(arm, dtype=np.float64), np.asarray(reference, dtype=np.float64)
     t = np.asarray(tokens, dtype=np.float64)
     if a.ndim != 2 or r.ndim != 2 or not a.shape[1] == r.shape[1] == len(t) or len(t) == 0:
         raise ValueError(f"need (seeds, documents) arrays over the same documents, got {a.shape}, {r.shape}")
-    labels = np.zeros(len(t), dtype=np.int64) if groups is None else np.unique(groups, return_inverse=True)[1]
-    n_groups, docs = int(labels.max()) + 1, len(t)
-    group_tokens = np.bincount(labels, weights=t, minlength=n_groups)
-    weight = 1.0 / (n_groups * group_tokens[labels])  # the metric is sum_d weight_d * nll_d
+    labels = np.zeros(len(t), dtype=np.int64) if strata is None else np.unique(strata, return_inverse=True)[1]
+    n_strata, docs = int(labels.max()) + 1, len(t)
+    stratum_tokens = np.bincount(labels, weights=t, minlength=n_strata)
+    share = np.full(n_strata, 1.0 / n_strata) if equal_strata else stratum_tokens / t.sum()
+    weight = (share / stratum_tokens)[labels]  # the metric is sum_d weight_d * nll_d
     value_a, value_r = a @ weight, r @ weight  # each model's metric
     mean = float(value_a.mean() - value_r.mean())
     seeds = (a.shape[0], r.shape[0])
     if min(seeds) < 2 or docs < 2:  # run-to-run or document noise unmeasured
         return Estimate(mean, math.nan, math.nan, seeds, docs, math.nan, math.nan)
-    seed_parts = value_a.var(ddof=1) / seeds[0], value_r.var(ddof=1) / seeds[1]
-    # per document: its difference, minus what the group's ratio difference predicts for its length
-    diff = a.mean(axis=0) - r.mean(axis=0)
-    group_diff = np.bincount(labels, weights=diff, minlength=n_groups) / group_tokens
-    influence = docs * weight * (diff - group_diff[labels] * t)
-    seed_noise = sum(_seed_noise(x * docs * weight) for x in (a, r))
-    item_part = max(0.0, (influence.var(ddof=1) - seed_noise) / docs)
-    variance = sum(seed_parts) + item_part
-    parts = [(seed_parts[0], seeds[0] - 1), (seed_parts[1], seeds[1] - 1), (item_part, docs - 1)]
+    seed_parts = [value_a.var(ddof=1) / seeds[0], value_r.var(ddof=1) / seeds[1]]
+
+    def deviations(x: np.ndarray) -> np.ndarray:
+        """Per seed and document: its NLL minus what its stratum's ratio in that seed predicts for
+        its length, weighted as the metric weighs it (they sum to zero within each stratum)."""
+        ratios = (
+            np.stack([np.bincount(labels, weights=row, minlength=n_strata) for row in x]) / stratum_tokens
+        )
+        return weight * (x - ratios[:, labels] * t)
+
+    dev_a, dev_r = deviations(a), deviations(r)
+    influence = dev_a.mean(axis=0) - dev_r.mean(axis=0)  # each document's part of the difference
+    noise = dev_a.var(axis=0, ddof=1) / seeds[0] + dev_r.var(axis=0, ddof=1) / seeds[1]
+    item_parts = []
+    for stratum in range(n_strata):
+        mine = labels == stratum
+        n = int(mine.sum())
+        if n >= 2:  # the variance of a sum of n draws, less the run-to-run noise it holds
+            item_parts.append((max(0.0, n / (n - 1) * (influence[mine] ** 2 - noise[mine]).sum()), n - 1))
+    parts = [(seed_parts[0], seeds[0] - 1), (seed_parts[1], seeds[1] - 1), *item_parts]
+    variance = sum(v for v, _ in parts)
     denominator = sum(v * v / df for v, df in parts)
     df = variance * variance / denominator if denominator > 0 else math.inf
-    return Estimate(mean, math.sqrt(variance), df, seeds, docs, sum(seed_parts), item_part)
-
-
-def _seed_noise(y: np.ndarray) -> float:
-    """The expected sample variance over documents of the run-to-run noise in their seed means
-    (y: seeds x documents): each document's variance over seeds / seeds, less their common part
-    (the variance of the mean over documents), per the D - 1 of a sample variance."""
-    seeds, docs = y.shape
-    per_doc = y.var(axis=0, ddof=1).sum() / seeds
-    common = docs * y.mean(axis=1).var(ddof=1) / seeds
-    return (per_doc - common) / (docs - 1)
+    item_variance = sum(v for v, _ in item_parts)
+    return Estimate(mean, math.sqrt(variance), df, seeds, docs, sum(seed_parts), item_variance)
 
 
 def holm(p_values: list[float]) -> list[float]:

@@ -340,12 +340,15 @@ def report(cfg: Config, arms: list[Arm], sets, runs, evals, budget: int) -> tupl
         *(metric_table(rows, m, c.reference) for m in tested),
         descriptive_table(rows, "heldout loss: ", c.reference, "**heldout loss per source** (nats/token)"),
         descriptive_table(rows, "task ", c.reference, "**task accuracy** (points)"),
-        "Change from start: the trained model minus the starting model, mean over seeds. vs "
-        f"{c.reference}: the arm's mean over seeds minus {c.reference}'s. 95% CI: Student-t with "
-        "Satterthwaite's df over both the run-to-run and the document/item noise; * marks an "
-        "interval that excludes zero (unadjusted). p: Holm-adjusted (the primary's as is). "
-        "equivalent: the TOST p (difference within +-margin), adjusted the same way, is < 0.05; a "
-        "contrast neither better, worse nor equivalent is inconclusive.",
+        "Change from start: the arm's trained models minus the starting model, mean over seeds. "
+        "Difference: the arm's mean over its seeds minus the other arm's (each run an independent "
+        "draw). 95% CI: Student-t with Satterthwaite's df over both the run-to-run and the "
+        "document/item noise (documents within each source); * marks an interval that excludes zero "
+        "(unadjusted). p: as is for the primary and the A/A contrast, Holm-adjusted in the secondary "
+        "family. equivalent: the TOST p (difference within +-margin), adjusted the same way, is < "
+        "0.05; a contrast neither better, worse nor equivalent is inconclusive. Equivalent within: the "
+        "smallest margin TOST would have accepted; detectable: the difference this design finds "
+        "with 80% power.",
     ]
     table = "\n".join(parts) + "\n"
     results = {

@@ -285,9 +285,9 @@ class Pending:
 def reference_lengths(
     band_cfg: BandConfig, layout: Layout, pending: dict[str, Pending], exchange: Exchange
 ) -> pl.DataFrame:
-    """How many kept samples of each length (target tokens: `n_tokens`, `samples`) the band a
-    length_matched band matches has: decided in this run (pooled over the ranks), or selected
-    before."""
+    """How many kept samples of each length (target tokens: `n_tokens`, `samples`; and of each
+    source, `source`, when the sample matches sources too) the band a length_matched band matches
+    has: decided in this run (pooled over the ranks), or selected before."""
     by_length = pl.len().alias("samples")
     cells = ["n_tokens", "source"] if band_cfg.by_source else ["n_tokens"]
     if band_cfg.match in pending:

@@ -129,7 +129,7 @@ def test_length_matched_arm_has_midrankings_length_histogram(compared):
 
 def test_results_equal_a_direct_evaluation_of_the_saved_models(compared, tiny_model_dir):
     _cfg, _, results, (heldout, ood) = compared
-    metrics = {(m["arm"], m["metric"]): m for m in results["metrics"]}
+    metrics = {(m["arm"], m["versus"], m["metric"]): m for m in results["metrics"]}
     runs = {(r["arm"], r["seed"]): Path(r["run_dir"]) / "model" for r in results["runs"]}
 
     def loss(model_dir, path):
@@ -140,7 +140,7 @@ def test_results_equal_a_direct_evaluation_of_the_saved_models(compared, tiny_mo
         base, _ = loss(tiny_model_dir, path)
         mid = [loss(runs[("midranking", s)], path) for s in (0, 1)]
         ref = [loss(runs[("random", s)], path) for s in (0, 1)]
-        row = metrics[("midranking", metric)]
+        row = metrics[("midranking", "random", metric)]
         assert row["start"] == pytest.approx(base, abs=1e-5)
         assert row["change"] == pytest.approx((mid[0][0] + mid[1][0]) / 2 - base, abs=1e-5)
         assert row["estimate"]["mean"] == pytest.approx(
@@ -148,8 +148,11 @@ def test_results_equal_a_direct_evaluation_of_the_saved_models(compared, tiny_mo
         )
         assert row["estimate"]["items"] == len(ref[0][1]) and row["estimate"]["seeds"] == [2, 2]
         assert row["low"] < row["estimate"]["mean"] < row["high"]
-    assert metrics[("midranking", "heldout loss")]["role"] == "primary"
-    assert metrics[("random", "heldout loss")]["estimate"] is None
+    assert metrics[("midranking", "random", "heldout loss")]["role"] == "primary"
+    assert metrics[("random", "", "heldout loss")]["estimate"] is None
+    # MidRanking against each control matched to it, as well as against random
+    assert ("midranking", "random_matched", "heldout loss") in metrics
+    assert ("midranking", "random_length_matched", "heldout loss") in metrics
     tested = {m["metric"] for m in results["metrics"] if m["role"] == "secondary"}
     assert tested == {"heldout loss", "heldout loss by source", "ood loss", "task words loss"}
     assert results["eval_dtype"] == "float32"

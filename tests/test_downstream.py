@@ -4,6 +4,7 @@ gives; the embedded task builder keeps its documents out of the training corpus.
 import json
 import re
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -52,6 +53,10 @@ def test_lm_eval_accuracy_equals_an_independent_log_likelihood_computation(tmp_p
         expected.append(float(max(range(len(choices)), key=per_char.__getitem__) == label))
     assert scores["tiny_task"].items == expected
     assert scores["tiny_task"].accuracy == sum(expected) / len(expected)
+    # the continuous measure: the correct choice's NLL, and its length in characters
+    nll = [-continuation_logprob(model, tokenizer, f"{q}\nAnswer:", f" {c[label]}") for q, c, label in items]
+    assert scores["tiny_task"].nll == pytest.approx(nll, abs=1e-4)
+    assert scores["tiny_task"].chars == [len(c[label]) for _, c, label in items]
 
 
 def corpus_with(folder, origins_by_file):
@@ -104,6 +109,11 @@ def test_task_questions_do_not_name_their_answers(tmp_path):
             words = set(re.findall(r"[a-z0-9]+", row["question"].lower()))
             parts = [p for p in re.findall(r"[a-z0-9]+", answer) if len(p) >= 4]
             assert not words & {*parts, re.sub(r"[^a-z0-9]", "", answer)}, (name, answer, row["question"])
+            # nor a word sharing its first four letters with a word of the answer (the text after
+            # the task's own prompt)
+            text = row["question"].split("? ", 1)[1].lower()
+            prefixes = {p[:4] for p in re.split(r"[-_. ]", answer) if len(p) >= 4}
+            assert not any(w[:4] in prefixes for w in re.findall(r"\w{4,}", text)), (answer, text)
 
 
 def test_masking_hides_the_answers_stem_not_only_the_whole_word():
@@ -115,3 +125,7 @@ def test_masking_hides_the_answers_stem_not_only_the_whole_word():
     assert build_tasks.leaks("members of groupings", "groups") and not build_tasks.leaks(
         "a ___ list", "groups"
     )
+    # a shorter word sharing the answer's first four letters, either way round, leaks too
+    assert build_tasks.leaks("a hack; see also hackitude", "hackishness")
+    assert build_tasks.leaks("create a temporary file", "tempfile")
+    assert not build_tasks.leaks("create a file", "tempfile")

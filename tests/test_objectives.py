@@ -2,6 +2,7 @@
 
 import math
 import random
+from collections import Counter
 from fractions import Fraction
 
 import pytest
@@ -241,3 +242,47 @@ def test_a_head_that_is_not_plain_is_detected(tiny_model_dir):
 
     model.forward = scaled
     assert not head_is_plain(model)
+
+
+def test_each_objective_returns_every_samples_weight_in_it():
+    losses = torch.tensor([1.0, 3.0, 2.0, 0.5])
+    counts = torch.tensor([4, 2, 6, 1])
+    nll = torch.ones(int(counts.sum()))
+    _, uniform = objective_loss("uniform", losses, counts, nll)
+    assert uniform.tolist() == [4.0, 2.0, 6.0, 1.0]  # a token-mean weighs a sample by its tokens
+    _, irdro = objective_loss("irdro", losses, counts, nll, kl_reg=2.0)
+    expected = [math.exp(x / 2.0) for x in losses.tolist()]
+    assert irdro.tolist() == pytest.approx([e / sum(expected) for e in expected], rel=1e-6)
+    _, weighted = objective_loss("weighted", losses, counts, nll, weights=torch.tensor([0.5, 1.0, 0.0, 2.5]))
+    assert weighted.tolist() == [0.5, 1.0, 0.0, 2.5]
+    _, online = objective_loss("midranking_online", losses, counts, nll, skip=0.25, keep=0.5)
+    assert online.tolist() == [1.0, 0.0, 1.0, 0.0]  # 3.0 skipped; 2.0 and 1.0 kept; 0.5 too easy
+
+
+def test_effective_samples_is_kishs_formula():
+    from pipeline.trainer import EffectiveSamples
+
+    effective = EffectiveSamples()
+    for weights in ([1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0], [2.0, 1.0, 1.0]):
+        effective.add(torch.tensor(weights))
+    mean, held = effective.means()
+    # (sum w)^2 / sum w^2: 16/4 = 4, 1/1 = 1, 16/6
+    assert mean == pytest.approx((4 + 1 + 16 / 6) / 3) and held == pytest.approx(11 / 3)
+    assert EffectiveSamples().means() == (None, None)
+
+
+def test_positions_and_attention_of_a_token_budget_plan():
+    import datasets
+
+    from stages.train import TrainingSet
+
+    # two samples: 10 and 6 tokens, targets from position 1 on (9 and 5 targets)
+    rows = {"input_ids": [list(range(10)), list(range(6))], "targets": [[[1, 10]], [[1, 6]]]}
+    dataset = datasets.Dataset.from_dict(rows)
+    # step 1: sample 0's first 4 targets (positions 0..4: 5 tokens) and sample 1 whole (6 tokens);
+    # step 2: sample 0's last 5 targets, with its first 5 tokens as context (10 tokens)
+    plan = [[[0, 0, 4], [1, 0, 5]], [[0, 4, 9]]]
+    seen = TrainingSet(dataset, Counter(), plan, [9, 5]).seen()
+    assert (seen.samples, seen.distinct_tokens, seen.mean_sample_tokens) == (2, 14, 7.0)
+    assert seen.positions == 5 + 6 + 10
+    assert seen.attention == 5 * 5 + 6 * 6 + 10 * 10

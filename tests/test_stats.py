@@ -10,55 +10,70 @@ from scipy import stats as scipy_stats
 from pipeline.comparison import DocumentLosses, Margins, ModelEval, TaskItems, compare_arms
 from pipeline.stats import Estimate, contrast, holm
 
+STRATA, PER_STRATUM = 7, 15  # the embedded held-out set: 15 documents from each of 7 sources
 
-def simulated(rng, *, seeds=5, docs=105, sd_seed=0.006, sd_doc=0.02, sd_run_doc=0.04, delta=0.01):
-    """Two arms' per-document NLL sums (seeds x docs) and the documents' tokens, drawn from a
-    two-way model: per-token loss = arm mean + document + arm x document + run + run x document
-    noise (larger per token on short documents)."""
-    tokens = rng.integers(10, 256, size=docs).astype(float)
-    document = rng.normal(3.0, 0.5, size=docs)
-    arms = []
+
+def lengths(rng, sources: np.ndarray) -> np.ndarray:
+    """Target tokens per document as on the held-out set: one source of short texts (median 32,
+    9-157 tokens), the others longer, up to the 256-token cap."""
+    median = np.where(sources == 0, 32.0, 150.0)
+    return np.clip(np.round(median * rng.lognormal(0, 0.6, size=len(sources))), 9, 256)
+
+
+# each source's expected tokens per document: what the token-weighted metric weighs it by
+EXPECTED_TOKENS = np.array(
+    [lengths(np.random.default_rng(99), np.full(200_000, k)).mean() for k in range(STRATA)]
+)
+
+
+def simulated(rng, *, seeds=5, sd_seed=0.006, sd_doc=0.02, sd_run_doc=0.04, sd_source=0.01, delta=0.01):
+    """Two arms' per-document NLL sums (seeds x documents), the documents' tokens and sources on
+    the held-out set's design, and the true difference of each metric. Per-token loss = arm mean
+    + source x arm + document + arm x document + run + run x document noise (larger per token on
+    short documents). The sources are fixed (every one is evaluated), the documents and runs are
+    draws: the truth is `delta` plus the sources' x arm effects, weighted equally (0 by
+    construction) or by their expected tokens."""
+    sources = np.repeat(np.arange(STRATA), PER_STRATUM)
+    tokens = lengths(rng, sources)
+    document = rng.normal(3.0, 0.5, size=len(sources))
+    arms, effects = [], []
     for mean in (delta, 0.0):
+        by_source = rng.normal(0, sd_source, size=STRATA)
+        by_source -= by_source.mean()
+        effects.append(by_source)
         per_token = (
             mean
+            + by_source[sources]
             + document
-            + rng.normal(0, sd_doc, size=docs)
+            + rng.normal(0, sd_doc, size=len(sources))
             + rng.normal(0, sd_seed, size=(seeds, 1))
-            + rng.normal(0, sd_run_doc, size=(seeds, docs)) * np.sqrt(64 / tokens)
+            + rng.normal(0, sd_run_doc, size=(seeds, len(sources))) * np.sqrt(64 / tokens)
         )
         arms.append(per_token * tokens)
-    return arms[0], arms[1], tokens
+    shares = EXPECTED_TOKENS / EXPECTED_TOKENS.sum()
+    truths = {False: delta + float(shares @ (effects[0] - effects[1])), True: delta}
+    return arms[0], arms[1], tokens, sources, truths
 
 
 @pytest.mark.parametrize(
     ("variances", "seed"),
     [
         ({}, 0),  # both seeds and documents matter, as measured on the embedded default
-        ({"sd_doc": 0.0}, 1),  # documents add nothing beyond run-to-run noise
+        ({"sd_doc": 0.0, "sd_source": 0.0}, 1),  # documents add nothing beyond run-to-run noise
         ({"sd_seed": 0.0, "sd_doc": 0.05}, 2),  # documents dominate
         ({"seeds": 3}, 3),
     ],
 )
-def test_the_interval_covers_the_true_difference_95_percent_of_the_time(variances, seed):
+@pytest.mark.parametrize("equal", [False, True], ids=["token-weighted", "by-source"])
+def test_the_interval_covers_the_true_difference_95_percent_of_the_time(variances, seed, equal):
     rng = np.random.default_rng(seed)
     experiments, covered = 2000, 0
     for _ in range(experiments):
-        arm, reference, tokens = simulated(rng, **variances)
-        low, high = contrast(arm, reference, tokens).interval()
-        covered += low <= 0.01 <= high
+        arm, reference, tokens, sources, truths = simulated(rng, **variances)
+        low, high = contrast(arm, reference, tokens, sources, equal_strata=equal).interval()
+        covered += low <= truths[equal] <= high
     # 2,000 experiments: the standard error of a 95% coverage is 0.5 points
     assert abs(covered / experiments - 0.95) <= 0.02, covered / experiments
-
-
-def test_the_source_weighted_interval_covers_too():
-    rng = np.random.default_rng(11)
-    covered = 0
-    for _ in range(2000):
-        arm, reference, tokens = simulated(rng)
-        sources = np.arange(len(tokens)) % 7
-        low, high = contrast(arm, reference, tokens, sources).interval()
-        covered += low <= 0.01 <= high
-    assert abs(covered / 2000 - 0.95) <= 0.02
 
 
 def test_an_interval_over_seeds_alone_would_not_cover():
@@ -66,10 +81,10 @@ def test_an_interval_over_seeds_alone_would_not_cover():
     rng = np.random.default_rng(5)
     covered = 0
     for _ in range(1000):
-        arm, reference, tokens = simulated(rng, sd_doc=0.05, sd_seed=0.002)
-        e = contrast(arm, reference, tokens)
+        arm, reference, tokens, sources, truths = simulated(rng, sd_doc=0.05, sd_seed=0.002)
+        e = contrast(arm, reference, tokens, sources)
         half = scipy_stats.t.ppf(0.975, 8) * math.sqrt(e.seed_variance)
-        covered += abs(e.mean - 0.01) <= half
+        covered += abs(e.mean - truths[False]) <= half
     assert covered / 1000 < 0.8
 
 
@@ -84,7 +99,7 @@ def test_without_document_effects_it_is_welchs_interval():
     assert e.mean == pytest.approx(per_model_a.mean() - per_model_b.mean())
     assert e.interval() == pytest.approx((ci.low, ci.high), rel=1e-9)
     assert e.p_value() == pytest.approx(welch.pvalue, rel=1e-9)
-    assert e.item_variance == 0.0
+    assert e.item_variance == pytest.approx(0.0, abs=1e-20)
 
 
 def test_the_mean_is_each_arms_token_weighted_loss_averaged_over_seeds():
@@ -94,7 +109,9 @@ def test_the_mean_is_each_arms_token_weighted_loss_averaged_over_seeds():
     e = contrast(arm, reference, tokens)
     assert e.mean == pytest.approx((62 / 40 + 70 / 40) / 2 - (70 / 40 + 74 / 40 + 70 / 40) / 3)
     assert e.seeds == (2, 3) and e.items == 2
-    by_source = contrast(arm, reference, tokens, np.array(["a", "b"]))
+    # strata change the variance, not the token-weighted mean
+    assert contrast(arm, reference, tokens, np.array(["a", "b"])).mean == pytest.approx(e.mean)
+    by_source = contrast(arm, reference, tokens, np.array(["a", "b"]), equal_strata=True)
     # each source's loss, equally weighted: (nll_a / 10 + nll_b / 30) / 2
     assert by_source.mean == pytest.approx(
         np.mean([(18 / 10 + 44 / 30) / 2, (21 / 10 + 49 / 30) / 2])
@@ -140,37 +157,44 @@ def test_compare_arms_roles_verdicts_and_holm():
     docs, tokens, sources = 60, [20] * 60, ["a", "b", "c"] * 20
     evals = {"base": evaluation([70.0] * docs, tokens, sources, [0.0, 1.0] * 3)}
     for seed in range(4):
-        noise = rng.normal(0, 0.2, size=docs)
-        evals[("random", seed)] = evaluation(list(60.0 + noise), tokens, sources, [1.0, 0.0] * 3)
-        evals[("same", seed)] = evaluation(
-            list(60.0 + rng.normal(0, 0.2, size=docs)), tokens, sources, [1.0, 0.0] * 3
-        )
-        evals[("low", seed)] = evaluation(
-            list(58.0 + rng.normal(0, 0.2, size=docs)), tokens, sources, [1.0, 1.0] * 3
-        )
+        for arm, level in (
+            ("random", 60.0),
+            ("random_replicate", 60.0),
+            ("random_matched", 59.0),
+            ("midranking", 58.0),
+        ):
+            nll = list(level + rng.normal(0, 0.2, size=docs))
+            evals[(arm, seed)] = evaluation(nll, tokens, sources, [1.0, float(level < 60)] * 3)
+    arms = ["random", "random_replicate", "random_matched", "midranking"]
     rows = compare_arms(
         evals,
-        arms=["random", "same", "low"],
+        arms=arms,
         seeds=[0, 1, 2, 3],
         reference="random",
-        primary=("low", "heldout loss"),
+        primary=("midranking", "heldout loss"),
         margins=Margins(loss=0.01, task=0.02),
     )
-    by = {(r.arm, r.metric): r for r in rows}
-    assert by[("low", "heldout loss")].role == "primary"
-    assert by[("low", "heldout loss")].verdict() == "better"  # -0.1 nats/token
-    assert by[("same", "heldout loss")].verdict() == "equivalent"  # within 0.01, narrowly measured
-    assert by[("random", "heldout loss")].verdict() == "reference"
-    assert (
-        by[("low", "heldout loss: a")].role == "descriptive"
-        and by[("low", "heldout loss: a")].verdict() == ""
-    )
-    assert by[("low", "task t accuracy")].role == "descriptive"
-    # the secondary family: every non-reference arm x tested metric but the primary, Holm-adjusted
+    by = {(r.arm, r.versus, r.metric): r for r in rows}
+    primary = by[("midranking", "random", "heldout loss")]
+    assert primary.role == "primary" and primary.verdict() == "better"  # -0.1 nats/token
+    assert primary.p_adjusted == pytest.approx(primary.estimate.p_value())
+    # the A/A contrast: a calibration, tested alone, outside the family
+    replicate = by[("random_replicate", "random", "heldout loss")]
+    assert replicate.role == "calibration" and replicate.verdict() == "equivalent"  # within 0.01
+    # MidRanking against its matched control too (-2 / 20 tokens = -0.05 nats/token)
+    matched = by[("midranking", "random_matched", "heldout loss")]
+    assert matched.role == "secondary" and matched.estimate.mean == pytest.approx(-0.05, abs=0.01)
+    assert by[("random", "", "heldout loss")].verdict() == "reference"
+    assert by[("midranking", "random", "heldout loss: a")].role == "descriptive"
+    assert by[("midranking", "random", "heldout loss: a")].verdict() == ""
+    assert by[("midranking", "random", "task t accuracy")].role == "descriptive"
+    # the secondary family: the other contrasts x tested metrics, Holm-adjusted together
     family = [r for r in rows if r.role == "secondary"]
-    assert {r.metric for r in family} == {"heldout loss", "heldout loss by source", "task t loss"}
-    assert len(family) == 2 * 3 - 1
+    tested = {"heldout loss", "heldout loss by source", "task t loss"}
+    assert {r.metric for r in family} == tested
+    # contrasts: random_matched, midranking (vs random), midranking vs random_matched; less the primary
+    assert len(family) == 3 * len(tested) - 1
     raw = [r.estimate.p_value() for r in family]
     assert [r.p_adjusted for r in family] == pytest.approx(holm(raw))
-    primary = by[("low", "heldout loss")]
-    assert primary.p_adjusted == pytest.approx(primary.estimate.p_value())
+    with pytest.raises(ValueError, match="primary contrast midranking vs random on 'ood loss'"):
+        compare_arms(evals, arms=arms, seeds=[0, 1], reference="random", primary=("midranking", "ood loss"))
