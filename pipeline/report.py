@@ -95,6 +95,13 @@ def _band_section(band: ReportBand, images: dict[str, str]) -> str:
         ],
     )
     rejected = table(["rejected because", "samples"], [[k, v] for k, v in m.rejected.items()])
+    if m.dropped_top:  # which key caught what: a key's "alone" is what no other key would have dropped
+        d = m.dropped_top
+        rejected += table(
+            ["drop_top key", "top share", "dropped", "dropped by it alone"],
+            [[key, f"{share:g}", d.by_key[key], d.alone[key]] for key, share in d.shares.items()]
+            + [["together (two or more keys)", "", d.together, ""], ["union", "", d.samples, ""]],
+        )
     before, after = m.per_source.before, m.per_source.after
     all_before = sum(v.tokens for v in before.values())
     all_after = sum(v.tokens for v in after.values())

@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.artifacts import NoScoresError, ProvenanceError, digest, write_text_atomic
-from pipeline.config import Config, save_config, to_dict
+from pipeline.config import Config, DropTop, save_config, to_dict
 from pipeline.histograms import histogram, histogram_2d, quantiles, uniform_edges, value_range
 from pipeline.layout import Layout, ReportPaths, part_files
 from pipeline.locks import lock
@@ -33,6 +33,7 @@ from pipeline.rank_keys import ALL_SOURCES, estimate_curves, with_key
 from pipeline.readers import InputError
 from pipeline.records import CorpusError, ReadStats, record_id, sample_text
 from pipeline.report import render_report
+from pipeline.selection import top_by_keys
 from pipeline.scores import check_corpus_unchanged, common_provenance, scan_scores, score_files
 from pipeline.sharding import plan_shards, shard_records
 
@@ -90,6 +91,23 @@ class DrawnBand:
         by_source = bool(self.manifest.parameters.get("adjust_by_source", False))
         return with_key(ranked, self.key, self.manifest.length_curves, by_source=by_source)
 
+    def dropped(self, scores: pl.LazyFrame) -> pl.LazyFrame | None:
+        """The samples the band's drop_top dropped, each with `dropped_by` (the keys whose top
+        it fell in), found again the way select found them; None without drop_top."""
+        top = self.manifest.dropped_top
+        if top is None:
+            return None
+        params = self.manifest.parameters
+        ranked = scores.filter(pl.col("n_tokens") >= params.get("min_tokens", 0))
+        for key in dict.fromkeys([self.key, *top.shares]):
+            ranked = with_key(
+                ranked, key, self.manifest.length_curves, by_source=bool(params.get("adjust_by_source", False))
+            )
+        measure = "tokens" if params.get("target_tokens") else params.get("measure", "samples")
+        shares = DropTop(**top.shares).shares()  # in select's key order, whatever the JSON's
+        flagged = top_by_keys(ranked, shares, measure=measure, by_source=self.manifest.by_source)
+        return flagged.filter(pl.col("dropped_by").is_not_null())
+
 
 def load_band(layout: Layout, name: str) -> DrawnBand:
     manifest = BandManifest.read(layout.band(name).manifest)
@@ -134,15 +152,35 @@ def example_regions(scores: pl.LazyFrame, band: DrawnBand | None, k: int) -> dic
     present = band.kept.collect_schema().names()  # a band selected by an older midrank lacks some
     columns = list(dict.fromkeys([*EXAMPLE_COLUMNS, key, *(c for c in KEY_COLUMNS if c in present)]))
     inside = band.kept.filter(value >= median).bottom_k(k, by=key).select(columns)
+    dropped = band.dropped(scores)
+    if dropped is not None:  # drop_top: its rows are not the band's to rank; show them per key set
+        ranked = ranked.join(dropped.select("sample_id"), on="sample_id", how="anti")
+        highest = ranked.top_k(k, by=[key, "sample_id"])
     if band.interval is None:
-        return {f"lowest {key}": lowest, "kept (around its median)": inside, f"highest {key}": highest}
-    low, high = band.interval
+        regions = {f"lowest {key}": lowest, "kept (around its median)": inside, f"highest {key}": highest}
+    else:
+        low, high = band.interval
+        regions = {
+            f"lowest {key}": lowest,
+            "just below the band": ranked.filter(value < low).top_k(k, by=key),
+            "inside the band (around its median)": inside,
+            "just above the band": ranked.filter(value > high).bottom_k(k, by=key),
+            f"highest {key}": highest,
+        }
+    return regions | dropped_regions(dropped, k)
+
+
+def dropped_regions(dropped: pl.LazyFrame | None, k: int) -> dict[str, pl.LazyFrame]:
+    """drop_top's dropped samples by the set of keys that dropped them (a key alone shows what
+    only it catches), `k` of each drawn by sample-id hash, so not only the extreme ones."""
+    if dropped is None:
+        return {}
+    counts = dropped.group_by("dropped_by").len().sort("len", "dropped_by", descending=[True, False]).collect()
     return {
-        f"lowest {key}": lowest,
-        "just below the band": ranked.filter(value < low).top_k(k, by=key),
-        "inside the band (around its median)": inside,
-        "just above the band": ranked.filter(value > high).bottom_k(k, by=key),
-        f"highest {key}": highest,
+        f"dropped by {row['dropped_by']} ({row['len']:,} samples)": dropped.filter(
+            pl.col("dropped_by") == row["dropped_by"]
+        ).bottom_k(k, by=pl.col("sample_id").hash(0))
+        for row in counts.to_dicts()
     }
 
 

@@ -197,3 +197,30 @@ def test_rerun_with_the_same_inputs_does_nothing_and_a_new_band_redraws(scored, 
     inspect.run(other)
     assert (report / "index.html").stat().st_mtime_ns != stamp
     assert "top-k0.2-samples" in (report / "index.html").read_text()
+
+
+def test_report_shows_which_key_dropped_each_sample(scored, tmp_path):
+    """drop_top: the report's dropped regions hold exactly the samples select rejected as
+    dropped_top, each under the key set select recorded for it."""
+    band = "select.bands=[{name: dropped, skip: 0, keep: 0.5, drop_top: {loss: 0.15, bits_per_byte: 0.15}}]"
+    cfg = load_config(scored, [band, "select.write_rejected=true", "inspect.examples=40"])
+    select.run(cfg)
+    report = inspect.run(cfg)
+    rejected = pl.read_parquet(tmp_path / "out" / "rejected" / "dropped" / "part-*.parquet")
+    recorded = {
+        r["sample_id"]: r["dropped_by"] for r in rejected.filter(pl.col("reason") == "dropped_top").to_dicts()
+    }
+    (drawn,) = json.loads((report / "summary.json").read_text())["bands"]
+    shown = {}
+    for region in drawn["examples"]:
+        if region["region"].startswith("dropped by "):
+            key_set = region["region"].removeprefix("dropped by ").split(" (")[0]
+            assert f"({len(region['rows'])} samples)" in region["region"]  # 40 examples show them all
+            shown |= {row["sample_id"]: key_set for row in region["rows"]}
+    assert shown == recorded and len(set(recorded.values())) >= 2
+    kept_ids = set(pl.read_parquet(tmp_path / "out" / "selected" / "dropped" / "part-*.parquet")["sample_id"])
+    highest = next(r["rows"] for r in drawn["examples"] if r["region"] == "highest loss")
+    assert not {r["sample_id"] for r in highest} & set(recorded)  # the rankable rest only
+    assert kept_ids.isdisjoint(recorded)
+    page = (report / "index.html").read_text()
+    assert "drop_top key" in page and "dropped by it alone" in page
