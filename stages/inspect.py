@@ -33,8 +33,8 @@ from pipeline.rank_keys import ALL_SOURCES, estimate_curves, with_key
 from pipeline.readers import InputError
 from pipeline.records import CorpusError, ReadStats, record_id, sample_text
 from pipeline.report import render_report
-from pipeline.selection import top_by_keys
 from pipeline.scores import check_corpus_unchanged, common_provenance, scan_scores, score_files
+from pipeline.selection import top_by_keys
 from pipeline.sharding import plan_shards, shard_records
 
 LOSS = pl.col("loss")
@@ -101,7 +101,10 @@ class DrawnBand:
         ranked = scores.filter(pl.col("n_tokens") >= params.get("min_tokens", 0))
         for key in dict.fromkeys([self.key, *top.shares]):
             ranked = with_key(
-                ranked, key, self.manifest.length_curves, by_source=bool(params.get("adjust_by_source", False))
+                ranked,
+                key,
+                self.manifest.length_curves,
+                by_source=bool(params.get("adjust_by_source", False)),
             )
         measure = "tokens" if params.get("target_tokens") else params.get("measure", "samples")
         shares = DropTop(**top.shares).shares()  # in select's key order, whatever the JSON's
@@ -175,7 +178,9 @@ def dropped_regions(dropped: pl.LazyFrame | None, k: int) -> dict[str, pl.LazyFr
     only it catches), `k` of each drawn by sample-id hash, so not only the extreme ones."""
     if dropped is None:
         return {}
-    counts = dropped.group_by("dropped_by").len().sort("len", "dropped_by", descending=[True, False]).collect()
+    counts = (
+        dropped.group_by("dropped_by").len().sort("len", "dropped_by", descending=[True, False]).collect()
+    )
     return {
         f"dropped by {row['dropped_by']} ({row['len']:,} samples)": dropped.filter(
             pl.col("dropped_by") == row["dropped_by"]
