@@ -1,0 +1,107 @@
+"""Two checks of a finished `midrank compare` run that its report does not print: are the arms'
+training sets independent draws, and does the interval hold its level on this run's own numbers?
+
+    .venv/bin/python bench/compare_checks.py                                  # the embedded default
+    .venv/bin/python bench/compare_checks.py --config configs/tiny.yaml \\
+        --arms random,random_replicate                                        # after the tiny compare
+
+Overlap: per seed, the share of each arm's training tokens that the reference arm's set of the
+same seed also holds, against chance (the reference set's share of all scored tokens).
+
+Re-randomization: the runs of the reference and the A/A arm (`random_replicate`) are draws of one
+distribution, so every split of them into two groups of the seeds' size is an A/A experiment.
+Each split is analysed with the report's own contrast (pipeline/stats.contrast, documents within
+sources for held-out loss) on the saved per-document numbers (`reports/<name>/evals/`); the share
+of splits whose 95% interval excludes zero should be near 5% (the splits overlap, so this share
+is itself uncertain by several points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.comparison import ModelEval  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.layout import Layout, part_files  # noqa: E402
+from pipeline.scores import scan_scores, score_files  # noqa: E402
+from pipeline.stats import contrast  # noqa: E402
+from stages.compare import arm_setup  # noqa: E402
+
+
+def overlap(cfg, arms: list[str], seeds: list[int]) -> None:
+    layout = Layout(cfg.out_dir)
+    total = scan_scores(score_files(layout)).select(pl.col("n_tokens").cast(pl.Int64).sum()).collect().item()
+
+    def tokens(arm: str, seed: int) -> pl.DataFrame:
+        band, _ = arm_setup(cfg, arm, seed)
+        return pl.read_parquet(part_files(layout.band(band.resolved_name()).dir), columns=["sample_id", "n_tokens"])
+
+    reference = cfg.compare.reference
+    print(f"share of each arm's training tokens also in `{reference}`'s set of the same seed")
+    print("| seed | " + " | ".join(arms) + " | chance |\n|---|" + "---|" * (len(arms) + 1))
+    for seed in seeds:
+        ref = tokens(reference, seed)
+        cells = []
+        for arm in arms:
+            mine = tokens(arm, seed)
+            shared = mine.join(ref.select("sample_id"), on="sample_id")["n_tokens"].sum()
+            cells.append(f"{shared / mine['n_tokens'].sum():.1%}")
+        print(f"| {seed} | " + " | ".join(cells) + f" | {ref['n_tokens'].sum() / total:.1%} |")
+
+
+def rerandomize(cfg, seeds: list[int]) -> None:
+    evals = Layout(cfg.out_dir).report(cfg.compare.name).dir / "evals"
+    reference = cfg.compare.reference
+    models = [
+        ModelEval.from_json(json.loads((evals / f"{arm}-seed{s}.json").read_text())["evaluation"])
+        for arm in (reference, "random_replicate")
+        for s in seeds
+    ]
+    n, k = len(models), len(seeds)
+    splits = [c for c in itertools.combinations(range(n), k) if 0 in c]  # each split once, not twice
+    print(f"\nre-randomization: {n} runs of {reference} and random_replicate, {len(splits)} splits of {k} + {k}")
+    for part in ("heldout", "ood"):
+        docs = [getattr(m, part) for m in models]
+        if docs[0] is None:
+            continue
+        nll = np.array([d.nll for d in docs])
+        tokens = np.array(docs[0].tokens, dtype=np.float64)
+        strata = np.array(docs[0].sources) if part == "heldout" else None
+        rejected, widths = 0, []
+        for split in splits:
+            mine = np.zeros(n, dtype=bool)
+            mine[list(split)] = True
+            low, high = contrast(nll[mine], nll[~mine], tokens, strata).interval()
+            rejected += low > 0 or high < 0
+            widths.append(high - low)
+        print(
+            f"{part} loss: the 95% interval excludes zero in {rejected}/{len(splits)} splits "
+            f"({rejected / len(splits):.1%}); median width {np.median(widths):.4f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--arms", default="random_replicate,random_matched,midranking", help="arms to overlap")
+    parser.add_argument("overrides", nargs="*", help="config overrides, as for midrank (e.g. compare.seeds=[0,1])")
+    args = parser.parse_args()
+    cfg = load_config(Path(args.config), args.overrides)
+    seeds = list(cfg.compare.seeds)
+    overlap(cfg, args.arms.split(","), seeds)
+    if len(seeds) >= 2:
+        rerandomize(cfg, seeds)
+
+
+if __name__ == "__main__":
+    main()
