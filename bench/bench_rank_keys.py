@@ -112,7 +112,10 @@ def table(results: list[dict]) -> str:
         total = sum(r[k][1] for k in HIGH_LOSS_KINDS)
         cells = [r["key"], str(r["too_short"]), str(r["top_samples"])]
         cells += [f"{r[k][0]}/{r[k][1]} ({r[k][0] / max(r[k][1], 1):.0%})" for k in KINDS]
-        cells += [f"{caught}/{total} ({caught / max(total, 1):.0%})", f"{(total - caught) / max(total, 1):.1%}"]
+        cells += [
+            f"{caught}/{total} ({caught / max(total, 1):.0%})",
+            f"{(total - caught) / max(total, 1):.1%}",
+        ]
         cells += [str(r["real_in_top"])]
         cells += [
             f"{r['real_median_tokens']:.0f}",

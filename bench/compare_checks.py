@@ -44,7 +44,9 @@ def overlap(cfg, arms: list[str], seeds: list[int]) -> None:
 
     def tokens(arm: str, seed: int) -> pl.DataFrame:
         band, _ = arm_setup(cfg, arm, seed)
-        return pl.read_parquet(part_files(layout.band(band.resolved_name()).dir), columns=["sample_id", "n_tokens"])
+        return pl.read_parquet(
+            part_files(layout.band(band.resolved_name()).dir), columns=["sample_id", "n_tokens"]
+        )
 
     reference = cfg.compare.reference
     print(f"share of each arm's training tokens also in `{reference}`'s set of the same seed")
@@ -69,7 +71,9 @@ def rerandomize(cfg, seeds: list[int]) -> None:
     ]
     n, k = len(models), len(seeds)
     splits = [c for c in itertools.combinations(range(n), k) if 0 in c]  # each split once, not twice
-    print(f"\nre-randomization: {n} runs of {reference} and random_replicate, {len(splits)} splits of {k} + {k}")
+    print(
+        f"\nre-randomization: {n} runs of {reference} and random_replicate, {len(splits)} splits of {k} + {k}"
+    )
     for part in ("heldout", "ood"):
         docs = [getattr(m, part) for m in models]
         if docs[0] is None:
@@ -91,10 +95,16 @@ def rerandomize(cfg, seeds: list[int]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="configs/default.yaml")
-    parser.add_argument("--arms", default="random_replicate,random_matched,midranking", help="arms to overlap")
-    parser.add_argument("overrides", nargs="*", help="config overrides, as for midrank (e.g. compare.seeds=[0,1])")
+    parser.add_argument(
+        "--arms", default="random_replicate,random_matched,midranking", help="arms to overlap"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides, as for midrank (e.g. compare.seeds=[0,1])"
+    )
     args = parser.parse_args()
     cfg = load_config(Path(args.config), args.overrides)
     seeds = list(cfg.compare.seeds)
