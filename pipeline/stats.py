@@ -130,12 +130,19 @@ def contrast(
     seed_parts = [value_a.var(ddof=1) / seeds[0], value_r.var(ddof=1) / seeds[1]]
 
     def deviations(x: np.ndarray) -> np.ndarray:
-        """Per seed and document: its NLL minus what its stratum's ratio in that seed predicts for
-        its length, weighted as the metric weighs it (they sum to zero within each stratum)."""
-        ratios = (
-            np.stack([np.bincount(labels, weights=row, minlength=n_strata) for row in x]) / stratum_tokens
+        """Per seed and document: its part of the metric's linearisation, centred within its
+        stratum (each stratum's deviations sum to zero). With equal_strata each stratum's ratio
+        has a fixed weight, so a document deviates from its stratum's ratio; token-weighted, a
+        stratum's weight is its share of the tokens, which moves with the documents drawn, so a
+        document deviates from the overall ratio (the combined ratio estimator)."""
+        if equal_strata:
+            sums = np.stack([np.bincount(labels, weights=row, minlength=n_strata) for row in x])
+            return weight * (x - (sums / stratum_tokens)[:, labels] * t)
+        z = weight * (x - (x @ weight)[:, None] * t)  # weight is 1 / all tokens here
+        centres = np.stack([np.bincount(labels, weights=row, minlength=n_strata) for row in z]) / np.bincount(
+            labels, minlength=n_strata
         )
-        return weight * (x - ratios[:, labels] * t)
+        return z - centres[:, labels]
 
     dev_a, dev_r = deviations(a), deviations(r)
     influence = dev_a.mean(axis=0) - dev_r.mean(axis=0)  # each document's part of the difference

@@ -353,8 +353,9 @@ def report(cfg: Config, arms: list[Arm], sets, runs, evals, budget: int) -> tupl
         "(unadjusted). p: as is for the primary and the A/A contrast, Holm-adjusted in the secondary "
         "family. equivalent: the TOST p (difference within +-margin), adjusted the same way, is < "
         "0.05; a contrast neither better, worse nor equivalent is inconclusive. Equivalent within: the "
-        "smallest margin TOST would have accepted; detectable: the difference this design finds "
-        "with 80% power.",
+        "smallest margin TOST at 5% would have accepted; detectable: the difference a test at 5% "
+        "finds with 80% power — both unadjusted, so a Holm-adjusted contrast can be inconclusive "
+        "with its bound inside the margin.",
     ]
     table = "\n".join(parts) + "\n"
     results = {

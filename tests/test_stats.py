@@ -62,6 +62,10 @@ def simulated(rng, *, seeds=5, sd_seed=0.006, sd_doc=0.02, sd_run_doc=0.04, sd_s
         ({"sd_doc": 0.0, "sd_source": 0.0}, 1),  # documents add nothing beyond run-to-run noise
         ({"sd_seed": 0.0, "sd_doc": 0.05}, 2),  # documents dominate
         ({"seeds": 3}, 3),
+        # sources respond very differently to the arm (the embedded default's per-source
+        # differences spread ~0.03): token-weighted, a source's share of the drawn tokens moves
+        # the metric too, which only a linearisation around the overall ratio sees
+        ({"sd_source": 0.06}, 4),
     ],
 )
 @pytest.mark.parametrize("equal", [False, True], ids=["token-weighted", "by-source"])
