@@ -1,5 +1,6 @@
-"""Two checks of a finished `midrank compare` run that its report does not print: are the arms'
-training sets independent draws, and does the interval hold its level on this run's own numbers?
+"""Checks of a finished `midrank compare` run that its report does not print: are the arms'
+training sets independent draws, does the interval hold its level on this run's own numbers, and
+(on the noisy preset, given its labels) how much junk each arm trained on?
 
     .venv/bin/python bench/compare_checks.py                                  # the embedded default
     .venv/bin/python bench/compare_checks.py --config configs/tiny.yaml \\
@@ -14,6 +15,13 @@ Each split is analysed with the report's own contrast (pipeline/stats.contrast, 
 sources for held-out loss) on the saved per-document numbers (`reports/<name>/evals/`); the share
 of splits whose 95% interval excludes zero should be near 5% (the splits overlap, so this share
 is itself uncertain by several points).
+
+Junk (`--labels data/corpus-noisy/labels.jsonl`, the noisy preset's side file): per arm and seed,
+the share of the training set's tokens that are generated junk, and for the arms whose band drops
+a top (`drop_top`), how many documents of each kind the drop caught out of the corpus's.
+
+    .venv/bin/python bench/compare_checks.py --config configs/noisy.yaml --labels data/corpus-noisy/labels.jsonl \
+        --arms random_replicate,random_matched,midranking,midranking_dropped "compare.seeds=[0,1,2]"
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from pipeline.layout import Layout, part_files  # noqa: E402
 from pipeline.scores import scan_scores, score_files  # noqa: E402
 from pipeline.stats import contrast  # noqa: E402
 from stages.compare import arm_setup  # noqa: E402
+from stages.select import decide  # noqa: E402
 
 
 def overlap(cfg, arms: list[str], seeds: list[int]) -> None:
@@ -59,6 +68,44 @@ def overlap(cfg, arms: list[str], seeds: list[int]) -> None:
             shared = mine.join(ref.select("sample_id"), on="sample_id")["n_tokens"].sum()
             cells.append(f"{shared / mine['n_tokens'].sum():.1%}")
         print(f"| {seed} | " + " | ".join(cells) + f" | {ref['n_tokens'].sum() / total:.1%} |")
+
+
+def junk_dose(cfg, arms: list[str], seeds: list[int], labels: Path) -> None:
+    layout = Layout(cfg.out_dir)
+    kinds = pl.read_ndjson(labels).select("sample_id", "kind")
+    arms = [cfg.compare.reference, *arms]
+    print("\nshare of each arm's training tokens that are generated junk (the corpus's share last)")
+    scores = scan_scores(score_files(layout)).collect().join(kinds, on="sample_id", how="left")
+    corpus = scores.filter(pl.col("kind") != "real")["n_tokens"].sum() / scores["n_tokens"].sum()
+    print("| seed | " + " | ".join(arms) + " | corpus |\n|---|" + "---|" * (len(arms) + 1))
+    for seed in seeds:
+        cells = []
+        for arm in arms:
+            band, _ = arm_setup(cfg, arm, seed)
+            kept = pl.read_parquet(
+                part_files(layout.band(band.resolved_name()).dir), columns=["sample_id", "n_tokens"]
+            ).join(kinds, on="sample_id", how="left")
+            cells.append(
+                f"{kept.filter(pl.col('kind') != 'real')['n_tokens'].sum() / kept['n_tokens'].sum():.1%}"
+            )
+        print(f"| {seed} | " + " | ".join(cells) + f" | {corpus:.1%} |")
+    for arm in arms:
+        band, _ = arm_setup(cfg, arm, seeds[0])
+        if not band.drop_top.shares():
+            continue
+        decided = decide(scores.lazy(), band, arm).rows.collect().join(kinds, on="sample_id", how="left")
+        caught = decided.group_by("kind").agg(
+            pl.len().alias("documents"),
+            (pl.col("reason") == "dropped_top").sum().alias("dropped"),
+            (pl.col("reason") == "too_short").sum().alias("short"),
+        )
+        print(
+            f"\n`{arm}`'s drop_top ({band.drop_top.shares()}) and min_tokens {band.min_tokens}: "
+            "documents of each kind it drops"
+        )
+        print("| kind | in a key's top | too short | of | share |\n|---|---|---|---|---|")
+        for kind, documents, dropped, short in caught.sort("kind").iter_rows():
+            print(f"| {kind} | {dropped} | {short} | {documents} | {(dropped + short) / documents:.0%} |")
 
 
 def rerandomize(cfg, seeds: list[int]) -> None:
@@ -102,6 +149,7 @@ def main() -> None:
     parser.add_argument(
         "--arms", default="random_replicate,random_matched,midranking", help="arms to overlap"
     )
+    parser.add_argument("--labels", type=Path, help="the noisy corpus's labels: show each arm's junk")
     parser.add_argument(
         "overrides", nargs="*", help="config overrides, as for midrank (e.g. compare.seeds=[0,1])"
     )
@@ -109,7 +157,9 @@ def main() -> None:
     cfg = load_config(Path(args.config), args.overrides)
     seeds = list(cfg.compare.seeds)
     overlap(cfg, args.arms.split(","), seeds)
-    if len(seeds) >= 2:
+    if args.labels:
+        junk_dose(cfg, args.arms.split(","), seeds, args.labels)
+    if len(seeds) >= 2 and "random_replicate" in cfg.compare.arms:
         rerandomize(cfg, seeds)
 
 

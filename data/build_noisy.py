@@ -22,7 +22,7 @@ import random
 from pathlib import Path
 
 from data.build_corpus import log, write_jsonl, write_manifest
-from data.junk import HIGH_LOSS_KINDS, junk
+from data.junk import HIGH_LOSS_KINDS, donor_for, junk
 
 
 def build(corpus: Path, out: Path, share: float, seed: int = 0) -> dict:
@@ -36,9 +36,7 @@ def build(corpus: Path, out: Path, share: float, seed: int = 0) -> dict:
     for i in range(n_junk):
         kind = HIGH_LOSS_KINDS[i % len(HIGH_LOSS_KINDS)]
         length = rng.choice(lengths)
-        # a donor at least as long, so that text-based kinds are not a short text repeated
-        donors = [d for d in real if len(d["text"]) >= length] or [max(real, key=lambda d: len(d["text"]))]
-        donor = rng.choice(donors)["text"]
+        donor = donor_for([d["text"] for d in real], length, rng)
         rows.append(
             {
                 "source": rng.choice(real)["source"],

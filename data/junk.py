@@ -59,6 +59,13 @@ def junk(kind: str, length: int, donor: str, rng: random.Random) -> str:
     return text if text.strip() else "x"
 
 
+def donor_for(texts: list[str], length: int, rng: random.Random) -> str:
+    """A real text to make junk of `length` characters from: one at least as long, so that the
+    kinds built from a donor are not a short text repeated (a one-line donor repeated is
+    repetition, which the model learns in context, not word salad)."""
+    return rng.choice([t for t in texts if len(t) >= length] or [max(texts, key=len)])
+
+
 def _random_chars(length: int, donor: str, rng: random.Random) -> str:
     alphabet = string.ascii_letters + string.digits + string.punctuation + " " * 8
     return "".join(rng.choice(alphabet) for _ in range(length))

@@ -97,6 +97,8 @@ META_FIELDS = (
     "char_start",
     "char_end",
     "n_bytes",
+    "n_markup_bytes",
+    "n_mojibake",
     "truncated",
     "record_hash",
     "unconditional",

@@ -277,6 +277,9 @@ class DropTop:
     loss: float = 0.0
     bits_per_byte: float = 0.0
     length_adjusted: float = 0.0
+    tokens_per_byte: float = 0.0
+    markup_share: float = 0.0
+    mojibake: float = 0.0
     ifd: float = 0.0
 
     def __post_init__(self) -> None:
@@ -344,7 +347,9 @@ class BandConfig:
     rank_by: RankKey = "loss"
     """What the band ranks by (pipeline/rank_keys.py): loss (nats/token, the paper's key);
     bits_per_byte (the same for any tokenizer); length_adjusted (the loss minus the corpus's median
-    loss at that length, so the top is not simply the shortest samples). The shares and
+    loss at that length, so the top is not simply the shortest samples); tokens_per_byte (the
+    tokenizer's fertility: blobs, tables and unseen scripts at the top); markup_share and
+    mojibake (markup tags and wrong-charset sequences per byte, counted by the scorer). The shares and
     thresholds count along this ranking; the IR-DRO weights stay softmax(loss / kl_reg)."""
 
     adjust_by_source: bool = False
@@ -672,6 +677,10 @@ class CompareConfig:
     """The `midranking_dropped` arm: the union of these keys' top shares is dropped (each key is
     blind to some junk), then `keep` of what remains is kept from the top by loss — the drop in
     place of MidRanking's skip."""
+
+    min_tokens: int = 0
+    """The `midranking_dropped` arm: samples with fewer scored tokens are not ranked (dropped as
+    too_short), part of its drop rule."""
 
     keep: float = 0.5
     """Share of the corpus's tokens each of random/top/bottom/MidRanking holds."""

@@ -18,6 +18,19 @@
   and recorded in the band's manifest, so the key can be recomputed from it. It is flat below the
   first bin's median length, and the spread of loss is not taken out: the shortest texts, whose
   loss varies most, still reach the top more often than long ones (min_tokens is the remedy).
+- `tokens_per_byte`: n_tokens / n_bytes, the tokenizer's fertility on the text. A vocabulary
+  learned from natural text covers its words in a few long tokens (about 0.27 tokens per byte on
+  the embedded corpus); text it rarely saw — random characters, base64 and hex blobs, numeric
+  tables, a script of another language — splits into short pieces (0.6-0.9). Such text can be
+  *easy* for the model once split (the digits of a table repeat, each Georgian letter is one
+  predictable token), so loss and bits per byte rank it below real prose; this key ranks it at the
+  top. It depends on the tokenizer, not on what the model learned.
+- `markup_share`: n_markup_bytes / n_bytes, the share of the text inside HTML/XML tags — page
+  boilerplate that text extraction left in, which the model predicts well (tags and classes
+  repeat). Counted by the scorer (pipeline/text_flags.py), not by the model.
+- `mojibake`: n_mojibake / n_bytes, wrong-charset sequences (`Ã©` for `é`, as ftfy finds them) per
+  byte. Garbled accents cost the model little more than the text they garble. Counted by the
+  scorer, not by the model.
 - `ifd` (instruction data scored with score.unconditional): the instruction-following difficulty
   of Li et al. (2023), nll_sum / nll_sum_uncond — the response's loss given its prompt over its
   loss without it, on the same tokens. Near 1 (or above) when the prompt does not help predict the
@@ -38,7 +51,9 @@ from pipeline.artifacts import ProvenanceError
 from pipeline.band_ends import find_ends, group_totals
 from pipeline.exchange import LOCAL, Exchange
 
-RankKey = Literal["loss", "bits_per_byte", "length_adjusted", "ifd"]
+RankKey = Literal[
+    "loss", "bits_per_byte", "length_adjusted", "tokens_per_byte", "markup_share", "mojibake", "ifd"
+]
 RANK_KEYS: tuple[str, ...] = get_args(RankKey)
 
 LENGTH_BINS = 32
@@ -46,6 +61,11 @@ LENGTH_BINS = 32
 MIN_BIN_SAMPLES = 50
 """Samples each bin of the curve holds at least (the last may hold more; a corpus smaller than
 this has one bin, and length_adjusted is then the loss minus a constant)."""
+PER_BYTE = {"tokens_per_byte": "n_tokens", "markup_share": "n_markup_bytes", "mojibake": "n_mojibake"}
+"""The keys that are a stored count over the text's bytes, and their count."""
+FLAG_KEYS = ("markup_share", "mojibake")
+"""Keys that are 0 on clean text: `drop_top` drops only what they flag, so a share above the
+flagged samples' does not drop clean ones in sample_id order."""
 ALL_SOURCES = "*"
 """The curve's name when it is estimated over every source together."""
 
@@ -171,6 +191,10 @@ def with_key(
         return frame.with_columns(
             (pl.col("nll_sum") / (math.log(2) * pl.col("n_bytes").cast(pl.Float64))).alias(key)
         )
+    if key in PER_BYTE:
+        return frame.with_columns(
+            (pl.col(PER_BYTE[key]).cast(pl.Float64) / pl.col("n_bytes").cast(pl.Float64)).alias(key)
+        )
     if key == "ifd":
         return frame.with_columns((pl.col("nll_sum") / pl.col("nll_sum_uncond")).alias(key))
     if key != "length_adjusted":
@@ -193,8 +217,8 @@ def with_key(
 
 
 def check_key_columns(scores: pl.LazyFrame, key: str, where: str) -> None:
-    """bits_per_byte needs n_bytes >= 1 on every row (scores written before midrank stored it
-    have none); ifd needs the unconditional NLL."""
+    """The per-byte keys need n_bytes >= 1 and their count on every row (scores written before
+    midrank stored them have none); ifd needs the unconditional NLL."""
     if key == "ifd":
         missing = scores.select(pl.col("nll_sum_uncond").null_count()).collect().item()
         if missing:
@@ -203,24 +227,28 @@ def check_key_columns(scores: pl.LazyFrame, key: str, where: str) -> None:
                 "needs instruction data scored with score.unconditional=true (into another out_dir)"
             )
         return
-    if key != "bits_per_byte":
+    if key != "bits_per_byte" and key not in PER_BYTE:
         return
+    count = pl.col(PER_BYTE.get(key, "n_bytes"))
     missing, empty, example = (
         scores.select(
-            missing=pl.col("n_bytes").null_count(),
+            missing=(pl.col("n_bytes").is_null() | count.is_null()).sum(),
             empty=(pl.col("n_bytes") < 1).sum(),
-            example=pl.col("sample_id").filter(pl.col("n_bytes").is_null() | (pl.col("n_bytes") < 1)).first(),
+            example=pl.col("sample_id")
+            .filter(pl.col("n_bytes").is_null() | count.is_null() | (pl.col("n_bytes") < 1))
+            .first(),
         )
         .collect()
         .row(0)
     )
     if missing:
         raise ProvenanceError(
-            f"{where}: {missing:,} scored samples have no n_bytes (e.g. {example}; scored by a midrank older "
-            "than the bits_per_byte key); rank them by loss or length_adjusted, or score again into another out_dir"
+            f"{where}: {missing:,} scored samples lack the counts {key} needs (e.g. {example}; scored by a "
+            f"midrank older than the {key} key); rank them by loss or length_adjusted, or score again into "
+            "another out_dir"
         )
     if empty:
         raise ProvenanceError(
             f"{where}: {empty:,} scored samples cover no byte of text (n_bytes 0, e.g. {example}), so they "
-            "have no bits per byte; rank by loss, or set min_tokens to leave them out"
+            f"have no {key}; rank by loss, or set min_tokens to leave them out"
         )

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 from pipeline.config import ConfigError, ScoreConfig
 from pipeline.records import Record
+from pipeline.text_flags import markup_bytes, mojibake_count
 
 Span = tuple[int, int]
 
@@ -67,6 +68,10 @@ class Sample:
     unconditional: bool = False
     """A response of the sample `sample_id` without its prompt (score.unconditional): scored
     beside it, its NLL summed into the sample's `nll_sum_uncond`."""
+    n_markup_bytes: int = 0
+    """Of the bytes the targets cover, those inside markup tags (pipeline/text_flags.py)."""
+    n_mojibake: int = 0
+    """Wrong-charset sequences in the text the targets cover (pipeline/text_flags.py)."""
 
     @property
     def n_tokens(self) -> int:
@@ -141,9 +146,9 @@ def make_samples(record: Record, tokenizer, policy: SamplePolicy) -> tuple[list[
             ((1, len(ids)),),
             offsets[1][0],
             offsets[-1][1],
-            utf8_bytes(record.text[offsets[1][0] : offsets[-1][1]]),
-            len(record.text),
-            truncated,
+            n_chars=len(record.text),
+            truncated=truncated,
+            **text_counts(record.text[offsets[1][0] : offsets[-1][1]]),
         )
         return [sample], None
     samples = []
@@ -159,9 +164,9 @@ def make_samples(record: Record, tokenizer, policy: SamplePolicy) -> tuple[list[
                 ((first - context, end - context),),
                 offsets[first][0],
                 offsets[end - 1][1],
-                utf8_bytes(record.text[offsets[first][0] : offsets[end - 1][1]]),
-                len(record.text),
-                False,
+                n_chars=len(record.text),
+                truncated=False,
+                **text_counts(record.text[offsets[first][0] : offsets[end - 1][1]]),
             )
         )
     return samples, None
@@ -273,10 +278,19 @@ def instruction_sample(record: Record, tokenizer, policy: SamplePolicy) -> tuple
     spans = runs_of(target)
     if not spans:
         return [], "too_short" if len(ids) < 2 else "response_truncated"
-    n_bytes = covered_bytes(text, [offsets[i] for first, end in spans for i in range(first, end)])
+    covered = covered_text(text, [offsets[i] for first, end in spans for i in range(first, end)])
     return [
         Sample(
-            record.sample_id, record.source, 0, ids, spans, 0, len(record.text), n_bytes, len(text), truncated
+            record.sample_id,
+            record.source,
+            0,
+            ids,
+            spans,
+            0,
+            len(record.text),
+            n_chars=len(text),
+            truncated=truncated,
+            **text_counts(covered),
         )
     ], None
 
@@ -295,26 +309,34 @@ def unconditional_samples(sample: Sample, context: tuple[int, ...]) -> list[Samp
             input_ids=[*context, *sample.input_ids[start:end]],
             targets=((len(context), len(context) + end - start),),
             n_bytes=0,
+            n_markup_bytes=0,
+            n_mojibake=0,
             unconditional=True,
         )
         for start, end in sample.targets
     ]
 
 
-def utf8_bytes(text: str) -> int:
-    return len(text.encode("utf-8"))
+def text_counts(text: str) -> dict[str, int]:
+    """What the scores store of the text a sample's targets cover: its UTF-8 bytes, the bytes
+    inside markup tags, and its wrong-charset sequences."""
+    return {
+        "n_bytes": len(text.encode()),
+        "n_markup_bytes": markup_bytes(text),
+        "n_mojibake": mojibake_count(text),
+    }
 
 
-def covered_bytes(text: str, offsets: list[tuple[int, int]]) -> int:
-    """UTF-8 bytes of the characters of `text` that at least one (start, end) span covers (a
-    character split over two byte-level tokens is counted once)."""
-    covered, end_so_far = 0, 0
+def covered_text(text: str, offsets: list[tuple[int, int]]) -> str:
+    """The characters of `text` that at least one (start, end) span covers, in order (a
+    character split over two byte-level tokens is taken once)."""
+    pieces, end_so_far = [], 0
     for start, end in sorted(offsets):
         start = max(start, end_so_far)
         if end > start:
-            covered += utf8_bytes(text[start:end])
+            pieces.append(text[start:end])
             end_so_far = end
-    return covered
+    return "".join(pieces)
 
 
 def runs_of(flags: list[bool]) -> tuple[Span, ...]:

@@ -37,7 +37,7 @@ from pipeline.outputs import OutputError, ScoresSummary
 from pipeline.records import needed_columns
 from pipeline.sharding import ShardPlan, changed_inputs
 
-SCORING_VERSION = 2  # bump when a change alters what a scorer writes (2: record_hash)
+SCORING_VERSION = 3  # bump when a change alters what a scorer writes (2: record_hash; 3: markup, mojibake)
 PROVENANCE_KEY = b"midrank.provenance"
 STATS_KEY = b"midrank.stats"
 
@@ -45,13 +45,15 @@ STATS_KEY = b"midrank.stats"
 # derived, the worst token flags garbage); the span of the record's text it covers, to join it back;
 # a hash of the record, to tell that the text joined back is the one scored; the UTF-8 bytes the
 # targets cover, for bits per byte (added after scoring_version 2 without a bump, so that finished
-# scores still rank by loss: files written before it read with n_bytes null); with
+# scores still rank by loss: files written before it read with n_bytes null); of those bytes, the
+# ones inside markup tags and the wrong-charset sequences (pipeline/text_flags.py); with
 # score.unconditional, the summed NLL of the same targets without the prompt (else null).
 SCORE_SCHEMA = pa.schema(
     {"sample_id": pa.string(), "shard": pa.int32(), "source": pa.string(), "window": pa.int32()}
     | {"n_tokens": pa.int32(), "nll_sum": pa.float64(), "loss": pa.float64(), "max_token_nll": pa.float32()}
     | {"n_chars": pa.int32(), "char_start": pa.int32(), "char_end": pa.int32(), "truncated": pa.bool_()}
     | {"record_hash": pa.int64(), "n_bytes": pa.int64(), "nll_sum_uncond": pa.float64()}
+    | {"n_markup_bytes": pa.int64(), "n_mojibake": pa.int32()}
 )
 
 
@@ -154,6 +156,8 @@ def window_table(
         "truncated": np.asarray(meta["truncated"], dtype=bool),
         "record_hash": np.asarray(meta["record_hash"], dtype=np.int64),
         "n_bytes": np.asarray(meta["n_bytes"], dtype=np.int64),
+        "n_markup_bytes": np.asarray(meta["n_markup_bytes"], dtype=np.int64),
+        "n_mojibake": np.asarray(meta["n_mojibake"], dtype=np.int32),
         # a non-finite unconditional NLL is left null: the sample still ranks by loss, and ifd refuses it
         "nll_sum_uncond": pa.array(nll_uncond, mask=~np.isfinite(nll_uncond))
         if nll_uncond is not None

@@ -33,7 +33,7 @@ import polars as pl
 from pipeline.band_ends import BUCKETS, MAX_ROWS, find_ends, group_totals, mark_past
 from pipeline.config import exact_share
 from pipeline.exchange import LOCAL, Exchange
-from pipeline.rank_keys import length_bin, length_edges
+from pipeline.rank_keys import FLAG_KEYS, length_bin, length_edges
 
 Strategy = Literal["midranking", "band", "top", "bottom", "random", "all"]
 Reason = pl.Enum(["too_hard", "too_easy", "not_sampled", "too_short", "dropped_top"])
@@ -160,7 +160,8 @@ def top_by_keys(
     """`scores` with `dropped_by`: the keys in whose top share (hardest first, in `measure`, within
     each source with by_source) the row falls, joined by "+" in the order of `shares`, or null.
     Each key's top is the band [0, share) of that key's ranking, found like any band's end: exact
-    and streaming, so the union costs one band per key. Needs each key's column."""
+    and streaming, so the union costs one band per key. A flag key's top holds only the samples
+    it flags (above 0): its share is a ceiling, not a quota. Needs each key's column."""
     flagged = scores
     for key, share in shares.items():
         top = Band(Fraction(0), exact_share(share))
@@ -168,6 +169,8 @@ def top_by_keys(
             flagged, top, measure=measure, by_source=by_source, key=key,
             buckets=buckets, max_rows=max_rows, exchange=exchange,
         ).drop("reason").rename({"kept": f"_top_{key}"})  # fmt: skip
+        if key in FLAG_KEYS:
+            flagged = flagged.with_columns(pl.col(f"_top_{key}") & (pl.col(key) > 0))
     names = pl.concat_str(
         [pl.when(pl.col(f"_top_{key}")).then(pl.lit(key)) for key in shares], separator="+", ignore_nulls=True
     )

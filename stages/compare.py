@@ -85,7 +85,7 @@ def arm_setup(cfg: Config, arm: str, seed: int) -> tuple[BandConfig, str]:
     if name == "midranking_dropped":
         band = BandConfig(
             strategy="midranking", skip=0, keep=c.keep, measure="tokens", rank_by=key or "loss",
-            by_source=c.by_source, drop_top=c.drop_top,
+            by_source=c.by_source, drop_top=c.drop_top, min_tokens=c.min_tokens,
         )  # fmt: skip
         return band, "uniform"
     if name in ("random_length_matched", "random_matched"):

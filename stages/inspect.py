@@ -40,7 +40,7 @@ from pipeline.sharding import plan_shards, shard_records
 LOSS = pl.col("loss")
 EXAMPLE_COLUMNS = ("sample_id", "shard", "source", "loss", "n_tokens", "char_start", "char_end")
 # what the rank keys are derived from
-KEY_COLUMNS = ("nll_sum", "n_bytes", "nll_sum_uncond")
+KEY_COLUMNS = ("nll_sum", "n_bytes", "n_markup_bytes", "n_mojibake", "nll_sum_uncond")
 
 
 def source_table(scores: pl.LazyFrame, top_decile: float) -> list[dict[str, Any]]:
@@ -303,6 +303,9 @@ def selected_bands(cfg: Config, layout: Layout) -> list[DrawnBand]:
 KEY_UNITS = {
     "bits_per_byte": "bits/byte",
     "length_adjusted": "nats/token above the expected loss",
+    "tokens_per_byte": "tokens/byte",
+    "markup_share": "share of the bytes in markup tags",
+    "mojibake": "wrong-charset sequences per byte",
     "ifd": "loss with the prompt / loss without it",
 }
 

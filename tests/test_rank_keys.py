@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.artifacts import ProvenanceError
 from pipeline.config import BandConfig, ConfigError, load_config
 from pipeline.outputs import BandManifest, from_json, to_json
-from pipeline.rank_keys import LengthCurve, with_key
+from pipeline.rank_keys import RANK_KEYS, LengthCurve, with_key
 from pipeline.records import Record
 from pipeline.samples import SamplePolicy, make_samples
 from stages import inspect, score, select
@@ -80,6 +80,45 @@ def test_n_bytes_without_bos_and_across_split_windows(tiny_model_dir):
     assert len(windows) > 3 and sum(w.n_bytes for w in windows) == len(text.encode())
 
 
+# texts as (piece, is a tag) parts: the markup bytes are known by construction, not by a pattern
+MARKUP_TEXTS = [
+    [("Intro text. ", False), ('<div class="nav">', True), ("Home", False), ("</div>", True), (" more ", False),
+     ('<a href="/x">', True), ("link", False), ("</a>", True), (".", False)],
+    [("Math: a < b and c > d, x<3 and i<j are no tags; ", False), ("<br/>", True), (" is one.", False)],
+    [("Unicode <ö> is not a tag, ", False), ("<p>", True), ("para", False), ("</p>", True),
+     (" nor <|im_end|>.", False)],
+    [("A page cut in the middle of ", False), ('<span class="co', True)],
+    [("<!DOCTYPE html>", True), ("<script>", True), ('gtag("config");', False), ("</script>", True)],
+]  # fmt: skip
+GARBLED = "Café naïve résumé, déjà vu".encode().decode("cp1252")
+
+
+def test_markup_and_mojibake_counts_equal_an_independent_reading_of_the_text(tmp_path, tiny_model_dir):
+    from ftfy.badness import badness
+
+    texts = ["".join(p for p, _ in parts) for parts in MARKUP_TEXTS] + ["Café naïve résumé, déjà vu", GARBLED]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t, "source": "s"}) + "\n" for t in texts))
+    cfg = load_config(
+        write_config(tmp_path, corpus, tiny_model_dir), ["score.max_tokens=1024", "score.batch_tokens=1024"]
+    )
+    score.run(cfg)
+    scores = pl.read_parquet(tmp_path / "out" / "scores" / "part-*.parquet")
+    rows = {r["sample_id"]: r for r in scores.iter_rows(named=True)}
+    for i, parts in enumerate(MARKUP_TEXTS):
+        row = rows[f"corpus.jsonl:{i}"]
+        assert (row["char_start"], row["char_end"]) == (0, len(texts[i]))
+        assert row["n_markup_bytes"] == sum(len(p.encode("utf-8")) for p, tag in parts if tag), texts[i]
+        assert row["n_mojibake"] == 0
+    clean, garbled = rows[f"corpus.jsonl:{len(MARKUP_TEXTS)}"], rows[f"corpus.jsonl:{len(MARKUP_TEXTS) + 1}"]
+    assert clean["n_mojibake"] == 0 and clean["n_markup_bytes"] == 0
+    assert garbled["n_mojibake"] == badness(GARBLED) > 0
+    keyed = with_key(with_key(scores.lazy(), "markup_share"), "mojibake").collect()
+    for row in keyed.iter_rows(named=True):
+        assert row["markup_share"] == row["n_markup_bytes"] / row["n_bytes"]
+        assert row["mojibake"] == row["n_mojibake"] / row["n_bytes"]
+
+
 def test_n_bytes_of_a_response_is_its_utf8_bytes(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     record = Record("r:0", "s", "Réponse: 日本 🐈 ok", prompt="Question?")
@@ -135,6 +174,9 @@ def brute_keys(rows, key, by_source=False):
         return {r["sample_id"]: r["nll_sum"] / (math.log(2) * r["n_bytes"]) for r in rows}
     if key == "ifd":
         return {r["sample_id"]: r["nll_sum"] / r["nll_sum_uncond"] for r in rows}
+    counts = {"tokens_per_byte": "n_tokens", "markup_share": "n_markup_bytes", "mojibake": "n_mojibake"}
+    if key in counts:  # exact rationals: ties are true ties, broken by sample_id
+        return {r["sample_id"]: Fraction(r[counts[key]], r["n_bytes"]) for r in rows}
     groups = {}
     for r in rows:
         groups.setdefault(r["source"] if by_source else "", []).append(r)
@@ -162,7 +204,9 @@ def rows():
                 "n_tokens": n,
                 "nll_sum": loss * n,
                 "loss": loss,
-                "n_bytes": n * rng.randint(2, 6),
+                "n_bytes": n * rng.randint(2, 6) + rng.randint(0, 3),
+                "n_markup_bytes": rng.choice([0, 0, 0, rng.randint(0, 2 * n)]),
+                "n_mojibake": rng.choice([0, 0, rng.randint(0, n)]),
                 "nll_sum_uncond": loss * n * rng.uniform(0.8, 1.6),
             }
         )
@@ -195,7 +239,7 @@ STRATEGIES = [
 
 
 @pytest.mark.parametrize(("strategy", "params"), STRATEGIES)
-@pytest.mark.parametrize("key", ["loss", "bits_per_byte", "length_adjusted", "ifd"])
+@pytest.mark.parametrize("key", RANK_KEYS)
 @pytest.mark.parametrize(("measure", "by_source", "min_tokens"), [("samples", False, 0), ("tokens", True, 6)])
 def test_every_strategy_with_every_key_equals_a_brute_force_sort(
     rows, strategy, params, key, measure, by_source, min_tokens
@@ -225,6 +269,46 @@ def test_every_strategy_with_every_key_equals_a_brute_force_sort(
     short = {r["sample_id"] for r in rows if r["n_tokens"] < min_tokens}
     assert set(decided.filter(pl.col("reason") == "too_short")["sample_id"]) == short
     assert decided.height == len(rows)
+
+
+@pytest.mark.parametrize(
+    "drops",
+    [
+        {"length_adjusted": Fraction(5, 100), "tokens_per_byte": Fraction(8, 100)},
+        # markup_share's share is above the share of samples it flags: a ceiling, nothing unflagged dropped
+        {"tokens_per_byte": Fraction(5, 100), "markup_share": Fraction(4, 10), "mojibake": Fraction(3, 100)},
+    ],
+)
+def test_a_drop_by_keys_of_their_own_equals_a_brute_force(rows, drops):
+    """drop_top with the keys computed here only: the length curve over every ranked sample, the
+    per-byte keys in exact rationals; each key's top share in exact rationals (a flag key's only
+    where it is above 0), then MidRanking by loss over the rest."""
+    from pipeline.config import DropTop
+
+    band = BandConfig(
+        strategy="midranking", skip=0.1, keep=0.4, drop_top=DropTop(**{k: float(v) for k, v in drops.items()})
+    )
+    decided = decide(pl.LazyFrame(rows), band, "test").rows.collect()
+    dropped = set()
+    for key, share in drops.items():
+        values = brute_keys(rows, key)
+        order = sorted(rows, key=lambda r: (-values[r["sample_id"]], r["sample_id"]))
+        top = {r["sample_id"] for i, r in enumerate(order) if i < share * len(rows)}
+        if key in ("markup_share", "mojibake"):
+            flagged = {k for k, v in values.items() if v > 0}
+            assert len(flagged) < share * len(rows) or key == "mojibake"
+            top &= flagged
+        dropped |= top
+    rest = sorted(
+        (r for r in rows if r["sample_id"] not in dropped), key=lambda r: (-r["loss"], r["sample_id"])
+    )
+    kept = {
+        r["sample_id"]
+        for i, r in enumerate(rest)
+        if Fraction(1, 10) * len(rest) <= i < Fraction(5, 10) * len(rest)
+    }
+    assert set(decided.filter(pl.col("reason") == "dropped_top")["sample_id"]) == dropped
+    assert set(decided.filter(pl.col("kept"))["sample_id"]) == kept
 
 
 def test_a_source_named_like_the_global_curve_gets_its_own_curve(rows):
@@ -307,9 +391,11 @@ def test_too_short_samples_are_rejected_and_counted(scored, tmp_path):
 def test_scores_without_n_bytes_rank_by_loss_but_not_by_bits_per_byte(scored, tmp_path, caplog):
     part = tmp_path / "out" / "scores" / "part-00001.parquet"
     table = pq.read_table(part)
-    pq.write_table(table.drop(["n_bytes"]).replace_schema_metadata(table.schema.metadata), part)
-    with pytest.raises(ProvenanceError, match="no n_bytes"):
+    pq.write_table(table.drop(["n_bytes", "n_mojibake"]).replace_schema_metadata(table.schema.metadata), part)
+    with pytest.raises(ProvenanceError, match="lack the counts bits_per_byte needs"):
         select.run(load_config(scored, [BANDS]))
+    with pytest.raises(ProvenanceError, match="lack the counts mojibake needs"):
+        select.run(load_config(scored, ["select.bands=[{strategy: top, keep: 0.1, rank_by: mojibake}]"]))
     (band,) = select.run(
         load_config(scored, ["select.bands=[{strategy: midranking, rank_by: length_adjusted}]"])
     )
@@ -357,6 +443,13 @@ def test_compare_arms_take_a_rank_key():
     band, _ = arm_setup(cfg, "random_length_matched.length_adjusted", 1)
     assert band.match == arm_setup(cfg, "midranking.length_adjusted", 0)[0].resolved_name()
     assert arm_setup(cfg, "top.length_adjusted", 0)[0].rank_by == "length_adjusted"
+    noisy = load_config(ROOT / "configs/noisy.yaml", [])  # the positive control's drop rule, as the preset says
+    band, _ = arm_setup(noisy, "midranking_dropped", 0)
+    assert (band.min_tokens, band.skip, band.keep) == (8, 0, noisy.compare.keep)
+    assert band.drop_top.shares() == {
+        "length_adjusted": 0.1, "tokens_per_byte": 0.1, "markup_share": 0.03, "mojibake": 0.03
+    }  # fmt: skip
+    assert noisy.select.bands[0].drop_top == band.drop_top  # select's preset band drops the same
     bad_arms = [
         ("irdro.bits_per_byte", "does not rank"),
         ("midranking.perplexity", "unknown rank key"),

@@ -415,7 +415,12 @@ def _brute_top(rows: list[dict], key: str, share: str, measure: str) -> set[str]
 @pytest.mark.parametrize("measure", ["samples", "tokens"])
 @pytest.mark.parametrize(
     "drops",
-    [{"loss": "0.1"}, {"loss": "0.1", "bits_per_byte": "0.05"}, {"loss": "0.2", "bits_per_byte": "0.3"}],
+    [
+        {"loss": "0.1"},
+        {"loss": "0.1", "bits_per_byte": "0.05"},
+        {"loss": "0.2", "bits_per_byte": "0.3"},
+        {"loss": "0.05", "bits_per_byte": "0.05", "tokens_per_byte": "0.1"},
+    ],
 )
 def test_multi_key_drop_equals_brute_force(measure, drops):
     """drop_top: the union of each key's top share is dropped, then the band is taken from the rest;
@@ -440,7 +445,10 @@ def test_multi_key_drop_equals_brute_force(measure, drops):
         )
     for r in rows:
         r["bits_per_byte"] = r["nll_sum"] / (math.log(2) * r["n_bytes"])
-    frame = pl.LazyFrame(rows).drop("bits_per_byte")
+        r["tokens_per_byte"] = Fraction(r["n_tokens"], r["n_bytes"])
+    frame = pl.LazyFrame(
+        [{k: v for k, v in r.items() if k not in ("bits_per_byte", "tokens_per_byte")} for r in rows]
+    )
     band = BandConfig(
         strategy="midranking",
         skip=0.1,
