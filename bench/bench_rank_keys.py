@@ -47,8 +47,9 @@ RULES = {
     "length_adjusted by source": {"rank_by": "length_adjusted", "adjust_by_source": True},
     "length_adjusted, min_tokens 8": {"rank_by": "length_adjusted", "min_tokens": 8},
     "tokens_per_byte": {"rank_by": "tokens_per_byte"},
-    "markup_share": {"rank_by": "markup_share"},
-    "mojibake": {"rank_by": "mojibake"},
+    # the flag keys alone, as drop_top takes them: only what they flag, up to the share
+    "markup_share 3%": {"drop_top": {"markup_share": 0.03}},
+    "mojibake 3%": {"drop_top": {"mojibake": 0.03}},
     # the union of several keys' tops (drop_top), the rest of the 10% nowhere: the top is the union
     "loss 10% + bits_per_byte 5%": {"drop_top": {"loss": 0.1, "bits_per_byte": 0.05}},
     "loss 20% + bits_per_byte 10%": {"drop_top": {"loss": 0.2, "bits_per_byte": 0.1}},
@@ -67,6 +68,12 @@ RULES = {
     },
     "... + min_tokens 8": {
         "drop_top": {"length_adjusted": 0.1, "tokens_per_byte": 0.1, "markup_share": 0.03, "mojibake": 0.03},
+        "min_tokens": 8,
+    },
+    # rules of the model and tokenizer alone, as large as the preset's drop: what the text counts add
+    "tokens_per_byte 30%": {"drop_top": {"tokens_per_byte": 0.3}},
+    "length_adjusted 15% + tokens_per_byte 15%, min_tokens 8": {
+        "drop_top": {"length_adjusted": 0.15, "tokens_per_byte": 0.15},
         "min_tokens": 8,
     },
 }
@@ -112,7 +119,7 @@ def measure(scores: pl.LazyFrame, kinds: pl.DataFrame) -> list[dict]:
         decided = decide(scores, band, "bench").rows.collect().join(kinds, on="sample_id")
         out = decided.filter(pl.col("reason").is_in(["too_hard", "dropped_top", "too_short"]))
         row = {"rule": label, "dropped": out.height}
-        for kind in KINDS:
+        for kind in (*KINDS, "real", "real_short"):
             n = decided.filter(pl.col("kind") == kind).height
             row[kind] = (out.filter(pl.col("kind") == kind).height, n)
         real = out.filter(pl.col("kind").is_in(["real", "real_short"]))
@@ -140,7 +147,8 @@ def table(results: list[dict]) -> str:
         caught = sum(r[k][0] for k in HIGH_LOSS_KINDS)
         total = sum(r[k][1] for k in HIGH_LOSS_KINDS)
         full = sum(r[k][0] >= 0.95 * r[k][1] for k in HIGH_LOSS_KINDS)
-        cells = [r["rule"], str(r["too_short"]), str(r["dropped"])]
+        share = r["dropped"] / sum(r[k][1] for k in (*KINDS, "real", "real_short"))
+        cells = [r["rule"], str(r["too_short"]), f"{r['dropped']} ({share:.0%})"]
         cells += [f"{r[k][0]}/{r[k][1]} ({r[k][0] / max(r[k][1], 1):.0%})" for k in KINDS]
         cells += [f"{full}/{len(HIGH_LOSS_KINDS)}", f"{caught}/{total} ({caught / max(total, 1):.0%})"]
         cells += [f"{(total - caught) / max(total, 1):.1%}", str(r["real_dropped"])]

@@ -76,6 +76,11 @@ def junk_dose(cfg, arms: list[str], seeds: list[int], labels: Path) -> None:
     arms = [cfg.compare.reference, *arms]
     print("\nshare of each arm's training tokens that are generated junk (the corpus's share last)")
     scores = scan_scores(score_files(layout)).collect().join(kinds, on="sample_id", how="left")
+    unlabelled = scores["kind"].null_count()
+    if unlabelled:
+        raise SystemExit(
+            f"{labels}: {unlabelled:,} of {scores.height:,} scored samples have no label; wrong corpus?"
+        )
     corpus = scores.filter(pl.col("kind") != "real")["n_tokens"].sum() / scores["n_tokens"].sum()
     print("| seed | " + " | ".join(arms) + " | corpus |\n|---|" + "---|" * (len(arms) + 1))
     for seed in seeds:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.rank_keys import RANK_KEYS, RankKey
+from pipeline.rank_keys import FLAG_KEYS, RANK_KEYS, RankKey
 
 
 class ConfigError(ValueError):
@@ -272,7 +272,9 @@ class DropTop:
     """Shares dropped from the top under several rank keys at once, before the band is taken: a
     sample in the top `loss` share by loss, or in the top `bits_per_byte` share by bits per byte,
     ... is dropped (the union), and the band is then taken from what remains. Each key is blind to
-    some kind of junk (loss to mojibake, bits per byte to word salad); together they catch more."""
+    some kind of junk (loss to numeric tables, bits per byte to word salad); together they catch
+    more. For the flag keys (markup_share, mojibake) a share is a ceiling: only samples they flag
+    are dropped."""
 
     loss: float = 0.0
     bits_per_byte: float = 0.0
@@ -379,6 +381,12 @@ class BandConfig:
             self.rank_by in RANK_KEYS,
             "rank_by",
             f"must be one of {list(RANK_KEYS)}, got {self.rank_by!r}",
+        )
+        _require(
+            self.rank_by not in FLAG_KEYS,
+            "rank_by",
+            f"{self.rank_by} is 0 on clean text, so a band by it fills its share with unflagged samples; "
+            f"use it in drop_top (`drop_top: {{{self.rank_by}: 0.03}}`)",
         )
         _require(
             not self.adjust_by_source or self.rank_by == "length_adjusted",
@@ -730,6 +738,7 @@ class CompareConfig:
         _require(len(self.name) <= 96, "name", f"must be at most 96 characters, got {len(self.name)}")
         _require(len(self.arms) > 0, "arms", "at least one arm is required")
         _require(len(set(self.arms)) == len(self.arms), "arms", "an arm is listed twice")
+        _require(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
         for arm in self.arms:
             base, _, key = arm.partition(".")
             _require(base in COMPARE_ARMS, "arms", f"unknown arm {arm!r}; one of {list(COMPARE_ARMS)}")

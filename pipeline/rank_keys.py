@@ -29,8 +29,12 @@
   boilerplate that text extraction left in, which the model predicts well (tags and classes
   repeat). Counted by the scorer (pipeline/text_flags.py), not by the model.
 - `mojibake`: n_mojibake / n_bytes, wrong-charset sequences (`Ã©` for `é`, as ftfy finds them) per
-  byte. Garbled accents cost the model little more than the text they garble. Counted by the
-  scorer, not by the model.
+  byte. Garbled text costs the model more than prose, but within real text's spread, so a loss
+  top reaches only part of it. Counted by the scorer, not by the model.
+
+markup_share and mojibake are flag keys (FLAG_KEYS): 0 on clean text, so they serve `drop_top`
+(where a share is a ceiling on what they flag) and are refused as a band's `rank_by`, which would
+fill its share with unflagged samples in sample_id order.
 - `ifd` (instruction data scored with score.unconditional): the instruction-following difficulty
   of Li et al. (2023), nll_sum / nll_sum_uncond — the response's loss given its prompt over its
   loss without it, on the same tokens. Near 1 (or above) when the prompt does not help predict the
@@ -244,7 +248,7 @@ def check_key_columns(scores: pl.LazyFrame, key: str, where: str) -> None:
     if missing:
         raise ProvenanceError(
             f"{where}: {missing:,} scored samples lack the counts {key} needs (e.g. {example}; scored by a "
-            f"midrank older than the {key} key); rank them by loss or length_adjusted, or score again into "
+            f"midrank that did not store them); rank them by loss or length_adjusted, or score again into "
             "another out_dir"
         )
     if empty:

@@ -68,9 +68,10 @@ class Sample:
     unconditional: bool = False
     """A response of the sample `sample_id` without its prompt (score.unconditional): scored
     beside it, its NLL summed into the sample's `nll_sum_uncond`."""
-    n_markup_bytes: int = 0
+    _: dataclasses.KW_ONLY
+    n_markup_bytes: int
     """Of the bytes the targets cover, those inside markup tags (pipeline/text_flags.py)."""
-    n_mojibake: int = 0
+    n_mojibake: int
     """Wrong-charset sequences in the text the targets cover (pipeline/text_flags.py)."""
 
     @property
@@ -290,7 +291,7 @@ def instruction_sample(record: Record, tokenizer, policy: SamplePolicy) -> tuple
             len(record.text),
             n_chars=len(text),
             truncated=truncated,
-            **text_counts(covered),
+            **text_counts(covered, special_strings(tokenizer)),
         )
     ], None
 
@@ -317,14 +318,22 @@ def unconditional_samples(sample: Sample, context: tuple[int, ...]) -> list[Samp
     ]
 
 
-def text_counts(text: str) -> dict[str, int]:
+def text_counts(text: str, special: tuple[str, ...] = ()) -> dict[str, int]:
     """What the scores store of the text a sample's targets cover: its UTF-8 bytes, the bytes
-    inside markup tags, and its wrong-charset sequences."""
+    inside markup tags (the strings in `special`, a chat template's special tokens, are not
+    markup), and its wrong-charset sequences."""
     return {
         "n_bytes": len(text.encode()),
-        "n_markup_bytes": markup_bytes(text),
+        "n_markup_bytes": markup_bytes(text, special),
         "n_mojibake": mojibake_count(text),
     }
+
+
+def special_strings(tokenizer) -> tuple[str, ...]:
+    """The text of the tokenizer's special tokens (`</s>`, `<end_of_turn>`): what a chat template
+    writes around the turns, longest first."""
+    added = (t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
+    return tuple(sorted({*tokenizer.all_special_tokens, *added}, key=len, reverse=True))
 
 
 def covered_text(text: str, offsets: list[tuple[int, int]]) -> str:

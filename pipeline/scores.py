@@ -46,7 +46,8 @@ STATS_KEY = b"midrank.stats"
 # a hash of the record, to tell that the text joined back is the one scored; the UTF-8 bytes the
 # targets cover, for bits per byte (added after scoring_version 2 without a bump, so that finished
 # scores still rank by loss: files written before it read with n_bytes null); of those bytes, the
-# ones inside markup tags and the wrong-charset sequences (pipeline/text_flags.py); with
+# ones inside markup tags and the wrong-charset sequences (pipeline/text_flags.py: scoring_version
+# 3; scores of version 2 are refused with a message to rescore); with
 # score.unconditional, the summed NLL of the same targets without the prompt (else null).
 SCORE_SCHEMA = pa.schema(
     {"sample_id": pa.string(), "shard": pa.int32(), "source": pa.string(), "window": pa.int32()}

@@ -141,10 +141,6 @@ class TrainCollator:
         return batch
 
 
-def target_count(feature: dict[str, Any]) -> int:
-    return sum(end - start for start, end in feature["targets"])
-
-
 def cut_to_targets(feature: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
     """The feature with only its targets number `start` to `stop` (counted from 0, in order) left
     as targets: the tokens before them stay as context, the sequence ends after the last."""

@@ -69,7 +69,7 @@ class DrawnBand:
     manifest: BandManifest
     kept: pl.LazyFrame
     key: str
-    """The column the band ranked by: loss, bits_per_byte or length_adjusted."""
+    """The column the band ranked by (a rank key of pipeline/rank_keys.py)."""
     interval: tuple[float, float] | None
     """The band's interval of its key when it is one (a global band by rank), else None."""
     source_intervals: dict[str, tuple[float, float]]

@@ -357,3 +357,23 @@ def test_a_prefix_is_the_whole_unconditional_context_and_scores_do_not_move(
         ids = [*context, *response]  # no BOS before the prefix
         expected = nll_restricted(model, ids, list(range(len(context), len(ids))))
         assert row["nll_sum_uncond"] == pytest.approx(expected, abs=1e-4)
+
+
+# A Gemma-like template: its turn markers are special tokens that look like tags
+GEMMA_LIKE = (
+    "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>assistant\n{% endif %}"
+)
+
+
+def test_a_chat_templates_special_tokens_are_not_counted_as_markup(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tokenizer.chat_template = GEMMA_LIKE
+    policy = SamplePolicy(max_tokens=256, bos_id=None)
+    turns = ({"role": "user", "content": "Say it"}, {"role": "assistant", "content": "It is <b>bold</b>."})
+    (sample,), _ = make_samples(Record("r:0", "s", "", messages=turns), tokenizer, policy)
+    assert sample.n_markup_bytes == len("<b>") + len("</b>")  # the response's own tags, not <end_of_turn>
+    clean = ({"role": "user", "content": "Say it"}, {"role": "assistant", "content": "It is plain."})
+    (sample,), _ = make_samples(Record("r:1", "s", "", messages=clean), tokenizer, policy)
+    assert (sample.n_markup_bytes, sample.n_mojibake) == (0, 0)

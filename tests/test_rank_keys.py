@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.artifacts import ProvenanceError
 from pipeline.config import BandConfig, ConfigError, load_config
 from pipeline.outputs import BandManifest, from_json, to_json
-from pipeline.rank_keys import RANK_KEYS, LengthCurve, with_key
+from pipeline.rank_keys import FLAG_KEYS, RANK_KEYS, LengthCurve, with_key
 from pipeline.records import Record
 from pipeline.samples import SamplePolicy, make_samples
 from stages import inspect, score, select
@@ -89,6 +89,7 @@ MARKUP_TEXTS = [
      (" nor <|im_end|>.", False)],
     [("A page cut in the middle of ", False), ('<span class="co', True)],
     [("<!DOCTYPE html>", True), ("<script>", True), ('gtag("config");', False), ("</script>", True)],
+    [("Compare: if a <b then the\nrest follows, and x > 1.", False)],  # a stray `<b` is no tag to the end
 ]  # fmt: skip
 GARBLED = "Café naïve résumé, déjà vu".encode().decode("cp1252")
 
@@ -239,7 +240,7 @@ STRATEGIES = [
 
 
 @pytest.mark.parametrize(("strategy", "params"), STRATEGIES)
-@pytest.mark.parametrize("key", RANK_KEYS)
+@pytest.mark.parametrize("key", [k for k in RANK_KEYS if k not in FLAG_KEYS])
 @pytest.mark.parametrize(("measure", "by_source", "min_tokens"), [("samples", False, 0), ("tokens", True, 6)])
 def test_every_strategy_with_every_key_equals_a_brute_force_sort(
     rows, strategy, params, key, measure, by_source, min_tokens
@@ -344,6 +345,9 @@ def test_ranking_strategies_refuse_nothing_but_random_ones_refuse_a_key():
         BandConfig(min_tokens=-1)
     with pytest.raises(ConfigError, match="rank_by: must be one of"):
         BandConfig(rank_by="perplexity")
+    for key in FLAG_KEYS:  # 0 on clean text: a band by it would fill its share in sample_id order
+        with pytest.raises(ConfigError, match="use it in drop_top"):
+            BandConfig(rank_by=key)
 
 
 # -- the stage: too_short counted and rejected, old scores, the report ------------------------------
@@ -395,7 +399,7 @@ def test_scores_without_n_bytes_rank_by_loss_but_not_by_bits_per_byte(scored, tm
     with pytest.raises(ProvenanceError, match="lack the counts bits_per_byte needs"):
         select.run(load_config(scored, [BANDS]))
     with pytest.raises(ProvenanceError, match="lack the counts mojibake needs"):
-        select.run(load_config(scored, ["select.bands=[{strategy: top, keep: 0.1, rank_by: mojibake}]"]))
+        select.run(load_config(scored, ["select.bands=[{strategy: midranking, drop_top: {mojibake: 0.03}}]"]))
     (band,) = select.run(
         load_config(scored, ["select.bands=[{strategy: midranking, rank_by: length_adjusted}]"])
     )
@@ -443,7 +447,8 @@ def test_compare_arms_take_a_rank_key():
     band, _ = arm_setup(cfg, "random_length_matched.length_adjusted", 1)
     assert band.match == arm_setup(cfg, "midranking.length_adjusted", 0)[0].resolved_name()
     assert arm_setup(cfg, "top.length_adjusted", 0)[0].rank_by == "length_adjusted"
-    noisy = load_config(ROOT / "configs/noisy.yaml", [])  # the positive control's drop rule, as the preset says
+    # the positive control's drop rule, as the preset says
+    noisy = load_config(ROOT / "configs/noisy.yaml", [])
     band, _ = arm_setup(noisy, "midranking_dropped", 0)
     assert (band.min_tokens, band.skip, band.keep) == (8, 0, noisy.compare.keep)
     assert band.drop_top.shares() == {

@@ -74,8 +74,34 @@ def test_batched_loss_equals_sample_alone(model_and_tokenizer, padding_side):
 def test_pad_id_equal_to_a_real_token_is_still_scored(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     eos = tokenizer.eos_token_id
-    short = Sample("a", "s", 0, [tokenizer.bos_token_id, 5, eos, eos], ((1, 4),), 0, 1, 1, 1, False)
-    long = Sample("b", "s", 0, [tokenizer.bos_token_id, *range(10, 30)], ((1, 21),), 0, 1, 1, 1, False)
+    short = Sample(
+        "a",
+        "s",
+        0,
+        [tokenizer.bos_token_id, 5, eos, eos],
+        ((1, 4),),
+        0,
+        1,
+        1,
+        1,
+        False,
+        n_markup_bytes=0,
+        n_mojibake=0,
+    )
+    long = Sample(
+        "b",
+        "s",
+        0,
+        [tokenizer.bos_token_id, *range(10, 30)],
+        ((1, 21),),
+        0,
+        1,
+        1,
+        1,
+        False,
+        n_markup_bytes=0,
+        n_mojibake=0,
+    )
     tensors = collate([long, short], pad_id=eos)  # the short row is padded with the very token it ends in
     out = NLLScorer(model)(tensors["input_ids"], tensors["attention_mask"], tensors["target_mask"])
     nll_sum, n_tokens, _, _ = reference(model, short.input_ids)
@@ -197,7 +223,7 @@ def test_split_windows_cover_every_target_once_within_max_tokens(length, max_tok
 
 def test_pack_batches_respects_the_budget():
     def sample(n):
-        return Sample("x", "s", 0, [1] * n, ((1, n),), 0, 0, 0, 0, False)
+        return Sample("x", "s", 0, [1] * n, ((1, n),), 0, 0, 0, 0, False, n_markup_bytes=0, n_mojibake=0)
 
     samples = sorted((sample(n) for n in [3, 50, 7, 64, 64, 20, 2, 33, 9]), key=lambda s: -len(s.input_ids))
     batches = pack_batches(samples, 128)
