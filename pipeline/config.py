@@ -623,10 +623,10 @@ class TrainConfig:
 
 COMPARE_ARMS = (
     "random", "random_replicate", "random_length_matched", "random_matched", "top", "bottom",
-    "midranking", "midranking_dropped", "irdro", "weighted", "all", *BAND_PRESETS,
+    "midranking", "midranking_dropped", "random_dropped", "irdro", "weighted", "all", *BAND_PRESETS,
 )  # fmt: skip
 
-UNRANKED_ARMS = ("random", "random_replicate", "irdro", "weighted", "all")
+UNRANKED_ARMS = ("random", "random_replicate", "random_dropped", "irdro", "weighted", "all")
 
 COMPARE_METRICS = ("heldout loss", "heldout loss by source", "ood loss")
 """The loss metrics a contrast can be pre-registered on (tasks: `task <name> loss`)."""
@@ -650,7 +650,8 @@ class CompareConfig:
     MidRanking set's length histogram); `random_matched` (a random sample with the MidRanking
     set's sources and, within each, its lengths: the control that leaves only the loss); the
     hardest (`top`) and easiest (`bottom`); the MidRanking band; `midranking_dropped` (the top by
-    loss after `drop_top`'s multi-key drop instead of the skip); `irdro` (online IR-DRO on a random
+    loss after `drop_top`'s multi-key drop instead of the skip); `random_dropped` (a random
+    sample of what that drop keeps: the drop's worth with no ranking); `irdro` (online IR-DRO on a random
     sample); `weighted` (offline IR-DRO weights on a random sample); `all`; or a peer's preset band
     (cc_net_middle, marion_middle, ankner_high50, ...). Every random draw is its own: a hash stream
     per arm and seed. An arm that ranks (top, bottom, midranking, the matched ones, a preset)
@@ -682,13 +683,13 @@ class CompareConfig:
     source), so no arm changes the source mix."""
 
     drop_top: DropTop = field(default_factory=lambda: DropTop(loss=0.1, bits_per_byte=0.05))
-    """The `midranking_dropped` arm: the union of these keys' top shares is dropped (each key is
-    blind to some junk), then `keep` of what remains is kept from the top by loss — the drop in
-    place of MidRanking's skip."""
+    """The `midranking_dropped` and `random_dropped` arms: the union of these keys' top shares is
+    dropped (each key is blind to some junk), then `keep` of what remains is kept from the top by
+    loss (the drop in place of MidRanking's skip) or drawn at random."""
 
     min_tokens: int = 0
-    """The `midranking_dropped` arm: samples with fewer scored tokens are not ranked (dropped as
-    too_short), part of its drop rule."""
+    """The `midranking_dropped` and `random_dropped` arms: samples with fewer scored tokens are
+    dropped as too_short, part of their drop rule."""
 
     keep: float = 0.5
     """Share of the corpus's tokens each of random/top/bottom/MidRanking holds."""

@@ -75,6 +75,10 @@ def arm_setup(cfg: Config, arm: str, seed: int) -> tuple[BandConfig, str]:
     draw = stream(arm, seed)
     if name in ("random", "random_replicate", "irdro"):
         return BandConfig(strategy="random", seed=draw, **tokens), "irdro" if name == "irdro" else "uniform"
+    if name == "random_dropped":  # the drop rule alone: what removing the junk is worth, with no ranking
+        return BandConfig(
+            strategy="random", seed=draw, drop_top=c.drop_top, min_tokens=c.min_tokens, **tokens
+        ), "uniform"
     if name == "weighted":  # offline IR-DRO: weights over a random sample, from its scored losses
         band = BandConfig(strategy="random", seed=draw, weights=True, kl_reg=cfg.train.kl_reg, **tokens)
         return band, "weighted"

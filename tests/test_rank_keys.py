@@ -455,6 +455,9 @@ def test_compare_arms_take_a_rank_key():
         "length_adjusted": 0.1, "tokens_per_byte": 0.1, "markup_share": 0.03, "mojibake": 0.03
     }  # fmt: skip
     assert noisy.select.bands[0].drop_top == band.drop_top  # select's preset band drops the same
+    clean, _ = arm_setup(noisy, "random_dropped", 0)  # the same drop, then a random draw
+    assert (clean.strategy, clean.drop_top, clean.min_tokens) == ("random", band.drop_top, 8)
+    assert clean.seed != arm_setup(noisy, "random", 0)[0].seed
     bad_arms = [
         ("irdro.bits_per_byte", "does not rank"),
         ("midranking.perplexity", "unknown rank key"),
