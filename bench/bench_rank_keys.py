@@ -153,7 +153,7 @@ def table(results: list[dict]) -> str:
         cells += [f"{full}/{len(HIGH_LOSS_KINDS)}", f"{caught}/{total} ({caught / max(total, 1):.0%})"]
         cells += [f"{(total - caught) / max(total, 1):.1%}", str(r["real_dropped"])]
         cells += [
-            f"{r['real_median_tokens']:.0f}",
+            f"{r['real_median_tokens']:.0f}" if r["real_dropped"] else "—",
             f"{r['real_under_50_tokens']} ({r['real_under_50_tokens'] / max(r['real_dropped'], 1):.0%})",
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -21,10 +21,10 @@
 - `tokens_per_byte`: n_tokens / n_bytes, the tokenizer's fertility on the text. A vocabulary
   learned from natural text covers its words in a few long tokens (about 0.27 tokens per byte on
   the embedded corpus); text it rarely saw — random characters, base64 and hex blobs, numeric
-  tables, a script of another language — splits into short pieces (0.6-0.9). Such text can be
-  *easy* for the model once split (the digits of a table repeat, each Georgian letter is one
-  predictable token), so loss and bits per byte rank it below real prose; this key ranks it at the
-  top. It depends on the tokenizer, not on what the model learned.
+  tables, a script of another language — splits into short pieces (medians 0.63-0.89 per kind).
+  Such text can be *easy* for the model once split (the digits of a table repeat, each Georgian
+  letter is one predictable token), so loss and bits per byte rank it below real prose; this key
+  ranks it at the top. It depends on the tokenizer, not on what the model learned.
 - `markup_share`: n_markup_bytes / n_bytes, the share of the text inside HTML/XML tags — page
   boilerplate that text extraction left in, which the model predicts well (tags and classes
   repeat). Counted by the scorer (pipeline/text_flags.py), not by the model.

@@ -4,7 +4,7 @@
     markup_bytes('<div class="nav">Home</div>')   # 23: the bytes of the two tags
     mojibake_count("naÃ¯ve cafÃ©")                # 2: sequences a wrong charset makes
 
-Both are regular text to the model and the tokenizer. Markup soup (nested tags with classes,
+Both read almost as regular text to the model and the tokenizer. Markup soup (nested tags with classes,
 inline script) costs the reference model ~2.2 nats per token against ~3.3 for the embedded
 corpus's documents, and splits into 0.44 tokens per byte against 0.27; UTF-8 read as cp1252
 (`Ã©` for `é`) costs ~4.6 nats and 0.41 tokens per byte, inside the spread of real documents
