@@ -692,7 +692,8 @@ class CompareConfig:
     dropped as too_short, part of their drop rule."""
 
     keep: float = 0.5
-    """Share of the corpus's tokens each of random/top/bottom/MidRanking holds."""
+    """Share of the corpus's tokens each of random/top/bottom/MidRanking holds (for the dropped
+    arms: of the tokens the drop leaves)."""
 
     skip: float = 0.1
     """MidRanking: share of the tokens dropped from the top before the kept band."""

@@ -37,7 +37,9 @@ from pipeline.outputs import OutputError, ScoresSummary
 from pipeline.records import needed_columns
 from pipeline.sharding import ShardPlan, changed_inputs
 
-SCORING_VERSION = 3  # bump when a change alters what a scorer writes (2: record_hash; 3: markup, mojibake)
+# Bumped when a change alters what a scorer writes (2: record_hash; 3: markup, mojibake; 4: markup
+# tags on one line only, a chat template's special tokens not markup).
+SCORING_VERSION = 4
 PROVENANCE_KEY = b"midrank.provenance"
 STATS_KEY = b"midrank.stats"
 

@@ -66,8 +66,8 @@ from stages import score, select, train
 
 def arm_setup(cfg: Config, arm: str, seed: int) -> tuple[BandConfig, str]:
     """(the training set's band, the training objective) of an arm: `<arm>` or `<arm>.<rank key>`.
-    Every random draw has its own hash stream (`stream`), so no two arms share a sample by
-    construction."""
+    Every random draw has its own hash stream (`stream`): two arms' samples are independent draws,
+    and overlap only as much as chance makes them."""
     c = cfg.compare
     name, _, key = arm.partition(".")
     by_key = {"rank_by": key} if key else {}

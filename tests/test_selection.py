@@ -428,6 +428,52 @@ def test_multi_key_drop_equals_brute_force(measure, drops):
     from pipeline.config import BandConfig, DropTop
     from stages.select import decide
 
+    rows, frame = _drop_rows()
+    band = BandConfig(
+        strategy="midranking",
+        skip=0.1,
+        keep=0.5,
+        measure=measure,
+        drop_top=DropTop(**{k: float(v) for k, v in drops.items()}),
+    )
+    decided = decide(frame, band, "test").rows.collect()
+    dropped_by = {key: _brute_top(rows, key, share, measure) for key, share in drops.items()}
+    union = set().union(*dropped_by.values())
+    rest = [r for r in rows if r["sample_id"] not in union]
+    kept = _brute_positions(rest, measure, lambda r: (-r["loss"], r["sample_id"]), "0.1", "0.6")
+    assert set(decided.filter(pl.col("kept"))["sample_id"]) == kept
+    assert set(decided.filter(pl.col("reason") == "dropped_top")["sample_id"]) == union
+    for row in decided.filter(pl.col("reason") == "dropped_top").iter_rows(named=True):
+        expected = [key for key in drops if row["sample_id"] in dropped_by[key]]
+        assert row["dropped_by"] == "+".join(expected)
+    assert decided.height == len(rows)  # every sample decided once
+
+
+@pytest.mark.parametrize("measure", ["samples", "tokens"])
+def test_a_random_draw_after_a_drop_equals_brute_force(measure):
+    """compare's random_dropped: the drop, then a seeded random share of what remains (ordered by the
+    sample_id's seeded hash) — its shares count the rest, not the corpus."""
+    from pipeline.config import BandConfig, DropTop
+    from stages.select import decide
+
+    rows, frame = _drop_rows()
+    drops = {"loss": "0.1", "tokens_per_byte": "0.2"}
+    band = BandConfig(
+        strategy="random", keep=0.3, seed=11, measure=measure, drop_top=DropTop(loss=0.1, tokens_per_byte=0.2)
+    )
+    decided = decide(frame, band, "test").rows.collect()
+    union = set().union(*(_brute_top(rows, key, share, measure) for key, share in drops.items()))
+    rest = [r for r in rows if r["sample_id"] not in union]
+    ids = [r["sample_id"] for r in rows]
+    hashes = dict(zip(ids, pl.Series(ids).hash(11).to_list(), strict=True))
+    kept = _brute_positions(rest, measure, lambda r: (hashes[r["sample_id"]], r["sample_id"]), "0", "0.3")
+    assert set(decided.filter(pl.col("kept"))["sample_id"]) == kept
+    assert set(decided.filter(pl.col("reason") == "dropped_top")["sample_id"]) == union
+    assert not kept & union
+
+
+def _drop_rows() -> tuple[list[dict], pl.LazyFrame]:
+    """240 rows with tied losses over two sources, their keys in exact rationals where they can be."""
     rng = random.Random(7)
     rows = []
     for i in range(240):
@@ -449,26 +495,15 @@ def test_multi_key_drop_equals_brute_force(measure, drops):
     frame = pl.LazyFrame(
         [{k: v for k, v in r.items() if k not in ("bits_per_byte", "tokens_per_byte")} for r in rows]
     )
-    band = BandConfig(
-        strategy="midranking",
-        skip=0.1,
-        keep=0.5,
-        measure=measure,
-        drop_top=DropTop(**{k: float(v) for k, v in drops.items()}),
-    )
-    decided = decide(frame, band, "test").rows.collect()
-    dropped_by = {key: _brute_top(rows, key, share, measure) for key, share in drops.items()}
-    union = set().union(*dropped_by.values())
-    rest = [r for r in rows if r["sample_id"] not in union]
+    return rows, frame
+
+
+def _brute_positions(rows: list[dict], measure: str, order, start: str, stop: str) -> set[str]:
+    """The rows whose position — the measure ahead of them in `order` — lies in [start, stop) x total."""
     size = (lambda r: r["n_tokens"]) if measure == "tokens" else (lambda r: 1)
-    total, before, kept = sum(size(r) for r in rest), 0, set()
-    for r in sorted(rest, key=lambda r: (-r["loss"], r["sample_id"])):
-        if Fraction("0.1") * total <= before < Fraction("0.6") * total:
+    total, before, kept = sum(size(r) for r in rows), 0, set()
+    for r in sorted(rows, key=order):
+        if Fraction(start) * total <= before < Fraction(stop) * total:
             kept.add(r["sample_id"])
         before += size(r)
-    assert set(decided.filter(pl.col("kept"))["sample_id"]) == kept
-    assert set(decided.filter(pl.col("reason") == "dropped_top")["sample_id"]) == union
-    for row in decided.filter(pl.col("reason") == "dropped_top").iter_rows(named=True):
-        expected = [key for key in drops if row["sample_id"] in dropped_by[key]]
-        assert row["dropped_by"] == "+".join(expected)
-    assert decided.height == len(rows)  # every sample decided once
+    return kept
