@@ -11,19 +11,17 @@ falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import re
 import types
 import typing
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from pipeline.rank_keys import FLAG_KEYS, RANK_KEYS, RankKey
+from pipeline.shares import exact_share, share_of
 
 
 class ConfigError(ValueError):
@@ -67,22 +65,6 @@ def _require_band_fits(skip: float, keep: float, key: str = "keep") -> None:
     _require(
         exact_share(skip) + exact_share(keep) <= 1, key, f"skip + keep must be <= 1, got {skip} + {keep}"
     )
-
-
-def exact_share(value: numbers.Real) -> Fraction:
-    """A share as the decimal the user wrote it: 0.1 is 1/10, not the binary float nearest to it, so
-    sums like skip + keep and products like share x total are exact (0.2 + 0.1 is 0.3 here, and
-    0.30000000000000004 in floats, enough to move a sample across a band's boundary). Floats of any
-    kind (NumPy's float32 too) are read as the shortest decimal that prints them."""
-    if isinstance(value, numbers.Rational):
-        return Fraction(value)
-    return Fraction(str(value))
-
-
-def share_of(n: int, share: float) -> int:
-    """`share` of n items, rounded half up, exactly (0.29 of 50 is 15, where float arithmetic gives
-    14.499999999999998 and rounds to 14)."""
-    return math.floor(exact_share(share) * n + Fraction(1, 2))
 
 
 # ------------------------------------------------------------------------------------------------

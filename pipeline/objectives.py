@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import share_of
+from pipeline.shares import share_of
 
 Objective = Literal["uniform", "irdro", "midranking_online", "weighted"]
 

@@ -31,9 +31,10 @@ import numpy as np
 import polars as pl
 
 from pipeline.band_ends import BUCKETS, MAX_ROWS, find_ends, group_totals, mark_past
-from pipeline.config import exact_share
 from pipeline.exchange import LOCAL, Exchange
-from pipeline.rank_keys import FLAG_KEYS, length_bin, length_edges
+from pipeline.key_columns import length_bin, length_edges
+from pipeline.rank_keys import FLAG_KEYS
+from pipeline.shares import exact_share
 
 Strategy = Literal["midranking", "band", "top", "bottom", "random", "all"]
 Reason = pl.Enum(["too_hard", "too_easy", "not_sampled", "too_short", "dropped_top"])

@@ -24,12 +24,13 @@ import polars as pl
 from pipeline.artifacts import NoScoresError, ProvenanceError, digest, write_text_atomic
 from pipeline.config import Config, DropTop, save_config, to_dict
 from pipeline.histograms import histogram, histogram_2d, quantiles, uniform_edges, value_range
+from pipeline.key_columns import estimate_curves, with_key
 from pipeline.layout import Layout, ReportPaths, part_files
 from pipeline.locks import lock
 from pipeline.log import get_logger
 from pipeline.outputs import BandExcerpt, BandManifest, OutputError, ReportBand, ReportSummary, to_json
 from pipeline.plots import Panel, plot_histograms, plot_loss_vs_length, plot_with_and_without_prompt
-from pipeline.rank_keys import ALL_SOURCES, estimate_curves, with_key
+from pipeline.rank_keys import ALL_SOURCES
 from pipeline.readers import InputError
 from pipeline.records import CorpusError, ReadStats, record_id, sample_text
 from pipeline.report import render_report

@@ -27,11 +27,11 @@ from pipeline.config import (
     BandConfig,
     Config,
     ConfigError,
-    exact_share,
     save_config,
     to_dict,
 )
 from pipeline.exchange import LOCAL, Exchange, exchange_for
+from pipeline.key_columns import check_key_columns, estimate_curves, with_key
 from pipeline.layout import Layout, part_files, part_path
 from pipeline.locks import lock
 from pipeline.log import get_logger
@@ -45,12 +45,13 @@ from pipeline.outputs import (
     SourceCount,
     SourceMix,
 )
-from pipeline.rank_keys import LengthCurve, check_key_columns, estimate_curves, with_key
+from pipeline.rank_keys import LengthCurve
 from pipeline.ranks import shards_of_rank
 from pipeline.records import ReadStats, record_digest, record_id, sample_text
 from pipeline.scores import check_corpus_unchanged, common_provenance, scan_scores, score_files
 from pipeline.selection import Band, Reason, band_for, irdro_weight_expr, length_matched, select, top_by_keys
 from pipeline.sharding import ShardPlan, plan_shards, shard_records
+from pipeline.shares import exact_share
 
 
 def band_of(cfg: BandConfig, total_tokens: int) -> tuple[Band, str]:

@@ -102,3 +102,19 @@ def test_bad_files_are_named(tmp_path):
 def test_override_into_a_value_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"score\.max_tokens: is a value, not a section"):
         load_config(write(tmp_path, BASE), ["score.max_tokens=5", "score.max_tokens.x=1"])
+
+
+def test_the_config_stands_on_no_selection_code():
+    """pipeline/config.py is imported by nearly every module: what it imports must not pull in the
+    selection engine (a fresh interpreter, so other tests' imports do not count)."""
+    import subprocess
+    import sys
+
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, pipeline.config; print(*sorted(sys.modules))"],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent,
+    ).stdout.split()  # fmt: skip
+    assert sorted(m for m in loaded if m.startswith("pipeline")) == [
+        "pipeline", "pipeline.config", "pipeline.rank_keys", "pipeline.shares"
+    ]  # fmt: skip
+    assert "polars" not in loaded

@@ -18,8 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.artifacts import ProvenanceError
 from pipeline.config import BandConfig, ConfigError, load_config
+from pipeline.key_columns import with_key
 from pipeline.outputs import BandManifest, from_json, to_json
-from pipeline.rank_keys import FLAG_KEYS, RANK_KEYS, LengthCurve, with_key
+from pipeline.rank_keys import FLAG_KEYS, RANK_KEYS, LengthCurve
 from pipeline.records import Record
 from pipeline.samples import SamplePolicy, make_samples
 from stages import inspect, score, select

@@ -159,7 +159,7 @@ def test_target_tokens_only_where_it_sizes_the_band(scored):
 
 
 def test_a_length_matched_band_shares_the_lengths_of_the_band_it_matches(scored, tmp_path):
-    from pipeline.rank_keys import length_edges
+    from pipeline.key_columns import length_edges
 
     config, _ = scored
     bands = (
