@@ -23,7 +23,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.ranks import rank_and_world
+from pipeline.launcher import rank_and_world
 
 WAIT_SECONDS = 3600.0
 ABORTED = "ABORTED"

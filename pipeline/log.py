@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from tqdm import tqdm
 
-from pipeline.ranks import rank_and_world
+from pipeline.launcher import rank_and_world
 
 _NAME = "midrank"
 

@@ -23,12 +23,12 @@ from torch.utils.data import DataLoader
 from pipeline.batching import ShardBatches
 from pipeline.config import Config, ConfigError, save_config
 from pipeline.cpu_memory import tune_cpu_malloc
+from pipeline.launcher import rank_and_world, shards_of_rank
 from pipeline.layout import Layout
 from pipeline.locks import check_free, lock
 from pipeline.log import RowProgress, format_counts, get_logger
 from pipeline.model import load_model
 from pipeline.nll import BudgetedScorer, NLLScorer
-from pipeline.ranks import rank_and_world, shards_of_rank
 from pipeline.readers import InputError
 from pipeline.scores import (
     ShardWriter,

@@ -32,6 +32,7 @@ from pipeline.config import (
 )
 from pipeline.exchange import LOCAL, Exchange, exchange_for
 from pipeline.key_columns import check_key_columns, estimate_curves, with_key
+from pipeline.launcher import shards_of_rank
 from pipeline.layout import Layout, part_files, part_path
 from pipeline.locks import lock
 from pipeline.log import get_logger
@@ -46,7 +47,6 @@ from pipeline.outputs import (
     SourceMix,
 )
 from pipeline.rank_keys import LengthCurve
-from pipeline.ranks import shards_of_rank
 from pipeline.records import ReadStats, record_digest, record_id, sample_text
 from pipeline.scores import check_corpus_unchanged, common_provenance, scan_scores, score_files
 from pipeline.selection import Band, Reason, band_for, irdro_weight_expr, length_matched, select, top_by_keys
@@ -54,7 +54,7 @@ from pipeline.sharding import ShardPlan, plan_shards, shard_records
 from pipeline.shares import exact_share
 
 
-def band_of(cfg: BandConfig, total_tokens: int) -> tuple[Band, str]:
+def resolve_band(cfg: BandConfig, total_tokens: int) -> tuple[Band, str]:
     measure = "tokens" if cfg.target_tokens else cfg.measure
     keep = Fraction(cfg.target_tokens, max(total_tokens, 1)) if cfg.target_tokens else cfg.keep
     if cfg.target_tokens:
@@ -135,7 +135,7 @@ def decide(
             )
     else:
         total_tokens = pooled_sum(exchange, "tokens", ranked.select(pl.col("n_tokens").cast(pl.Int64).sum()))
-        band, measure = band_of(cfg, total_tokens)
+        band, measure = resolve_band(cfg, total_tokens)
         decided = select(
             ranked,
             band,
@@ -221,7 +221,7 @@ def manifest_for(cfg: Config, band: Pending, provenance: dict) -> BandManifest:
     else:
         ranked = summary.filter(~pl.col("reason").is_in(["too_short", "dropped_top"]).fill_null(False))
         ranked_tokens = int(ranked["tokens"].sum())
-        band_range, measure = band_of(band_cfg, ranked_tokens)
+        band_range, measure = resolve_band(band_cfg, ranked_tokens)
         ranked_by = band_cfg.rank_by if band_range.order == "rank_key" else "random"
         positions = Positions(float(band_range.start), float(band_range.stop), ranked_by, measure)
     return BandManifest(
@@ -397,7 +397,7 @@ def finish_band(cfg: Config, layout: Layout, name: str, band: Pending, provenanc
 
 
 def run(cfg: Config) -> list[Path]:
-    """On several ranks (torchrun, a Slurm array: pipeline/ranks.py) each rank reads the scores of
+    """On several ranks (torchrun, a Slurm array: pipeline/launcher.py) each rank reads the scores of
     its own shards and the band's ends are found from their pooled histograms
     (pipeline/exchange.py); each rank writes its shards' parts, rank 0 the manifests."""
     started = time.perf_counter()

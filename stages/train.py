@@ -36,12 +36,12 @@ from pipeline.batching import pad_id_of
 from pipeline.config import Config, ConfigError, is_safe_name, save_config, to_dict
 from pipeline.cpu_memory import tune_cpu_malloc
 from pipeline.evaluation import HeldOutSet, delta_table, held_out_records, log_delta_table
+from pipeline.launcher import rank_and_world
 from pipeline.layout import Layout, RunPaths, part_files
 from pipeline.locks import lock
 from pipeline.log import format_counts, get_logger
 from pipeline.model import load_model
 from pipeline.outputs import OutputError, RunMetrics, TrainSummary
-from pipeline.ranks import rank_and_world
 from pipeline.samples import SamplePolicy
 from pipeline.train_data import (
     TokenBudgetCollator,

@@ -14,7 +14,7 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.exchange import exchange_for
-from pipeline.ranks import rank_and_world, shards_of_rank
+from pipeline.launcher import rank_and_world, shards_of_rank
 from pipeline.selection import band_for, select
 
 CASES = [

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.launcher import rank_and_world, shards_of_rank
 from pipeline.nll import BatchNLL, BudgetedScorer
-from pipeline.ranks import rank_and_world, shards_of_rank
 
 LAUNCHER_VARS = (
     "RANK",
