@@ -114,10 +114,10 @@ def junk_dose(cfg, arms: list[str], seeds: list[int], labels: Path) -> None:
 
 
 def rerandomize(cfg, seeds: list[int]) -> None:
-    evals = Layout(cfg.out_dir).report(cfg.compare.name).dir / "evals"
+    report = Layout(cfg.out_dir).report(cfg.compare.name)
     reference = cfg.compare.reference
     models = [
-        ModelEval.from_json(json.loads((evals / f"{arm}-seed{s}.json").read_text())["evaluation"])
+        ModelEval.from_json(json.loads(report.evaluation(f"{arm}-seed{s}").read_text())["evaluation"])
         for arm in (reference, "random_replicate")
         for s in seeds
     ]

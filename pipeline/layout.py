@@ -74,8 +74,8 @@ class RunPaths:
 @dataclass(frozen=True, slots=True)
 class ReportPaths:
     """A report folder: inspect writes `index` (HTML, the figures beside it) and `summary` (a
-    `ReportSummary`); compare writes `table` (markdown), `results` (JSON) and `deltas` (a chart).
-    Both write the resolved config.yaml."""
+    `ReportSummary`); compare writes `table` (markdown), `results` (JSON), `deltas` (a chart) and
+    each model's evaluation under `evals`. Both write the resolved config.yaml."""
 
     dir: Path
     index: Path
@@ -83,11 +83,16 @@ class ReportPaths:
     table: Path
     results: Path
     deltas: Path
+    evals: Path
 
     @classmethod
     def at(cls, folder: Path) -> ReportPaths:
-        names = ("index.html", "summary.json", "table.md", "results.json", "deltas.png")
+        names = ("index.html", "summary.json", "table.md", "results.json", "deltas.png", "evals")
         return cls(folder, *(folder / name for name in names))
+
+    def evaluation(self, label: str) -> Path:
+        """compare's cached evaluation of one model (`base`, `<arm>-seed<s>`)."""
+        return self.evals / f"{label}.json"
 
 
 @dataclass(frozen=True, slots=True)

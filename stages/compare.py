@@ -260,7 +260,7 @@ def evaluation_inputs(cfg: Config) -> dict[str, Any]:
 def cached_evaluation(cfg: Config, model_dir: Path, label: str, timer: Timer) -> ModelEval:
     """The model's evaluation, read from `evals/<label>.json` when it was made of the same weights
     and inputs, else computed and written there."""
-    path = Layout(cfg.out_dir).report(cfg.compare.name).dir / "evals" / f"{label}.json"
+    path = Layout(cfg.out_dir).report(cfg.compare.name).evaluation(label)
     weights = fingerprint(dataclasses.replace(cfg.model, path=str(model_dir)))["weights_sha256"]
     key = digest({"weights": weights, "inputs": evaluation_inputs(cfg)})
     try:

@@ -1,0 +1,234 @@
+"""The report's figures: each selected band as the report draws it (`DrawnBand`), the loss and key
+histograms with the band's kept counts and cut-offs over the corpus's, and loss against length.
+
+    band = load_band(layout, "midranking-s0.1-k0.5-samples")
+    images = draw_figures(scores, [band], cfg.inspect, sources, work_dir)   # {file: caption}
+
+All binning is done by Polars queries (pipeline/histograms.py); pipeline/plots.py renders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from pipeline.config import DropTop
+from pipeline.histograms import histogram, histogram_2d, uniform_edges, value_range
+from pipeline.key_columns import estimate_curves, with_key
+from pipeline.layout import Layout, part_files
+from pipeline.outputs import BandManifest
+from pipeline.plots import Panel, plot_histograms, plot_loss_vs_length, plot_with_and_without_prompt
+from pipeline.rank_keys import ALL_SOURCES
+from pipeline.selection import top_by_keys
+
+LOSS = pl.col("loss")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DrawnBand:
+    """A selected band as the report draws it."""
+
+    manifest: BandManifest
+    kept: pl.LazyFrame
+    key: str
+    """The column the band ranked by (a rank key of pipeline/rank_keys.py)."""
+    interval: tuple[float, float] | None
+    """The band's interval of its key when it is one (a global band by rank), else None."""
+    source_intervals: dict[str, tuple[float, float]]
+
+    @property
+    def name(self) -> str:
+        return self.manifest.band
+
+    @property
+    def value(self) -> pl.Expr:
+        return pl.col(self.key)
+
+    def ranked(self, scores: pl.LazyFrame) -> pl.LazyFrame:
+        """The samples the band ranked (min_tokens and over), with its key's column: the key is
+        recomputed from the curves its manifest records."""
+        ranked = scores.filter(pl.col("n_tokens") >= self.manifest.parameters.get("min_tokens", 0))
+        if self.key == "loss":
+            return ranked
+        by_source = bool(self.manifest.parameters.get("adjust_by_source", False))
+        return with_key(ranked, self.key, self.manifest.length_curves, by_source=by_source)
+
+    def dropped(self, scores: pl.LazyFrame) -> pl.LazyFrame | None:
+        """The samples the band's drop_top dropped, each with `dropped_by` (the keys whose top
+        it fell in), found again the way select found them; None without drop_top."""
+        top = self.manifest.dropped_top
+        if top is None:
+            return None
+        params = self.manifest.parameters
+        ranked = scores.filter(pl.col("n_tokens") >= params.get("min_tokens", 0))
+        for key in dict.fromkeys([self.key, *top.shares]):
+            ranked = with_key(
+                ranked,
+                key,
+                self.manifest.length_curves,
+                by_source=bool(params.get("adjust_by_source", False)),
+            )
+        measure = "tokens" if params.get("target_tokens") else params.get("measure", "samples")
+        shares = DropTop(**top.shares).shares()  # in select's key order, whatever the JSON's
+        flagged = top_by_keys(ranked, shares, measure=measure, by_source=self.manifest.by_source)
+        return flagged.filter(pl.col("dropped_by").is_not_null())
+
+
+def load_band(layout: Layout, name: str) -> DrawnBand:
+    manifest = BandManifest.read(layout.band(name).manifest)
+    kept = pl.scan_parquet(part_files(layout.band(name).dir))
+    key = manifest.rank_key.key if manifest.rank_key else "loss"
+    ranks = manifest.positions.ranked_by != "random"  # not a random sample
+    per_source = (
+        kept.group_by("source").agg(low=pl.col(key).min(), high=pl.col(key).max()).collect()
+        if ranks
+        else pl.DataFrame({"source": [], "low": [], "high": []})
+    )
+    kept_range = manifest.rank_key or manifest.loss_thresholds
+    interval = (kept_range.min_kept, kept_range.max_kept)
+    return DrawnBand(
+        manifest,
+        kept,
+        key,
+        interval if ranks and not manifest.by_source else None,
+        {r["source"]: (r["low"], r["high"]) for r in per_source.to_dicts()}
+        if manifest.by_source
+        else dict.fromkeys(per_source["source"].to_list(), interval),
+    )
+
+
+def panels_for(
+    corpus: tuple[np.ndarray, dict[str, np.ndarray]],
+    edges: np.ndarray,
+    band: DrawnBand | None,
+    sources: list[str],
+    value: pl.Expr = LOSS,
+) -> list[Panel]:
+    """The corpus's counts of `value` (overall, per source) with a band's kept counts drawn over
+    them, and its cut-offs when it is an interval of `value`."""
+    everything, by_source = corpus
+    kept_all = kept_by_source = None
+    if band is not None:
+        kept_all = histogram(band.kept, value, edges)
+        kept_by_source = histogram(band.kept, value, edges, by="source")
+    cuts = band is not None and band.key == value.meta.output_name()
+    zeros = np.zeros(len(edges) - 1, dtype=np.int64)
+    panels = [Panel("all sources", everything, kept_all, band.interval if cuts else None)]
+    for source in sources:
+        interval = band.source_intervals.get(source) if cuts else None
+        kept = kept_by_source.get(source, zeros) if kept_by_source is not None else None
+        panels.append(Panel(source, by_source.get(source, zeros), kept, interval))
+    return panels
+
+
+def in_perplexity(panel: Panel) -> Panel:
+    band = None if panel.band is None else (float(np.exp(panel.band[0])), float(np.exp(panel.band[1])))
+    return dataclasses.replace(panel, band=band)
+
+
+KEY_UNITS = {
+    "bits_per_byte": "bits/byte",
+    "length_adjusted": "nats/token above the expected loss",
+    "tokens_per_byte": "tokens/byte",
+    "markup_share": "share of the bytes in markup tags",
+    "mojibake": "wrong-charset sequences per byte",
+    "ifd": "loss with the prompt / loss without it",
+}
+
+
+def draw_figures(scores: pl.LazyFrame, bands: list[DrawnBand], icfg, sources: list[str], work: Path) -> dict:
+    """The loss (and perplexity) histograms per band, the key histogram of a band ranked by
+    another key, and loss against length -> {file: caption}."""
+    edges = uniform_edges(*value_range(scores, LOSS), icfg.bins)
+    corpus_counts = (histogram(scores, LOSS, edges), histogram(scores, LOSS, edges, by="source"))
+    images: dict[str, str] = {}
+    for band in bands or [None]:
+        suffix = f"-{band.name}" if band else ""
+        title = f"band {band.name}" if band else "no band selected yet"
+        panels = panels_for(corpus_counts, edges, band, sources)
+        name = f"loss_hist{suffix}.png"
+        plot_histograms(panels, edges, work / name, xlabel="loss (nats/token)", title=title)
+        images[name] = f"Loss per sample, {title}"
+        if icfg.perplexity:
+            # log(perplexity) = loss: the loss counts are the perplexity counts in log-spaced bins.
+            name = f"ppl_hist{suffix}.png"
+            ppl_panels = [in_perplexity(p) for p in panels]
+            plot_histograms(
+                ppl_panels, np.exp(edges), work / name, xlabel="perplexity", title=title, log_x=True
+            )
+            images[name] = f"Perplexity per sample (log axis), {title}"
+        if band is not None and band.key != "loss":
+            images |= draw_key_histogram(scores, band, icfg, sources, work)
+    length = pl.col("n_tokens").cast(pl.Float64).log10()
+    length_edges = uniform_edges(*value_range(scores, length), icfg.bins)
+    counts = histogram_2d(scores, length, length_edges, LOSS, edges)
+    grid = (10**length_edges, edges)
+    curve = estimate_curves(scores, by_source=False)[ALL_SOURCES]
+    xs = np.geomspace(grid[0][0], grid[0][-1], 200)
+    drawn_curve = (xs, curve.at(xs))
+    intervals = {b.name: b.interval for b in bands if b.interval is not None and b.key == "loss"}
+    plot_loss_vs_length(counts, *grid, work / "loss_vs_length.png", bands=intervals, curve=drawn_curve)
+    images["loss_vs_length.png"] = (
+        "Loss against length (scored tokens), with the median loss at each length (rank_by=length_adjusted "
+        "subtracts it) and the bands ranked by loss"
+    )
+    images |= draw_with_and_without_prompt(scores, bands, icfg, work)
+    for band in bands:
+        if band.key == "loss":
+            continue
+        kept = histogram_2d(band.kept, length, length_edges, LOSS, edges)
+        by_source = band.manifest.parameters.get("adjust_by_source", False)
+        own = None if by_source else (band.manifest.length_curves or {}).get(ALL_SOURCES)
+        name = f"loss_vs_length-{band.name}.png"
+        plot_loss_vs_length(
+            counts,
+            *grid,
+            work / name,
+            bands={},
+            curve=(xs, own.at(xs)) if own else drawn_curve,
+            kept=kept,
+            adjusted_band=band.interval if own and band.key == "length_adjusted" else None,
+            title=f"loss against length, band {band.name}",
+        )
+        images[name] = f"Where band {band.name} (ranked by {band.key}) falls in (length, loss)"
+    return images
+
+
+def draw_with_and_without_prompt(scores: pl.LazyFrame, bands: list[DrawnBand], icfg, work: Path) -> dict:
+    """Instruction data scored with score.unconditional: loss with the prompt against without it,
+    for the whole set and with each band's kept samples drawn over it."""
+    if scores.select(pl.col("nll_sum_uncond").is_not_null().any()).collect().item() is not True:
+        return {}
+    scored = scores.filter(pl.col("nll_sum_uncond").is_not_null())
+    without = (pl.col("nll_sum_uncond") / pl.col("n_tokens")).alias("loss_without_prompt")
+    (low_with, high_with), (low_without, high_without) = (
+        value_range(scored, LOSS),
+        value_range(scored, without),
+    )
+    edges = uniform_edges(min(low_with, low_without), max(high_with, high_without), icfg.bins)
+    counts = histogram_2d(scored, without, edges, LOSS, edges)
+    images = {}
+    for band in bands or [None]:
+        kept = histogram_2d(band.kept, without, edges, LOSS, edges) if band else None
+        name = f"with_without_prompt-{band.name}.png" if band else "with_without_prompt.png"
+        title = f"band {band.name}" if band else "loss with and without the prompt"
+        plot_with_and_without_prompt(counts, edges, work / name, kept=kept, title=title)
+        images[name] = f"Each response's loss with its prompt against without it, {title}"
+    return images
+
+
+def draw_key_histogram(scores: pl.LazyFrame, band: DrawnBand, icfg, sources: list[str], work: Path) -> dict:
+    """The band's key over the samples it ranked, with what it kept and its cut-offs."""
+    ranked = band.ranked(scores)
+    edges = uniform_edges(*value_range(ranked, band.value), icfg.bins)
+    counts = (histogram(ranked, band.value, edges), histogram(ranked, band.value, edges, by="source"))
+    name = f"key_hist-{band.name}.png"
+    xlabel = f"{band.key} ({KEY_UNITS[band.key]})"
+    title = f"band {band.name}: ranked by {band.key}"
+    plot_histograms(
+        panels_for(counts, edges, band, sources, band.value), edges, work / name, xlabel=xlabel, title=title
+    )
+    return {name: f"{band.key} per ranked sample, {title}"}
