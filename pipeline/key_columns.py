@@ -153,8 +153,7 @@ def with_key(
 
 
 def check_key_columns(scores: pl.LazyFrame, key: str, where: str) -> None:
-    """The per-byte keys need n_bytes >= 1 and their count on every row (scores written before
-    midrank stored them have none); ifd needs the unconditional NLL."""
+    """The per-byte keys need n_bytes >= 1 on every row; ifd needs the unconditional NLL."""
     if key == "ifd":
         missing = scores.select(pl.col("nll_sum_uncond").null_count()).collect().item()
         if missing:
@@ -165,24 +164,14 @@ def check_key_columns(scores: pl.LazyFrame, key: str, where: str) -> None:
         return
     if key != "bits_per_byte" and key not in PER_BYTE:
         return
-    count = pl.col(PER_BYTE.get(key, "n_bytes"))
-    missing, empty, example = (
+    empty, example = (
         scores.select(
-            missing=(pl.col("n_bytes").is_null() | count.is_null()).sum(),
             empty=(pl.col("n_bytes") < 1).sum(),
-            example=pl.col("sample_id")
-            .filter(pl.col("n_bytes").is_null() | count.is_null() | (pl.col("n_bytes") < 1))
-            .first(),
+            example=pl.col("sample_id").filter(pl.col("n_bytes") < 1).first(),
         )
         .collect()
         .row(0)
     )
-    if missing:
-        raise ProvenanceError(
-            f"{where}: {missing:,} scored samples lack the counts {key} needs (e.g. {example}; scored by a "
-            f"midrank that did not store them); rank them by loss or length_adjusted, or score again into "
-            "another out_dir"
-        )
     if empty:
         raise ProvenanceError(
             f"{where}: {empty:,} scored samples cover no byte of text (n_bytes 0, e.g. {example}), so they "

@@ -44,8 +44,7 @@ def example_regions(scores: pl.LazyFrame, band: DrawnBand | None, k: int) -> dic
     lowest = ranked.bottom_k(k, by=[key, "sample_id"])
     highest = ranked.top_k(k, by=[key, "sample_id"])
     median = band.kept.select(value.median()).collect().item()
-    present = band.kept.collect_schema().names()  # a band selected by an older midrank lacks some
-    columns = list(dict.fromkeys([*EXAMPLE_COLUMNS, key, *(c for c in KEY_COLUMNS if c in present)]))
+    columns = list(dict.fromkeys([*EXAMPLE_COLUMNS, key, *KEY_COLUMNS]))
     inside = band.kept.filter(value >= median).bottom_k(k, by=key).select(columns)
     dropped = band.dropped(scores)
     if dropped is not None:  # drop_top: its rows are not the band's to rank; show them per key set

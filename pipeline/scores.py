@@ -46,11 +46,9 @@ STATS_KEY = b"midrank.stats"
 # A row: where the sample came from; what was scored (n_tokens targets, their summed NLL; the loss is
 # derived, the worst token flags garbage); the span of the record's text it covers, to join it back;
 # a hash of the record, to tell that the text joined back is the one scored; the UTF-8 bytes the
-# targets cover, for bits per byte (added after scoring_version 2 without a bump, so that finished
-# scores still rank by loss: files written before it read with n_bytes null); of those bytes, the
-# ones inside markup tags and the wrong-charset sequences (pipeline/text_flags.py: scoring_version
-# 3; scores of version 2 are refused with a message to rescore); with
-# score.unconditional, the summed NLL of the same targets without the prompt (else null).
+# targets cover, for bits per byte; of those bytes, the ones inside markup tags and the
+# wrong-charset sequences (pipeline/text_flags.py); with score.unconditional, the summed NLL of the
+# same targets without the prompt (else null). Scores of another SCORING_VERSION are not read.
 SCORE_SCHEMA = pa.schema(
     {"sample_id": pa.string(), "shard": pa.int32(), "source": pa.string(), "window": pa.int32()}
     | {"n_tokens": pa.int32(), "nll_sum": pa.float64(), "loss": pa.float64(), "max_token_nll": pa.float32()}
@@ -170,22 +168,11 @@ def window_table(
     return (table.filter(pa.array(finite)) if bad else table), bad
 
 
-def conform(table: pa.Table) -> pa.Table:
-    """A score table in SCORE_SCHEMA: a checkpoint written before a column existed gets it as nulls."""
-    for name in SCORE_SCHEMA.names:
-        if name not in table.column_names:
-            table = table.append_column(
-                SCORE_SCHEMA.field(name), pa.nulls(len(table), SCORE_SCHEMA.field(name).type)
-            )
-    return table.select(SCORE_SCHEMA.names).cast(SCORE_SCHEMA)
-
-
 def scan_scores(files: list[Path]) -> pl.LazyFrame:
-    """The score files as one lazy table; columns a file predates (n_bytes) read as nulls, in
-    whichever order old and new files come."""
+    """The score files (of this SCORING_VERSION: `score_files`) as one lazy table."""
     if not files:  # a rank with no shard of its own still takes part in a select job
         return pl.LazyFrame(schema=SCORE_POLARS_SCHEMA)
-    return pl.scan_parquet(files, schema=SCORE_POLARS_SCHEMA, missing_columns="insert")
+    return pl.scan_parquet(files, schema=SCORE_POLARS_SCHEMA)
 
 
 COUNTS = ("rows", "records", "samples", "tokens", "seconds")
@@ -243,7 +230,7 @@ class ShardWriter:
 
     def finish(self) -> dict[str, Any]:
         chunks = self.layout.score_chunk_files(self.shard)
-        tables = [conform(pq.read_table(c)).replace_schema_metadata(None) for c in chunks]
+        tables = [pq.read_table(c).replace_schema_metadata(None) for c in chunks]
         table = pa.concat_tables(tables) if tables else SCORE_SCHEMA.empty_table()
         metadata = {
             PROVENANCE_KEY: json.dumps(self.provenance).encode(),
@@ -286,7 +273,7 @@ def check_corpus_unchanged(layout: Layout, plan: ShardPlan, provenance: dict[str
 
 def score_files(layout: Layout) -> list[Path]:
     """Every shard's file, as many as the scores were planned with; an unfinished or damaged score
-    set is an error that says what to do."""
+    set, or one of another SCORING_VERSION, is an error that says what to do."""
     plan = scored_plan(layout)
     if plan is None:
         raise ProvenanceError(f"{layout.scores_dir}: nothing scored yet; run `midrank score` first")
@@ -299,7 +286,14 @@ def score_files(layout: Layout) -> list[Path]:
             "run `midrank score` to finish scoring first"
         )
     for path in files:
-        read_json_metadata(path, PROVENANCE_KEY)  # a file cut short fails here, naming it
+        version = read_json_metadata(path, PROVENANCE_KEY)["key"].get(
+            "scoring_version"
+        )  # a cut file fails here
+        if version != SCORING_VERSION:
+            raise ProvenanceError(
+                f"{path}: scored by another midrank (scoring version {version}; this one reads "
+                f"{SCORING_VERSION}: docs/scoring.md#provenance); score again into another out_dir"
+            )
     return files
 
 

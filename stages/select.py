@@ -305,9 +305,8 @@ def reference_lengths(
 
 
 def same_parameters(previous: dict, band_cfg: BandConfig) -> bool:
-    """Whether a selected band's recorded parameters are this config's; a field added to
-    BandConfig since it was selected counts as its default."""
-    return {**to_dict(BandConfig()), **previous} == to_dict(band_cfg)
+    """Whether a selected band's recorded parameters are this config's."""
+    return previous == to_dict(band_cfg)
 
 
 def bands_to_select(
