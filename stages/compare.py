@@ -72,13 +72,12 @@ def arm_setup(cfg: Config, arm: str, seed: int) -> tuple[BandConfig, str]:
     name, _, key = arm.partition(".")
     by_key = {"rank_by": key} if key else {}
     tokens = {"measure": "tokens", "keep": c.keep, "by_source": c.by_source}
+    drop = {"drop_top": c.drop_top, "min_tokens": c.min_tokens}  # the dropped arms' rule
     draw = stream(arm, seed)
     if name in ("random", "random_replicate", "irdro"):
         return BandConfig(strategy="random", seed=draw, **tokens), "irdro" if name == "irdro" else "uniform"
     if name == "random_dropped":  # the drop rule alone: what removing the junk is worth, with no ranking
-        return BandConfig(
-            strategy="random", seed=draw, drop_top=c.drop_top, min_tokens=c.min_tokens, **tokens
-        ), "uniform"
+        return BandConfig(strategy="random", seed=draw, **tokens, **drop), "uniform"
     if name == "weighted":  # offline IR-DRO: weights over a random sample, from its scored losses
         band = BandConfig(strategy="random", seed=draw, weights=True, kl_reg=cfg.train.kl_reg, **tokens)
         return band, "weighted"
@@ -87,11 +86,7 @@ def arm_setup(cfg: Config, arm: str, seed: int) -> tuple[BandConfig, str]:
     if name == "midranking":
         return midranking_band(cfg, key), "uniform"
     if name == "midranking_dropped":
-        band = BandConfig(
-            strategy="midranking", skip=0, keep=c.keep, measure="tokens", rank_by=key or "loss",
-            by_source=c.by_source, drop_top=c.drop_top, min_tokens=c.min_tokens,
-        )  # fmt: skip
-        return band, "uniform"
+        return BandConfig(strategy="midranking", skip=0, rank_by=key or "loss", **tokens, **drop), "uniform"
     if name in ("random_length_matched", "random_matched"):
         match = midranking_band(cfg, key).resolved_name()
         by_source = name == "random_matched"

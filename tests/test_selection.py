@@ -440,7 +440,7 @@ def test_multi_key_drop_equals_brute_force(measure, drops):
     dropped_by = {key: _brute_top(rows, key, share, measure) for key, share in drops.items()}
     union = set().union(*dropped_by.values())
     rest = [r for r in rows if r["sample_id"] not in union]
-    kept = _brute_positions(rest, measure, lambda r: (-r["loss"], r["sample_id"]), "0.1", "0.6")
+    kept = brute_force(rest, (Fraction("0.1"), Fraction("0.6")), measure, False)
     assert set(decided.filter(pl.col("kept"))["sample_id"]) == kept
     assert set(decided.filter(pl.col("reason") == "dropped_top")["sample_id"]) == union
     for row in decided.filter(pl.col("reason") == "dropped_top").iter_rows(named=True):
@@ -466,7 +466,13 @@ def test_a_random_draw_after_a_drop_equals_brute_force(measure):
     rest = [r for r in rows if r["sample_id"] not in union]
     ids = [r["sample_id"] for r in rows]
     hashes = dict(zip(ids, pl.Series(ids).hash(11).to_list(), strict=True))
-    kept = _brute_positions(rest, measure, lambda r: (hashes[r["sample_id"]], r["sample_id"]), "0", "0.3")
+    kept = brute_force(
+        rest,
+        (Fraction(0), Fraction("0.3")),
+        measure,
+        False,
+        lambda r: (hashes[r["sample_id"]], r["sample_id"]),
+    )
     assert set(decided.filter(pl.col("kept"))["sample_id"]) == kept
     assert set(decided.filter(pl.col("reason") == "dropped_top")["sample_id"]) == union
     assert not kept & union
@@ -496,14 +502,3 @@ def _drop_rows() -> tuple[list[dict], pl.LazyFrame]:
         [{k: v for k, v in r.items() if k not in ("bits_per_byte", "tokens_per_byte")} for r in rows]
     )
     return rows, frame
-
-
-def _brute_positions(rows: list[dict], measure: str, order, start: str, stop: str) -> set[str]:
-    """The rows whose position — the measure ahead of them in `order` — lies in [start, stop) x total."""
-    size = (lambda r: r["n_tokens"]) if measure == "tokens" else (lambda r: 1)
-    total, before, kept = sum(size(r) for r in rows), 0, set()
-    for r in sorted(rows, key=order):
-        if Fraction(start) * total <= before < Fraction(stop) * total:
-            kept.add(r["sample_id"])
-        before += size(r)
-    return kept
