@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data.junk import HIGH_LOSS_KINDS, KINDS, donor_for, junk  # noqa: E402
+from pipeline.band_decision import decide  # noqa: E402
 from pipeline.config import BandConfig, DropTop, load_config  # noqa: E402
 from pipeline.layout import Layout  # noqa: E402
 from pipeline.scores import scan_scores, score_files  # noqa: E402
 from stages import score  # noqa: E402
-from stages.select import decide  # noqa: E402
 
 RULES = {
     "loss": {},

@@ -38,13 +38,13 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.band_decision import decide  # noqa: E402
 from pipeline.comparison import ModelEval  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.layout import Layout, part_files  # noqa: E402
 from pipeline.scores import scan_scores, score_files  # noqa: E402
 from pipeline.stats import contrast  # noqa: E402
 from stages.compare import arm_setup  # noqa: E402
-from stages.select import decide  # noqa: E402
 
 
 def overlap(cfg, arms: list[str], seeds: list[int]) -> None:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import polars as pl
 
+from pipeline.band_decision import decide
 from pipeline.config import BandConfig, load_config
 from pipeline.layout import Layout, part_files
 from pipeline.scores import scan_scores, score_files
-from stages.select import decide
 
 KINDS = ("ok", "mismatched", "truncated")
 

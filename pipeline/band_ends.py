@@ -18,7 +18,7 @@ Bucketing is monotone in the key, so each bucket's rows are exactly those with a
 samples they are read and sorted. A range of one key value (ties) with more than `max_rows`
 samples narrows by sample_id, one character a pass, the same way. Every open end is advanced in
 the same pass, so a band's two ends in every source cost about three passes over the key column.
-Memory: the histograms (buckets x ends, times the ranks when pooled) and up to 2 x `max_rows`
+Memory: the histograms (buckets x ends) and up to 2 x `max_rows`
 samples, whatever the number of rows.
 """
 
@@ -30,8 +30,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-
-from pipeline.exchange import LOCAL, Exchange
 
 End = tuple[Any, str | None] | bool
 """(key, sample_id) of the sample covering a threshold; True: every sample is at or after it
@@ -60,25 +58,15 @@ class Range:
         return inside
 
 
-def group_totals(keyed: pl.LazyFrame, exchange: Exchange = LOCAL) -> pl.DataFrame:
-    """One pass: rows, measure and key range of each group (over every rank's scores)."""
+def group_totals(keyed: pl.LazyFrame) -> pl.DataFrame:
+    """One pass: rows, measure and key range of each group."""
     stats = {
         "rows": pl.len(),
         "size": pl.col("_size").sum(),
         "lo": pl.col("_key").min(),
         "hi": pl.col("_key").max(),
     }
-    mine = keyed.group_by("_group").agg(**stats).collect(engine="streaming")
-    merged = _MERGE["rows"], _MERGE["size"], _MERGE["lo"], _MERGE["hi"]
-    return exchange.gather("totals", mine).group_by("_group").agg(*merged).sort("_group", nulls_last=True)
-
-
-_MERGE = {
-    "rows": pl.col("rows").sum(),
-    "size": pl.col("size").sum(),
-    "lo": pl.col("lo").min(),
-    "hi": pl.col("hi").max(),
-}
+    return keyed.group_by("_group").agg(**stats).collect(engine="streaming").sort("_group", nulls_last=True)
 
 
 def find_ends(
@@ -88,12 +76,10 @@ def find_ends(
     *,
     buckets: int = BUCKETS,
     max_rows: int = MAX_ROWS,
-    exchange: Exchange = LOCAL,
     values_only: bool = False,
 ) -> dict[tuple[Any, int], End]:
     """The end of every (group, threshold); `keyed` has _group, _key (Float64 or UInt64),
-    _size (Int64, >= 1) and sample_id; `totals` is group_totals(keyed). On several ranks each
-    passes its own scores and every pass's histograms are summed across ranks. `values_only`:
+    _size (Int64, >= 1) and sample_id; `totals` is group_totals(keyed). `values_only`:
     only the end's key is wanted (an order statistic), so a tie is not narrowed by sample_id."""
     ends: dict[tuple[Any, int], End] = {}
     open_ends: dict[tuple[Any, int], Range] = {}
@@ -106,7 +92,7 @@ def find_ends(
                     row["_group"], row["lo"], row["hi"], 0, row["rows"]
                 )
     while open_ends:
-        # the same order on every rank (a set's order follows string hashes, which differ by process)
+        # a set's order follows string hashes, which differ by process: sorted, every run reads alike
         ranges = sorted(set(open_ends.values()), key=lambda r: (str(r.group), r.lo, r.hi, r.prefix or ""))
         small = [r for r in ranges if r.rows <= max_rows]
         by_key = [r for r in ranges if r.rows > max_rows and r.lo != r.hi]
@@ -115,10 +101,10 @@ def find_ends(
             ends.update({end: (where.lo, None) for end, where in open_ends.items() if where in by_id})
             by_id = []
         if small:
-            ends.update(_read_and_sort(keyed, small, open_ends, max_rows, exchange))
-        narrowed = _narrow(open_ends, _key_histograms(keyed, by_key, buckets, exchange)) if by_key else {}
+            ends.update(_read_and_sort(keyed, small, open_ends, max_rows))
+        narrowed = _narrow(open_ends, _key_histograms(keyed, by_key, buckets)) if by_key else {}
         for part in by_id:
-            narrowed.update(_narrow(open_ends, {part: _id_histogram(keyed, part, exchange)}))
+            narrowed.update(_narrow(open_ends, {part: _id_histogram(keyed, part)}))
         for end, where in narrowed.items():
             if isinstance(where, Range):
                 open_ends[end] = where
@@ -134,7 +120,6 @@ def _read_and_sort(
     ranges: list[Range],
     open_ends: dict[tuple[Any, int], Range],
     max_rows: int,
-    exchange: Exchange,
 ) -> dict[tuple[Any, int], End]:
     """The ends inside ranges small enough to hold: their rows read in one pass (a few, when
     together they pass 2 x max_rows), sorted."""
@@ -144,10 +129,7 @@ def _read_and_sort(
         # concat_str copies the ids: a filtered string column would otherwise keep, as views, the
         # string buffers of every row scanned (3.4 GB at 100M samples instead of 0.2)
         own_copy = pl.concat_str(pl.col("sample_id"), pl.lit("")).alias("sample_id")
-        held = exchange.gather(
-            "rows",
-            keyed.filter(inside).select("_group", "_key", "_size", own_copy).collect(engine="streaming"),
-        )
+        held = keyed.filter(inside).select("_group", "_key", "_size", own_copy).collect(engine="streaming")
         for part in batch:
             rows = held.filter(part.rows_in()).sort("_key", "sample_id")
             covered = part.offset + np.cumsum(rows["_size"].to_numpy())
@@ -169,9 +151,7 @@ def _batches(ranges: list[Range], budget: int) -> list[list[Range]]:
     return batches
 
 
-def _key_histograms(
-    keyed: pl.LazyFrame, ranges: list[Range], buckets: int, exchange: Exchange
-) -> dict[Range, pl.DataFrame]:
+def _key_histograms(keyed: pl.LazyFrame, ranges: list[Range], buckets: int) -> dict[Range, pl.DataFrame]:
     """One pass: each range's histogram of `buckets` equal-width key buckets (rows, measure, key
     min and max of each), ascending. Keys are halved before subtracting so the width of a float
     range cannot overflow; a range too narrow for the arithmetic splits at its minimum instead."""
@@ -200,7 +180,6 @@ def _key_histograms(
         .agg(rows=pl.len(), size=pl.col("_size").sum(), lo=key.min(), hi=key.max())
         .collect(engine="streaming")
     )
-    histograms = exchange.gather("buckets", histograms).group_by("_id", "_bucket").agg(**_MERGE)
     return {
         part: histograms.filter(pl.col("_id") == i).sort("_bucket").select("rows", "size", "lo", "hi")
         for i, part in enumerate(ranges)
@@ -212,7 +191,7 @@ def _width(part: Range, integer: bool) -> float:
     return width if math.isfinite(width) and width > 0 else 0.0
 
 
-def _id_histogram(keyed: pl.LazyFrame, part: Range, exchange: Exchange) -> pl.DataFrame:
+def _id_histogram(keyed: pl.LazyFrame, part: Range) -> pl.DataFrame:
     """One pass over a range of one key value: its rows by the next character of sample_id after
     the prefix ("" for a sample_id that is the prefix), in sample_id order."""
     prefix = part.prefix or ""
@@ -221,9 +200,7 @@ def _id_histogram(keyed: pl.LazyFrame, part: Range, exchange: Exchange) -> pl.Da
         .group_by(_char=pl.col("sample_id").str.slice(len(prefix), 1))
         .agg(rows=pl.len(), size=pl.col("_size").sum())
         .collect(engine="streaming")
-    )
-    histogram = (
-        exchange.gather("ids", histogram).group_by("_char").agg(_MERGE["rows"], _MERGE["size"]).sort("_char")
+        .sort("_char")
     )
     return histogram.with_columns(lo=pl.lit(part.lo), hi=pl.lit(part.hi), prefix=prefix + pl.col("_char"))
 

@@ -14,7 +14,6 @@ import polars as pl
 
 from pipeline.artifacts import ProvenanceError
 from pipeline.band_ends import find_ends, group_totals
-from pipeline.exchange import LOCAL, Exchange
 from pipeline.rank_keys import ALL_SOURCES, PER_BYTE, RANK_KEYS, LengthCurve
 
 LENGTH_BINS = 32
@@ -59,20 +58,17 @@ def _group(by_source: bool) -> pl.Expr:
 
 
 def estimate_curves(
-    scores: pl.LazyFrame, *, by_source: bool, min_samples: int = MIN_BIN_SAMPLES, exchange: Exchange = LOCAL
+    scores: pl.LazyFrame, *, by_source: bool, min_samples: int = MIN_BIN_SAMPLES
 ) -> dict[str, LengthCurve]:
     """The length curve of the samples in `scores` (needs n_tokens, loss, and source when
     by_source): one over everything (named ALL_SOURCES), or one per source. Streaming passes
     whatever the number of sources or samples: the longest sample (the fine bins span
     1..longest for every source), counts per (source, fine bin), then the exact medians of
-    length and loss per (source, merged bin) as order statistics (pipeline/band_ends.py). On
-    several ranks each passes its own scores and `exchange` pools them."""
+    length and loss per (source, merged bin) as order statistics (pipeline/band_ends.py)."""
     group = _group(by_source)
-    mine = scores.select(pl.col("n_tokens").max()).collect(engine="streaming")
-    longest = exchange.gather("longest", mine)["n_tokens"].max() or 1
+    longest = scores.select(pl.col("n_tokens").max()).collect(engine="streaming").item() or 1
     fine = length_edges(int(longest))
     counted = scores.group_by(_grp=group, _bin=length_bin(fine)).agg(pl.len()).collect(engine="streaming")
-    counted = exchange.gather("length-counts", counted).group_by("_grp", "_bin").agg(pl.col("len").sum())
     merged_edges, mapping = {}, []
     for name in sorted(counted["_grp"].unique().to_list()):
         mine = counted.filter(pl.col("_grp") == name)
@@ -89,8 +85,8 @@ def estimate_curves(
         .join(to_merged, on=["_grp", "_bin"])
         .with_columns(_group=pl.concat_str(pl.col("_grp"), pl.lit("\x1f"), pl.col("_merged").cast(pl.String)))
     )
-    lengths = _medians(binned, pl.col("n_tokens"), exchange)
-    losses = _medians(binned, pl.col("loss"), exchange)
+    lengths = _medians(binned, pl.col("n_tokens"))
+    losses = _medians(binned, pl.col("loss"))
     curves = {}
     for name in merged_edges:
         bins = sorted((int(g.rpartition("\x1f")[2]), g) for g in lengths if g.startswith(name + "\x1f"))
@@ -103,14 +99,14 @@ def estimate_curves(
     return curves
 
 
-def _medians(binned: pl.LazyFrame, value: pl.Expr, exchange: Exchange) -> dict[str, tuple[float, int]]:
+def _medians(binned: pl.LazyFrame, value: pl.Expr) -> dict[str, tuple[float, int]]:
     """Median of `value` and count in each _group: the middle order statistic (the mean of the
     two middle ones for an even count), exact, in memory independent of the group sizes."""
     keyed = binned.with_columns(_key=value.cast(pl.Float64), _size=pl.lit(1, dtype=pl.Int64))
-    totals = group_totals(keyed, exchange)
+    totals = group_totals(keyed)
     count = dict(zip(totals["_group"].to_list(), totals["rows"].to_list(), strict=True))
     middle = {g: [(n + 1) // 2, n // 2 + 1] for g, n in count.items()}  # 1-based positions
-    found = find_ends(keyed, totals, middle, exchange=exchange, values_only=True)
+    found = find_ends(keyed, totals, middle, values_only=True)
     return {g: ((found[g, a][0] + found[g, b][0]) / 2, count[g]) for g, (a, b) in middle.items()}
 
 

@@ -12,7 +12,7 @@
       reports/<name>/    index.html, *.png, summary.json, config.yaml (compare: table.md, results.json, deltas.png)
       train/<run>/       model/, checkpoints/, metrics.json, selection_manifest.json, config.yaml
       train/.eval-before/<hash>.json   the starting model's held-out evaluation, shared by runs
-      .exchange/select/<job>/  the partial histograms of a select job on several ranks, removed at its end
+      selected/.<band>.<decision>/, rejected/.<band>.<decision>/   a band being written, published whole
 
 Stages ask the layout for paths and never join names under `out_dir` themselves, so renaming a
 file or a folder is a change here and nowhere else.
@@ -21,11 +21,15 @@ file or a folder is a change here and nowhere else.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import is_safe_name
+
+DECISION_HEX = 16
+"""Hex digits of the decision digest that names a band's staging folder."""
 
 
 class LayoutError(ValueError):
@@ -171,6 +175,29 @@ class Layout:
         rejected = self._named(self.out_dir / "rejected", name)
         return BandPaths(folder, folder / "manifest.json", rejected, folder / "data.jsonl")
 
+    def band_staging(self, name: str, decision: str) -> BandPaths:
+        """Where the ranks of a select job write a band before it is published whole (renamed to
+        `band(name)`). `decision` (hex) names what decided the rows, so the parts a cut run left
+        are reused only by a run that would write the same bytes."""
+        final = self.band(name)
+        hidden = f".{name}.{decision}"  # a band name never starts with '.'
+        folder = final.dir.with_name(hidden)
+        return BandPaths(
+            folder, folder / "manifest.json", final.rejected.with_name(hidden), folder / "data.jsonl"
+        )
+
+    def band_stagings(self, name: str) -> list[Path]:
+        """Every staging folder of the band, of any decision (left by cut runs)."""
+        final = self.band(name)
+        pattern = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{{DECISION_HEX}}}")
+        return sorted(
+            p
+            for parent in (final.dir.parent, final.rejected.parent)
+            if parent.is_dir()
+            for p in parent.iterdir()
+            if pattern.fullmatch(p.name)
+        )
+
     # reports (inspect, compare)
     @property
     def reports_dir(self) -> Path:
@@ -199,10 +226,6 @@ class Layout:
     def lock(self, name: str) -> Path:
         """The lock a stage holds while it runs (pipeline/locks.py)."""
         return self.out_dir / ".locks" / f"{name}.lock"
-
-    def exchange(self) -> Path:
-        """Where the ranks of a select job pool their partial results (pipeline/exchange.py)."""
-        return self.out_dir / ".exchange" / "select"
 
     def eval_before(self, key: str) -> Path:
         """The starting model's held-out evaluation; `key` hashes everything it depends on. Run

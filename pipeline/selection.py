@@ -31,7 +31,6 @@ import numpy as np
 import polars as pl
 
 from pipeline.band_ends import BUCKETS, MAX_ROWS, find_ends, group_totals, mark_past
-from pipeline.exchange import LOCAL, Exchange
 from pipeline.key_columns import length_bin, length_edges
 from pipeline.rank_keys import FLAG_KEYS
 from pipeline.shares import exact_share
@@ -105,7 +104,6 @@ def select(
     key: str = "loss",
     buckets: int = BUCKETS,
     max_rows: int = MAX_ROWS,
-    exchange: Exchange = LOCAL,
 ) -> pl.LazyFrame:
     """All samples with `kept` and `reason`. Needs `sample_id` and the column `key` (larger is
     harder: `loss`, or a key of pipeline/rank_keys.py added beforehand), plus `n_tokens` for
@@ -113,17 +111,16 @@ def select(
 
     The band's two ends in each group are found by histogram passes (pipeline/band_ends.py:
     `buckets` per pass, at most about `max_rows` rows held), then every row is decided by
-    comparing its (key, sample_id) with them, a streaming filter. On several ranks, `scores` are
-    this rank's and `exchange` pools the passes' histograms: each rank decides its own rows."""
+    comparing its (key, sample_id) with them, a streaming filter."""
     size = pl.col("n_tokens").cast(pl.Int64) if measure == "tokens" else pl.lit(1, dtype=pl.Int64)
     keyed = scores.with_columns(
         _key=_order_key(band, seed, key), _size=size, _group=pl.col("source") if by_source else pl.lit("")
     )
-    totals = group_totals(keyed, exchange)
+    totals = group_totals(keyed)
     totals_of = dict(zip(totals["_group"], totals["size"], strict=True))
     thresholds = {group: band.thresholds(size) for group, size in totals_of.items()}
     wanted = {group: [t for t in ends if t < totals_of[group]] for group, ends in thresholds.items()}
-    found = find_ends(keyed, totals, wanted, buckets=buckets, max_rows=max_rows, exchange=exchange)
+    found = find_ends(keyed, totals, wanted, buckets=buckets, max_rows=max_rows)
     ends = {
         group: {
             name: found[group, threshold] if threshold < totals_of[group] else False  # none has all before it
@@ -156,7 +153,6 @@ def top_by_keys(
     by_source: bool = False,
     buckets: int = BUCKETS,
     max_rows: int = MAX_ROWS,
-    exchange: Exchange = LOCAL,
 ) -> pl.LazyFrame:
     """`scores` with `dropped_by`: the keys in whose top share (hardest first, in `measure`, within
     each source with by_source) the row falls, joined by "+" in the order of `shares`, or null.
@@ -168,7 +164,7 @@ def top_by_keys(
         top = Band(Fraction(0), exact_share(share))
         flagged = select(
             flagged, top, measure=measure, by_source=by_source, key=key,
-            buckets=buckets, max_rows=max_rows, exchange=exchange,
+            buckets=buckets, max_rows=max_rows,
         ).drop("reason").rename({"kept": f"_top_{key}"})  # fmt: skip
         if key in FLAG_KEYS:
             flagged = flagged.with_columns(pl.col(f"_top_{key}") & (pl.col(key) > 0))
@@ -180,20 +176,19 @@ def top_by_keys(
     )
 
 
-def irdro_weight_expr(kept: pl.LazyFrame, kl_reg: float, exchange: Exchange = LOCAL) -> pl.Expr:
+def irdro_weight_expr(kept: pl.LazyFrame, kl_reg: float) -> pl.Expr:
     """IR-DRO weight over the kept set: softmax(loss / kl_reg), rescaled to mean 1, in float64, as
-    an expression whose two normalisers (max loss, mean of exp) are computed once (over every
-    rank's kept samples), so it can be applied shard by shard.
+    an expression whose two normalisers (max loss, mean of exp) are computed once, so it can be applied shard by shard.
 
     The max is subtracted before exp, so extreme losses do not overflow; a large kl_reg tends to
     uniform weights, a small one puts all the weight on the hardest sample."""
     if kl_reg <= 0:
         raise ValueError(f"kl_reg must be > 0, got {kl_reg}")
     loss = pl.col("loss").cast(pl.Float64)
-    top = exchange.gather("top-loss", kept.select(loss.max()).collect())["loss"].max()
+    top = kept.select(loss.max()).collect().item()
     shifted = ((loss - top) / kl_reg).exp()
-    sums = exchange.gather("mean-weight", kept.select(total=shifted.sum(), samples=pl.len()).collect())
-    mean = sums["total"].sum() / sums["samples"].sum()
+    total, samples = kept.select(shifted.sum(), pl.len()).collect().row(0)
+    mean = total / samples
     return shifted / mean
 
 
@@ -203,13 +198,12 @@ def length_matched(
     seed: int,
     *,
     by_source: bool = False,
-    exchange: Exchange = LOCAL,
     buckets: int = BUCKETS,
     max_rows: int = MAX_ROWS,
 ) -> tuple[pl.LazyFrame, np.ndarray, int]:
     """All samples with `kept` and `reason`: a seeded random sample with, in every length bin, as
     many samples as `reference` has (the length counts of another selection: `n_tokens`,
-    `samples`, over every rank), so the two sets share a length distribution, and (with it)
+    `samples`), so the two sets share a length distribution, and (with it)
     nearly their token count. Returns the decision, the bin edges, and how many samples were
     short (bins of the whole set too small for the reference).
 
@@ -219,8 +213,7 @@ def length_matched(
 
     `by_source`: the bins are source x length (`reference` has a `source` column too), so the
     sample also has the other selection's mix of sources, and within each source its lengths."""
-    mine = scores.select(pl.col("n_tokens").max()).collect(engine="streaming")
-    longest = exchange.gather("longest", mine)["n_tokens"].max() or 1
+    longest = scores.select(pl.col("n_tokens").max()).collect(engine="streaming").item() or 1
     edges = length_edges(int(max(longest, reference["n_tokens"].max() or 1)))
 
     def cell(source: pl.Expr, length: pl.Expr) -> pl.Expr:
@@ -245,12 +238,12 @@ def length_matched(
         _key=pl.col("sample_id").hash(seed),
         _size=pl.lit(1, dtype=pl.Int64),
     )
-    totals = group_totals(keyed, exchange)
+    totals = group_totals(keyed)
     have = dict(zip(totals["_group"].to_list(), totals["rows"].to_list(), strict=True))
     short = int(sum(max(0, int(w) - have.get(b, 0)) for b, w in wanted.items()))
     quota = {b: int(wanted.get(b, 0)) for b in have}
     thresholds = {b: [q] for b, q in quota.items() if 0 < q < have[b]}
-    found = find_ends(keyed, totals, thresholds, buckets=buckets, max_rows=max_rows, exchange=exchange)
+    found = find_ends(keyed, totals, thresholds, buckets=buckets, max_rows=max_rows)
     ends = {b: {"_past_quota": found.get((b, q), q <= 0)} for b, q in quota.items()}  # else all or none
     decided = (
         mark_past(keyed, ends, grouped=True)

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.artifacts import ProvenanceError
+from pipeline.band_decision import decide
 from pipeline.config import BandConfig, ConfigError, load_config
 from pipeline.key_columns import with_key
 from pipeline.outputs import BandManifest, from_json, to_json
@@ -25,7 +26,6 @@ from pipeline.records import Record
 from pipeline.samples import SamplePolicy, make_samples
 from pipeline.scores import PROVENANCE_KEY, SCORING_VERSION
 from stages import inspect, score, select
-from stages.select import decide
 from tests.helpers import ROOT, write_config
 from tests.test_selection import brute_force, exact_ends
 

@@ -1,7 +1,6 @@
 """Selection maths against a brute-force computation in plain Python."""
 
 import math
-import os
 import random
 from fractions import Fraction
 
@@ -361,45 +360,6 @@ def test_length_matched_sample_has_the_reference_length_histogram():
     assert set(narrow.filter(pl.col("kept")).collect()["sample_id"]) == expected
 
 
-def test_ranks_pooling_their_histograms_keep_what_one_process_keeps(scores, tmp_path):
-    """Two torchrun ranks, each selecting from the score files of its own shards and pooling the
-    passes through files, keep together exactly the brute-force band, with tight budgets (many
-    passes, ties narrowed by sample_id) as with the default ones; the exchange files are removed."""
-    import subprocess
-    import sys
-
-    from tests.helpers import ROOT, TORCHRUN_ENV
-    from tests.select_ranks_job import CASES
-
-    rows, _ = scores
-    scores_dir = tmp_path  # the fixture's part-*.parquet
-    out = tmp_path / "out"
-    out.mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += [str(ROOT / "tests" / "select_ranks_job.py"), str(scores_dir), str(out)]
-    done = subprocess.run(
-        command, cwd=ROOT, env={**os.environ, **TORCHRUN_ENV}, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    ids = {r["sample_id"]: r for r in rows}
-    hashes = dict(zip(ids, pl.Series(list(ids)).hash(7), strict=True))
-    for case, (strategy, params, measure, by_source) in enumerate(CASES):
-        order = (lambda r: (hashes[r["sample_id"]], r["sample_id"])) if strategy == "random" else None
-        expected = brute_force(rows, exact_ends(strategy, params), measure, by_source, order_key=order)
-        for budget in ("tight", "default"):
-            parts = [pl.read_parquet(out / f"case{case}-{budget}-rank{rank}.parquet") for rank in (0, 1)]
-            assert all(p.height for p in parts)  # both ranks kept some of their own rows
-            kept = pl.concat(parts)["sample_id"].to_list()
-            assert len(kept) == len(set(kept)) and set(kept) == expected, (
-                strategy,
-                params,
-                measure,
-                by_source,
-                budget,
-            )
-    assert not (out / ".exchange").exists() or not any((out / ".exchange").iterdir())
-
-
 def _brute_top(rows: list[dict], key: str, share: str, measure: str) -> set[str]:
     """The samples whose position — the measure ahead of them, hardest first by `key`, ties by
     sample_id — is below share x total, in exact rationals."""
@@ -425,8 +385,8 @@ def _brute_top(rows: list[dict], key: str, share: str, measure: str) -> set[str]
 def test_multi_key_drop_equals_brute_force(measure, drops):
     """drop_top: the union of each key's top share is dropped, then the band is taken from the rest;
     against sorts in exact rationals that share nothing with the histogram search."""
+    from pipeline.band_decision import decide
     from pipeline.config import BandConfig, DropTop
-    from stages.select import decide
 
     rows, frame = _drop_rows()
     band = BandConfig(
@@ -453,8 +413,8 @@ def test_multi_key_drop_equals_brute_force(measure, drops):
 def test_a_random_draw_after_a_drop_equals_brute_force(measure):
     """compare's random_dropped: the drop, then a seeded random share of what remains (ordered by the
     sample_id's seeded hash) — its shares count the rest, not the corpus."""
+    from pipeline.band_decision import decide
     from pipeline.config import BandConfig, DropTop
-    from stages.select import decide
 
     rows, frame = _drop_rows()
     drops = {"loss": "0.1", "tokens_per_byte": "0.2"}
