@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -39,12 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.band_decision import decide  # noqa: E402
-from pipeline.comparison import ModelEval  # noqa: E402
+from pipeline.compare_arms import arm_setup  # noqa: E402
+from pipeline.comparison import CachedEvaluation  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.layout import Layout, part_files  # noqa: E402
 from pipeline.scores import scan_scores, score_files  # noqa: E402
 from pipeline.stats import contrast  # noqa: E402
-from stages.compare import arm_setup  # noqa: E402
 
 
 def overlap(cfg, arms: list[str], seeds: list[int]) -> None:
@@ -117,7 +116,7 @@ def rerandomize(cfg, seeds: list[int]) -> None:
     report = Layout(cfg.out_dir).report(cfg.compare.name)
     reference = cfg.compare.reference
     models = [
-        ModelEval.from_json(json.loads(report.evaluation(f"{arm}-seed{s}").read_text())["evaluation"])
+        CachedEvaluation.read(report.evaluation(f"{arm}-seed{s}")).evaluation
         for arm in (reference, "random_replicate")
         for s in seeds
     ]

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import pipeline
+from pipeline.codec import parse_json
 
 
 class ProvenanceError(ValueError):
@@ -77,14 +78,15 @@ def write_table_atomic(table: pa.Table, path: Path, metadata: dict[bytes, bytes]
         pq.write_table(table.replace_schema_metadata(metadata), tmp, compression="zstd")
 
 
-def read_json_metadata(path: Path, key: bytes) -> dict:
+def read_json_metadata(path: Path, key: bytes) -> Any:
+    """The JSON value a Parquet file holds under `key` in its metadata, as plain data."""
     try:
         metadata = pq.read_schema(path).metadata or {}
     except (OSError, pa.ArrowException) as err:
         raise ProvenanceError(f"{path}: damaged ({err}); delete it, and score again to redo it") from None
     if key not in metadata:
         raise ProvenanceError(f"{path}: no {key.decode()} metadata; not a midrank score file")
-    return json.loads(metadata[key])
+    return parse_json(metadata[key], f"{path}: {key.decode()} metadata", ProvenanceError)
 
 
 def check_same_key(found: dict, expected: dict, where: str) -> None:

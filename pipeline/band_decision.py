@@ -13,7 +13,7 @@ from fractions import Fraction
 
 import polars as pl
 
-from pipeline.config import BAND_PRESETS, BandConfig, Config, ConfigError, to_dict
+from pipeline.config import BAND_PRESETS, BandConfig, Config, ConfigError
 from pipeline.key_columns import check_key_columns, estimate_curves, with_key
 from pipeline.log import get_logger
 from pipeline.outputs import (
@@ -22,6 +22,7 @@ from pipeline.outputs import (
     DroppedTop,
     LossRange,
     Positions,
+    Provenance,
     RankKeyRange,
     SourceCount,
     SourceMix,
@@ -173,7 +174,7 @@ def dropped_top_counts(band_cfg: BandConfig, summary: pl.DataFrame) -> DroppedTo
 
 
 def manifest_for(
-    cfg: Config, band_cfg: BandConfig, decision: Decision, summary: pl.DataFrame, provenance: dict
+    cfg: Config, band_cfg: BandConfig, decision: Decision, summary: pl.DataFrame, provenance: Provenance
 ) -> BandManifest:
     """The band's manifest from its decision's totals (`summarize`)."""
     kept = summary.filter(pl.col("kept"))
@@ -190,7 +191,7 @@ def manifest_for(
     return BandManifest(
         band=band_cfg.resolved_name(),
         strategy=band_cfg.strategy,
-        parameters=to_dict(band_cfg),
+        parameters=band_cfg,
         positions=positions,
         loss_thresholds=LossRange(min_kept=kept["min_loss"].min(), max_kept=kept["max_loss"].max()),
         samples=Counts(int(summary["samples"].sum()), int(kept["samples"].sum())),
@@ -201,5 +202,5 @@ def manifest_for(
         length_curves=decision.curves,
         dropped_top=dropped_top_counts(band_cfg, summary),
         score_provenance=provenance,
-        config=to_dict(cfg),
+        config=cfg,
     )

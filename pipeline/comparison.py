@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from pipeline.outputs import JsonRecord
 from pipeline.stats import ALPHA, Estimate, contrast, holm
 
 
@@ -63,16 +64,14 @@ class ModelEval:
     ood: DocumentLosses | None
     tasks: dict[str, TaskItems]
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ModelEval:
-        return cls(
-            heldout=DocumentLosses(**data["heldout"]),
-            ood=DocumentLosses(**data["ood"]) if data["ood"] is not None else None,
-            tasks={name: TaskItems(**items) for name, items in data["tasks"].items()},
-        )
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CachedEvaluation(JsonRecord):
+    """reports/<compare>/evals/<label>.json: a model's evaluation and the key of what it was made
+    of (the weights and every evaluation input); a file of another key is evaluated again."""
+
+    key: str
+    evaluation: ModelEval
 
 
 Role = Literal["tested", "descriptive"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.codec import decode, encode
 from pipeline.rank_keys import FLAG_KEYS, RANK_KEYS, RankKey
 from pipeline.shares import exact_share, share_of
 
@@ -845,7 +845,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         data = loaded or {}
     for override in overrides:
         apply_override(data, override)
-    return build(Config, data, prefix="")
+    return decode(Config, data, "", ConfigError)
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
@@ -869,88 +869,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         ) from None
 
 
-def build(cls: type, data: Any, prefix: str) -> Any:
-    """Build dataclass `cls` from a mapping, checking keys and types; errors name the dotted key."""
-    where = prefix.rstrip(".") or "config"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys in {where}: {', '.join(fields)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{prefix}{name}"
-        if name not in data:
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            if required:
-                if dataclasses.is_dataclass(hints[name]):
-                    kwargs[name] = build(hints[name], {}, prefix=f"{key}.")
-                    continue
-                raise ConfigError(f"{key}: required, no default")
-            continue
-        kwargs[name] = _coerce(hints[name], data[name], key)
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        raise ConfigError(f"{prefix}{err}") from None
-
-
-def optional_of(tp: Any) -> Any | None:
-    """X for an `X | None` annotation; None for any other type."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return inner
-    return None
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, prefix=f"{key}.")
-    if (inner := optional_of(tp)) is not None:
-        return None if value is None else _coerce(inner, value, key)
-    if origin is Literal:
-        _require(value in args, key, f"{value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    if origin is tuple:
-        items = [value] if isinstance(value, str) else value
-        _require(isinstance(items, list | tuple), key, f"expected a list, got {value!r}")
-        return tuple(_coerce(args[0], item, f"{key}[{i}]") for i, item in enumerate(items))
-    if tp is bool:
-        _require(isinstance(value, bool), key, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        # YAML reads 50_000_000 as an int already; accept 1e6-style floats only when integral.
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        _require(
-            isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}"
-        )
-        return value
-    if tp is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        _require(ok, key, f"expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        _require(isinstance(value, str), key, f"expected a string, got {value!r}")
-        return value
-    raise TypeError(f"{key}: unsupported config type {tp!r}")  # a bug in the schema, not user input
-
-
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The resolved config as plain data (tuples become lists), for YAML/JSON and provenance."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [plain(v) for v in value]
-        return value
-
-    return plain(dataclasses.asdict(cfg))
+    """The resolved config as plain data (every key, tuples as lists), for YAML/JSON and provenance."""
+    return encode(cfg)
 
 
 def dump_config(cfg: Any) -> str:

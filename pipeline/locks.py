@@ -30,7 +30,9 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
+from pipeline.codec import decode, encode, parse_json
 from pipeline.layout import Layout
 from pipeline.log import get_logger
 
@@ -72,9 +74,7 @@ def lock(layout: Layout, name: str) -> Iterator[None]:
                 f"{path}: a previous run ({describe(previous)}) ended without releasing it (killed?); "
                 "its unfinished work is resumed or redone"
             )
-        _write(
-            fd, {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "argv": sys.argv}
-        )
+        _write(fd, Holder(socket.gethostname(), os.getpid(), time.time(), list(sys.argv)))
         try:
             yield
         finally:
@@ -91,24 +91,41 @@ def check_free(layout: Layout, names: list[str]) -> None:
             pass
 
 
-def _holder(fd: int) -> dict | None:
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who holds a lock, as its file records it (empty once released)."""
+
+    host: str
+    pid: int
+    started: float
+    argv: list[str]
+
+
+UNKNOWN = Holder("?", -1, 0.0, [])
+"""A record that cannot be read (a foreign or damaged file): someone held the lock."""
+
+
+def _holder(fd: int) -> Holder | None:
+    """The recorded holder; None when there is none."""
     os.lseek(fd, 0, os.SEEK_SET)
     data = os.read(fd, 1 << 16)
+    if not data.strip():
+        return None
     try:
-        return json.loads(data) if data.strip() else None
+        return decode(Holder, parse_json(data, "lock", ValueError), "lock", ValueError)
     except ValueError:
-        return {"unreadable": data[:80].decode(errors="replace")}
+        return UNKNOWN
 
 
-def _write(fd: int, holder: dict | None) -> None:
+def _write(fd: int, holder: Holder | None) -> None:
     os.ftruncate(fd, 0)
     if holder is not None:
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        os.pwrite(fd, json.dumps(encode(holder)).encode(), 0)
     os.fsync(fd)
 
 
-def describe(holder: dict | None) -> str:
-    if not holder or "pid" not in holder:
+def describe(holder: Holder | None) -> str:
+    if holder is None or holder is UNKNOWN:
         return "holder unknown"
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
-    return f"pid {holder['pid']} on {holder.get('host', '?')}, since {started}"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.started))
+    return f"pid {holder.pid} on {holder.host}, since {started}"

@@ -16,91 +16,49 @@ None is left out, as the stages always wrote them.
 from __future__ import annotations
 
 import dataclasses
-import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
 from pipeline.artifacts import write_json_atomic
-from pipeline.config import optional_of
+from pipeline.codec import Sparse, decode, encode, parse_json, read_json
+from pipeline.config import BandConfig, Config, ModelConfig
 from pipeline.rank_keys import LengthCurve
 
 
 class OutputError(ValueError):
     """A stage's output file does not hold what this version of midrank reads."""
 
-
-def _json_name(f: dataclasses.Field) -> str:
-    return f.metadata.get("json", f.name)
+    hint = " (written by another version of midrank?)"
 
 
-def to_json(value: Any) -> Any:
-    """Plain JSON data of a record (nested records, dicts and lists included)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {
-            _json_name(f): to_json(getattr(value, f.name))
-            for f in dataclasses.fields(value)
-            if not (f.default is None and getattr(value, f.name) is None)
-        }
-    if isinstance(value, dict):
-        return {k: to_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [to_json(v) for v in value]
-    return value
-
-
-def from_json(tp: Any, data: Any, where: str) -> Any:
-    """`data` as type `tp`; `where` names the file and field for errors."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(data, dict):
-            raise OutputError(f"{where}: expected an object, got {type(data).__name__}")
-        hints = typing.get_type_hints(tp)
-        fields = {_json_name(f): f for f in dataclasses.fields(tp)}
-        unknown = sorted(set(data) - set(fields))
-        missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING]
-        if unknown or missing:
-            what = f"no field {missing[0]!r}" if missing else f"an unknown field {unknown[0]!r}"
-            raise OutputError(f"{where}: {what} (written by another version of midrank?)")
-        return tp(
-            **{
-                f.name: from_json(hints[f.name], data[n], f"{where}.{n}")
-                for n, f in fields.items()
-                if n in data
-            }
-        )
-    if (inner := optional_of(tp)) is not None:
-        return None if data is None else from_json(inner, data, where)
-    if origin is dict:
-        if not isinstance(data, dict):
-            raise OutputError(f"{where}: expected an object, got {type(data).__name__}")
-        return {k: from_json(args[1], v, f"{where}.{k}") for k, v in data.items()}
-    if origin is list:
-        if not isinstance(data, list):
-            raise OutputError(f"{where}: expected a list, got {type(data).__name__}")
-        return [from_json(args[0], v, f"{where}[{i}]") for i, v in enumerate(data)]
-    expected = {float: (int, float), int: (int,), str: (str,), bool: (bool,)}.get(tp)
-    if expected and (not isinstance(data, expected) or (tp is not bool and isinstance(data, bool))):
-        raise OutputError(f"{where}: expected {tp.__name__}, got {data!r}")
-    return data
-
-
-class JsonRecord:
-    """read(path) / write(path) for the dataclasses below."""
+class JsonRecord(Sparse):
+    """read(path) / write(path) for the dataclasses below (through pipeline/codec.py)."""
 
     @classmethod
     def read(cls, path: Path) -> Self:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise OutputError(f"{path}: missing") from None
-        except (OSError, ValueError) as err:
-            raise OutputError(f"{path}: cannot be read as JSON ({err})") from None
-        return from_json(cls, data, str(path))
+        return read_json(path, cls, OutputError)
+
+    @classmethod
+    def parse(cls, text: str | bytes, where: str) -> Self:
+        return decode(cls, parse_json(text, where, OutputError), where, OutputError)
 
     def write(self, path: Path) -> None:
-        write_json_atomic(Path(path), to_json(self))
+        write_json_atomic(Path(path), encode(self))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Provenance(JsonRecord):
+    """Where scores came from: in every score file's metadata, beside a shard's checkpoints, and
+    copied into the scores' summary and each band's manifest."""
+
+    key: dict[str, Any]
+    """Everything that decides the numbers (pipeline/scores.py: make_provenance): compared whole,
+    so two score sets with different keys are never mixed. Its entries depend on the corpus mode."""
+    model_path: str
+    code_version: str
+    config: Config
+    """The config the scores were made with."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,7 +78,7 @@ class ScoresSummary(JsonRecord):
     shards: int
     skipped: dict[str, int]
     """Rows and records not scored, by reason (bad input, too_short, non_finite, ...)."""
-    provenance: dict[str, Any]
+    provenance: Provenance
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,7 +150,7 @@ class DroppedTop:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class BandExcerpt:
+class BandExcerpt(Sparse):
     """What a band kept and dropped: the part of its manifest the report shows."""
 
     strategy: str
@@ -220,15 +178,11 @@ class BandExcerpt:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BandManifest(BandExcerpt, JsonRecord):
     band: str
-    parameters: dict[str, Any]
-    """The band's config section (BandConfig as data)."""
-    score_provenance: dict[str, Any]
+    parameters: BandConfig
+    """The band's config section."""
+    score_provenance: Provenance
     """The scores' provenance; a band is selected again when its `key` changes."""
-    config: dict[str, Any]
-
-    @property
-    def by_source(self) -> bool:
-        return bool(self.parameters["by_source"])
+    config: Config
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,7 +220,7 @@ class DeltaRow:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TrainSummary:
+class TrainSummary(Sparse):
     objective: str
     steps: int
     steps_this_run: int
@@ -301,9 +255,25 @@ class TrainSummary:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RunStart(JsonRecord):
+    """train/<run>/started.json: what decides the weights a run ends with, recorded when it starts
+    (a killed run resumes only under the same, unless told otherwise)."""
+
+    train: dict[str, Any]
+    """The train settings that decide the weights (not its name, logging or evaluation)."""
+    model: ModelConfig
+    samples: dict[str, Any]
+    """How records become tokens: add_bos, prompt_format, score_prompt."""
+    data: Any
+    """The digest of the band's manifest, or the list of data files."""
+    world_size: int
+    """Ranks: they decide the data order."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RunMetrics(JsonRecord):
     train: TrainSummary
-    config: dict[str, Any]
+    config: Config
     before: Evaluation | None = None
     after: Evaluation | None = None
     table: list[DeltaRow] | None = None

@@ -30,6 +30,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.codec import parse_json
+
 UTF8_BOM = b"\xef\xbb\xbf"
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
@@ -166,8 +168,10 @@ def _hf_inputs(path: Path) -> list[InputFile]:
     name = path.resolve().name
     if (path / "dataset_dict.json").is_file():
         try:
-            splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
-        except (ValueError, KeyError) as err:
+            splits = parse_json((path / "dataset_dict.json").read_bytes(), "dataset_dict.json", InputError)[
+                "splits"
+            ]
+        except (ValueError, KeyError, TypeError) as err:
             raise InputError(
                 f"{path / 'dataset_dict.json'}: damaged ({err}); save the dataset again"
             ) from None
@@ -271,7 +275,7 @@ def _hf_data_files(f: InputFile) -> list[Path]:
     """The files a saved dataset (split) is made of, from its state.json: cache files that
     `datasets` writes beside them do not change the data."""
     folder = Path(f.path) / f.split if f.split is not None else Path(f.path)
-    state = json.loads((folder / "state.json").read_text())
+    state = parse_json((folder / "state.json").read_bytes(), str(folder / "state.json"), InputError)
     return [folder / "state.json", *(folder / entry["filename"] for entry in state["_data_files"])]
 
 

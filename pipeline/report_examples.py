@@ -16,6 +16,7 @@ from pipeline.config import Config
 from pipeline.key_columns import with_key
 from pipeline.layout import Layout
 from pipeline.log import get_logger
+from pipeline.outputs import Provenance
 from pipeline.readers import InputError
 from pipeline.records import CorpusError, ReadStats, record_id, sample_text
 from pipeline.report_figures import LOSS, DrawnBand
@@ -80,7 +81,7 @@ def dropped_regions(dropped: pl.LazyFrame | None, k: int) -> dict[str, pl.LazyFr
     }
 
 
-def attach_texts(cfg: Config, provenance: dict, rows: list[dict[str, Any]]) -> None:
+def attach_texts(cfg: Config, provenance: Provenance, rows: list[dict[str, Any]]) -> None:
     """Join each example row with the first `inspect.example_chars` of its text, reading only its
     shards (and only from the corpus that was scored)."""
     max_chars = cfg.inspect.example_chars
@@ -118,7 +119,7 @@ def with_ifd(rows: pl.LazyFrame) -> pl.LazyFrame:
 
 
 def examples_by_band(
-    cfg: Config, scores: pl.LazyFrame, bands: list[DrawnBand], provenance: dict
+    cfg: Config, scores: pl.LazyFrame, bands: list[DrawnBand], provenance: Provenance
 ) -> list[tuple]:
     """(band, its example regions with texts) per band, or (None, regions) with no band."""
     regions_per_band = [

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from pipeline.config import DropTop
 from pipeline.histograms import histogram, histogram_2d, uniform_edges, value_range
 from pipeline.key_columns import estimate_curves, with_key
 from pipeline.layout import Layout, part_files
@@ -50,10 +49,10 @@ class DrawnBand:
     def ranked(self, scores: pl.LazyFrame) -> pl.LazyFrame:
         """The samples the band ranked (min_tokens and over), with its key's column: the key is
         recomputed from the curves its manifest records."""
-        ranked = scores.filter(pl.col("n_tokens") >= self.manifest.parameters.get("min_tokens", 0))
+        ranked = scores.filter(pl.col("n_tokens") >= self.manifest.parameters.min_tokens)
         if self.key == "loss":
             return ranked
-        by_source = bool(self.manifest.parameters.get("adjust_by_source", False))
+        by_source = self.manifest.parameters.adjust_by_source
         return with_key(ranked, self.key, self.manifest.length_curves, by_source=by_source)
 
     def dropped(self, scores: pl.LazyFrame) -> pl.LazyFrame | None:
@@ -63,17 +62,11 @@ class DrawnBand:
         if top is None:
             return None
         params = self.manifest.parameters
-        ranked = scores.filter(pl.col("n_tokens") >= params.get("min_tokens", 0))
+        ranked = scores.filter(pl.col("n_tokens") >= params.min_tokens)
         for key in dict.fromkeys([self.key, *top.shares]):
-            ranked = with_key(
-                ranked,
-                key,
-                self.manifest.length_curves,
-                by_source=bool(params.get("adjust_by_source", False)),
-            )
-        measure = "tokens" if params.get("target_tokens") else params.get("measure", "samples")
-        shares = DropTop(**top.shares).shares()  # in select's key order, whatever the JSON's
-        flagged = top_by_keys(ranked, shares, measure=measure, by_source=self.manifest.by_source)
+            ranked = with_key(ranked, key, self.manifest.length_curves, by_source=params.adjust_by_source)
+        measure = "tokens" if params.target_tokens else params.measure
+        flagged = top_by_keys(ranked, params.drop_top.shares(), measure=measure, by_source=params.by_source)
         return flagged.filter(pl.col("dropped_by").is_not_null())
 
 
@@ -93,9 +86,9 @@ def load_band(layout: Layout, name: str) -> DrawnBand:
         manifest,
         kept,
         key,
-        interval if ranks and not manifest.by_source else None,
+        interval if ranks and not manifest.parameters.by_source else None,
         {r["source"]: (r["low"], r["high"]) for r in per_source.to_dicts()}
-        if manifest.by_source
+        if manifest.parameters.by_source
         else dict.fromkeys(per_source["source"].to_list(), interval),
     )
 
@@ -180,7 +173,7 @@ def draw_figures(scores: pl.LazyFrame, bands: list[DrawnBand], icfg, sources: li
         if band.key == "loss":
             continue
         kept = histogram_2d(band.kept, length, length_edges, LOSS, edges)
-        by_source = band.manifest.parameters.get("adjust_by_source", False)
+        by_source = band.manifest.parameters.adjust_by_source
         own = None if by_source else (band.manifest.length_curves or {}).get(ALL_SOURCES)
         name = f"loss_vs_length-{band.name}.png"
         plot_loss_vs_length(

@@ -31,11 +31,12 @@ from pipeline.artifacts import (
     write_json_atomic,
     write_table_atomic,
 )
-from pipeline.config import Config, to_dict
+from pipeline.codec import decode, encode, read_json
+from pipeline.config import Config
 from pipeline.layout import Layout
-from pipeline.outputs import OutputError, ScoresSummary
+from pipeline.outputs import OutputError, Provenance, ScoresSummary
 from pipeline.records import needed_columns
-from pipeline.sharding import ShardPlan, changed_inputs
+from pipeline.sharding import ShardPlan, StoredPlan, changed_inputs
 
 # Bumped when a change alters what a scorer writes (2: record_hash; 3: markup, mojibake; 4: markup
 # tags on one line only, a chat template's special tokens not markup).
@@ -61,7 +62,7 @@ SCORE_SCHEMA = pa.schema(
 SCORE_POLARS_SCHEMA = pl.from_arrow(SCORE_SCHEMA.empty_table()).schema
 
 
-def make_provenance(cfg: Config, plan: ShardPlan) -> dict[str, Any]:
+def make_provenance(cfg: Config, plan: ShardPlan) -> Provenance:
     """What decides the numbers a scorer writes (`key`), and where they came from."""
     # here, not at the top: select and inspect read score files and need no torch
     from pipeline.model import fingerprint, resolve_device, resolve_dtype
@@ -82,7 +83,7 @@ def make_provenance(cfg: Config, plan: ShardPlan) -> dict[str, Any]:
         "max_tokens": cfg.score.max_tokens,
         "long_docs": cfg.score.long_docs,
         "add_bos": cfg.score.add_bos,
-        "corpus_plan_sha256": digest(plan.to_dict()),
+        "corpus_plan_sha256": digest(encode(plan.stored())),
         "corpus_fields_sha256": digest(corpus_fields),
     }
     if cfg.score.long_docs == "split":  # how windows are laid out; truncation ignores it
@@ -91,19 +92,17 @@ def make_provenance(cfg: Config, plan: ShardPlan) -> dict[str, Any]:
         key |= {"prompt_format": cfg.score.prompt_format, "score_prompt": cfg.score.score_prompt}
     if cfg.score.unconditional:  # nll_sum_uncond is written, after this context
         key |= {"unconditional_prefix": cfg.score.unconditional_prefix}
-    return {"key": key, "model_path": cfg.model.path, "code_version": code_version(), "config": to_dict(cfg)}
+    return Provenance(key=key, model_path=cfg.model.path, code_version=code_version(), config=cfg)
 
 
-def scored_plan(layout: Layout) -> dict | None:
+def scored_plan(layout: Layout) -> StoredPlan | None:
     """The shard plan the scores in out_dir were made with (plan.json), or None before scoring."""
     if not layout.score_plan.is_file():
         return None
     try:
-        return json.loads(layout.score_plan.read_text())
-    except (OSError, ValueError) as err:
-        raise ProvenanceError(
-            f"{layout.score_plan}: damaged ({err}); score again into another out_dir"
-        ) from None
+        return read_json(layout.score_plan, StoredPlan, ProvenanceError)
+    except ProvenanceError as err:
+        raise ProvenanceError(f"{err}; score again into another out_dir") from None
 
 
 def save_plan(layout: Layout, plan: ShardPlan) -> None:
@@ -111,8 +110,8 @@ def save_plan(layout: Layout, plan: ShardPlan) -> None:
     changed."""
     previous = scored_plan(layout)
     if previous is None:
-        write_json_atomic(layout.score_plan, plan.to_dict())
-    elif digest(previous) != digest(plan.to_dict()):
+        write_json_atomic(layout.score_plan, encode(plan.stored()))
+    elif previous != plan.stored():
         changed = changed_inputs(plan, previous) or ["the shard plan differs"]
         raise ProvenanceError(
             f"{layout.scores_dir} holds scores of another corpus ({'; '.join(changed[:3])}); "
@@ -197,7 +196,7 @@ class ShardWriter:
     """Results of one shard, checkpointed as chunk files, finished into `part-XXXXX.parquet`.
     Made under the shard's lock: it clears what a killed writer of the shard left half-written."""
 
-    def __init__(self, layout: Layout, shard: int, provenance: dict[str, Any]):
+    def __init__(self, layout: Layout, shard: int, provenance: Provenance):
         self.layout = layout
         self.shard = shard
         self.path = layout.score_shard(shard)
@@ -211,7 +210,7 @@ class ShardWriter:
         for path in stale:  # a write cut short by a kill
             layout.remove(path)
         if marker.is_file():
-            check_same_key(json.loads(marker.read_text())["key"], provenance["key"], str(self.chunk_dir))
+            check_same_key(Provenance.read(marker).key, provenance.key, str(self.chunk_dir))
             for chunk in layout.score_chunk_files(shard):
                 meta = read_json_metadata(chunk, STATS_KEY)
                 self.stats = add_stats(self.stats, meta["stats"])
@@ -219,7 +218,7 @@ class ShardWriter:
                 self.chunks += 1
         else:
             self.chunk_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(marker, provenance)
+            provenance.write(marker)
 
     def write_chunk(self, table: pa.Table, rows_end: int, stats: dict[str, Any]) -> None:
         meta = {STATS_KEY: json.dumps({"rows_end": rows_end, "stats": stats}).encode()}
@@ -233,7 +232,7 @@ class ShardWriter:
         tables = [pq.read_table(c).replace_schema_metadata(None) for c in chunks]
         table = pa.concat_tables(tables) if tables else SCORE_SCHEMA.empty_table()
         metadata = {
-            PROVENANCE_KEY: json.dumps(self.provenance).encode(),
+            PROVENANCE_KEY: json.dumps(encode(self.provenance)).encode(),
             STATS_KEY: json.dumps(self.stats).encode(),
         }
         write_table_atomic(table.replace_schema_metadata(None), self.path, metadata)
@@ -241,12 +240,19 @@ class ShardWriter:
         return self.stats
 
 
-def is_scored(layout: Layout, shard: int, provenance: dict[str, Any]) -> bool:
+def file_key(path: Path) -> dict[str, Any]:
+    """The provenance key in a score file's metadata (a cut or foreign file is an error)."""
+    key = read_json_metadata(path, PROVENANCE_KEY).get("key") if path.is_file() else None
+    if not isinstance(key, dict):
+        raise ProvenanceError(f"{path}: no provenance key in its metadata; not a midrank score file")
+    return key
+
+
+def is_scored(layout: Layout, shard: int, provenance: Provenance) -> bool:
     """Whether a shard is already scored; one scored under another provenance is refused."""
     if not layout.score_shard(shard).is_file():
         return False
-    found = read_json_metadata(layout.score_shard(shard), PROVENANCE_KEY)["key"]
-    check_same_key(found, provenance["key"], str(layout.score_shard(shard)))
+    check_same_key(file_key(layout.score_shard(shard)), provenance.key, str(layout.score_shard(shard)))
     return True
 
 
@@ -257,12 +263,12 @@ def clear_finished_checkpoints(layout: Layout, shard: int) -> None:
         layout.remove(layout.score_chunks(shard))  # never beyond out_dir, even through a symlink
 
 
-def check_corpus_unchanged(layout: Layout, plan: ShardPlan, provenance: dict[str, Any]) -> None:
+def check_corpus_unchanged(layout: Layout, plan: ShardPlan, provenance: Provenance) -> None:
     """Refuse a corpus that is not the one that was scored: joining its texts to the old losses
     would pair scores with other documents."""
-    if digest(plan.to_dict()) == provenance["key"]["corpus_plan_sha256"]:
+    if digest(encode(plan.stored())) == provenance.key["corpus_plan_sha256"]:
         return
-    scored = scored_plan(layout) or {"files": [], "shards": []}
+    scored = scored_plan(layout) or StoredPlan(files=[], shards=[])
     changed = changed_inputs(plan, scored) or ["the shard plan differs"]
     more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
     raise ProvenanceError(
@@ -271,13 +277,14 @@ def check_corpus_unchanged(layout: Layout, plan: ShardPlan, provenance: dict[str
     )
 
 
-def score_files(layout: Layout) -> list[Path]:
-    """Every shard's file, as many as the scores were planned with; an unfinished or damaged score
-    set, or one of another SCORING_VERSION, is an error that says what to do."""
+def score_set(layout: Layout) -> tuple[list[Path], Provenance]:
+    """Every shard's file, as many as the scores were planned with, and the provenance they share
+    (each file's metadata read once). An unfinished or damaged score set, one of another
+    SCORING_VERSION, or files scored under different conditions are errors that say what to do."""
     plan = scored_plan(layout)
     if plan is None:
         raise ProvenanceError(f"{layout.scores_dir}: nothing scored yet; run `midrank score` first")
-    num_shards = len(plan["shards"])
+    num_shards = len(plan.shards)
     files = [layout.score_shard(s) for s in range(num_shards)]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
@@ -285,24 +292,26 @@ def score_files(layout: Layout) -> list[Path]:
             f"{layout.scores_dir}: {len(missing)} of {num_shards} score shards are missing ({', '.join(missing[:3])}...); "
             "run `midrank score` to finish scoring first"
         )
+    first = None
     for path in files:
-        version = read_json_metadata(path, PROVENANCE_KEY)["key"].get(
-            "scoring_version"
-        )  # a cut file fails here
+        data = read_json_metadata(path, PROVENANCE_KEY)  # a cut file fails here
+        key = data.get("key") if isinstance(data, dict) else None
+        version = key.get("scoring_version") if isinstance(key, dict) else None
         if version != SCORING_VERSION:
             raise ProvenanceError(
                 f"{path}: scored by another midrank (scoring version {version}; this one reads "
                 f"{SCORING_VERSION}: docs/scoring.md#provenance); score again into another out_dir"
             )
-    return files
+        if first is None:
+            first = decode(Provenance, data, f"{path}: provenance", ProvenanceError)
+        else:
+            check_same_key(key, first.key, str(path))
+    return files, first
 
 
-def common_provenance(files: list[Path]) -> dict[str, Any]:
-    """The provenance every file shares; files scored under other conditions are refused."""
-    first = read_json_metadata(files[0], PROVENANCE_KEY)
-    for path in files[1:]:
-        check_same_key(read_json_metadata(path, PROVENANCE_KEY)["key"], first["key"], str(path))
-    return first
+def score_files(layout: Layout) -> list[Path]:
+    """score_set's files."""
+    return score_set(layout)[0]
 
 
 def write_summary(layout: Layout, num_shards: int) -> ScoresSummary | None:
@@ -313,9 +322,10 @@ def write_summary(layout: Layout, num_shards: int) -> ScoresSummary | None:
     total = empty_stats()
     for p in paths:
         total = add_stats(total, read_json_metadata(p, STATS_KEY))
-    summary = ScoresSummary(
-        **total, shards=num_shards, provenance=read_json_metadata(paths[0], PROVENANCE_KEY)
+    provenance = decode(
+        Provenance, read_json_metadata(paths[0], PROVENANCE_KEY), str(paths[0]), ProvenanceError
     )
+    summary = ScoresSummary(**total, shards=num_shards, provenance=provenance)
     try:
         unchanged = ScoresSummary.read(layout.scores_summary) == summary
     except OutputError:

@@ -43,14 +43,36 @@ class ShardPlan:
     def shard_rows(self, shard: int) -> int:
         return sum(s.stop - s.start for s in self.shards[shard])
 
-    def to_dict(self) -> dict:
-        return {
-            "files": [
-                asdict(f) | {"num_rows": n, "fingerprint": p}
+    def stored(self) -> StoredPlan:
+        """The plan as plan.json holds it."""
+        return StoredPlan(
+            files=[
+                PlannedFile(**asdict(f), num_rows=n, fingerprint=p)
                 for f, n, p in zip(self.files, self.num_rows, self.fingerprints, strict=True)
             ],
-            "shards": [[[s.file_index, s.start, s.stop] for s in shard] for shard in self.shards],
-        }
+            shards=[[[s.file_index, s.start, s.stop] for s in shard] for shard in self.shards],
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlannedFile:
+    """An input as plan.json records it: the file, its rows, and its content's fingerprint."""
+
+    path: str
+    name: str
+    format: str
+    default_source: str
+    split: str | None = None
+    num_rows: int
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredPlan:
+    """scores/plan.json: the inputs and, per shard, its [file index, start row, stop row] segments."""
+
+    files: list[PlannedFile]
+    shards: list[list[list[int]]]
 
 
 def cut_into_shards(
@@ -80,23 +102,21 @@ def plan_shards(cfg: CorpusConfig) -> ShardPlan:
     return ShardPlan(files, num_rows, cut_into_shards(num_rows, cfg.num_shards), fingerprints)
 
 
-def changed_inputs(plan: ShardPlan, scored: dict) -> list[str]:
+def changed_inputs(plan: ShardPlan, scored: StoredPlan) -> list[str]:
     """The inputs of `plan` that differ from the plan the scores were made with (`scored`, as
     saved in plan.json): added, removed, or of other rows, size or content."""
-    if any("fingerprint" not in f for f in scored["files"]):
-        return ["the scores were made by an older midrank, which did not record the inputs' content"]
-    before = {(f["path"], f.get("split")): f for f in scored["files"]}
-    now = {(f["path"], f.get("split")): f for f in plan.to_dict()["files"]}
+    before = {(f.path, f.split): f for f in scored.files}
+    now = {(f.path, f.split): f for f in plan.stored().files}
     changed = []
-    if len(scored["shards"]) != len(plan.shards):
-        changed.append(f"corpus.num_shards: {len(scored['shards'])} -> {len(plan.shards)}")
+    if len(scored.shards) != len(plan.shards):
+        changed.append(f"corpus.num_shards: {len(scored.shards)} -> {len(plan.shards)}")
     for key in sorted(before.keys() | now.keys(), key=str):
         if key not in now:
             changed.append(f"{key[0]}: gone")
         elif key not in before:
             changed.append(f"{key[0]}: new")
         elif before[key] != now[key]:
-            what = [k for k in ("num_rows", "fingerprint") if before[key].get(k) != now[key].get(k)]
+            what = [k for k in ("num_rows", "fingerprint") if getattr(before[key], k) != getattr(now[key], k)]
             changed.append(f"{key[0]}: {' and '.join(what) or 'settings'} changed")
     return changed
 

@@ -24,7 +24,8 @@ from typing import Any
 import datasets
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.config import Config, ConfigError
+from pipeline.log import format_counts, get_logger
 from pipeline.records import Record
 from pipeline.samples import SamplePolicy, make_samples
 
@@ -202,3 +203,81 @@ class TokenBudgetCollator:
             for i, start, stop in item["members"]
         ]
         return self.collator(features)
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingSet:
+    dataset: Any
+    """The tokenized rows (a datasets.Dataset: input_ids, targets, weight)."""
+    dropped: Counter
+    """Rows with no target token, by reason."""
+    batches: list | None = None
+    """Token-budget micro-batches ([sample, first target, end target] lists), when
+    train.target_tokens_per_batch."""
+    counts: list[int] | None = None
+    """Target tokens of each row (token-budget batches)."""
+
+    def trainer_inputs(self, collator: TrainCollator) -> tuple[Any, Any]:
+        """(the dataset the Trainer iterates, the collator that turns its items into batches)."""
+        if self.batches is None:
+            return self.dataset, collator
+        return datasets.Dataset.from_dict({"members": self.batches}), TokenBudgetCollator(
+            self.dataset, collator
+        )
+
+    def seen(self) -> Seen:
+        """What the token-budget batches trained on, and the compute they took (None otherwise)."""
+        if self.batches is None:
+            return Seen()
+        covered: dict[int, set[int]] = {}
+        lengths = []
+        for batch in self.batches:
+            for i, start, stop in batch:
+                covered.setdefault(i, set()).update(range(start, stop))
+                lengths.append(len(cut_to_targets(self.dataset[i], start, stop)["input_ids"]))
+        mean = sum(self.counts[i] for i in covered) / len(covered)
+        distinct = sum(len(targets) for targets in covered.values())
+        return Seen(len(covered), mean, distinct, sum(lengths), sum(n * n for n in lengths))
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    samples: int | None = None
+    """Distinct samples trained on."""
+    mean_sample_tokens: float | None = None
+    distinct_tokens: int | None = None
+    positions: int | None = None
+    """Positions the model processed (targets and their context), summed over micro-batches."""
+    attention: int | None = None
+    """Sum of squared sequence lengths: what attention costs (each packed sample attends only to itself)."""
+
+
+def training_set(cfg: Config, files: list[Path], tokenizer, world_size: int) -> TrainingSet:
+    """The tokenized training set, checked against the objective and the batch it must fill."""
+    tcfg = cfg.train
+    dataset, dropped = tokenize_dataset(
+        files, tcfg.text_field, tokenizer, SamplePolicy.of(cfg.score, tokenizer, max_tokens=tcfg.max_tokens)
+    )
+    if dropped:
+        get_logger().warning(
+            f"{sum(dropped.values())} training rows have no target token and are not trained on "
+            f"({format_counts(dropped)})"
+        )
+    if tcfg.objective == "weighted" and "weight" not in dataset.column_names:
+        raise ConfigError(
+            f"train.objective: 'weighted' needs a `weight` column, and {files[0]} has none "
+            "(select with weights: true, or pick another objective)"
+        )
+    if tcfg.target_tokens_per_batch:
+        counts = [sum(end - start for start, end in spans) for spans in dataset["targets"]]
+        if not counts:
+            raise ConfigError(f"train.data_paths: {files[0]} holds no sample with a target token")
+        n_batches = tcfg.max_steps * tcfg.grad_accum * world_size
+        batches = plan_token_batches(counts, tcfg.target_tokens_per_batch, n_batches, tcfg.seed)
+        return TrainingSet(dataset, dropped, batches, counts)
+    if len(dataset) < tcfg.batch_size * world_size:
+        raise ConfigError(
+            f"train.batch_size: {len(dataset)} training samples cannot fill one batch of "
+            f"{tcfg.batch_size} x {world_size} rank(s)"
+        )
+    return TrainingSet(dataset, dropped)

@@ -12,13 +12,13 @@ the configured objective over per-sample losses (pipeline/objectives.py).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
+from pipeline.codec import parse_json
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.log import get_logger
 from pipeline.model import cpu_supports_bf16
@@ -127,7 +127,7 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
 
     def complete(path: Path) -> bool:
         try:
-            json.loads((path / "trainer_state.json").read_text())
+            parse_json((path / "trainer_state.json").read_bytes(), str(path), ValueError)
         except (OSError, ValueError):
             return False
         return True
@@ -140,7 +140,8 @@ def trained_tokens_at(checkpoint: Path | None) -> int:
     """The trained-token count a checkpoint carries (0 for a fresh run)."""
     if checkpoint is None:
         return 0
-    callbacks = json.loads((checkpoint / "trainer_state.json").read_text()).get("stateful_callbacks", {})
+    state = parse_json((checkpoint / "trainer_state.json").read_bytes(), str(checkpoint), ConfigError)
+    callbacks = state.get("stateful_callbacks", {})
     if "TrainedTokens" not in callbacks:
         raise ConfigError(
             f"train.name: {checkpoint} was written by an older midrank and does not carry the count of "

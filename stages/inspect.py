@@ -19,16 +19,17 @@ from typing import Any
 import polars as pl
 
 from pipeline.artifacts import NoScoresError, digest, write_text_atomic
+from pipeline.codec import encode
 from pipeline.config import Config, save_config, to_dict
 from pipeline.histograms import quantiles
 from pipeline.layout import Layout, ReportPaths
 from pipeline.locks import lock
 from pipeline.log import get_logger
-from pipeline.outputs import BandExcerpt, OutputError, ReportBand, ReportSummary, to_json
+from pipeline.outputs import BandExcerpt, OutputError, Provenance, ReportBand, ReportSummary
 from pipeline.report import render_report
 from pipeline.report_examples import EXAMPLE_COLUMNS, KEY_COLUMNS, examples_by_band
 from pipeline.report_figures import LOSS, DrawnBand, draw_figures, load_band
-from pipeline.scores import common_provenance, scan_scores, score_files
+from pipeline.scores import scan_scores, score_set
 
 
 def source_table(scores: pl.LazyFrame, top_decile: float) -> list[dict[str, Any]]:
@@ -81,15 +82,15 @@ def up_to_date(paths: ReportPaths, inputs_key: str) -> ReportSummary | None:
     return previous if previous.inputs_key == inputs_key else None
 
 
-def load_scores(cfg: Config, layout: Layout) -> tuple[pl.LazyFrame, dict[str, Any]]:
+def load_scores(cfg: Config, layout: Layout) -> tuple[pl.LazyFrame, Provenance]:
     """The score set (the columns the report reads) and its provenance; an empty set is an error."""
-    files = score_files(layout)
+    files, provenance = score_set(layout)
     scores = scan_scores(files).select(*EXAMPLE_COLUMNS, *KEY_COLUMNS)
     if scores.select(pl.len()).collect().item() == 0:
         raise NoScoresError(
             f"{layout.scores_dir} holds no scored samples (every row skipped?); nothing to inspect"
         )
-    return scores, common_provenance(files)
+    return scores, provenance
 
 
 def selected_bands(cfg: Config, layout: Layout) -> list[DrawnBand]:
@@ -103,7 +104,12 @@ def selected_bands(cfg: Config, layout: Layout) -> list[DrawnBand]:
 
 
 def build_summary(
-    cfg: Config, scores: pl.LazyFrame, provenance: dict, bands: list[DrawnBand], inputs_key: str, work: Path
+    cfg: Config,
+    scores: pl.LazyFrame,
+    provenance: Provenance,
+    bands: list[DrawnBand],
+    inputs_key: str,
+    work: Path,
 ) -> ReportSummary:
     """Every number and figure of the report (figures drawn into `work`)."""
     samples, tokens = scores.select(pl.len(), pl.col("n_tokens").cast(pl.Int64).sum()).collect().row(0)
@@ -116,7 +122,7 @@ def build_summary(
     return ReportSummary(
         inputs_key=inputs_key,
         out_dir=str(Path(cfg.out_dir)),
-        model={"path": provenance["model_path"], "dtype": provenance["key"]["dtype"]},
+        model={"path": provenance.model_path, "dtype": provenance.key["dtype"]},
         samples=samples,
         tokens=tokens,
         quantiles={str(q): v for q, v in qs.items()},
@@ -148,8 +154,8 @@ def run(cfg: Config) -> Path:
         paths = layout.report(cfg.inspect.name)
         inputs_key = digest(
             {
-                "score_key": provenance["key"],
-                "bands": [digest(to_json(band.manifest)) for band in bands],
+                "score_key": provenance.key,
+                "bands": [digest(encode(band.manifest)) for band in bands],
                 "inspect": to_dict(cfg.inspect),
             }
         )

@@ -34,9 +34,9 @@ from pipeline.launcher import rank_and_world, shards_of_rank
 from pipeline.layout import DECISION_HEX, BandPaths, Layout, part_files, part_path
 from pipeline.locks import LockedError, lock
 from pipeline.log import get_logger
-from pipeline.outputs import BandManifest
+from pipeline.outputs import BandManifest, Provenance
 from pipeline.records import ReadStats
-from pipeline.scores import check_corpus_unchanged, common_provenance, scan_scores, score_files
+from pipeline.scores import check_corpus_unchanged, scan_scores, score_set
 from pipeline.sharding import ShardPlan, plan_shards, shard_records
 
 
@@ -55,10 +55,10 @@ class Pending:
         return self.decision.rows
 
 
-def decision_key(cfg: Config, band_cfg: BandConfig, provenance: dict) -> str:
+def decision_key(cfg: Config, band_cfg: BandConfig, provenance: Provenance) -> str:
     """What decides every byte of a band's parts: parts written under the same key are the same."""
     wrote = {"rejected": cfg.select.write_rejected, "mode": cfg.corpus.mode, "code": code_version()}
-    return digest([to_dict(band_cfg), provenance["key"], wrote])[:DECISION_HEX]
+    return digest([to_dict(band_cfg), provenance.key, wrote])[:DECISION_HEX]
 
 
 def reference_lengths(band_cfg: BandConfig, layout: Layout, pending: dict[str, Pending]) -> pl.DataFrame:
@@ -79,7 +79,7 @@ def reference_lengths(band_cfg: BandConfig, layout: Layout, pending: dict[str, P
 
 
 def bands_to_select(
-    cfg: Config, layout: Layout, scores: pl.LazyFrame, provenance: dict
+    cfg: Config, layout: Layout, scores: pl.LazyFrame, provenance: Provenance
 ) -> dict[str, Pending]:
     """The bands that are not selected yet (or whose scores changed), each decided and checked; a
     name already holding another selection, or a band that keeps nothing, is an error."""
@@ -89,11 +89,11 @@ def bands_to_select(
         name = band_cfg.resolved_name()
         if layout.band(name).manifest.is_file():
             previous = BandManifest.read(layout.band(name).manifest)
-            if previous.parameters != to_dict(band_cfg):
+            if previous.parameters != band_cfg:
                 raise ConfigError(
                     f"select.bands: {layout.band(name).dir} holds a different selection; give this band another name"
                 )
-            if previous.score_provenance["key"] == provenance["key"]:
+            if previous.score_provenance.key == provenance.key:
                 log.info(f"{name}: already selected, nothing to do")
                 continue
             log.info(f"{name}: the scores were recomputed since this band was selected; selecting again")
@@ -135,7 +135,9 @@ def write_bands(cfg: Config, plan: ShardPlan, pending: dict[str, Pending], shard
             write_part(kept, records, band.staging.dir, shard, cfg.corpus.mode)
 
 
-def publish(cfg: Config, layout: Layout, name: str, band: Pending, provenance: dict, shards: int) -> bool:
+def publish(
+    cfg: Config, layout: Layout, name: str, band: Pending, provenance: Provenance, shards: int
+) -> bool:
     """Once every shard's part is staged: the band's JSONL, config and manifest, then the staged
     folders renamed into place (rejected first, the manifest's folder last). Several ranks may
     find the band complete; the publish lock lets one do it. Returns whether this rank did."""
@@ -176,8 +178,7 @@ def run(cfg: Config) -> list[Path]:
     rank, world_size = rank_and_world()
     with lock(layout, "select" if rank == 0 else f"select.rank-{rank}"):
         plan = plan_shards(cfg.corpus)
-        files = score_files(layout)
-        provenance = common_provenance(files)
+        files, provenance = score_set(layout)
         check_corpus_unchanged(layout, plan, provenance)
         pending = bands_to_select(cfg, layout, scan_scores(files), provenance)
         if pending:

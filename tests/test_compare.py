@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline import compare_arms
 from pipeline.config import load_config
 from stages import compare
 from tests.helpers import make_texts, write_config, write_corpus
@@ -179,7 +180,7 @@ def test_random_type_arms_are_independent_draws():
         return set(frame.filter(pl.col("kept")).collect()["sample_id"].to_list())
 
     def random_draw(arm: str) -> set[str]:
-        band, _ = compare.arm_setup(cfg, arm, 0)
+        band, _ = compare_arms.arm_setup(cfg, arm, 0)
         return kept(select(scores, band_for("random", keep=0.2), seed=band.seed))
 
     draws = {arm: random_draw(arm) for arm in ("random", "random_replicate", "irdro")}
@@ -187,7 +188,7 @@ def test_random_type_arms_are_independent_draws():
     # give back random's sample itself
     reference = scores.filter(pl.col("sample_id").is_in(list(draws["random"]))).collect()
     for arm in ("random_length_matched", "random_matched"):
-        band, _ = compare.arm_setup(cfg, arm, 0)
+        band, _ = compare_arms.arm_setup(cfg, arm, 0)
         cells = ["n_tokens", "source"] if band.by_source else ["n_tokens"]
         counts = reference.group_by(cells).agg(samples=pl.len())
         draws[arm] = kept(length_matched(scores, counts, band.seed, by_source=band.by_source)[0])

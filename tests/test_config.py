@@ -115,6 +115,6 @@ def test_the_config_stands_on_no_selection_code():
         capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent,
     ).stdout.split()  # fmt: skip
     assert sorted(m for m in loaded if m.startswith("pipeline")) == [
-        "pipeline", "pipeline.config", "pipeline.rank_keys", "pipeline.shares"
+        "pipeline", "pipeline.codec", "pipeline.config", "pipeline.rank_keys", "pipeline.shares"
     ]  # fmt: skip
     assert "polars" not in loaded

@@ -7,9 +7,10 @@ import polars as pl
 import pytest
 
 from pipeline.artifacts import NoScoresError
+from pipeline.codec import decode
 from pipeline.config import load_config
 from pipeline.histograms import histogram, histogram_2d, quantiles, uniform_edges, value_range
-from pipeline.outputs import ReportSummary, from_json
+from pipeline.outputs import OutputError, ReportSummary
 from pipeline.report import render_report
 from stages import inspect, score, select
 from stages.cli import main
@@ -179,7 +180,7 @@ def test_render_escapes_every_data_string():
             }
         ],
     }
-    page = render_report(from_json(ReportSummary, summary, "summary"))
+    page = render_report(decode(ReportSummary, summary, "summary", OutputError))
     assert "<img" not in page and page.count("&lt;img src=x onerror=alert(1)&gt;") == 7
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline import train_data
 from pipeline.batching import collate
 from pipeline.config import ConfigError, load_config
 from pipeline.nll import NLLScorer
@@ -223,7 +224,7 @@ def test_training_targets_are_the_scored_targets(tmp_path, chat_model_dir, score
     files = sorted(band_dir.glob("part-*.parquet"))
     scored = pl.read_parquet(files)["n_tokens"].to_list()
     tokenizer = AutoTokenizer.from_pretrained(chat_model_dir)
-    train_set = train.training_set(cfg, files, tokenizer, world_size=1)
+    train_set = train_data.training_set(cfg, files, tokenizer, world_size=1)
     dataset, dropped = train_set.dataset, train_set.dropped
     trained = [sum(end - start for start, end in spans) for spans in dataset["targets"]]
     assert dropped == {} and trained == scored

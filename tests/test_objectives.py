@@ -274,7 +274,7 @@ def test_effective_samples_is_kishs_formula():
 def test_positions_and_attention_of_a_token_budget_plan():
     import datasets
 
-    from stages.train import TrainingSet
+    from pipeline.train_data import TrainingSet
 
     # two samples: 10 and 6 tokens, targets from position 1 on (9 and 5 targets)
     rows = {"input_ids": [list(range(10)), list(range(6))], "targets": [[[1, 10]], [[1, 6]]]}

@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from pipeline.codec import decode, encode
+from pipeline.config import BandConfig, load_config, to_dict
 from pipeline.layout import Layout
 from pipeline.outputs import (
     BandManifest,
@@ -15,16 +17,15 @@ from pipeline.outputs import (
     ScoresSummary,
     SplitMetrics,
     TrainSummary,
-    from_json,
-    to_json,
 )
 from stages.cli import COMMANDS
 
+CONFIG = to_dict(load_config(None, ["corpus.paths=[c.jsonl]", "model.path=m", "out_dir=runs/x"]))
 COUNTS = {"samples": {"in": 10, "kept": 4}, "tokens": {"in": 300, "kept": 90}}
 MANIFEST = {
     "band": "mid",
     "strategy": "midranking",
-    "parameters": {"by_source": False, "skip": 0.1},
+    "parameters": to_dict(BandConfig(skip=0.1)),
     "positions": {"start": 0.1, "stop": 0.5, "ranked_by": "loss", "measure": "samples"},
     "loss_thresholds": {"min_kept": 2.5, "max_kept": 4.0},
     **COUNTS,
@@ -33,8 +34,13 @@ MANIFEST = {
         "before": {"web": {"samples": 10, "tokens": 300}},
         "after": {"web": {"samples": 4, "tokens": 90}},
     },
-    "score_provenance": {"key": {"dtype": "float32"}},
-    "config": {"out_dir": "runs/x"},
+    "score_provenance": {
+        "key": {"dtype": "float32"},
+        "model_path": "m",
+        "code_version": "0",
+        "config": CONFIG,
+    },
+    "config": CONFIG,
 }
 
 
@@ -43,7 +49,10 @@ def test_a_manifest_round_trips_byte_for_byte_and_reads_typed(tmp_path):
     path.write_text(json.dumps(MANIFEST, indent=2, sort_keys=True) + "\n")
     manifest = BandManifest.read(path)
     assert manifest.samples.total == 10 and manifest.tokens.kept == 90  # "in" is read as `total`
-    assert manifest.per_source.after["web"].tokens == 90 and not manifest.by_source
+    assert manifest.per_source.after["web"].tokens == 90 and not manifest.parameters.by_source
+    assert manifest.config.out_dir == "runs/x" and manifest.score_provenance.config.corpus.paths == (
+        "c.jsonl",
+    )
     copy = tmp_path / "copy.json"
     manifest.write(copy)
     assert copy.read_bytes() == path.read_bytes()
@@ -52,15 +61,23 @@ def test_a_manifest_round_trips_byte_for_byte_and_reads_typed(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda d: d.pop("rejected"), r"manifest\.json: no field 'rejected' \(written by another version"),
-        (lambda d: d.update(extra=1), r"manifest\.json: an unknown field 'extra'"),
-        (lambda d: d["samples"].pop("in"), r"manifest\.json\.samples: no field 'in'"),
+        (
+            lambda d: d.pop("rejected"),
+            r"manifest\.json\.rejected: required, missing \(written by another version",
+        ),
+        (
+            lambda d: d.update(extra=1),
+            r"manifest\.json\.extra: unknown key; allowed keys in .*manifest\.json: ",
+        ),
+        (lambda d: d["samples"].pop("in"), r"manifest\.json\.samples\.in: required, missing"),
         (
             lambda d: d["samples"].update({"kept": True}),
-            r"manifest\.json\.samples\.kept: expected int, got True",
+            r"manifest\.json\.samples\.kept: expected an integer, got True",
         ),
-        (lambda d: d["positions"].update(start="0.1"), r"positions\.start: expected float, got '0\.1'"),
-        (lambda d: d.update(rejected=[1]), r"manifest\.json\.rejected: expected an object"),
+        (lambda d: d["positions"].update(start="0.1"), r"positions\.start: expected a number, got '0\.1'"),
+        (lambda d: d.update(rejected=[1]), r"manifest\.json\.rejected: expected a mapping"),
+        (lambda d: d["parameters"].update(keep=2), r"manifest\.json\.parameters\.keep: "),
+        (lambda d: d["config"].update(out_dir=3), r"manifest\.json\.config\.out_dir: expected a string"),
     ],
 )
 def test_a_file_that_does_not_hold_the_record_is_a_clear_error(tmp_path, change, message):
@@ -97,12 +114,14 @@ def test_optional_fields_are_left_out_when_absent_and_integers_pass_as_floats():
         world_size=1,
         data=["a.parquet"],
     )
-    plain = to_json(RunMetrics(train=summary, config={}))
+    plain = encode(
+        RunMetrics(train=summary, config=load_config(None, ["corpus.paths=[c.jsonl]", "model.path=m"]))
+    )
     assert set(plain) == {"train", "config"}  # no "before": null
-    evaluation = from_json(Evaluation, {"overall": to_json(split), "per_source": {}}, "e.json")
+    evaluation = decode(Evaluation, {"overall": encode(split), "per_source": {}}, "e.json", OutputError)
     assert evaluation.overall.loss == 3
-    report = to_json(
-        from_json(
+    report = encode(
+        decode(
             ReportSummary,
             {
                 "inputs_key": "k",
@@ -118,6 +137,7 @@ def test_optional_fields_are_left_out_when_absent_and_integers_pass_as_floats():
                 "examples": None,
             },
             "s.json",
+            OutputError,
         )
     )
     assert report["examples"] is None  # a required field that is None stays, as null

@@ -18,9 +18,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.artifacts import ProvenanceError
 from pipeline.band_decision import decide
+from pipeline.codec import decode, encode
 from pipeline.config import BandConfig, ConfigError, load_config
 from pipeline.key_columns import with_key
-from pipeline.outputs import BandManifest, from_json, to_json
+from pipeline.outputs import BandManifest, OutputError
 from pipeline.rank_keys import FLAG_KEYS, RANK_KEYS, LengthCurve
 from pipeline.records import Record
 from pipeline.samples import SamplePolicy, make_samples
@@ -225,7 +226,9 @@ def test_length_adjusted_equals_brute_force(rows, by_source):
     assert got.keys() == expected.keys()
     assert all(got[k] == pytest.approx(v, abs=1e-12) for k, v in expected.items())
     # the curves as a manifest records them (JSON) give the same key back
-    recorded = from_json(dict[str, LengthCurve], json.loads(json.dumps(to_json(decision.curves))), "test")
+    recorded = decode(
+        dict[str, LengthCurve], json.loads(json.dumps(encode(decision.curves))), "test", OutputError
+    )
     again = with_key(pl.LazyFrame(rows), "length_adjusted", recorded, by_source=by_source)
     again = again.select("sample_id", "length_adjusted")
     assert dict(again.collect().iter_rows()) == got
@@ -431,7 +434,7 @@ def test_report_draws_the_key_and_where_the_band_falls(scored, tmp_path):
 
 
 def test_compare_arms_take_a_rank_key():
-    from stages.compare import arm_setup
+    from pipeline.compare_arms import arm_setup
 
     arms = "compare.arms=[random,midranking.bits_per_byte,random_length_matched.length_adjusted,top.length_adjusted]"
     cfg = load_config(ROOT / "configs/tiny.yaml", [arms])

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline import train_run
 from pipeline.config import ConfigError, load_config
 from pipeline.layout import Layout
 from pipeline.trainer import trained_tokens_at
@@ -205,7 +206,8 @@ def test_a_finished_run_from_an_older_version_is_named_not_misread(tmp_path, tin
     del metrics["train"]["trained_tokens"]
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(
-        ConfigError, match=r"holds a run written by an older midrank .*no field 'trained_tokens'.*delete"
+        ConfigError,
+        match=r"holds a run written by an older midrank .*trained_tokens: required, missing.*delete",
     ):
         train.run(load_config(config))
 
@@ -253,14 +255,16 @@ def test_a_killed_run_resumes_only_under_its_own_config(tmp_path, tiny_model_dir
     # how records become tokens decides the weights too; evaluation and logging settings do not
     with pytest.raises(ConfigError, match=r"samples\.add_bos: True -> False"):
         train.run(load_config(config, ["score.add_bos=false"]))
-    layout, data = Layout(tmp_path / "out"), train.TrainingData([corpus], None, "corpus")
+    layout, data = Layout(tmp_path / "out"), train_run.TrainingData([corpus], None, "corpus")
     quiet = load_config(
         config, ["train.logging_steps=7", f"train.eval_paths=[{corpus}]", "train.save_steps=1"]
     )
-    assert train.run_identity(quiet, layout, data) == train.run_identity(load_config(config), layout, data)
+    assert train_run.run_identity(quiet, layout, data) == train_run.run_identity(
+        load_config(config), layout, data
+    )
     (run_dir / "started.json").write_text("{cut")  # damaged: a clear refusal, not a traceback
     with pytest.raises(
-        ConfigError, match=r"did not record its settings .*started\.json is missing or damaged"
+        ConfigError, match=r"did not record its settings .*started\.json: cannot be read as JSON"
     ):
         train.run(load_config(config))
     (run_dir / "started.json").unlink()
