@@ -22,12 +22,6 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,eval,bench]'
-	@# jemalloc keeps CPU scoring's memory flat (pipeline/cpu_memory.py); as root with apt-get, install it
-	@$(PY) -c "import ctypes.util, sys; sys.exit(ctypes.util.find_library('jemalloc') is None)" || \
-	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	    { apt-get install -y -qq libjemalloc2 >/dev/null 2>&1 || \
-	      { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libjemalloc2 >/dev/null 2>&1; }; }; } || \
-	  echo "note: libjemalloc2 is not installed: CPU scoring runs on glibc's malloc (see docs/scoring.md, Memory)"
 	touch $@
 
 # The embedded corpus: real text from Debian packages and the Python standard library. A source whose

@@ -102,7 +102,7 @@ def run_midrank(model_dir: str, corpus: Path, dtype: str, out_dir: str) -> dict:
     import pyarrow.parquet as pq
 
     from pipeline.config import load_config
-    from pipeline.cpu_memory import relaunch_for_cpu
+    from pipeline.cpu_memory import preload_jemalloc
     from pipeline.layout import Layout
     from pipeline.outputs import ScoresSummary
     from stages import score
@@ -118,7 +118,7 @@ def run_midrank(model_dir: str, corpus: Path, dtype: str, out_dir: str) -> dict:
             f"score.max_tokens={MAX_TOKENS}",
         ],
     )
-    relaunch_for_cpu(cfg.model)  # as `midrank score` does: under jemalloc when it is installed
+    preload_jemalloc(cfg.model)  # as `midrank score` does: under jemalloc when it is installed
     score.run(cfg)
     layout = Layout(cfg.out_dir)
     summary = ScoresSummary.read(layout.scores_summary)

@@ -148,11 +148,11 @@ class ModelConfig:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel passed to transformers."""
 
-    cpu_allocator: Literal["auto", "jemalloc", "system"] = "auto"
+    cpu_allocator: Literal["auto", "system"] = "auto"
     """The malloc of `midrank score` on the CPU (pipeline/cpu_memory.py). `auto`: jemalloc when
-    installed (the command re-executes itself with it preloaded), else the system's; `jemalloc`:
-    an error if it is not installed or does not load; `system`: the system's. A malloc preloaded
-    by the user is kept. Training keeps glibc's (under jemalloc it peaked at 2.6x the memory)."""
+    installed (the command re-executes itself with it preloaded), else the system's; `system`: the
+    system's. Whatever is in LD_PRELOAD already is kept. Training keeps glibc's (under jemalloc it
+    peaked at 2.6x the memory)."""
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

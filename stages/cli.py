@@ -28,7 +28,7 @@ import sys
 
 from pipeline.artifacts import ProvenanceError
 from pipeline.config import ConfigError, dump_config, load_config
-from pipeline.cpu_memory import relaunch_for_cpu
+from pipeline.cpu_memory import preload_jemalloc
 from pipeline.layout import LayoutError
 from pipeline.locks import LockedError
 from pipeline.log import get_logger
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None, *, relaunch: bool = False) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if relaunch and args.command in RELAUNCHED_COMMANDS:
-            relaunch_for_cpu(cfg.model)
+            preload_jemalloc(cfg.model)
         if module is None:
             print(dump_config(cfg), end="")
         else:

@@ -21,7 +21,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from pipeline.batching import ShardBatches
-from pipeline.config import Config, ConfigError, save_config
+from pipeline.config import Config, save_config
 from pipeline.cpu_memory import tune_cpu_malloc
 from pipeline.launcher import rank_and_world, shards_of_rank
 from pipeline.layout import Layout
@@ -119,11 +119,9 @@ def run(cfg: Config) -> Path:
     if loaded.device.type == "cpu":
         allocator = tune_cpu_malloc()
         log.info(f"malloc: {allocator} (model.cpu_allocator={cfg.model.cpu_allocator})")
-        if cfg.model.cpu_allocator == "jemalloc" and allocator != "jemalloc":
-            raise ConfigError(
-                f"model.cpu_allocator: jemalloc asked for, but this process runs on {allocator}'s malloc "
-                "(only `midrank score` re-executes itself under jemalloc)"
-            )
+        if "jemalloc" in os.environ.get("LD_PRELOAD", "") and allocator != "jemalloc":
+            # the loader only prints a message when it cannot use a preloaded library
+            log.warning(f"jemalloc is in LD_PRELOAD but did not load: running on {allocator}'s malloc")
     kernel = NLLScorer(loaded.model, cfg.score.head_chunk_tokens)
     if not kernel.fast_path:
         log.warning("this model's logits are not lm_head(hidden): scoring through its full forward (slower)")
