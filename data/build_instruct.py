@@ -20,18 +20,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from data.build_corpus import (
-    SOURCES,
-    MissingSources,
-    _first_dir,
-    available_sources,
-    log,
-    man_candidates,
-    order_key,
-    read_text,
-    write_jsonl,
-    write_manifest,
-)
+from data import build_corpus as corpus
 
 MAX_ANSWER_CHARS = 700
 RFC = re.compile(r":rfc:`(\d+)`")
@@ -63,9 +52,9 @@ def man_sections(rendered: str) -> dict[str, str]:
 
 def man_pairs(limit: int) -> list[dict]:
     # the corpus builder's man pages (a few per family, so gcloud_* does not crowd out the rest), section 1
-    candidates = [c for c in man_candidates() if c.origin.startswith("man/man1/")]
+    candidates = [c for c in corpus.man_candidates() if c.origin.startswith("man/man1/")]
     pairs = []
-    for candidate in sorted(candidates, key=lambda c: order_key(c.origin)):
+    for candidate in sorted(candidates, key=lambda c: corpus.order_key(c.origin)):
         rendered = candidate.load()
         if not rendered:
             continue
@@ -86,11 +75,11 @@ def man_pairs(limit: int) -> list[dict]:
 
 
 def python_doc_pairs(limit: int) -> list[dict]:
-    root = _first_dir("/usr/share/doc/python3.*/html/_sources/library")
-    pages = sorted(root.glob("*.rst.txt"), key=lambda p: order_key(p.name))
+    root = corpus._first_dir("/usr/share/doc/python3.*/html/_sources/library")
+    pages = sorted(root.glob("*.rst.txt"), key=lambda p: corpus.order_key(p.name))
     pairs = []
     for path in pages:
-        text = read_text(path)
+        text = corpus.read_text(path)
         title = re.match(r":mod:`([^`]+)` -+ (.+)\n", text)
         if not title:
             continue
@@ -117,14 +106,14 @@ def break_some(pairs: list[dict]) -> list[dict]:
     """Label every pair; turn a tenth into mismatched and a tenth into truncated ones."""
     out = []
     for i, pair in enumerate(pairs):
-        bucket = int(order_key("kind:" + pair["origin"]), 16) % 10
+        bucket = int(corpus.order_key("kind:" + pair["origin"]), 16) % 10
         kind = {0: "mismatched", 1: "truncated"}.get(bucket, "ok")
         answer = pair["answer"]
         if kind == "mismatched":  # a real answer, to another question of the other source
             other = pairs[(i + len(pairs) // 2) % len(pairs)]
             answer = other["answer"]
         elif kind == "truncated":  # the answer stops after a few words
-            answer = " ".join(answer.split()[: 3 + int(order_key(pair["origin"]), 16) % 4])
+            answer = " ".join(answer.split()[: 3 + int(corpus.order_key(pair["origin"]), 16) % 4])
         out.append({**pair, "answer": answer, "kind": kind})
     return out
 
@@ -139,25 +128,25 @@ def as_chat(pair: dict) -> dict:
 
 def build(out: Path, per_source: int, install: bool = True) -> dict:
     # the two sources the pairs come from; without either the sample would silently change
-    needed = tuple(s for s in SOURCES if s.name in ("man", "python-docs"))
-    available_sources(needed, install=install, allow_missing=False)
+    needed = tuple(s for s in corpus.SOURCES if s.name in ("man", "python-docs"))
+    corpus.available_sources(needed, install=install, allow_missing=False)
     pairs = man_pairs(per_source) + python_doc_pairs(per_source)
-    pairs.sort(key=lambda p: order_key(p["origin"]))
+    pairs.sort(key=lambda p: corpus.order_key(p["origin"]))
     heldout = [p | {"kind": "ok"} for i, p in enumerate(pairs) if i % 10 == 9]
     train = break_some([p for i, p in enumerate(pairs) if i % 10 != 9])
     out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "train.jsonl", [as_chat(p) for p in train])
-    write_jsonl(out / "heldout.jsonl", [as_chat(p) for p in heldout])
+    corpus.write_jsonl(out / "train.jsonl", [as_chat(p) for p in train])
+    corpus.write_jsonl(out / "heldout.jsonl", [as_chat(p) for p in heldout])
     manifest = {
         "train": {
             f"{s}/{k}": n for (s, k), n in sorted(Counter((p["source"], p["kind"]) for p in train).items())
         },
         "heldout": dict(sorted(Counter(p["source"] for p in heldout).items())),
     }
-    write_manifest(out, manifest)
+    corpus.write_manifest(out, manifest)
     for key, count in manifest["train"].items():
-        log(f"train {key:24s} {count:5d}")
-    log(f"held out: {len(heldout)} clean pairs -> {out}")
+        corpus.log(f"train {key:24s} {count:5d}")
+    corpus.log(f"held out: {len(heldout)} clean pairs -> {out}")
     return manifest
 
 
@@ -169,7 +158,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         build(args.out, args.per_source, install=not args.no_install)
-    except MissingSources as err:
+    except corpus.MissingSources as err:
         sys.exit(f"[build_instruct] error: {err}")
 
 

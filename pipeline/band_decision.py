@@ -198,7 +198,9 @@ def manifest_for(
         tokens=Counts(int(summary["tokens"].sum()), int(kept["tokens"].sum())),
         rejected={str(r["reason"]): int(r["samples"]) for r in rejected.sort("reason").to_dicts()},
         per_source=SourceMix(before=source_mix(summary), after=source_mix(kept)),
-        rank_key=RankKeyRange(band_cfg.rank_by, kept["min_key"].min(), kept["max_key"].max()),
+        rank_key=RankKeyRange(
+            key=band_cfg.rank_by, min_kept=kept["min_key"].min(), max_kept=kept["max_key"].max()
+        ),
         length_curves=decision.curves,
         dropped_top=dropped_top_counts(band_cfg, summary),
         score_provenance=provenance,

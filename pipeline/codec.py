@@ -54,9 +54,9 @@ def encode(value: Any) -> Any:
 
 def optional_of(tp: Any) -> Any | None:
     """X for an `X | None` annotation; None for any other type."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return inner
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None))
     return None
 
 

@@ -38,6 +38,10 @@ from pipeline.log import get_logger
 
 
 class LockedError(RuntimeError):
+    """A lock cannot be taken: another run holds it (`LockHeldError`), or its file cannot be made."""
+
+
+class LockHeldError(LockedError):
     """Another run holds this lock."""
 
 
@@ -64,7 +68,7 @@ def lock(layout: Layout, name: str) -> Iterator[None]:
         except OSError as err:
             if err.errno not in (errno.EACCES, errno.EAGAIN):
                 raise
-            raise LockedError(
+            raise LockHeldError(
                 f"{layout.out_dir}: another run holds {path} ({describe(_holder(fd))}); "
                 "wait for it to finish, or use another out_dir"
             ) from None

@@ -57,8 +57,9 @@ class Provenance(JsonRecord):
     so two score sets with different keys are never mixed. Its entries depend on the corpus mode."""
     model_path: str
     code_version: str
-    config: Config
-    """The config the scores were made with."""
+    config: dict[str, Any]
+    """The config the scores were made with, as data: a record for people, never read back as a
+    config, so a later midrank that renames a setting still reads the scores (the key decides)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,27 +108,35 @@ class Positions:
 
 @dataclass(frozen=True, slots=True)
 class LossRange:
+    """The lowest and highest loss (nats per target token) among the band's kept samples; in a
+    RankKeyRange, of its key."""
+
     min_kept: float
+    """Of the easiest sample kept."""
     max_kept: float
 
 
-@dataclass(frozen=True, slots=True)
-class RankKeyRange:
-    """The key the band ranked by and the lowest and highest value of it kept."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankKeyRange(LossRange):
+    """The key the band ranked by (a name of pipeline/rank_keys.py) and the lowest and highest
+    value of it kept."""
 
     key: str
-    min_kept: float
-    max_kept: float
 
 
 @dataclass(frozen=True, slots=True)
 class SourceCount:
+    """One source's samples and target tokens."""
+
     samples: int
     tokens: int
+    """Target tokens (the positions a loss is computed at)."""
 
 
 @dataclass(frozen=True, slots=True)
 class SourceMix:
+    """Per source, what the scores held and what the band kept."""
+
     before: dict[str, SourceCount]
     after: dict[str, SourceCount]
 
@@ -162,8 +171,8 @@ class BandExcerpt(Sparse):
     rejected: dict[str, int]
     """Samples dropped, by reason: too_hard, too_easy, not_sampled, too_short, dropped_top."""
     per_source: SourceMix
-    rank_key: RankKeyRange | None = None
-    """What the band ranked by (absent in manifests of a midrank that ranked by loss only)."""
+    rank_key: RankKeyRange
+    """What the band ranked by, and the range of it kept."""
     length_curves: dict[str, LengthCurve] | None = None
     """rank_by=length_adjusted: the expected loss at each length it subtracted, per source or
     over all of them ("*"), so the key can be recomputed."""

@@ -73,14 +73,14 @@ class DrawnBand:
 def load_band(layout: Layout, name: str) -> DrawnBand:
     manifest = BandManifest.read(layout.band(name).manifest)
     kept = pl.scan_parquet(part_files(layout.band(name).dir))
-    key = manifest.rank_key.key if manifest.rank_key else "loss"
+    key = manifest.rank_key.key
     ranks = manifest.positions.ranked_by != "random"  # not a random sample
     per_source = (
         kept.group_by("source").agg(low=pl.col(key).min(), high=pl.col(key).max()).collect()
         if ranks
         else pl.DataFrame({"source": [], "low": [], "high": []})
     )
-    kept_range = manifest.rank_key or manifest.loss_thresholds
+    kept_range = manifest.rank_key
     interval = (kept_range.min_kept, kept_range.max_kept)
     return DrawnBand(
         manifest,

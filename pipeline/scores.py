@@ -32,7 +32,7 @@ from pipeline.artifacts import (
     write_table_atomic,
 )
 from pipeline.codec import decode, encode, read_json
-from pipeline.config import Config
+from pipeline.config import Config, to_dict
 from pipeline.layout import Layout
 from pipeline.outputs import OutputError, Provenance, ScoresSummary
 from pipeline.records import needed_columns
@@ -92,7 +92,7 @@ def make_provenance(cfg: Config, plan: ShardPlan) -> Provenance:
         key |= {"prompt_format": cfg.score.prompt_format, "score_prompt": cfg.score.score_prompt}
     if cfg.score.unconditional:  # nll_sum_uncond is written, after this context
         key |= {"unconditional_prefix": cfg.score.unconditional_prefix}
-    return Provenance(key=key, model_path=cfg.model.path, code_version=code_version(), config=cfg)
+    return Provenance(key=key, model_path=cfg.model.path, code_version=code_version(), config=to_dict(cfg))
 
 
 def scored_plan(layout: Layout) -> StoredPlan | None:

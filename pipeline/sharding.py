@@ -22,6 +22,8 @@ from pipeline.records import ReadStats, Record, needed_columns, to_record
 
 @dataclass(frozen=True, slots=True)
 class Segment:
+    """Rows [start, stop) of the input file `file_index`: one piece of a shard."""
+
     file_index: int
     start: int
     stop: int

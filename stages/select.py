@@ -26,13 +26,14 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.artifacts import code_version, digest
+from pipeline.artifacts import digest
 from pipeline.band_decision import Decision, decide, manifest_for, summarize
 from pipeline.band_parts import write_part
+from pipeline.codec import encode
 from pipeline.config import BandConfig, Config, ConfigError, save_config, to_dict
 from pipeline.launcher import rank_and_world, shards_of_rank
 from pipeline.layout import DECISION_HEX, BandPaths, Layout, part_files, part_path
-from pipeline.locks import LockedError, lock
+from pipeline.locks import LockHeldError, lock
 from pipeline.log import get_logger
 from pipeline.outputs import BandManifest, Provenance
 from pipeline.records import ReadStats
@@ -55,10 +56,29 @@ class Pending:
         return self.decision.rows
 
 
-def decision_key(cfg: Config, band_cfg: BandConfig, provenance: Provenance) -> str:
-    """What decides every byte of a band's parts: parts written under the same key are the same."""
-    wrote = {"rejected": cfg.select.write_rejected, "mode": cfg.corpus.mode, "code": code_version()}
-    return digest([to_dict(band_cfg), provenance.key, wrote])[:DECISION_HEX]
+def decision_key(
+    cfg: Config, band_cfg: BandConfig, provenance: Provenance, decision: Decision, summary
+) -> str:
+    """A fingerprint of the band's decision and of how its parts are written: what it was asked
+    (the band, the scores' key), what it decided (every count and range the manifest reports, the
+    length curves) and which parts it writes. Ranks that stage under one key write parts that fit
+    together; a rank that decided otherwise (other code, say) stages apart and never mixes in."""
+    by = [c for c in ("source", "kept", "reason", "dropped_by") if c in summary.columns]
+    decided = {
+        "summary": summary.sort(by, nulls_last=True).to_dicts(),
+        "curves": encode(decision.curves),
+        "rejected": cfg.select.write_rejected,
+        "mode": cfg.corpus.mode,
+    }
+    return digest([to_dict(band_cfg), provenance.key, decided])[:DECISION_HEX]
+
+
+def is_published(layout: Layout, name: str, band: Pending, provenance: Provenance) -> bool:
+    """Whether the band's folder holds this selection already (published by another rank)."""
+    if not layout.band(name).manifest.is_file():
+        return False
+    published = BandManifest.read(layout.band(name).manifest)
+    return published.parameters == band.config and published.score_provenance.key == provenance.key
 
 
 def reference_lengths(band_cfg: BandConfig, layout: Layout, pending: dict[str, Pending]) -> pl.DataFrame:
@@ -107,32 +127,55 @@ def bands_to_select(
         share = kept["tokens"].sum() / max(summary["tokens"].sum(), 1)
         if share < 0.01:
             log.warning(f"{name}: keeps only {share:.2%} of the tokens")
-        staging = layout.band_staging(name, decision_key(cfg, band_cfg, provenance))
+        staging = layout.band_staging(name, decision_key(cfg, band_cfg, provenance, decision, summary))
         pending[name] = Pending(band_cfg, decision, summary, staging)
     return pending
 
 
-def write_bands(cfg: Config, plan: ShardPlan, pending: dict[str, Pending], shards: list[int]) -> None:
+def staged_folders(cfg: Config, band: Pending) -> list[Path]:
+    return [band.staging.dir, band.staging.rejected] if cfg.select.write_rejected else [band.staging.dir]
+
+
+def is_staged(cfg: Config, band: Pending, shard: int) -> bool:
+    """Whether every part of the shard is staged: written by this run or an earlier run of the same
+    decision (a part that exists is complete: it is written under another name and renamed)."""
+    return all(part_path(folder, shard).is_file() for folder in staged_folders(cfg, band))
+
+
+def write_bands(
+    cfg: Config,
+    layout: Layout,
+    plan: ShardPlan,
+    pending: dict[str, Pending],
+    shards: list[int],
+    provenance: Provenance,
+) -> None:
     """Every band's kept (and rejected) rows of `shards` with their texts, reading the corpus once,
-    shard by shard, into the bands' staging folders. A shard whose kept part is there already was
-    written by an earlier run of the same decision (the rejected part is written first)."""
-    for band in pending.values():
-        band.staging.dir.mkdir(parents=True, exist_ok=True)
-        if cfg.select.write_rejected:
-            band.staging.rejected.mkdir(parents=True, exist_ok=True)
+    shard by shard, into the bands' staging folders; the parts an earlier run of the same decision
+    staged are kept. A band another rank published meanwhile (this rank started late, on parts a
+    cut run left) is left alone."""
+    live = dict(pending)
     stats = ReadStats()
     for shard in shards:
-        todo = [band for band in pending.values() if not part_path(band.staging.dir, shard).is_file()]
+        for name in [n for n in live if is_published(layout, n, live[n], provenance)]:
+            del live[name]
+        todo = {name: band for name, band in live.items() if not is_staged(cfg, band, shard)}
         if not todo:
             continue
         records = shard_records(plan, shard, cfg.corpus, stats)
-        for band in todo:
+        for name, band in todo.items():
             part = band.decided.filter(pl.col("shard") == shard).collect()
-            if cfg.select.write_rejected:
-                rejected = part.filter(~pl.col("kept")).drop("kept")
-                write_part(rejected, records, band.staging.rejected, shard, cfg.corpus.mode)
             kept = part.filter(pl.col("kept")).drop("kept", "reason", "dropped_by", strict=False)
-            write_part(kept, records, band.staging.dir, shard, cfg.corpus.mode)
+            rejected = part.filter(~pl.col("kept")).drop("kept")
+            try:
+                for folder in staged_folders(cfg, band):
+                    folder.mkdir(parents=True, exist_ok=True)
+                    rows = kept if folder == band.staging.dir else rejected
+                    write_part(rows, records, folder, shard, cfg.corpus.mode)
+            except OSError:
+                if not is_published(layout, name, band, provenance):
+                    raise
+                del live[name]  # its staging folder was renamed into place under this write
 
 
 def publish(
@@ -142,15 +185,25 @@ def publish(
     folders renamed into place (rejected first, the manifest's folder last). Several ranks may
     find the band complete; the publish lock lets one do it. Returns whether this rank did."""
     staged, final = band.staging, layout.band(name)
-    if not all(part_path(staged.dir, shard).is_file() for shard in range(shards)):
-        return False  # another rank has parts still to write: the last one publishes
+    if not all(is_staged(cfg, band, shard) for shard in range(shards)):
+        if is_published(layout, name, band, provenance):  # by a rank that found every part first
+            for orphan in staged_folders(cfg, band):  # what this late rank staged again
+                if orphan.exists():
+                    layout.remove(orphan)
+        return False  # else another rank has parts still to write: the last one publishes
     try:
         with lock(layout, f"select-publish-{name}"):
             if not staged.dir.is_dir():
                 return False  # published by another rank meanwhile
+            if final.manifest.is_file() and BandManifest.read(final.manifest).parameters != band.config:
+                raise ConfigError(
+                    f"select.bands: {final.dir} holds a different selection; give this band another name"
+                )
             if cfg.select.jsonl:
                 frame = pl.read_parquet(part_files(staged.dir))
                 frame.select("sample_id", "source", "loss", "text").write_ndjson(staged.jsonl)
+            else:  # left by a cut run that wrote it
+                staged.jsonl.unlink(missing_ok=True)
             manifest = manifest_for(cfg, band.config, band.decision, band.summary, provenance)
             save_config(cfg, staged.dir)
             manifest.write(staged.manifest)
@@ -162,7 +215,7 @@ def publish(
             layout.check_inside(staged.dir).rename(final.dir)
             for stale in layout.band_stagings(name):  # cut runs of other decisions
                 layout.remove(stale)
-    except LockedError:
+    except LockHeldError:
         return False
     get_logger().info(
         f"{name}: kept {manifest.samples.kept} of {manifest.samples.total} samples, "
@@ -182,7 +235,9 @@ def run(cfg: Config) -> list[Path]:
         check_corpus_unchanged(layout, plan, provenance)
         pending = bands_to_select(cfg, layout, scan_scores(files), provenance)
         if pending:
-            write_bands(cfg, plan, pending, shards_of_rank(len(plan.shards), rank, world_size))
+            write_bands(
+                cfg, layout, plan, pending, shards_of_rank(len(plan.shards), rank, world_size), provenance
+            )
             shards = len(plan.shards)
             done = [
                 name for name, band in pending.items() if publish(cfg, layout, name, band, provenance, shards)

@@ -28,6 +28,7 @@ MANIFEST = {
     "parameters": to_dict(BandConfig(skip=0.1)),
     "positions": {"start": 0.1, "stop": 0.5, "ranked_by": "loss", "measure": "samples"},
     "loss_thresholds": {"min_kept": 2.5, "max_kept": 4.0},
+    "rank_key": {"key": "loss", "min_kept": 2.5, "max_kept": 4.0},
     **COUNTS,
     "rejected": {"too_easy": 5, "too_hard": 1},
     "per_source": {
@@ -50,9 +51,9 @@ def test_a_manifest_round_trips_byte_for_byte_and_reads_typed(tmp_path):
     manifest = BandManifest.read(path)
     assert manifest.samples.total == 10 and manifest.tokens.kept == 90  # "in" is read as `total`
     assert manifest.per_source.after["web"].tokens == 90 and not manifest.parameters.by_source
-    assert manifest.config.out_dir == "runs/x" and manifest.score_provenance.config.corpus.paths == (
+    assert manifest.config.out_dir == "runs/x" and manifest.score_provenance.config["corpus"]["paths"] == [
         "c.jsonl",
-    )
+    ]
     copy = tmp_path / "copy.json"
     manifest.write(copy)
     assert copy.read_bytes() == path.read_bytes()

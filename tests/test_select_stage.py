@@ -263,6 +263,78 @@ def test_ranks_that_run_one_after_another_publish_once_every_part_is_written(sco
     assert not [p for p in (out / "selected").iterdir() if p.name.startswith(".")]
 
 
+def staging_of(out, band: str):
+    (staged,) = [p for p in (out / "selected").iterdir() if p.name.startswith(f".{band}.")]
+    return staged
+
+
+def test_a_publish_cut_between_its_renames_is_finished_by_the_rerun(scored, tmp_path):
+    """Killed after the rejected rows were renamed into place and before the band was: the rerun
+    stages the rejected parts again (every part of a shard must be staged, not only the kept one),
+    drops a JSONL the new settings do not ask for, and publishes what one clean run does."""
+    config, _ = scored
+    out = tmp_path / "out"
+    options = [RANKED_BANDS, "select.write_rejected=true", "select.jsonl=true"]
+    select.run(load_config(config, options))
+    clean = band_files(out)
+    decided = {band: (out / "selected" / band).stat().st_ino for band in ("mid", "sample")}
+    # the state the kill leaves: each band's folder back under its staging name, manifest inside
+    from pipeline.layout import Layout
+    from stages.select import bands_to_select
+
+    layout = Layout(out)
+    for band in ("mid", "sample"):
+        (out / "selected" / band / "manifest.json").rename(out / "selected" / band / "manifest.kept")
+    cfg = load_config(config, options)
+    files, provenance = select.score_set(layout)
+    pending = bands_to_select(cfg, layout, select.scan_scores(files), provenance)
+    for band in ("mid", "sample"):
+        (out / "selected" / band / "manifest.kept").rename(out / "selected" / band / "manifest.json")
+        (out / "selected" / band).rename(pending[band].staging.dir)
+        assert decided[band] == pending[band].staging.dir.stat().st_ino
+    select.run(load_config(config, options))
+    assert band_files(out) == clean
+    assert not [p for p in (out / "selected").iterdir() if p.name.startswith(".")]
+    # again with the JSONL of the cut publish still staged, and jsonl now off: it is not published
+    (out / "selected" / "mid" / "manifest.json").unlink()
+    mid = pending["mid"].staging.dir
+    (out / "selected" / "mid").rename(mid)
+    select.run(load_config(config, [RANKED_BANDS, "select.write_rejected=true"]))
+    assert not (out / "selected" / "mid" / "data.jsonl").exists()
+    assert (out / "selected" / "mid" / "part-00000.parquet").read_bytes() == clean[
+        "selected/mid/part-00000.parquet"
+    ]
+
+
+def test_a_rank_that_decided_before_another_published_leaves_nothing_behind(scored, tmp_path, monkeypatch):
+    """Rank 1 decides, rank 0 then publishes on parts a cut run left (rank 1's among them); rank 1
+    goes on with its stale decision: it writes nothing into the published band and removes what it
+    staged again, instead of crashing on a folder renamed away or leaving an orphan."""
+    from pipeline.launcher import shards_of_rank
+    from pipeline.layout import Layout
+    from stages.select import bands_to_select, publish, write_bands
+
+    config, _ = scored
+    out = tmp_path / "out"
+    options = [RANKED_BANDS]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("1", "0"):  # rank 1's parts are staged by a run cut before rank 0 wrote
+        monkeypatch.setenv("RANK", rank)
+        if rank == "0":
+            cfg = load_config(config, options)
+            layout = Layout(out)
+            files, provenance = select.score_set(layout)
+            late = bands_to_select(cfg, layout, select.scan_scores(files), provenance)  # rank 1's view
+        select.run(load_config(config, options))
+    assert len(list((out / "selected").glob("*/manifest.json"))) == 4
+    published = band_files(out)
+    plan = select.plan_shards(cfg.corpus)
+    write_bands(cfg, layout, plan, late, shards_of_rank(3, 1, 2), provenance)
+    assert not any(publish(cfg, layout, name, band, provenance, 3) for name, band in late.items())
+    assert band_files(out) == published
+    assert not [p for p in (out / "selected").iterdir() if p.name.startswith(".")]
+
+
 def test_a_rank_that_fails_publishes_nothing_and_the_rerun_completes(scored, tmp_path):
     from pipeline.layout import Layout
     from pipeline.locks import lock
