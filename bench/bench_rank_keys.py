@@ -31,9 +31,9 @@ import polars as pl
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
 from data.junk import HIGH_LOSS_KINDS, KINDS, donor_for, junk  # noqa: E402
 from pipeline.band_decision import decide  # noqa: E402
+from pipeline.codec import parse_json  # noqa: E402
 from pipeline.config import BandConfig, DropTop, load_config  # noqa: E402
 from pipeline.layout import Layout  # noqa: E402
 from pipeline.scores import scan_scores, score_files  # noqa: E402
@@ -82,7 +82,7 @@ DROP = 0.1  # the top share MidRanking drops
 
 def build_corpus(path: Path, corpus: Path, real: int, short: int, per_kind: int, seed: int) -> None:
     rng = random.Random(seed)
-    docs = [json.loads(line) for line in corpus.open()]
+    docs = [parse_json(line, str(corpus), ValueError) for line in corpus.open()]
     rng.shuffle(docs)
     if len(docs) < real + short + per_kind:
         raise SystemExit(f"{corpus} has {len(docs)} documents; need {real + short + per_kind}")

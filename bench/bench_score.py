@@ -34,6 +34,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from pipeline.codec import parse_json  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MAX_TOKENS = 512
 NAIVE_BATCH = 16
@@ -57,7 +59,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
 
 
 def read_docs(corpus: Path) -> list[dict]:
-    return [json.loads(line) for line in corpus.open(encoding="utf-8")]
+    return [parse_json(line, str(corpus), ValueError) for line in corpus.open(encoding="utf-8")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ def spawn(kind: str, model: str, corpus: Path, work: Path, dtype: str = "float32
     wall = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"{kind} run failed:\n{done.stderr[-3000:]}")
-    out = json.loads(result.read_text())
+    out = parse_json(result.read_text(), str(result), ValueError)
     out["losses"] = {int(k): v for k, v in out["losses"].items()}
     out["tokens_per_s"] = out["tokens"] / out["seconds"]
     out["wall_s"] = wall
@@ -178,7 +180,7 @@ def spawn_vllm(python: str, model: str, corpus: Path, work: Path) -> dict:
     wall = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"vLLM run failed:\n{(done.stdout + done.stderr)[-3000:]}")
-    out = json.loads(result.read_text())
+    out = parse_json(result.read_text(), str(result), ValueError)
     tokens = sum(out["n_tokens"])
     return {
         "losses": {

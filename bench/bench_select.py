@@ -39,6 +39,8 @@ import polars as pl
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from pipeline.codec import parse_json  # noqa: E402
+
 SKIP, KEEP = "0.1", "0.5"
 ROWS_PER_SHARD = 1_000_000
 SOURCES = ["web", "code", "books", "wiki"]
@@ -184,7 +186,7 @@ def bench_size(data: Path, n: int, args: argparse.Namespace) -> None:
         if finished.returncode:
             print(f"{arm:16s} failed (exit {finished.returncode})", flush=True)
             continue
-        results[arm] = json.loads(out.with_suffix(".json").read_text())
+        results[arm] = parse_json(out.with_suffix(".json").read_text(), str(out), ValueError)
         r = results[arm]
         print(f"{arm:16s} {r['seconds']:9.1f}s {r['peak_rss_mb']:10,.0f} MB peak RSS", flush=True)
     if "midrank" not in results:

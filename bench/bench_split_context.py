@@ -18,7 +18,6 @@ default.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from pipeline.codec import parse_json  # noqa: E402
 
 
 def main() -> None:
@@ -56,7 +56,12 @@ def main() -> None:
     documents = []
     with Path(args.corpus).open(encoding="utf-8") as lines:
         for line in lines:
-            ids = [bos, *tokenizer(json.loads(line)["text"], add_special_tokens=False).input_ids]
+            ids = [
+                bos,
+                *tokenizer(
+                    parse_json(line, args.corpus, ValueError)["text"], add_special_tokens=False
+                ).input_ids,
+            ]
             if args.min_tokens < len(ids) <= args.max_doc_tokens:
                 documents.append(ids)
             if len(documents) == args.docs:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
+from pipeline.codec import parse_json  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
 
@@ -97,7 +97,7 @@ def main() -> None:
                 str(result),
             ]
             subprocess.run([*command, *overrides], cwd=ROOT, check=True)
-            results[label] = json.loads(result.read_text())
+            results[label] = parse_json(result.read_text(), str(result), ValueError)
             r = results[label]
             print(
                 f"{label:34s} {r['peak_rss_mb']:8,.0f}MB {r['tokens_per_s']:9,.0f} {r['loss']:11.4f}",

@@ -17,18 +17,20 @@ building twice gives the same bytes.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 
 from data.build_corpus import log, write_jsonl, write_manifest
 from data.junk import HIGH_LOSS_KINDS, donor_for, junk
+from pipeline.codec import parse_json
 
 
 def build(corpus: Path, out: Path, share: float, seed: int = 0) -> dict:
     if not 0 < share < 1:
         raise SystemExit(f"--share must be within (0, 1), got {share}")
-    real = [json.loads(line) for line in (corpus / "train.jsonl").open(encoding="utf-8")]
+    real = [
+        parse_json(line, str(corpus), ValueError) for line in (corpus / "train.jsonl").open(encoding="utf-8")
+    ]
     rng = random.Random(seed)
     n_junk = round(share * len(real) / (1 - share))
     lengths = sorted(len(d["text"]) for d in real)

@@ -19,7 +19,6 @@ read and their origins left out (checked again at the end, and by the tests).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import re
@@ -37,6 +36,7 @@ from data.build_corpus import (
     write_manifest,
 )
 from data.build_instruct import man_sections, paragraphs
+from pipeline.codec import parse_json
 
 ITEMS = 320
 QUESTION_CHARS = 300
@@ -47,7 +47,9 @@ def corpus_origins(corpus: Path) -> set[str]:
     for name in ("train.jsonl", "heldout.jsonl", "ood.jsonl"):
         path = corpus / name
         if path.is_file():
-            origins |= {json.loads(line)["origin"] for line in path.open(encoding="utf-8")}
+            origins |= {
+                parse_json(line, str(path), ValueError)["origin"] for line in path.open(encoding="utf-8")
+            }
     return origins
 
 

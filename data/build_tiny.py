@@ -11,7 +11,6 @@ tests call to make their own model in a temporary directory.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from collections.abc import Iterable
@@ -22,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from data import build_corpus
+from pipeline.codec import parse_json
 
 SPECIAL = {"bos": "<|bos|>", "eos": "<|eos|>", "pad": "<|pad|>"}
 
@@ -102,7 +102,7 @@ def main() -> None:
         ood_per_source=10,
     )
     with (args.corpus_out / "train.jsonl").open(encoding="utf-8") as fh:
-        texts = [json.loads(line)["text"] for line in fh]
+        texts = [parse_json(line, str(fh.name), ValueError)["text"] for line in fh]
     tmp = args.model_out.with_name(args.model_out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     build_tiny_model(texts, tmp)

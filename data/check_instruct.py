@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from collections import Counter
 from pathlib import Path
 
 import polars as pl
 
 from pipeline.band_decision import decide
+from pipeline.codec import parse_json
 from pipeline.config import BandConfig, load_config
 from pipeline.layout import Layout, part_files
 from pipeline.scores import scan_scores, score_files
@@ -71,7 +71,7 @@ def main() -> None:
     band = cfg.select.bands[0].resolved_name()
     placed = decisions(layout, band)
     kinds = {
-        f"{corpus.name}:{row}": json.loads(line)["kind"]
+        f"{corpus.name}:{row}": parse_json(line, corpus.name, ValueError)["kind"]
         for row, line in enumerate(corpus.open(encoding="utf-8"))
     }
     counts: Counter = Counter((kind, placed.get(sid, "not_scored")) for sid, kind in kinds.items())
