@@ -13,9 +13,10 @@ band directory holding a different config is refused, never overwritten.
 
 On several ranks (torchrun, a Slurm array: pipeline/launcher.py) the ranks never talk: each
 decides every band over all the scores (the same decision everywhere: one reduce, run on each
-rank), writes its own shards' parts into the band's staging folder, and whichever rank finds
-every part there publishes the band (its manifest, then one rename). A rank that was cut short
-leaves its parts; the next run of the same decision writes only the missing ones.
+rank), writes its own shards' parts into the band's staging folders, and whichever rank finds
+every part there publishes the band (its manifest, then the folders renamed into place). A rank
+cut short leaves its parts; the next run of the same decision writes only the missing ones
+(docs/selection.md, "On several ranks").
 """
 
 from __future__ import annotations
