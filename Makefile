@@ -122,6 +122,7 @@ bench-smoke: $(STAMP) tiny
 	$(VENV)/bin/midrank score --config configs/tiny.yaml
 	$(VENV)/bin/midrank select --config configs/tiny.yaml
 	$(PY) bench/bench_train.py --config configs/tiny.yaml --steps 4
+	$(PY) bench/diff_outputs.py runs/tiny runs/tiny
 
 # bench/bench_score.py's peer, vLLM, in a virtual environment of its own (its pins are not midrank's).
 # The CPU build by default; on CUDA machines: make bench-peers VLLM=vllm
