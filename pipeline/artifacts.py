@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,7 +55,7 @@ def digest(value: Any) -> str:
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary name beside `path` to write to; renamed to `path` when the block ends well, and
     removed when it does not. An error writing it (a full or read-only disk) names `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # ranks share disks
     try:
         yield tmp
         os.replace(tmp, path)

@@ -22,64 +22,22 @@ cut short leaves its parts; the next run of the same decision writes only the mi
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
-from pipeline.artifacts import digest
-from pipeline.band_decision import Decision, decide, manifest_for, summarize
+from pipeline.band_decision import decide, summarize
 from pipeline.band_parts import write_part
-from pipeline.codec import encode
-from pipeline.config import BandConfig, Config, ConfigError, save_config, to_dict
+from pipeline.band_staging import Pending, decision_key, is_published, is_staged, publish, staged_folders
+from pipeline.config import BandConfig, Config, ConfigError
 from pipeline.launcher import rank_and_world, shards_of_rank
-from pipeline.layout import DECISION_HEX, BandPaths, Layout, part_files, part_path
-from pipeline.locks import LockHeldError, lock
+from pipeline.layout import Layout, part_files
+from pipeline.locks import lock
 from pipeline.log import get_logger
 from pipeline.outputs import BandManifest, Provenance
 from pipeline.records import ReadStats
 from pipeline.scores import check_corpus_unchanged, scan_scores, score_set
 from pipeline.sharding import ShardPlan, plan_shards, shard_records
-
-
-@dataclass(frozen=True, slots=True)
-class Pending:
-    """A band to (re)select: its config, every sample's decision and the decision's totals, and
-    the staging folder its parts are written to."""
-
-    config: BandConfig
-    decision: Decision
-    summary: pl.DataFrame
-    staging: BandPaths
-
-    @property
-    def decided(self) -> pl.LazyFrame:
-        return self.decision.rows
-
-
-def decision_key(
-    cfg: Config, band_cfg: BandConfig, provenance: Provenance, decision: Decision, summary
-) -> str:
-    """A fingerprint of the band's decision and of how its parts are written: what it was asked
-    (the band, the scores' key), what it decided (every count and range the manifest reports, the
-    length curves) and which parts it writes. Ranks that stage under one key write parts that fit
-    together; a rank that decided otherwise (other code, say) stages apart and never mixes in."""
-    by = [c for c in ("source", "kept", "reason", "dropped_by") if c in summary.columns]
-    decided = {
-        "summary": summary.sort(by, nulls_last=True).to_dicts(),
-        "curves": encode(decision.curves),
-        "rejected": cfg.select.write_rejected,
-        "mode": cfg.corpus.mode,
-    }
-    return digest([to_dict(band_cfg), provenance.key, decided])[:DECISION_HEX]
-
-
-def is_published(layout: Layout, name: str, band: Pending, provenance: Provenance) -> bool:
-    """Whether the band's folder holds this selection already (published by another rank)."""
-    if not layout.band(name).manifest.is_file():
-        return False
-    published = BandManifest.read(layout.band(name).manifest)
-    return published.parameters == band.config and published.score_provenance.key == provenance.key
 
 
 def reference_lengths(band_cfg: BandConfig, layout: Layout, pending: dict[str, Pending]) -> pl.DataFrame:
@@ -133,16 +91,6 @@ def bands_to_select(
     return pending
 
 
-def staged_folders(cfg: Config, band: Pending) -> list[Path]:
-    return [band.staging.dir, band.staging.rejected] if cfg.select.write_rejected else [band.staging.dir]
-
-
-def is_staged(cfg: Config, band: Pending, shard: int) -> bool:
-    """Whether every part of the shard is staged: written by this run or an earlier run of the same
-    decision (a part that exists is complete: it is written under another name and renamed)."""
-    return all(part_path(folder, shard).is_file() for folder in staged_folders(cfg, band))
-
-
 def write_bands(
     cfg: Config,
     layout: Layout,
@@ -163,67 +111,36 @@ def write_bands(
         todo = {name: band for name, band in live.items() if not is_staged(cfg, band, shard)}
         if not todo:
             continue
-        records = shard_records(plan, shard, cfg.corpus, stats)
-        for name, band in todo.items():
-            part = band.decided.filter(pl.col("shard") == shard).collect()
-            kept = part.filter(pl.col("kept")).drop("kept", "reason", "dropped_by", strict=False)
-            rejected = part.filter(~pl.col("kept")).drop("kept")
-            try:
-                for folder in staged_folders(cfg, band):
-                    folder.mkdir(parents=True, exist_ok=True)
-                    rows = kept if folder == band.staging.dir else rejected
-                    write_part(rows, records, folder, shard, cfg.corpus.mode)
-            except OSError:
-                if not is_published(layout, name, band, provenance):
-                    raise
-                del live[name]  # its staging folder was renamed into place under this write
+        with lock(layout, f"select-shard-{shard:05d}"):  # another job writing it stops here
+            write_shard(cfg, layout, plan, shard, todo, live, provenance, stats)
 
 
-def publish(
-    cfg: Config, layout: Layout, name: str, band: Pending, provenance: Provenance, shards: int
-) -> bool:
-    """Once every shard's part is staged: the band's JSONL, config and manifest, then the staged
-    folders renamed into place (rejected first, the manifest's folder last). Several ranks may
-    find the band complete; the publish lock lets one do it. Returns whether this rank did."""
-    staged, final = band.staging, layout.band(name)
-    if not all(is_staged(cfg, band, shard) for shard in range(shards)):
-        if is_published(layout, name, band, provenance):  # by a rank that found every part first
-            for orphan in staged_folders(cfg, band):  # what this late rank staged again
-                if orphan.exists():
-                    layout.remove(orphan)
-        return False  # else another rank has parts still to write: the last one publishes
-    try:
-        with lock(layout, f"select-publish-{name}"):
-            if not staged.dir.is_dir():
-                return False  # published by another rank meanwhile
-            if final.manifest.is_file() and BandManifest.read(final.manifest).parameters != band.config:
-                raise ConfigError(
-                    f"select.bands: {final.dir} holds a different selection; give this band another name"
-                )
-            if cfg.select.jsonl:
-                frame = pl.read_parquet(part_files(staged.dir))
-                frame.select("sample_id", "source", "loss", "text").write_ndjson(staged.jsonl)
-            else:  # left by a cut run that wrote it
-                staged.jsonl.unlink(missing_ok=True)
-            manifest = manifest_for(cfg, band.config, band.decision, band.summary, provenance)
-            save_config(cfg, staged.dir)
-            manifest.write(staged.manifest)
-            for old in (final.dir, final.rejected):
-                if old.exists():
-                    layout.remove(old)
-            if cfg.select.write_rejected:
-                layout.check_inside(staged.rejected).rename(final.rejected)
-            layout.check_inside(staged.dir).rename(final.dir)
-            for stale in layout.band_stagings(name):  # cut runs of other decisions
-                layout.remove(stale)
-    except LockHeldError:
-        return False
-    get_logger().info(
-        f"{name}: kept {manifest.samples.kept} of {manifest.samples.total} samples, "
-        f"{manifest.tokens.kept:,} of {manifest.tokens.total:,} tokens, "
-        f"loss {manifest.loss_thresholds.min_kept:.3f}..{manifest.loss_thresholds.max_kept:.3f} -> {final.dir}"
-    )
-    return True
+def write_shard(
+    cfg: Config,
+    layout: Layout,
+    plan: ShardPlan,
+    shard: int,
+    todo: dict[str, Pending],
+    live: dict[str, Pending],
+    provenance: Provenance,
+    stats: ReadStats,
+) -> None:
+    """One shard's parts of the bands in `todo`, their texts read from the corpus once; a band
+    published under this write (its staging folder renamed away) leaves `live`."""
+    records = shard_records(plan, shard, cfg.corpus, stats)
+    for name, band in todo.items():
+        part = band.decided.filter(pl.col("shard") == shard).collect()
+        kept = part.filter(pl.col("kept")).drop("kept", "reason", "dropped_by", strict=False)
+        rejected = part.filter(~pl.col("kept")).drop("kept")
+        try:
+            for folder in staged_folders(cfg, band):
+                layout.check_inside(folder).mkdir(parents=True, exist_ok=True)
+                rows = kept if folder == band.staging.dir else rejected
+                write_part(rows, records, folder, shard, cfg.corpus.mode)
+        except OSError:
+            if not is_published(layout, name, band, provenance):
+                raise
+            del live[name]
 
 
 def run(cfg: Config) -> list[Path]:
