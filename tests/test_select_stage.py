@@ -335,6 +335,23 @@ def test_a_rank_that_decided_before_another_published_leaves_nothing_behind(scor
     assert not [p for p in (out / "selected").iterdir() if p.name.startswith(".")]
 
 
+def test_a_shard_another_job_writes_is_not_written_twice(scored, tmp_path):
+    """Jobs of other world sizes (or a plain run beside a job's late rank) may own the same shard:
+    the shard's lock stops the second writer with a line naming it, and it publishes nothing."""
+    from pipeline.layout import Layout
+    from pipeline.locks import lock
+    from tests.helpers import midrank
+
+    config, _ = scored
+    with lock(Layout(tmp_path / "out"), "select-shard-00001"):  # held by this process, not the job's
+        job = midrank("select", "--config", str(config), RANKED_BANDS)
+        output, _ = job.communicate(timeout=300)
+    assert job.returncode == 2 and "another run holds" in output and "select-shard-00001.lock" in output
+    assert not list((tmp_path / "out" / "selected").glob("*/manifest.json"))
+    select.run(load_config(config, [RANKED_BANDS]))
+    assert len(list((tmp_path / "out" / "selected").glob("*/manifest.json"))) == 4
+
+
 def test_a_rank_that_fails_publishes_nothing_and_the_rerun_completes(scored, tmp_path):
     from pipeline.layout import Layout
     from pipeline.locks import lock
