@@ -23,7 +23,7 @@ from pipeline.codec import encode
 from pipeline.config import BandConfig, Config, ConfigError, save_config, to_dict
 from pipeline.layout import DECISION_HEX, BandPaths, Layout, part_files, part_path
 from pipeline.locks import LockHeldError, lock
-from pipeline.log import get_logger
+from pipeline.log import EVERY_RANK, get_logger
 from pipeline.outputs import BandManifest, Provenance
 
 
@@ -130,7 +130,8 @@ def publish(
     get_logger().info(
         f"{name}: kept {manifest.samples.kept} of {manifest.samples.total} samples, "
         f"{manifest.tokens.kept:,} of {manifest.tokens.total:,} tokens, "
-        f"loss {manifest.loss_thresholds.min_kept:.3f}..{manifest.loss_thresholds.max_kept:.3f} -> {final.dir}"
+        f"loss {manifest.loss_thresholds.min_kept:.3f}..{manifest.loss_thresholds.max_kept:.3f} -> {final.dir}",
+        extra=EVERY_RANK,  # whichever rank ends last publishes
     )
     return True
 

@@ -1,7 +1,9 @@
-"""The one logger, `midrank`, with a prefix; on multi-rank runs only rank 0 logs below WARNING.
+"""The one logger, `midrank`, with a prefix; on multi-rank runs only rank 0 logs below WARNING,
+unless a record says it is news from whichever rank did the work (`EVERY_RANK`).
 
 from pipeline.log import get_logger
 log = get_logger()
+log.info("mid: published", extra=EVERY_RANK)   # shown on any rank
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ from tqdm import tqdm
 from pipeline.launcher import rank_and_world
 
 _NAME = "midrank"
+EVERY_RANK = {"every_rank": True}
+
+
+def _shown_off_rank_0(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or getattr(record, "every_rank", False)
 
 
 def get_logger() -> logging.Logger:
@@ -25,7 +32,9 @@ def get_logger() -> logging.Logger:
         prefix = f"[midrank r{rank}]" if world_size > 1 else "[midrank]"
         handler.setFormatter(logging.Formatter(f"{prefix} %(message)s"))
         log.addHandler(handler)
-        log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+        log.setLevel(logging.INFO)
+        if rank != 0:
+            handler.addFilter(_shown_off_rank_0)
         log.propagate = False
     return log
 

@@ -1,6 +1,7 @@
 """Stage two end to end on real score shards from the tiny model."""
 
 import json
+import re
 
 import datasets
 import numpy as np
@@ -224,6 +225,8 @@ def test_select_on_several_ranks_writes_what_one_process_writes(scored, tmp_path
     job = ("select", "--config", str(config), *ONE_PROCESS_OPTIONS, f"out_dir={many}")
     result = torchrun(*job, nproc=nproc)
     assert result.returncode == 0, result.stdout + result.stderr
+    for band in ("mid", "adjusted", "matched", "sample"):  # said by whichever rank published it
+        assert re.search(rf"\[midrank r\d\] {band}: kept \d+ of 60 samples", result.stderr), result.stderr
     one, ranks = band_files(tmp_path / "out"), band_files(many)
     assert len(one) == 4 * (3 + 3 + 3)  # per band: 3 parts, 3 rejected parts, jsonl, config, manifest
     assert ranks.keys() == one.keys()
