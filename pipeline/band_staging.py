@@ -62,12 +62,24 @@ def decision_key(
     return digest([to_dict(band_cfg), provenance.key, decided])[:DECISION_HEX]
 
 
+def selected_before(layout: Layout, name: str, band_cfg: BandConfig) -> BandManifest | None:
+    """The manifest of what the band's folder holds, if anything; a different selection under the
+    same name is an error, never overwritten."""
+    path = layout.band(name).manifest
+    if not path.is_file():
+        return None
+    previous = BandManifest.read(path)
+    if previous.parameters != band_cfg:
+        raise ConfigError(
+            f"select.bands: {layout.band(name).dir} holds a different selection; give this band another name"
+        )
+    return previous
+
+
 def is_published(layout: Layout, name: str, band: Pending, provenance: Provenance) -> bool:
     """Whether the band's folder holds this selection already (published by another rank)."""
-    if not layout.band(name).manifest.is_file():
-        return False
-    published = BandManifest.read(layout.band(name).manifest)
-    return published.parameters == band.config and published.score_provenance.key == provenance.key
+    previous = selected_before(layout, name, band.config)
+    return previous is not None and previous.score_provenance.key == provenance.key
 
 
 def staged_folders(cfg: Config, band: Pending) -> list[Path]:
@@ -104,10 +116,6 @@ def publish(
                 is_staged(cfg, band, shard) for shard in range(shards)
             ):
                 return False  # published meanwhile (and perhaps staged again by a late rank)
-            if final.manifest.is_file() and BandManifest.read(final.manifest).parameters != band.config:
-                raise ConfigError(
-                    f"select.bands: {final.dir} holds a different selection; give this band another name"
-                )
             for folder in staged_folders(cfg, band):  # the temporary files of killed writers
                 for leftover in folder.glob(".*.tmp"):
                     layout.remove(leftover)
@@ -119,10 +127,9 @@ def publish(
             manifest = manifest_for(cfg, band.config, band.decision, band.summary, provenance)
             save_config(cfg, staged.dir)
             manifest.write(staged.manifest)
-            replace(
-                layout, name, [(staged.rejected, final.rejected)] if cfg.select.write_rejected else [], final
-            )
-            replace(layout, name, [(staged.dir, final.dir)], final)
+            if cfg.select.write_rejected:
+                replace(layout, name, staged.rejected, final.rejected)
+            replace(layout, name, staged.dir, final.dir)
             for stale in layout.band_stagings(name):  # cut runs of other decisions
                 layout.remove(stale)
     except LockHeldError:
@@ -136,15 +143,14 @@ def publish(
     return True
 
 
-def replace(layout: Layout, name: str, moves: list[tuple[Path, Path]], final: BandPaths) -> None:
-    """Each staged folder renamed to its final path; what was there is moved aside first and
+def replace(layout: Layout, name: str, staged: Path, target: Path) -> None:
+    """The staged folder renamed to its final path; what was there is moved aside first and
     deleted after (`.<band>.replaced`, never a staging name), so no moment shows a mix."""
-    for staged, target in moves:
-        aside = target.with_name(f".{name}.replaced")
-        if aside.exists():  # left by a publish cut short
-            layout.remove(aside)
-        if target.exists():
-            layout.check_inside(target).rename(aside)
-        layout.check_inside(staged).rename(target)
-        if aside.exists():
-            layout.remove(aside)
+    aside = target.with_name(f".{name}.replaced")
+    if aside.exists():  # left by a publish cut short
+        layout.remove(aside)
+    if target.exists():
+        layout.check_inside(target).rename(aside)
+    layout.check_inside(staged).rename(target)
+    if aside.exists():
+        layout.remove(aside)

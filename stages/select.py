@@ -28,13 +28,21 @@ import polars as pl
 
 from pipeline.band_decision import decide, summarize
 from pipeline.band_parts import write_part
-from pipeline.band_staging import Pending, decision_key, is_published, is_staged, publish, staged_folders
+from pipeline.band_staging import (
+    Pending,
+    decision_key,
+    is_published,
+    is_staged,
+    publish,
+    selected_before,
+    staged_folders,
+)
 from pipeline.config import BandConfig, Config, ConfigError
 from pipeline.launcher import rank_and_world, shards_of_rank
 from pipeline.layout import Layout, part_files
 from pipeline.locks import lock
 from pipeline.log import get_logger
-from pipeline.outputs import BandManifest, Provenance
+from pipeline.outputs import Provenance
 from pipeline.records import ReadStats
 from pipeline.scores import check_corpus_unchanged, scan_scores, score_set
 from pipeline.sharding import ShardPlan, plan_shards, shard_records
@@ -66,12 +74,8 @@ def bands_to_select(
     pending = {}
     for band_cfg in cfg.select.bands:
         name = band_cfg.resolved_name()
-        if layout.band(name).manifest.is_file():
-            previous = BandManifest.read(layout.band(name).manifest)
-            if previous.parameters != band_cfg:
-                raise ConfigError(
-                    f"select.bands: {layout.band(name).dir} holds a different selection; give this band another name"
-                )
+        previous = selected_before(layout, name, band_cfg)
+        if previous is not None:
             if previous.score_provenance.key == provenance.key:
                 log.info(f"{name}: already selected, nothing to do")
                 continue
