@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup data data-noisy model tiny tasks tasks-tiny instruct corpus score select inspect train demo demo-instruct compare test test-slow bench-smoke bench-peers quality clean-data
+.PHONY: setup data data-noisy model tiny tasks tasks-tiny target-set target-set-tiny instruct corpus score select inspect train target demo demo-instruct compare test test-slow bench-smoke bench-peers quality clean-data
 
 setup: $(STAMP)
 
@@ -60,6 +60,17 @@ tasks-tiny: data/tasks-tiny/manifest.json
 data/tasks-tiny/manifest.json: data/build_tasks.py data/models/tiny/model.safetensors | $(STAMP)
 	$(PY) -m data.build_tasks --corpus data/corpus-tiny --out data/tasks-tiny --items 24
 
+# The target set of the `reducible` rank key: the next 15 documents of each source in the corpus's
+# hash order that are in neither the corpus nor the tasks (nor any task's answer choice).
+target-set: data/target/manifest.json
+data/target/manifest.json: data/build_target.py data/tasks/manifest.json | $(STAMP)
+	$(PY) -m data.build_target --corpus data/corpus --tasks data/tasks --out data/target
+
+# The same, 3 documents a source, for the tiny preset.
+target-set-tiny: data/target-tiny/manifest.json
+data/target-tiny/manifest.json: data/build_target.py data/tasks-tiny/manifest.json | $(STAMP)
+	$(PY) -m data.build_target --corpus data/corpus-tiny --tasks data/tasks-tiny --out data/target-tiny --per-source 3
+
 # The embedded instruction sample: Q/A chats from man pages and Python docs, some deliberately broken.
 instruct: data/instruct/manifest.json
 data/instruct/manifest.json: data/build_instruct.py data/build_corpus.py | $(STAMP)
@@ -85,6 +96,13 @@ inspect: $(STAMP)
 train: $(STAMP)
 	$(VENV)/bin/midrank train --config $(CONFIG) $(ARGS)
 
+# The target model of the `reducible` rank key: the reference model fine-tuned on the target set
+# (target.paths) -> $(out_dir)/train/target/, then the corpus scored by it -> $(out_dir)/target/scores/
+# (tiny preset: INPUTS=tiny TARGET_SET=target-set-tiny)
+TARGET_SET ?= target-set
+target: $(STAMP) $(INPUTS) $(TARGET_SET)
+	$(VENV)/bin/midrank target --config $(CONFIG) $(ARGS)
+
 # The whole pipeline on the embedded default: build inputs, score, select, inspect, train, summary.
 demo: $(STAMP) $(INPUTS)
 	$(VENV)/bin/midrank demo --config $(CONFIG) $(ARGS)
@@ -99,7 +117,7 @@ demo-instruct: $(STAMP) instruct model
 # and out-of-distribution loss against random, one 95% interval per contrast over seeds and documents,
 # verdicts -> $(out_dir)/reports/compare/ (ARGS="compare.seeds=[0,1,2,3,4]" for intervals and verdicts)
 TASKS ?= tasks
-compare: $(STAMP) $(INPUTS) $(TASKS)
+compare: $(STAMP) $(INPUTS) $(TASKS) $(TARGET_SET)
 	$(VENV)/bin/midrank compare --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)
@@ -141,4 +159,4 @@ quality: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 clean-data:
-	rm -rf data/corpus data/corpus-tiny data/instruct data/models data/tasks data/tasks-tiny
+	rm -rf data/corpus data/corpus-tiny data/instruct data/models data/tasks data/tasks-tiny data/target data/target-tiny

@@ -2,7 +2,7 @@
 
     band = Pending(band_cfg, decision, summary, layout.band_staging(name, decision_key(...)))
     is_staged(cfg, band, shard)             # this shard's parts are written (by any rank, any run)
-    publish(cfg, layout, name, band, provenance, num_shards)   # once all are: manifest, rename
+    publish(cfg, layout, name, band, num_shards)   # once all are: manifest, rename
 
 The ranks of a select job never talk (docs/selection.md, "On several ranks"): each stages the
 parts of its own shards in `selected/.<band>.<decision>/` (and `rejected/`), and whichever finds
@@ -29,12 +29,14 @@ from pipeline.outputs import BandManifest, Provenance
 
 @dataclass(frozen=True, slots=True)
 class Pending:
-    """A band to (re)select: its config, every sample's decision and the decision's totals, and
-    the staging folder its parts are written to."""
+    """A band to (re)select: its config, every sample's decision and the decision's totals, the
+    provenance of the scores it was decided on (with the target model's for the reducible key),
+    and the staging folder its parts are written to."""
 
     config: BandConfig
     decision: Decision
     summary: pl.DataFrame
+    provenance: Provenance
     staging: BandPaths
 
     @property
@@ -76,10 +78,10 @@ def selected_before(layout: Layout, name: str, band_cfg: BandConfig) -> BandMani
     return previous
 
 
-def is_published(layout: Layout, name: str, band: Pending, provenance: Provenance) -> bool:
+def is_published(layout: Layout, name: str, band: Pending) -> bool:
     """Whether the band's folder holds this selection already (published by another rank)."""
     previous = selected_before(layout, name, band.config)
-    return previous is not None and previous.score_provenance.key == provenance.key
+    return previous is not None and previous.score_provenance.key == band.provenance.key
 
 
 def staged_folders(cfg: Config, band: Pending) -> list[Path]:
@@ -93,7 +95,7 @@ def is_staged(cfg: Config, band: Pending, shard: int) -> bool:
 
 
 def publish(
-    cfg: Config, layout: Layout, name: str, band: Pending, provenance: Provenance, shards: int
+    cfg: Config, layout: Layout, name: str, band: Pending, shards: int
 ) -> bool:
     """Once every shard's parts are staged: the band's JSONL, config and manifest, then the staged
     folders renamed into place (rejected first, the manifest's folder last; the folders they
@@ -105,14 +107,14 @@ def publish(
     for folder in (final.dir, final.rejected):
         layout.check_inside(folder)
     if not all(is_staged(cfg, band, shard) for shard in range(shards)):
-        if is_published(layout, name, band, provenance):  # by a rank that found every part first
+        if is_published(layout, name, band):  # by a rank that found every part first
             for orphan in staged_folders(cfg, band):  # what this late rank staged again
                 if orphan.exists():
                     layout.remove(orphan)
         return False  # else another rank has parts still to write: the last one publishes
     try:
         with lock(layout, f"select-publish-{name}"):
-            if is_published(layout, name, band, provenance) or not all(
+            if is_published(layout, name, band) or not all(
                 is_staged(cfg, band, shard) for shard in range(shards)
             ):
                 return False  # published meanwhile (and perhaps staged again by a late rank)
@@ -124,7 +126,7 @@ def publish(
                 frame.select("sample_id", "source", "loss", "text").write_ndjson(staged.jsonl)
             else:  # left by a cut run that wrote it
                 staged.jsonl.unlink(missing_ok=True)
-            manifest = manifest_for(cfg, band.config, band.decision, band.summary, provenance)
+            manifest = manifest_for(cfg, band.config, band.decision, band.summary, band.provenance)
             save_config(cfg, staged.dir)
             manifest.write(staged.manifest)
             if cfg.select.write_rejected:

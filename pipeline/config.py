@@ -265,6 +265,7 @@ class DropTop:
     markup_share: float = 0.0
     mojibake: float = 0.0
     ifd: float = 0.0
+    reducible: float = 0.0
 
     def __post_init__(self) -> None:
         for key in RANK_KEYS:
@@ -333,7 +334,8 @@ class BandConfig:
     bits_per_byte (the same for any tokenizer); length_adjusted (the loss minus the corpus's median
     loss at that length, so the top is not simply the shortest samples); tokens_per_byte (the
     tokenizer's fertility: blobs, tables and unseen scripts at the top); markup_share and
-    mojibake (markup tags and wrong-charset sequences per byte, counted by the scorer). The shares and
+    mojibake (markup tags and wrong-charset sequences per byte, counted by the scorer); reducible
+    (the loss minus a target model's: the `target` section). The shares and
     thresholds count along this ranking; the IR-DRO weights stay softmax(loss / kl_reg)."""
 
     adjust_by_source: bool = False
@@ -415,6 +417,11 @@ class BandConfig:
         parts += ["bysource"] if self.by_source else []
         parts += [f"irdro{self.kl_reg:g}"] if self.weights else []
         return "-".join(parts)
+
+
+def band_keys(band: BandConfig) -> set[str]:
+    """Every rank key a band reads: the one it ranks by and those it drops by."""
+    return {band.rank_by, *band.drop_top.shares()}
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -791,6 +798,33 @@ class CompareConfig:
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
+class TargetConfig:
+    """The target model of the `reducible` rank key (docs/reducible.md): the reference model
+    fine-tuned on a small target set (`midrank target`), then scoring the corpus into a score set
+    of its own, joined to the reference model's on sample_id."""
+
+    paths: tuple[str, ...] = ()
+    """The target set: Parquet/JSONL files with a `text` field, a small sample of the data wanted,
+    kept apart from every set the result is evaluated on."""
+
+    out_dir: str = ""
+    """Where the target model's scores are (its scores/ folder below it); empty: <out_dir>/target.
+    Scores made elsewhere serve too: any model with the reference's tokenizer that scored the same
+    corpus with the same score settings."""
+
+    max_steps: int = 40
+    """Optimizer steps of the fine-tune (batches of train.batch_size samples of at most
+    train.max_tokens tokens, like every training run)."""
+
+    learning_rate: float = 1.0e-4
+    """The fine-tune's peak learning rate (warmup and schedule as train's)."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
+        _require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
 class Config:
     """The whole run. Stages read the sections they need."""
 
@@ -804,6 +838,7 @@ class Config:
     inspect: InspectConfig = field(default_factory=InspectConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
 
     def __post_init__(self) -> None:
         _require(
@@ -817,6 +852,14 @@ class Config:
             not uses_ifd or self.score.unconditional,
             "score.unconditional",
             f"must be true for rank_by=ifd ({', '.join(uses_ifd)}): ifd needs each response scored without its prompt",
+        )
+        uses_target = [b.resolved_name() for b in self.select.bands if "reducible" in band_keys(b)]
+        uses_target += [arm for arm in self.compare.arms if arm.endswith(".reducible")]
+        _require(
+            not uses_target or bool(self.target.paths or self.target.out_dir),
+            "target.paths",
+            f"the reducible rank key ({', '.join(uses_target)}) needs a target model's scores: give the "
+            "target set it is fine-tuned on (target.paths), or target.out_dir where such scores are",
         )
         _require(
             self.inspect.name != self.compare.name,

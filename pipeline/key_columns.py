@@ -129,6 +129,8 @@ def with_key(
         )
     if key == "ifd":
         return frame.with_columns((pl.col("nll_sum") / pl.col("nll_sum_uncond")).alias(key))
+    if key == "reducible":
+        return frame.with_columns((pl.col("loss") - pl.col("loss_target")).alias(key))
     if key != "length_adjusted":
         raise ValueError(f"unknown rank key {key!r}; one of {list(RANK_KEYS)}")
     if curves is None:
@@ -149,7 +151,12 @@ def with_key(
 
 
 def check_key_columns(scores: pl.LazyFrame, key: str, where: str) -> None:
-    """The per-byte keys need n_bytes >= 1 on every row; ifd needs the unconditional NLL."""
+    """The per-byte keys need n_bytes >= 1 on every row; ifd needs the unconditional NLL; reducible
+    the target model's loss (pipeline/target_scores.py)."""
+    if key == "reducible" and "loss_target" not in scores.collect_schema().names():
+        raise ProvenanceError(
+            f"{where}: rank key reducible needs the target model's scores joined (pipeline/target_scores.py)"
+        )
     if key == "ifd":
         missing = scores.select(pl.col("nll_sum_uncond").null_count()).collect().item()
         if missing:

@@ -60,6 +60,9 @@ class Provenance(JsonRecord):
     config: dict[str, Any]
     """The config the scores were made with, as data: a record for people, never read back as a
     config, so a later midrank that renames a setting still reads the scores (the key decides)."""
+    target: Provenance | None = None
+    """A band by the reducible key: the target model's scores' provenance (its key is also in
+    `key`, under `target`); absent elsewhere."""
 
 
 # ------------------------------------------------------------------------------------------------

@@ -39,6 +39,13 @@ fill its share with unflagged samples in sample_id order.
   loss without it, on the same tokens. Near 1 (or above) when the prompt does not help predict the
   answer: a wrong answer is fluent text whose loss barely depends on the question, so plain loss
   keeps it while ifd ranks it at the top.
+- `reducible` (with a target model's scores: pipeline/target_scores.py): loss - loss_target, the
+  reference model's loss minus the target model's on the same tokens, where the target model is
+  the reference fine-tuned on a small set of the data wanted (RHO-LOSS, Mindermann et al. 2022;
+  CoLoR-Filter, Brandfonbrener et al. 2024). Noise is hard for both models (near 0); text the
+  reference finds easy already is easy for both (near 0); text of the kind the target set holds
+  that the reference has not learned yet is what the fine-tune made easier (large). Its top is
+  the learnable, wanted data, not the merely hard.
 """
 
 from __future__ import annotations
@@ -49,8 +56,9 @@ from typing import Literal, get_args
 import numpy as np
 
 RankKey = Literal[
-    "loss", "bits_per_byte", "length_adjusted", "tokens_per_byte", "markup_share", "mojibake", "ifd"
-]
+    "loss", "bits_per_byte", "length_adjusted", "tokens_per_byte", "markup_share", "mojibake", "ifd",
+    "reducible",
+]  # fmt: skip
 RANK_KEYS: tuple[str, ...] = get_args(RankKey)
 
 PER_BYTE = {"tokens_per_byte": "n_tokens", "markup_share": "n_markup_bytes", "mojibake": "n_mojibake"}

@@ -6,6 +6,7 @@
     midrank select --config configs/default.yaml                          # stage two: keep the band(s)
     midrank inspect --config configs/default.yaml                         # histograms and a report
     midrank train --config configs/default.yaml                           # continual training + eval
+    midrank target --config configs/default.yaml                          # the reducible key's target model
     midrank demo --config configs/default.yaml                            # all of the above
     midrank compare --config configs/default.yaml 'compare.seeds=[0,1,2]' # arms vs random, 95% intervals
     torchrun --nproc_per_node=8 -m stages.cli score --config ...          # one process per GPU
@@ -44,6 +45,10 @@ COMMANDS = {
     "select": ("stages.select", "rank the scores, keep the band(s) -> <out_dir>/selected/<band>/"),
     "inspect": ("stages.inspect", "loss histograms, bands, examples -> <out_dir>/reports/<name>/index.html"),
     "train": ("stages.train", "continual training on a selected band -> <out_dir>/train/<run>/"),
+    "target": (
+        "stages.target",
+        "fine-tune the target model on target.paths, score the corpus with it -> <out_dir>/target/",
+    ),
     "demo": ("stages.demo", "score, select, inspect and train, then a summary of where everything went"),
     "compare": (
         "stages.compare",

@@ -37,7 +37,7 @@ from pipeline.band_staging import (
     selected_before,
     staged_folders,
 )
-from pipeline.config import BandConfig, Config, ConfigError
+from pipeline.config import BandConfig, Config, ConfigError, band_keys
 from pipeline.launcher import rank_and_world, shards_of_rank
 from pipeline.layout import Layout, part_files
 from pipeline.locks import lock
@@ -46,6 +46,7 @@ from pipeline.outputs import Provenance
 from pipeline.records import ReadStats
 from pipeline.scores import check_corpus_unchanged, scan_scores, score_set
 from pipeline.sharding import ShardPlan, plan_shards, shard_records
+from pipeline.target_scores import ScoreViews
 
 
 def reference_lengths(band_cfg: BandConfig, layout: Layout, pending: dict[str, Pending]) -> pl.DataFrame:
@@ -69,20 +70,23 @@ def bands_to_select(
     cfg: Config, layout: Layout, scores: pl.LazyFrame, provenance: Provenance
 ) -> dict[str, Pending]:
     """The bands that are not selected yet (or whose scores changed), each decided and checked; a
-    name already holding another selection, or a band that keeps nothing, is an error."""
+    name already holding another selection, or a band that keeps nothing, is an error. A band by
+    the reducible key is decided on the scores joined to the target model's."""
     log = get_logger()
     pending = {}
+    views = ScoreViews(cfg, scores, provenance)
     for band_cfg in cfg.select.bands:
         name = band_cfg.resolved_name()
+        band_scores, band_provenance = views.for_keys(band_keys(band_cfg))
         previous = selected_before(layout, name, band_cfg)
         if previous is not None:
-            if previous.score_provenance.key == provenance.key:
+            if previous.score_provenance.key == band_provenance.key:
                 log.info(f"{name}: already selected, nothing to do")
                 continue
             log.info(f"{name}: the scores were recomputed since this band was selected; selecting again")
         length_matched = band_cfg.strategy == "length_matched"
         reference = reference_lengths(band_cfg, layout, pending) if length_matched else None
-        decision = decide(scores, band_cfg, str(layout.scores_dir), reference)
+        decision = decide(band_scores, band_cfg, str(layout.scores_dir), reference)
         summary = summarize(decision.rows, band_cfg.rank_by)
         kept = summary.filter(pl.col("kept"))
         if kept["samples"].sum() == 0:
@@ -90,8 +94,8 @@ def bands_to_select(
         share = kept["tokens"].sum() / max(summary["tokens"].sum(), 1)
         if share < 0.01:
             log.warning(f"{name}: keeps only {share:.2%} of the tokens")
-        staging = layout.band_staging(name, decision_key(cfg, band_cfg, provenance, decision, summary))
-        pending[name] = Pending(band_cfg, decision, summary, staging)
+        staging = layout.band_staging(name, decision_key(cfg, band_cfg, band_provenance, decision, summary))
+        pending[name] = Pending(band_cfg, decision, summary, band_provenance, staging)
     return pending
 
 
@@ -101,7 +105,6 @@ def write_bands(
     plan: ShardPlan,
     pending: dict[str, Pending],
     shards: list[int],
-    provenance: Provenance,
 ) -> None:
     """Every band's kept (and rejected) rows of `shards` with their texts, reading the corpus once,
     shard by shard, into the bands' staging folders; the parts an earlier run of the same decision
@@ -110,13 +113,13 @@ def write_bands(
     live = dict(pending)
     stats = ReadStats()
     for shard in shards:
-        for name in [n for n in live if is_published(layout, n, live[n], provenance)]:
+        for name in [n for n in live if is_published(layout, n, live[n])]:
             del live[name]
         todo = {name: band for name, band in live.items() if not is_staged(cfg, band, shard)}
         if not todo:
             continue
         with lock(layout, f"select-shard-{shard:05d}"):  # another job writing it stops here
-            write_shard(cfg, layout, plan, shard, todo, live, provenance, stats)
+            write_shard(cfg, layout, plan, shard, todo, live, stats)
 
 
 def write_shard(
@@ -126,7 +129,6 @@ def write_shard(
     shard: int,
     todo: dict[str, Pending],
     live: dict[str, Pending],
-    provenance: Provenance,
     stats: ReadStats,
 ) -> None:
     """One shard's parts of the bands in `todo`, their texts read from the corpus once; a band
@@ -142,7 +144,7 @@ def write_shard(
                 rows = kept if folder == band.staging.dir else rejected
                 write_part(rows, records, folder, shard, cfg.corpus.mode)
         except OSError:
-            if not is_published(layout, name, band, provenance):
+            if not is_published(layout, name, band):
                 raise
             del live[name]
 
@@ -158,11 +160,11 @@ def run(cfg: Config) -> list[Path]:
         pending = bands_to_select(cfg, layout, scan_scores(files), provenance)
         if pending:
             write_bands(
-                cfg, layout, plan, pending, shards_of_rank(len(plan.shards), rank, world_size), provenance
+                cfg, layout, plan, pending, shards_of_rank(len(plan.shards), rank, world_size)
             )
             shards = len(plan.shards)
             done = [
-                name for name, band in pending.items() if publish(cfg, layout, name, band, provenance, shards)
+                name for name, band in pending.items() if publish(cfg, layout, name, band, shards)
             ]
             seconds = time.perf_counter() - started
             waiting = (

@@ -178,6 +178,8 @@ def brute_keys(rows, key, by_source=False):
         return {r["sample_id"]: r["nll_sum"] / (math.log(2) * r["n_bytes"]) for r in rows}
     if key == "ifd":
         return {r["sample_id"]: r["nll_sum"] / r["nll_sum_uncond"] for r in rows}
+    if key == "reducible":  # from the sums: the stored losses are not reused
+        return {r["sample_id"]: (r["nll_sum"] - r["nll_sum_target"]) / r["n_tokens"] for r in rows}
     counts = {"tokens_per_byte": "n_tokens", "markup_share": "n_markup_bytes", "mojibake": "n_mojibake"}
     if key in counts:  # exact rationals: ties are true ties, broken by sample_id
         return {r["sample_id"]: Fraction(r[counts[key]], r["n_bytes"]) for r in rows}
@@ -214,6 +216,9 @@ def rows():
                 "nll_sum_uncond": loss * n * rng.uniform(0.8, 1.6),
             }
         )
+        # a target model's loss on the same tokens: lower on most samples, by a varying amount
+        target = loss - rng.uniform(-0.2, 0.8)
+        out[-1] |= {"nll_sum_target": target * n, "loss_target": target}
     return out
 
 
@@ -281,6 +286,7 @@ def test_every_strategy_with_every_key_equals_a_brute_force_sort(
     "drops",
     [
         {"length_adjusted": Fraction(5, 100), "tokens_per_byte": Fraction(8, 100)},
+        {"reducible": Fraction(7, 100), "bits_per_byte": Fraction(4, 100)},
         # markup_share's share is above the share of samples it flags: a ceiling, nothing unflagged dropped
         {"tokens_per_byte": Fraction(5, 100), "markup_share": Fraction(4, 10), "mojibake": Fraction(3, 100)},
     ],

@@ -332,8 +332,8 @@ def test_a_rank_that_decided_before_another_published_leaves_nothing_behind(scor
     assert len(list((out / "selected").glob("*/manifest.json"))) == 4
     published = band_files(out)
     plan = select.plan_shards(cfg.corpus)
-    write_bands(cfg, layout, plan, late, shards_of_rank(3, 1, 2), provenance)
-    assert not any(publish(cfg, layout, name, band, provenance, 3) for name, band in late.items())
+    write_bands(cfg, layout, plan, late, shards_of_rank(3, 1, 2))
+    assert not any(publish(cfg, layout, name, band, 3) for name, band in late.items())
     assert band_files(out) == published
     assert not [p for p in (out / "selected").iterdir() if p.name.startswith(".")]
 

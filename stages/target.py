@@ -1,0 +1,34 @@
+"""Target: the target model of the `reducible` rank key — the reference model fine-tuned on a
+small target set, then the corpus scored by it into a score set of its own (docs/reducible.md).
+
+    midrank target --config configs/default.yaml target.paths=[data/target/target.jsonl]   # make target
+
+Runs the `train` stage on target.paths (`<out_dir>/train/target/`: the model, the held-out loss
+before and after, the trained tokens) and then the `score` stage with that model into
+target.out_dir (default `<out_dir>/target/`), where `select`, `inspect` and `compare` join it on
+sample_id. Each part resumes where a kill left it, and a finished one is not redone. Like `demo`,
+a composition of stages, so it calls their `run` directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import Config, ConfigError
+from pipeline.log import get_logger
+from pipeline.target_scores import fine_tune_config, target_layout, target_scoring_config
+from stages import score, train
+
+
+def run(cfg: Config) -> Path:
+    if not cfg.target.paths:
+        raise ConfigError(
+            "target.paths: no target set to fine-tune on; give its files (`make target-set` builds the "
+            "embedded one), or point target.out_dir at a target model's scores made elsewhere"
+        )
+    trained = train.run(fine_tune_config(cfg))
+    get_logger().info(f"target: the fine-tuned model is in {trained}/model; scoring the corpus with it")
+    score.run(target_scoring_config(cfg))
+    scores = target_layout(cfg).scores_dir
+    get_logger().info(f"target: the target model's scores -> {scores}")
+    return scores

@@ -1,0 +1,140 @@
+"""The reducible rank key against independent computations: the target model made by `midrank
+target` (a real fine-tune and a real second score set), each sample's key against two fp32 forward
+passes of its own, and the join's refusals (other samples, a missing row, no target scores)."""
+
+import json
+import math
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data import build_corpus, build_target, build_tasks
+from pipeline.artifacts import ProvenanceError
+from pipeline.config import ConfigError, load_config
+from pipeline.layout import Layout
+from pipeline.outputs import BandManifest
+from stages import score, select, target
+from tests.helpers import make_texts, write_config
+
+BAND = "select.bands=[{name: reducible, strategy: top, keep: 1.0, rank_by: reducible}, {name: by-loss, keep: 0.5}]"
+
+
+def mean_nll(model, tokenizer, text: str) -> float:
+    """BOS + the text through the model in float64 logits: the mean NLL of the text's tokens."""
+    ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    return float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])))
+
+
+@pytest.fixture
+def reducible_run(tmp_path, tiny_model_dir):
+    """A corpus scored by the tiny model, a target model fine-tuned on a target set of other texts
+    by `midrank target` (which also scores the corpus with it), and the config of both."""
+    texts = [t[:40] for t in make_texts(40, seed=3)]  # shorter than score.max_tokens
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t, "source": f"s{i % 2}"}) + "\n" for i, t in enumerate(texts)))
+    target_set = tmp_path / "target.jsonl"
+    target_set.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(12, seed=9)))
+    extra = (
+        f"train:\n  max_tokens: 64\n  batch_size: 4\n  save_steps: 100\n  warmup_steps: 0\n"
+        f"target:\n  paths: [{target_set}]\n  max_steps: 4\n  learning_rate: 1.0e-2\n"
+    )
+    path = write_config(tmp_path, corpus, tiny_model_dir, extra)
+    score.run(load_config(path))
+    target.run(load_config(path))
+    return path, texts
+
+
+def test_reducible_equals_the_difference_of_two_independent_forward_passes(reducible_run, tiny_model_dir):
+    path, texts = reducible_run
+    cfg = load_config(path, [BAND])
+    select.run(cfg)
+    layout = Layout(cfg.out_dir)
+    rows = pl.read_parquet(layout.band("reducible").dir / "*.parquet").sort("sample_id")
+    assert rows.height == len(texts) and not rows["truncated"].any()  # every sample kept whole
+    fine_tuned = layout.train_run("target").model
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32).eval()
+    tuned = AutoModelForCausalLM.from_pretrained(fine_tuned, torch_dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    differences = []
+    for row in rows.iter_rows(named=True):
+        text = texts[int(row["sample_id"].rsplit(":", 1)[1])]
+        expected = mean_nll(base, tokenizer, text) - mean_nll(tuned, tokenizer, text)
+        assert row["reducible"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+        differences.append(expected)
+    assert max(abs(d) for d in differences) > 0.01  # the fine-tune moved the losses
+    # the band by reducible records both models; the band by loss depends on the reference only
+    manifest = BandManifest.read(layout.band("reducible").manifest)
+    assert manifest.score_provenance.target.model_path == str(fine_tuned)
+    assert manifest.score_provenance.key["target"] == manifest.score_provenance.target.key
+    by_loss = BandManifest.read(layout.band("by-loss").manifest).score_provenance
+    assert by_loss.target is None and "target" not in by_loss.key
+    assert "loss_target" not in pl.read_parquet(layout.band("by-loss").dir / "*.parquet").columns
+
+
+def test_target_scores_over_other_samples_are_refused_naming_what_differs(reducible_run):
+    path, _ = reducible_run
+    cfg = load_config(path, [BAND, "target.out_dir=" + str(path.parent / "other")])
+    other = load_config(path, ["out_dir=" + str(path.parent / "other"), "score.max_tokens=16"])
+    score.run(other)
+    with pytest.raises(ProvenanceError, match="not over the same samples.*max_tokens: 16 there, 64 here"):
+        select.run(cfg)
+
+
+def test_a_missing_target_row_is_refused_naming_a_sample(reducible_run):
+    path, _ = reducible_run
+    cfg = load_config(path, [BAND])
+    part = Layout(cfg.out_dir + "/target").score_shard(1)
+    table = pq.read_table(part)
+    dropped = table["sample_id"][0].as_py()
+    pq.write_table(table.slice(1), part)  # metadata kept: the provenance still matches
+    with pytest.raises(ProvenanceError, match=f"1 scored samples have no score of the same tokens there \\(e.g. {dropped}\\)"):
+        select.run(cfg)
+
+
+def test_without_target_scores_the_error_says_how_to_make_them(tmp_path, tiny_model_dir):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t, "source": "s"}) + "\n" for t in make_texts(10, seed=2)))
+    path = write_config(tmp_path, corpus, tiny_model_dir, "target:\n  paths: [nowhere.jsonl]\n")
+    score.run(load_config(path))
+    with pytest.raises(ProvenanceError, match="target.out_dir: .*nothing scored yet.*`midrank target`"):
+        select.run(load_config(path, [BAND]))
+
+
+def test_the_reducible_key_needs_a_target(tmp_path, tiny_model_dir):
+    path = write_config(tmp_path, tmp_path / "c.jsonl", tiny_model_dir)
+    with pytest.raises(ConfigError, match="target.paths: the reducible rank key .*needs a target model"):
+        load_config(path, [BAND])
+    with pytest.raises(ConfigError, match="target.paths: .*top.reducible"):
+        load_config(path, ["compare.arms=[random,top.reducible]"])
+    with pytest.raises(ConfigError, match="target.paths: no target set to fine-tune on"):
+        target.run(load_config(path))
+
+
+def test_the_target_set_is_kept_apart_from_the_corpus_and_every_task(tmp_path):
+    """Built from this machine's sources: no document of the corpus (train, held-out, OOD), no
+    task item's, no man page or Jargon entry named by any answer choice; twice the same bytes."""
+    corpus = tmp_path / "corpus"
+    build_corpus.build(corpus, 6, 4000, build_corpus.SOURCES, install=False, allow_missing=True, ood_per_source=2)
+    tasks = tmp_path / "tasks"
+    build_tasks.build(corpus, tasks, items=8)
+    manifest = build_target.build(corpus, tasks, tmp_path / "t1", per_source=4)
+    rows = [json.loads(line) for line in (tmp_path / "t1" / "target.jsonl").open()]
+    assert len(rows) == sum(manifest["documents"].values()) > 0
+    origins = {r["origin"] for r in rows}
+    assert len(origins) == len(rows)
+    corpus_origins = {
+        json.loads(line)["origin"] for name in ("train", "heldout", "ood") for line in (corpus / f"{name}.jsonl").open()
+    }
+    items = [json.loads(line) for f in sorted(tasks.glob("*.jsonl")) for line in f.open()]
+    assert not origins & corpus_origins
+    assert not origins & {i["origin"] for i in items}
+    named = {c for f in ("man_command", "jargon_term") for line in (tasks / f"{f}.jsonl").open() for c in json.loads(line)["choices"]}
+    assert not {build_target.origin_name(o) for o in origins if o.startswith(("man/", "jargon/"))} & named
+    build_target.build(corpus, tasks, tmp_path / "t2", per_source=4)
+    assert (tmp_path / "t1" / "target.jsonl").read_bytes() == (tmp_path / "t2" / "target.jsonl").read_bytes()
+    assert math.isfinite(manifest["bytes"])
