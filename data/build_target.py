@@ -74,7 +74,9 @@ def build(corpus: Path, tasks: Path, out: Path, per_source: int = PER_SOURCE) ->
             text = candidate.load()
             text = tidy(text) if text else ""
             if text.strip():
-                rows.append({"text": cap_chars(text, max_chars), "source": source.name, "origin": candidate.origin})
+                rows.append(
+                    {"text": cap_chars(text, max_chars), "source": source.name, "origin": candidate.origin}
+                )
                 chosen += 1
         counts[source.name] = chosen
         log(f"{source.name:17s} {chosen:5d} target documents")
@@ -99,10 +101,14 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     parser.add_argument("--tasks", type=Path, default=Path("data/tasks"))
     parser.add_argument("--out", type=Path, default=Path("data/target"))
-    parser.add_argument("--per-source", type=int, default=PER_SOURCE, help="documents per source (default %(default)s)")
+    parser.add_argument(
+        "--per-source", type=int, default=PER_SOURCE, help="documents per source (default %(default)s)"
+    )
     args = parser.parse_args()
     manifest = build(args.corpus, args.tasks, args.out, args.per_source)
-    log(f"wrote {args.out}/target.jsonl: {sum(manifest['documents'].values())} documents, {manifest['bytes']:,} bytes")
+    log(
+        f"wrote {args.out}/target.jsonl: {sum(manifest['documents'].values())} documents, {manifest['bytes']:,} bytes"
+    )
 
 
 if __name__ == "__main__":

@@ -94,9 +94,7 @@ def is_staged(cfg: Config, band: Pending, shard: int) -> bool:
     return all(part_path(folder, shard).is_file() for folder in staged_folders(cfg, band))
 
 
-def publish(
-    cfg: Config, layout: Layout, name: str, band: Pending, shards: int
-) -> bool:
+def publish(cfg: Config, layout: Layout, name: str, band: Pending, shards: int) -> bool:
     """Once every shard's parts are staged: the band's JSONL, config and manifest, then the staged
     folders renamed into place (rejected first, the manifest's folder last; the folders they
     replace are moved aside first and deleted last, so a kill leaves either selection whole or

@@ -62,7 +62,9 @@ def target_scoring_config(cfg: Config) -> Config:
     """The `score` stage's config that scores the corpus with the fine-tuned model."""
     model_dir = Layout(cfg.out_dir).train_run(TARGET_RUN).model
     return dataclasses.replace(
-        cfg, out_dir=str(target_layout(cfg).out_dir), model=dataclasses.replace(cfg.model, path=str(model_dir))
+        cfg,
+        out_dir=str(target_layout(cfg).out_dir),
+        model=dataclasses.replace(cfg.model, path=str(model_dir)),
     )
 
 
@@ -81,9 +83,7 @@ def check_same_samples(reference: Provenance, target: Provenance, where: str) ->
         )
 
 
-def join_target(
-    cfg: Config, scores: pl.LazyFrame, provenance: Provenance
-) -> tuple[pl.LazyFrame, Provenance]:
+def join_target(cfg: Config, scores: pl.LazyFrame, provenance: Provenance) -> tuple[pl.LazyFrame, Provenance]:
     """`scores` with TARGET_COLUMNS joined on sample_id, and a provenance whose key covers the
     target's (a band by reducible is selected again when either model changes). Every reference
     row must find its target row with the same tokens; an error names the first that does not."""

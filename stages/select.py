@@ -159,13 +159,9 @@ def run(cfg: Config) -> list[Path]:
         check_corpus_unchanged(layout, plan, provenance)
         pending = bands_to_select(cfg, layout, scan_scores(files), provenance)
         if pending:
-            write_bands(
-                cfg, layout, plan, pending, shards_of_rank(len(plan.shards), rank, world_size)
-            )
+            write_bands(cfg, layout, plan, pending, shards_of_rank(len(plan.shards), rank, world_size))
             shards = len(plan.shards)
-            done = [
-                name for name, band in pending.items() if publish(cfg, layout, name, band, shards)
-            ]
+            done = [name for name, band in pending.items() if publish(cfg, layout, name, band, shards)]
             seconds = time.perf_counter() - started
             waiting = (
                 f" ({len(pending) - len(done)} left to the rank that ends last)"

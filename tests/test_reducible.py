@@ -36,7 +36,9 @@ def reducible_run(tmp_path, tiny_model_dir):
     by `midrank target` (which also scores the corpus with it), and the config of both."""
     texts = [t[:40] for t in make_texts(40, seed=3)]  # shorter than score.max_tokens
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t, "source": f"s{i % 2}"}) + "\n" for i, t in enumerate(texts)))
+    corpus.write_text(
+        "".join(json.dumps({"text": t, "source": f"s{i % 2}"}) + "\n" for i, t in enumerate(texts))
+    )
     target_set = tmp_path / "target.jsonl"
     target_set.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(12, seed=9)))
     extra = (
@@ -81,7 +83,7 @@ def test_target_scores_over_other_samples_are_refused_naming_what_differs(reduci
     cfg = load_config(path, [BAND, "target.out_dir=" + str(path.parent / "other")])
     other = load_config(path, ["out_dir=" + str(path.parent / "other"), "score.max_tokens=16"])
     score.run(other)
-    with pytest.raises(ProvenanceError, match="not over the same samples.*max_tokens: 16 there, 64 here"):
+    with pytest.raises(ProvenanceError, match=r"not over the same samples.*max_tokens: 16 there, 64 here"):
         select.run(cfg)
 
 
@@ -92,7 +94,9 @@ def test_a_missing_target_row_is_refused_naming_a_sample(reducible_run):
     table = pq.read_table(part)
     dropped = table["sample_id"][0].as_py()
     pq.write_table(table.slice(1), part)  # metadata kept: the provenance still matches
-    with pytest.raises(ProvenanceError, match=f"1 scored samples have no score of the same tokens there \\(e.g. {dropped}\\)"):
+    with pytest.raises(
+        ProvenanceError, match=f"1 scored samples have no score of the same tokens there \\(e.g. {dropped}\\)"
+    ):
         select.run(cfg)
 
 
@@ -101,17 +105,17 @@ def test_without_target_scores_the_error_says_how_to_make_them(tmp_path, tiny_mo
     corpus.write_text("".join(json.dumps({"text": t, "source": "s"}) + "\n" for t in make_texts(10, seed=2)))
     path = write_config(tmp_path, corpus, tiny_model_dir, "target:\n  paths: [nowhere.jsonl]\n")
     score.run(load_config(path))
-    with pytest.raises(ProvenanceError, match="target.out_dir: .*nothing scored yet.*`midrank target`"):
+    with pytest.raises(ProvenanceError, match=r"target.out_dir: .*nothing scored yet.*`midrank target`"):
         select.run(load_config(path, [BAND]))
 
 
 def test_the_reducible_key_needs_a_target(tmp_path, tiny_model_dir):
     path = write_config(tmp_path, tmp_path / "c.jsonl", tiny_model_dir)
-    with pytest.raises(ConfigError, match="target.paths: the reducible rank key .*needs a target model"):
+    with pytest.raises(ConfigError, match=r"target.paths: the reducible rank key .*needs a target model"):
         load_config(path, [BAND])
-    with pytest.raises(ConfigError, match="target.paths: .*top.reducible"):
+    with pytest.raises(ConfigError, match=r"target.paths: .*top\.reducible"):
         load_config(path, ["compare.arms=[random,top.reducible]"])
-    with pytest.raises(ConfigError, match="target.paths: no target set to fine-tune on"):
+    with pytest.raises(ConfigError, match=r"target.paths: no target set to fine-tune on"):
         target.run(load_config(path))
 
 
@@ -119,7 +123,9 @@ def test_the_target_set_is_kept_apart_from_the_corpus_and_every_task(tmp_path):
     """Built from this machine's sources: no document of the corpus (train, held-out, OOD), no
     task item's, no man page or Jargon entry named by any answer choice; twice the same bytes."""
     corpus = tmp_path / "corpus"
-    build_corpus.build(corpus, 6, 4000, build_corpus.SOURCES, install=False, allow_missing=True, ood_per_source=2)
+    build_corpus.build(
+        corpus, 6, 4000, build_corpus.SOURCES, install=False, allow_missing=True, ood_per_source=2
+    )
     tasks = tmp_path / "tasks"
     build_tasks.build(corpus, tasks, items=8)
     manifest = build_target.build(corpus, tasks, tmp_path / "t1", per_source=4)
@@ -128,12 +134,19 @@ def test_the_target_set_is_kept_apart_from_the_corpus_and_every_task(tmp_path):
     origins = {r["origin"] for r in rows}
     assert len(origins) == len(rows)
     corpus_origins = {
-        json.loads(line)["origin"] for name in ("train", "heldout", "ood") for line in (corpus / f"{name}.jsonl").open()
+        json.loads(line)["origin"]
+        for name in ("train", "heldout", "ood")
+        for line in (corpus / f"{name}.jsonl").open()
     }
     items = [json.loads(line) for f in sorted(tasks.glob("*.jsonl")) for line in f.open()]
     assert not origins & corpus_origins
     assert not origins & {i["origin"] for i in items}
-    named = {c for f in ("man_command", "jargon_term") for line in (tasks / f"{f}.jsonl").open() for c in json.loads(line)["choices"]}
+    named = {
+        c
+        for f in ("man_command", "jargon_term")
+        for line in (tasks / f"{f}.jsonl").open()
+        for c in json.loads(line)["choices"]
+    }
     assert not {build_target.origin_name(o) for o in origins if o.startswith(("man/", "jargon/"))} & named
     build_target.build(corpus, tasks, tmp_path / "t2", per_source=4)
     assert (tmp_path / "t1" / "target.jsonl").read_bytes() == (tmp_path / "t2" / "target.jsonl").read_bytes()
