@@ -21,9 +21,13 @@ from pipeline.comparison import (
     training_table,
     verdict_table,
 )
-from pipeline.config import Config
+from pipeline.config import Config, band_keys
 from pipeline.layout import Layout
-from pipeline.outputs import BandManifest, JsonRecord, RunMetrics
+from pipeline.outputs import BandManifest, JsonRecord, OutputError, RunMetrics, ScoresSummary
+from pipeline.target_scores import TARGET_RUN, target_layout
+
+BACKWARD = 2
+"""A trained token costs a forward pass and a backward pass of about twice its compute."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,11 +60,33 @@ class CompareResults(JsonRecord):
     """Time per part: score, select, train, evaluate, analysis."""
 
 
+def selection_cost(cfg: Config, arm: Arm) -> int | None:
+    """The compute spent choosing an arm's training set, outside the equal training budget, in
+    tokens of forward passes: nothing for a random draw; the reference model's scoring pass for an
+    arm that ranks, drops, matches or weights by the scores; for the reducible key also the target
+    model's fine-tune (1 + BACKWARD passes per trained token) and its scoring pass. None where a
+    part is unknown (target scores made elsewhere, without the fine-tune's metrics)."""
+    band = arm.band
+    uses_scores = band.strategy != "random" or band.drop_top.shares() or band.min_tokens or band.weights
+    if not uses_scores:
+        return 0
+    layout = Layout(cfg.out_dir)
+    cost = ScoresSummary.read(layout.scores_summary).tokens
+    if arm.arm.endswith(".reducible") or "reducible" in band_keys(band):
+        try:
+            fine_tune = RunMetrics.read(layout.train_run(TARGET_RUN).metrics).train.trained_tokens
+            cost += ScoresSummary.read(target_layout(cfg).scores_summary).tokens + (1 + BACKWARD) * fine_tune
+        except OutputError:
+            return None
+    return cost
+
+
 def training_rows(
-    arms: list[Arm], runs: dict[tuple[str, int], RunMetrics], sets: dict[str, BandManifest]
+    cfg: Config, arms: list[Arm], runs: dict[tuple[str, int], RunMetrics], sets: dict[str, BandManifest]
 ) -> list[dict]:
     """Per arm, means over its seeds: set size, steps, trained tokens, samples seen, their length,
-    and the compute: positions processed, attention's sum of squared lengths, effective samples."""
+    the compute: positions processed, attention's sum of squared lengths, effective samples; and
+    the compute spent choosing the set (`selection_cost`)."""
     rows = []
     for name in dict.fromkeys(a.arm for a in arms):
         mine = [a for a in arms if a.arm == name]
@@ -95,6 +121,7 @@ def training_rows(
                     )
                 },
                 "per_seed_trained_tokens": [t.trained_tokens for t in trained],
+                "selection_tokens": selection_cost(cfg, mine[0]),
             }
         )
     return rows
@@ -113,7 +140,7 @@ def report(
         primary=(c.primary, c.primary_metric) if c.primary else None,
         margins=Margins(c.equivalence_margin, c.task_equivalence_margin),
     )
-    training = training_rows(arms, runs, sets)
+    training = training_rows(cfg, arms, runs, sets)
     seeds = f"{len(c.seeds)} seed{'s' if len(c.seeds) > 1 else ''} ({', '.join(map(str, c.seeds))})"
     tested = list(dict.fromkeys(r.metric for r in rows if r.role in ("primary", "secondary")))
     primary = (
@@ -131,6 +158,9 @@ def report(
         *(metric_table(rows, m, c.reference) for m in tested),
         descriptive_table(rows, "heldout loss: ", c.reference, "**heldout loss per source** (nats/token)"),
         descriptive_table(rows, "task ", c.reference, "**task accuracy** (points)"),
+        "Selection cost: forward-pass tokens spent choosing the set, not part of the equal training "
+        f"budget (training costs {1 + BACKWARD}x its trained tokens): the reference model's scoring "
+        "pass; for the reducible key also the target model's fine-tune and scoring pass. "
         "Change from start: the arm's trained models minus the starting model, mean over seeds. "
         "Difference: the arm's mean over its seeds minus the other arm's (each run an independent "
         "draw). 95% CI: Student-t with Satterthwaite's df over both the run-to-run and the "

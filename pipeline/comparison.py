@@ -427,6 +427,7 @@ def training_table(training: list[dict[str, Any]]) -> str:
     header = [
         "arm", "training set", "objective", "set tokens", "steps", "trained tokens", "distinct tokens",
         "samples seen", "mean sample tokens", "positions", "attention ΣL² (M)", "effective samples / batch",
+        "selection cost (forward tokens)",
     ]  # fmt: skip
 
     def number(x: Any, fmt: str) -> str:
@@ -446,6 +447,7 @@ def training_table(training: list[dict[str, Any]]) -> str:
             number(t["positions"], ",.0f"),
             number(None if t["attention"] is None else t["attention"] / 1e6, ",.2f"),
             f"{number(t['effective_samples'], '.1f')} of {number(t['batch_samples'], '.1f')}",
+            number(t.get("selection_tokens"), ",.0f"),
         ]
         for t in training
     ]

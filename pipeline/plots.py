@@ -121,12 +121,19 @@ def plot_loss_vs_length(
     return _save(fig, path)
 
 
-def plot_with_and_without_prompt(
-    counts: np.ndarray, edges: np.ndarray, path: Path, *, kept: np.ndarray | None, title: str
+def plot_paired_losses(
+    counts: np.ndarray,
+    edges: np.ndarray,
+    path: Path,
+    *,
+    kept: np.ndarray | None,
+    title: str,
+    axes: tuple[str, str],
+    diagonal: str,
 ) -> Path:
-    """Instruction data: each response's loss without its prompt (x) against with it (y), both
-    binned on `edges`, log colour scale, with a band's kept cells drawn over them. Below the
-    diagonal the prompt helps; on it, the answer does not depend on the question (a wrong one)."""
+    """Two losses of the same samples, x against y (`axes`: their labels), binned on `edges`, log
+    colour scale, with a band's kept cells drawn over them and the diagonal (`diagonal`: what lying
+    on it means)."""
     fig, ax = plt.subplots(figsize=(6.6, 5.6))
     grid = np.ma.masked_equal(counts.T, 0)
     mesh = ax.pcolormesh(edges, edges, grid, norm=LogNorm(vmin=1, vmax=max(1, counts.max())), cmap="Greys")
@@ -136,11 +143,9 @@ def plot_with_and_without_prompt(
             edges, edges, np.ma.masked_equal(kept.T, 0), cmap=ListedColormap([KEPT_COLOR]), alpha=0.8
         )
         ax.plot([], [], "s", color=KEPT_COLOR, label="cells holding kept samples")
-    ax.plot(
-        edges[[0, -1]], edges[[0, -1]], color="black", linewidth=1, label="ifd = 1 (the prompt does not help)"
-    )
-    ax.set_xlabel("loss without the prompt (nats/token)")
-    ax.set_ylabel("loss with the prompt (nats/token)")
+    ax.plot(edges[[0, -1]], edges[[0, -1]], color="black", linewidth=1, label=diagonal)
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()

@@ -19,7 +19,7 @@ from pipeline.histograms import histogram, histogram_2d, uniform_edges, value_ra
 from pipeline.key_columns import estimate_curves, with_key
 from pipeline.layout import Layout, part_files
 from pipeline.outputs import BandManifest
-from pipeline.plots import Panel, plot_histograms, plot_loss_vs_length, plot_with_and_without_prompt
+from pipeline.plots import Panel, plot_histograms, plot_loss_vs_length, plot_paired_losses
 from pipeline.rank_keys import ALL_SOURCES
 from pipeline.selection import top_by_keys
 
@@ -129,6 +129,7 @@ KEY_UNITS = {
     "markup_share": "share of the bytes in markup tags",
     "mojibake": "wrong-charset sequences per byte",
     "ifd": "loss with the prompt / loss without it",
+    "reducible": "nats/token, reference minus target model",
 }
 
 
@@ -168,7 +169,11 @@ def draw_figures(scores: pl.LazyFrame, bands: list[DrawnBand], icfg, sources: li
         "Loss against length (scored tokens), with the median loss at each length (rank_by=length_adjusted "
         "subtracts it) and the bands ranked by loss"
     )
-    images |= draw_with_and_without_prompt(scores, bands, icfg, work)
+    names = scores.collect_schema().names()
+    if scores.select(pl.col("nll_sum_uncond").is_not_null().any()).collect().item() is True:
+        images |= draw_paired_losses(scores, bands, icfg, work, WITHOUT_PROMPT)
+    if "loss_target" in names:
+        images |= draw_paired_losses(scores, bands, icfg, work, REFERENCE_AND_TARGET)
     for band in bands:
         if band.key == "loss":
             continue
@@ -190,27 +195,68 @@ def draw_figures(scores: pl.LazyFrame, bands: list[DrawnBand], icfg, sources: li
     return images
 
 
-def draw_with_and_without_prompt(scores: pl.LazyFrame, bands: list[DrawnBand], icfg, work: Path) -> dict:
-    """Instruction data scored with score.unconditional: loss with the prompt against without it,
-    for the whole set and with each band's kept samples drawn over it."""
-    if scores.select(pl.col("nll_sum_uncond").is_not_null().any()).collect().item() is not True:
-        return {}
-    scored = scores.filter(pl.col("nll_sum_uncond").is_not_null())
-    without = (pl.col("nll_sum_uncond") / pl.col("n_tokens")).alias("loss_without_prompt")
-    (low_with, high_with), (low_without, high_without) = (
-        value_range(scored, LOSS),
-        value_range(scored, without),
-    )
-    edges = uniform_edges(min(low_with, low_without), max(high_with, high_without), icfg.bins)
-    counts = histogram_2d(scored, without, edges, LOSS, edges)
+def draw_paired_losses(
+    scores: pl.LazyFrame, bands: list[DrawnBand], icfg, work: Path, pair: PairedLosses
+) -> dict:
+    """Each sample's loss against another loss of its (`pair`), for the whole set and with each
+    band's kept samples drawn over it."""
+    scored = scores.filter(pair.x.is_not_null())
+    (low_y, high_y), (low_x, high_x) = value_range(scored, LOSS), value_range(scored, pair.x)
+    edges = uniform_edges(min(low_y, low_x), max(high_y, high_x), icfg.bins)
+    counts = histogram_2d(scored, pair.x, edges, LOSS, edges)
     images = {}
     for band in bands or [None]:
-        kept = histogram_2d(band.kept, without, edges, LOSS, edges) if band else None
-        name = f"with_without_prompt-{band.name}.png" if band else "with_without_prompt.png"
-        title = f"band {band.name}" if band else "loss with and without the prompt"
-        plot_with_and_without_prompt(counts, edges, work / name, kept=kept, title=title)
-        images[name] = f"Each response's loss with its prompt against without it, {title}"
+        kept = None
+        if band is not None:  # the band's samples found in the scores: its parts may lack pair.x
+            mine = scored.join(band.kept.select("sample_id"), on="sample_id", how="semi")
+            kept = histogram_2d(mine, pair.x, edges, LOSS, edges)
+        name = f"{pair.name}-{band.name}.png" if band else f"{pair.name}.png"
+        title = f"band {band.name}" if band else pair.title
+        axes = (pair.x_label, pair.y_label)
+        plot_paired_losses(
+            counts, edges, work / name, kept=kept, title=title, axes=axes, diagonal=pair.diagonal
+        )
+        images[name] = f"{pair.caption}, {title}"
     return images
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PairedLosses:
+    """A second loss of every sample, drawn against its loss."""
+
+    name: str
+    x: pl.Expr
+    x_label: str
+    y_label: str
+    diagonal: str
+    title: str
+    caption: str
+
+
+WITHOUT_PROMPT = PairedLosses(
+    "with_without_prompt",
+    pl.col("nll_sum_uncond") / pl.col("n_tokens"),
+    "loss without the prompt (nats/token)",
+    "loss with the prompt (nats/token)",
+    "ifd = 1 (the prompt does not help)",
+    "loss with and without the prompt",
+    "Each response's loss with its prompt against without it",
+)
+"""Instruction data scored with score.unconditional: below the diagonal the prompt helps; on it,
+the answer does not depend on the question (a wrong one)."""
+
+REFERENCE_AND_TARGET = PairedLosses(
+    "reference_target",
+    pl.col("loss_target"),
+    "loss under the target model (nats/token)",
+    "loss under the reference model (nats/token)",
+    "reducible = 0 (the fine-tune did not help)",
+    "the reference model's loss against the target model's",
+    "Each sample's loss under the reference model against under the target model",
+)
+"""With the target model's scores (the reducible key): above the diagonal the fine-tune made the
+sample easier (reducible > 0, what the key ranks first); on it, noise and what the reference knew
+already."""
 
 
 def draw_key_histogram(scores: pl.LazyFrame, band: DrawnBand, icfg, sources: list[str], work: Path) -> dict:

@@ -44,7 +44,7 @@ from pipeline.locks import lock
 from pipeline.log import get_logger
 from pipeline.outputs import BandManifest, RunMetrics
 from pipeline.plots import plot_compare
-from stages import score, select, train
+from stages import score, select, target, train
 
 
 class Timer:
@@ -80,6 +80,8 @@ def run(cfg: Config) -> Path:
     if not cfg.train.eval_paths:
         raise ConfigError("train.eval_paths: compare needs a held-out set to evaluate every arm on")
     timer.timed("score", score.run, cfg)  # one scoring pass for every arm; nothing to do when finished
+    if cfg.target.paths and any(arm.endswith(".reducible") for arm in c.arms):
+        timer.timed("target", target.run, cfg)  # the reducible key's fine-tune and second scoring pass
     layout = Layout(cfg.out_dir)
     with lock(layout, f"compare-{c.name}"):
         arms = plan_arms(cfg)

@@ -20,7 +20,7 @@ import polars as pl
 
 from pipeline.artifacts import NoScoresError, digest, write_text_atomic
 from pipeline.codec import encode
-from pipeline.config import Config, save_config, to_dict
+from pipeline.config import Config, band_keys, save_config, to_dict
 from pipeline.histograms import quantiles
 from pipeline.layout import Layout, ReportPaths
 from pipeline.locks import lock
@@ -30,6 +30,7 @@ from pipeline.report import render_report
 from pipeline.report_examples import EXAMPLE_COLUMNS, KEY_COLUMNS, examples_by_band
 from pipeline.report_figures import LOSS, DrawnBand, draw_figures, load_band
 from pipeline.scores import scan_scores, score_set
+from pipeline.target_scores import TARGET_COLUMNS, join_target
 
 
 def source_table(scores: pl.LazyFrame, top_decile: float) -> list[dict[str, Any]]:
@@ -83,9 +84,14 @@ def up_to_date(paths: ReportPaths, inputs_key: str) -> ReportSummary | None:
 
 
 def load_scores(cfg: Config, layout: Layout) -> tuple[pl.LazyFrame, Provenance]:
-    """The score set (the columns the report reads) and its provenance; an empty set is an error."""
+    """The score set (the columns the report reads) and its provenance, joined to the target
+    model's when a band ranks by reducible; an empty set is an error."""
     files, provenance = score_set(layout)
-    scores = scan_scores(files).select(*EXAMPLE_COLUMNS, *KEY_COLUMNS)
+    scores, columns = scan_scores(files), [*EXAMPLE_COLUMNS, *KEY_COLUMNS]
+    if any("reducible" in band_keys(band) for band in cfg.select.bands):
+        scores, provenance = join_target(cfg, scores, provenance)
+        columns += TARGET_COLUMNS
+    scores = scores.select(columns)
     if scores.select(pl.len()).collect().item() == 0:
         raise NoScoresError(
             f"{layout.scores_dir} holds no scored samples (every row skipped?); nothing to inspect"

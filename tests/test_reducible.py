@@ -16,7 +16,7 @@ from pipeline.artifacts import ProvenanceError
 from pipeline.config import ConfigError, load_config
 from pipeline.layout import Layout
 from pipeline.outputs import BandManifest
-from stages import score, select, target
+from stages import inspect, score, select, target
 from tests.helpers import make_texts, write_config
 
 BAND = "select.bands=[{name: reducible, strategy: top, keep: 1.0, rank_by: reducible}, {name: by-loss, keep: 0.5}]"
@@ -76,6 +76,12 @@ def test_reducible_equals_the_difference_of_two_independent_forward_passes(reduc
     by_loss = BandManifest.read(layout.band("by-loss").manifest).score_provenance
     assert by_loss.target is None and "target" not in by_loss.key
     assert "loss_target" not in pl.read_parquet(layout.band("by-loss").dir / "*.parquet").columns
+    # inspect draws the reference model's loss against the target model's, with each band's cells
+    report = inspect.run(cfg)
+    summary = json.loads((report / "summary.json").read_text())
+    for band in ("reducible", "by-loss"):
+        assert summary["images"][f"reference_target-{band}.png"].startswith("Each sample's loss under the reference")
+        assert (report / f"reference_target-{band}.png").stat().st_size > 10_000
 
 
 def test_target_scores_over_other_samples_are_refused_naming_what_differs(reducible_run):
