@@ -128,7 +128,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 # Every benchmark script starts (--help) and runs a seconds-long smoke on the tiny preset (CI runs this).
-bench-smoke: $(STAMP) tiny
+bench-smoke: $(STAMP) tiny target-set-tiny
 	for f in bench/*.py; do $(PY) $$f --help > /dev/null || exit 1; done
 	$(PY) bench/bench_select.py --samples 20000,3M --data runs/bench-select-smoke
 	$(PY) bench/bench_score.py --models embedded,30m --embedded-model data/models/tiny \

@@ -16,7 +16,9 @@ mojibake, markup soup, numeric tables, a rarely seen script, character noise, an
 (so junk spans every length; a donor for the kinds made from real text at least as long), given the source of a real document (contamination sits inside
 sources). The multi-key rows drop the union of several keys' tops (`drop_top`), nothing else.
 Scored through the `score` stage (the config's model, max_tokens and dtype) into `--out`, then
-ranked with the select stage's own `decide` for each key.
+ranked with the select stage's own `decide` for each key. With the config's target set
+(target.paths) the target model is made the way `midrank target` makes it, in `--out`, and the
+reducible rows rank by both models.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from pipeline.band_decision import decide  # noqa: E402
 from pipeline.codec import parse_json  # noqa: E402
 from pipeline.config import BandConfig, DropTop, load_config  # noqa: E402
 from pipeline.layout import Layout  # noqa: E402
-from pipeline.scores import scan_scores, score_files  # noqa: E402
-from stages import score  # noqa: E402
+from pipeline.scores import scan_scores, score_set  # noqa: E402
+from pipeline.target_scores import join_target  # noqa: E402
+from stages import score, target  # noqa: E402
 
 RULES = {
     "loss": {},
@@ -76,6 +79,15 @@ RULES = {
         "drop_top": {"length_adjusted": 0.15, "tokens_per_byte": 0.15},
         "min_tokens": 8,
     },
+    # two models (the target model fine-tuned on the target set): junk is what the fine-tune does
+    # not make easier, so it sits at the *bottom* of reducible; the rule keeps the top 90%
+    "reducible, bottom 10%": {"strategy": "top", "keep": 1 - 0.1, "rank_by": "reducible"},
+    "reducible, bottom 10%, min_tokens 8": {
+        "strategy": "top",
+        "keep": 1 - 0.1,
+        "rank_by": "reducible",
+        "min_tokens": 8,
+    },
 }
 DROP = 0.1  # the top share MidRanking drops
 
@@ -104,12 +116,14 @@ def build_corpus(path: Path, corpus: Path, real: int, short: int, per_kind: int,
             fh.write(json.dumps(row) + "\n")
 
 
-def measure(scores: pl.LazyFrame, kinds: pl.DataFrame) -> list[dict]:
+def measure(scores: pl.LazyFrame, kinds: pl.DataFrame, rules: dict[str, dict]) -> list[dict]:
     """Per rule: each junk kind's documents it keeps out of any band (its top, and with min_tokens
     the samples too short to rank), and the real documents it keeps out with them."""
     results = []
-    for label, params in RULES.items():
-        if "drop_top" in params:  # the dropped union is the top; nothing else is skipped
+    for label, params in rules.items():
+        if "strategy" in params:  # a band of its own (reducible: the top, what it leaves out below)
+            band = BandConfig(**params)
+        elif "drop_top" in params:  # the dropped union is the top; nothing else is skipped
             rest = {k: v for k, v in params.items() if k != "drop_top"}
             band = BandConfig(
                 strategy="midranking", skip=0, keep=1, drop_top=DropTop(**params["drop_top"]), **rest
@@ -117,7 +131,7 @@ def measure(scores: pl.LazyFrame, kinds: pl.DataFrame) -> list[dict]:
         else:
             band = BandConfig(strategy="midranking", skip=DROP, keep=1 - DROP, **params)
         decided = decide(scores, band, "bench").rows.collect().join(kinds, on="sample_id")
-        out = decided.filter(pl.col("reason").is_in(["too_hard", "dropped_top", "too_short"]))
+        out = decided.filter(pl.col("reason").is_in(["too_hard", "too_easy", "dropped_top", "too_short"]))
         row = {"rule": label, "dropped": out.height}
         for kind in (*KINDS, "real", "real_short"):
             n = decided.filter(pl.col("kind") == kind).height
@@ -187,13 +201,20 @@ def main() -> None:
     ]
     cfg = load_config(Path(args.config), overrides)
     score.run(cfg)
-    scores = scan_scores(score_files(Layout(cfg.out_dir)))
+    files, provenance = score_set(Layout(cfg.out_dir))
+    scores = scan_scores(files)
+    rules = RULES
+    if cfg.target.paths:  # the reducible rows: the config's target recipe, scoring the mixed corpus
+        target.run(cfg)
+        scores, _ = join_target(cfg, scores, provenance)
+    else:
+        rules = {k: v for k, v in RULES.items() if v.get("rank_by") != "reducible"}
     kinds = (
         pl.read_ndjson(mixed)
         .with_row_index("row")
         .select(sample_id=pl.lit(f"{mixed.name}:") + pl.col("row").cast(pl.String), kind="kind")
     )
-    results = measure(scores, kinds)
+    results = measure(scores, kinds, rules)
     counts = kinds.group_by("kind").len().sort("kind")
     print(
         f"\n{scores.select(pl.len()).collect().item()} samples: "

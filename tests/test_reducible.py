@@ -80,7 +80,9 @@ def test_reducible_equals_the_difference_of_two_independent_forward_passes(reduc
     report = inspect.run(cfg)
     summary = json.loads((report / "summary.json").read_text())
     for band in ("reducible", "by-loss"):
-        assert summary["images"][f"reference_target-{band}.png"].startswith("Each sample's loss under the reference")
+        assert summary["images"][f"reference_target-{band}.png"].startswith(
+            "Each sample's loss under the reference"
+        )
         assert (report / f"reference_target-{band}.png").stat().st_size > 10_000
 
 
