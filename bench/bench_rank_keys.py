@@ -222,7 +222,8 @@ def main() -> None:
     )
     print(
         f"kept out of any band by each rule — the top {DROP:.0%} by a key (what MidRanking drops), a multi-key "
-        "drop_top, and with min_tokens what is too short to rank: junk per kind, and the real documents\n"
+        f"drop_top, the bottom {DROP:.0%} by reducible (what its top leaves out), and with min_tokens what is "
+        "too short to rank: junk per kind, and the real documents\n"
     )
     print(table(results))
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -21,10 +21,10 @@ from pipeline.comparison import (
     training_table,
     verdict_table,
 )
-from pipeline.config import Config, band_keys
+from pipeline.config import Config
 from pipeline.layout import Layout
-from pipeline.outputs import BandManifest, JsonRecord, OutputError, RunMetrics, ScoresSummary
-from pipeline.target_scores import TARGET_RUN, target_layout
+from pipeline.outputs import BandManifest, JsonRecord, RunMetrics, ScoresSummary
+from pipeline.target_scores import TARGET_RUN, target_layout, uses_target
 
 BACKWARD = 2
 """A trained token costs a forward pass and a backward pass of about twice its compute."""
@@ -62,22 +62,25 @@ class CompareResults(JsonRecord):
 
 def selection_cost(cfg: Config, arm: Arm) -> int | None:
     """The compute spent choosing an arm's training set, outside the equal training budget, in
-    tokens of forward passes: nothing for a random draw; the reference model's scoring pass for an
-    arm that ranks, drops, matches or weights by the scores; for the reducible key also the target
-    model's fine-tune (1 + BACKWARD passes per trained token) and its scoring pass. None where a
-    part is unknown (target scores made elsewhere, without the fine-tune's metrics)."""
+    target tokens of forward passes: nothing for a random draw or the whole corpus; the reference
+    model's scoring pass for an arm that ranks, drops, matches or weights by the scores; for the
+    reducible key also the target model's fine-tune (1 + BACKWARD passes per trained token; its
+    held-out evaluation not counted) and its scoring pass. None where the fine-tune is unknown
+    (target scores made elsewhere)."""
     band = arm.band
-    uses_scores = band.strategy != "random" or band.drop_top.shares() or band.min_tokens or band.weights
-    if not uses_scores:
+    if band.strategy == "all" or not (
+        band.strategy != "random" or band.drop_top.shares() or band.min_tokens or band.weights
+    ):
         return 0
     layout = Layout(cfg.out_dir)
     cost = ScoresSummary.read(layout.scores_summary).tokens
-    if arm.arm.endswith(".reducible") or "reducible" in band_keys(band):
-        try:
-            fine_tune = RunMetrics.read(layout.train_run(TARGET_RUN).metrics).train.trained_tokens
-            cost += ScoresSummary.read(target_layout(cfg).scores_summary).tokens + (1 + BACKWARD) * fine_tune
-        except OutputError:
+    if uses_target(band, arm.arm):
+        fine_tune = layout.train_run(TARGET_RUN)
+        target = ScoresSummary.read(target_layout(cfg).scores_summary)
+        if target.provenance.model_path != str(fine_tune.model) or not fine_tune.metrics.is_file():
             return None
+        trained = RunMetrics.read(fine_tune.metrics).train.trained_tokens
+        cost += target.tokens + (1 + BACKWARD) * trained
     return cost
 
 

@@ -266,6 +266,8 @@ class DropTop:
     mojibake: float = 0.0
     ifd: float = 0.0
     reducible: float = 0.0
+    """The top by reducible is what the target model learned most from its fine-tune (near-copies
+    of the target set, say), not junk, which sits at its bottom."""
 
     def __post_init__(self) -> None:
         for key in RANK_KEYS:
@@ -804,8 +806,8 @@ class TargetConfig:
     of its own, joined to the reference model's on sample_id."""
 
     paths: tuple[str, ...] = ()
-    """The target set: Parquet/JSONL files with a `text` field, a small sample of the data wanted,
-    kept apart from every set the result is evaluated on."""
+    """The target set: Parquet/JSONL files read like train.data_paths (the corpus mode's fields), a
+    small sample of the data wanted, kept apart from every set the result is evaluated on."""
 
     out_dir: str = ""
     """Where the target model's scores are (its scores/ folder below it); empty: <out_dir>/target.
@@ -855,6 +857,8 @@ class Config:
         )
         uses_target = [b.resolved_name() for b in self.select.bands if "reducible" in band_keys(b)]
         uses_target += [arm for arm in self.compare.arms if arm.endswith(".reducible")]
+        dropped_arms = [arm for arm in self.compare.arms if arm.partition(".")[0].endswith("_dropped")]
+        uses_target += dropped_arms if self.compare.drop_top.reducible else []
         _require(
             not uses_target or bool(self.target.paths or self.target.out_dir),
             "target.paths",

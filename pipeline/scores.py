@@ -285,6 +285,8 @@ def score_set(layout: Layout) -> tuple[list[Path], Provenance]:
     if plan is None:
         raise ProvenanceError(f"{layout.scores_dir}: nothing scored yet; run `midrank score` first")
     num_shards = len(plan.shards)
+    if num_shards == 0:
+        raise ProvenanceError(f"{layout.score_plan}: a plan of no shards; not a midrank score set")
     files = [layout.score_shard(s) for s in range(num_shards)]
     missing = [f.name for f in files if not f.is_file()]
     if missing:

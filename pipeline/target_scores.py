@@ -17,14 +17,15 @@ target tokens over the same span of the same record (its hash).
 from __future__ import annotations
 
 import dataclasses
+import glob
 from pathlib import Path
 
 import polars as pl
 
 from pipeline.artifacts import ProvenanceError
-from pipeline.config import Config
+from pipeline.config import BandConfig, Config, ConfigError, band_keys
 from pipeline.layout import Layout
-from pipeline.outputs import Provenance
+from pipeline.outputs import OutputError, Provenance, ScoresSummary
 from pipeline.scores import scan_scores, score_set
 
 TARGET_COLUMNS = ("nll_sum_target", "loss_target")
@@ -41,6 +42,40 @@ TARGET_RUN = "target"
 def target_layout(cfg: Config) -> Layout:
     """Where the target model's score set lives: target.out_dir, or <out_dir>/target."""
     return Layout(Path(cfg.target.out_dir) if cfg.target.out_dir else Path(cfg.out_dir) / "target")
+
+
+def uses_target(band: BandConfig, arm: str = "") -> bool:
+    """Whether a band (or compare arm) needs the target model's scores: it ranks or drops by
+    reducible, or (a length-matched control, `random_matched.reducible`) matches a band that does."""
+    return "reducible" in band_keys(band) or arm.endswith(".reducible")
+
+
+def has_target_scores(cfg: Config) -> bool:
+    """Whether the target score set is complete (its summary is written once every shard is)."""
+    try:
+        ScoresSummary.read(target_layout(cfg).scores_summary)
+    except OutputError:
+        return False
+    return True
+
+
+def check_target_set(cfg: Config) -> None:
+    """target.paths name files that exist (checked before the fine-tune, under their own key)."""
+    if not cfg.target.paths:
+        where = (
+            f"the target scores in {target_layout(cfg).scores_dir} are read as they are; "
+            if cfg.target.out_dir
+            else ""
+        )
+        raise ConfigError(
+            f"target.paths: no target set to fine-tune on; {where}give the files of the target set "
+            "(`make target-set` builds the embedded one)"
+        )
+    missing = [pattern for pattern in cfg.target.paths if not glob.glob(pattern)]
+    if missing:
+        raise ConfigError(
+            f"target.paths: no file matches {', '.join(missing)} (`make target-set` builds data/target/)"
+        )
 
 
 def fine_tune_config(cfg: Config) -> Config:
@@ -88,13 +123,15 @@ def join_target(cfg: Config, scores: pl.LazyFrame, provenance: Provenance) -> tu
     target's (a band by reducible is selected again when either model changes). Every reference
     row must find its target row with the same tokens; an error names the first that does not."""
     layout = target_layout(cfg)
+    if not layout.score_plan.is_file():
+        raise ProvenanceError(
+            f"target.out_dir: {layout.scores_dir} holds no target model's scores; `midrank target` (make "
+            "target) fine-tunes the target model and scores the corpus with it"
+        )
     try:
         files, target = score_set(layout)
     except ProvenanceError as err:
-        raise ProvenanceError(
-            f"target.out_dir: {err}; `midrank target` (make target) fine-tunes the target model and scores "
-            "the corpus with it"
-        ) from None
+        raise ProvenanceError(f"target.out_dir: {err}") from None
     where = str(layout.scores_dir)
     check_same_samples(provenance, target, where)
     theirs = scan_scores(files).select(
@@ -114,9 +151,10 @@ def join_target(cfg: Config, scores: pl.LazyFrame, provenance: Provenance) -> tu
     )
     if bad:
         raise ProvenanceError(
-            f"{where}: {bad:,} scored samples have no score of the same tokens there (e.g. {example}); "
-            "a sample the target model could not score (a non-finite loss), or scores of another corpus: "
-            "score it again with `midrank target`"
+            f"{where}: {bad:,} scored samples have no score of the same tokens there (e.g. {example}): "
+            "scores of another corpus (score it again with `midrank target`), or a sample the target model "
+            "could not score (a non-finite loss, counted under `skipped` in its summary.json: leave the "
+            "sample out of the corpus, or score in float32)"
         )
     joined = joined.drop(*(f"_target_{c}" for c in SAME_ROW))
     both = dataclasses.replace(provenance, key=provenance.key | {"target": target.key}, target=target)
@@ -124,16 +162,15 @@ def join_target(cfg: Config, scores: pl.LazyFrame, provenance: Provenance) -> tu
 
 
 class ScoreViews:
-    """The reference model's scores for a band: joined to the target model's only when one of the
-    band's keys needs them (the join is made once), so a band by loss never depends on the target
-    model."""
+    """The reference model's scores for a band: joined to the target model's only when the band
+    needs them (the join is made once), so a band by loss never depends on the target model."""
 
     def __init__(self, cfg: Config, scores: pl.LazyFrame, provenance: Provenance):
         self.cfg, self.scores, self.provenance = cfg, scores, provenance
         self.joined: tuple[pl.LazyFrame, Provenance] | None = None
 
-    def for_keys(self, keys: set[str]) -> tuple[pl.LazyFrame, Provenance]:
-        if "reducible" not in keys:
+    def for_band(self, band: BandConfig) -> tuple[pl.LazyFrame, Provenance]:
+        if not uses_target(band):
             return self.scores, self.provenance
         if self.joined is None:
             self.joined = join_target(self.cfg, self.scores, self.provenance)

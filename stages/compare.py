@@ -44,6 +44,7 @@ from pipeline.locks import lock
 from pipeline.log import get_logger
 from pipeline.outputs import BandManifest, RunMetrics
 from pipeline.plots import plot_compare
+from pipeline.target_scores import has_target_scores, uses_target
 from stages import score, select, target, train
 
 
@@ -80,7 +81,8 @@ def run(cfg: Config) -> Path:
     if not cfg.train.eval_paths:
         raise ConfigError("train.eval_paths: compare needs a held-out set to evaluate every arm on")
     timer.timed("score", score.run, cfg)  # one scoring pass for every arm; nothing to do when finished
-    if cfg.target.paths and any(arm.endswith(".reducible") for arm in c.arms):
+    needs_target = any(uses_target(a.band, a.arm) for a in plan_arms(cfg))
+    if needs_target and not has_target_scores(cfg):  # made once; `midrank target` remakes or resumes it
         timer.timed("target", target.run, cfg)  # the reducible key's fine-tune and second scoring pass
     layout = Layout(cfg.out_dir)
     with lock(layout, f"compare-{c.name}"):

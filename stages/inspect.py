@@ -99,13 +99,19 @@ def load_scores(cfg: Config, layout: Layout) -> tuple[pl.LazyFrame, Provenance]:
     return scores, provenance
 
 
-def selected_bands(cfg: Config, layout: Layout) -> list[DrawnBand]:
-    bands = []
+def selected_bands(cfg: Config, layout: Layout, provenance: Provenance) -> list[DrawnBand]:
+    """The config's bands that are selected; a band selected from other scores than these (another
+    model, or another target model) is drawn with a warning."""
+    bands, log = [], get_logger()
+    current = [provenance.key, {k: v for k, v in provenance.key.items() if k != "target"}]
     for name in (b.resolved_name() for b in cfg.select.bands):
-        if layout.band(name).manifest.is_file():
-            bands.append(load_band(layout, name))
-        else:
-            get_logger().warning(f"band {name} is not selected yet (run `midrank select`); not drawn")
+        if not layout.band(name).manifest.is_file():
+            log.warning(f"band {name} is not selected yet (run `midrank select`); not drawn")
+            continue
+        band = load_band(layout, name)
+        if band.manifest.score_provenance.key not in current:
+            log.warning(f"band {name} was selected from other scores than these; run `midrank select` again")
+        bands.append(band)
     return bands
 
 
@@ -156,7 +162,7 @@ def run(cfg: Config) -> Path:
     layout = Layout(cfg.out_dir)
     with lock(layout, f"inspect-{cfg.inspect.name}"):
         scores, provenance = load_scores(cfg, layout)
-        bands = selected_bands(cfg, layout)
+        bands = selected_bands(cfg, layout, provenance)
         paths = layout.report(cfg.inspect.name)
         inputs_key = digest(
             {

@@ -37,12 +37,12 @@ from pipeline.band_staging import (
     selected_before,
     staged_folders,
 )
-from pipeline.config import BandConfig, Config, ConfigError, band_keys
+from pipeline.config import BandConfig, Config, ConfigError
 from pipeline.launcher import rank_and_world, shards_of_rank
 from pipeline.layout import Layout, part_files
 from pipeline.locks import lock
 from pipeline.log import get_logger
-from pipeline.outputs import Provenance
+from pipeline.outputs import BandManifest, Provenance
 from pipeline.records import ReadStats
 from pipeline.scores import check_corpus_unchanged, scan_scores, score_set
 from pipeline.sharding import ShardPlan, plan_shards, shard_records
@@ -66,6 +66,19 @@ def reference_lengths(band_cfg: BandConfig, layout: Layout, pending: dict[str, P
     )
 
 
+def matched_provenance(
+    band_cfg: BandConfig, layout: Layout, pending: dict[str, Pending], provenance: Provenance
+) -> Provenance:
+    """The provenance of the band a length_matched band matches (decided in this run, or selected
+    before), so that it is selected again whenever that band is (by reducible: with another
+    target model); `provenance` when there is none yet (reference_lengths then says so)."""
+    if band_cfg.match in pending:
+        return pending[band_cfg.match].provenance
+    if layout.band(band_cfg.match).manifest.is_file():
+        return BandManifest.read(layout.band(band_cfg.match).manifest).score_provenance
+    return provenance
+
+
 def bands_to_select(
     cfg: Config, layout: Layout, scores: pl.LazyFrame, provenance: Provenance
 ) -> dict[str, Pending]:
@@ -77,7 +90,9 @@ def bands_to_select(
     views = ScoreViews(cfg, scores, provenance)
     for band_cfg in cfg.select.bands:
         name = band_cfg.resolved_name()
-        band_scores, band_provenance = views.for_keys(band_keys(band_cfg))
+        band_scores, band_provenance = views.for_band(band_cfg)
+        if band_cfg.strategy == "length_matched":  # it depends on what the band it matches was decided on
+            band_provenance = matched_provenance(band_cfg, layout, pending, band_provenance)
         previous = selected_before(layout, name, band_cfg)
         if previous is not None:
             if previous.score_provenance.key == band_provenance.key:

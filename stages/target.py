@@ -15,18 +15,31 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import Config, ConfigError
+from pipeline.layout import Layout
 from pipeline.log import get_logger
-from pipeline.target_scores import fine_tune_config, target_layout, target_scoring_config
+from pipeline.target_scores import (
+    TARGET_RUN,
+    check_target_set,
+    fine_tune_config,
+    target_layout,
+    target_scoring_config,
+)
+from pipeline.train_run import finished_run, training_data
 from stages import score, train
 
 
 def run(cfg: Config) -> Path:
-    if not cfg.target.paths:
+    check_target_set(cfg)
+    fine_tune, layout = fine_tune_config(cfg), Layout(cfg.out_dir)
+    paths = layout.train_run(TARGET_RUN)
+    try:  # the run's own check, with the way out that fits here (its name is not the user's to change)
+        finished_run(paths, fine_tune, layout, training_data(fine_tune, layout))
+    except ConfigError:
         raise ConfigError(
-            "target.paths: no target set to fine-tune on; give its files (`make target-set` builds the "
-            "embedded one), or point target.out_dir at a target model's scores made elsewhere"
-        )
-    trained = train.run(fine_tune_config(cfg))
+            f"target: {paths.dir} holds a target model made under other settings (train.*, model.* and "
+            f"target.* decide it); delete it and {target_layout(cfg).out_dir} to make it again"
+        ) from None
+    trained = train.run(fine_tune)
     get_logger().info(f"target: the fine-tuned model is in {trained}/model; scoring the corpus with it")
     score.run(target_scoring_config(cfg))
     scores = target_layout(cfg).scores_dir
