@@ -17,13 +17,14 @@ mojibake, markup soup, numeric tables, a rarely seen script, character noise, an
 sources). The multi-key rows drop the union of several keys' tops (`drop_top`), nothing else.
 Scored through the `score` stage (the config's model, max_tokens and dtype) into `--out`, then
 ranked with the select stage's own `decide` for each key. With the config's target set
-(target.paths) the target model is made the way `midrank target` makes it, in `--out`, and the
-reducible rows rank by both models.
+(target.paths) the target model is made the way `midrank target` makes it, in `--out` (or
+`--target-model` names one made already), and the reducible rows rank by both models.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -39,7 +40,7 @@ from pipeline.codec import parse_json  # noqa: E402
 from pipeline.config import BandConfig, DropTop, load_config  # noqa: E402
 from pipeline.layout import Layout  # noqa: E402
 from pipeline.scores import scan_scores, score_set  # noqa: E402
-from pipeline.target_scores import join_target  # noqa: E402
+from pipeline.target_scores import join_target, target_layout  # noqa: E402
 from stages import score, target  # noqa: E402
 
 RULES = {
@@ -187,6 +188,11 @@ def main() -> None:
     # 10% a top band drops, so a key that ranks every junk document above the real ones catches all
     parser.add_argument("--garbage", type=int, default=6, help="documents of each garbage kind")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--target-model",
+        help="the target model of the reducible rows, made already (runs/<preset>/train/target/model); "
+        "default: fine-tuned here on the config's target.paths",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +210,11 @@ def main() -> None:
     files, provenance = score_set(Layout(cfg.out_dir))
     scores = scan_scores(files)
     rules = RULES
-    if cfg.target.paths:  # the reducible rows: the config's target recipe, scoring the mixed corpus
+    if args.target_model:  # a target model made already (`make target`): only its scoring pass
+        model = dataclasses.replace(cfg.model, path=args.target_model)
+        score.run(dataclasses.replace(cfg, out_dir=str(target_layout(cfg).out_dir), model=model))
+        scores, _ = join_target(cfg, scores, provenance)
+    elif cfg.target.paths:  # the reducible rows: the config's target recipe, scoring the mixed corpus
         target.run(cfg)
         scores, _ = join_target(cfg, scores, provenance)
     else:
