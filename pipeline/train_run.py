@@ -149,3 +149,11 @@ class RunPlan:
     paths: RunPaths
     data: TrainingData
     precision: str
+
+
+def drop_checkpoints(layout: Layout, paths: RunPaths) -> None:
+    """A finished run's checkpoints, which serve only a resume (model/ holds its weights): the
+    compositions of stages that train many runs (compare's arms, the target model) drop them, at
+    ~3x the model's size each."""
+    if rank_and_world()[0] == 0 and paths.metrics.is_file() and paths.checkpoints.exists():
+        layout.remove(paths.checkpoints)

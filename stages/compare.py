@@ -45,6 +45,7 @@ from pipeline.log import get_logger
 from pipeline.outputs import BandManifest, RunMetrics
 from pipeline.plots import plot_compare
 from pipeline.target_scores import has_target_scores, uses_target
+from pipeline.train_run import drop_checkpoints
 from stages import score, select, target, train
 
 
@@ -100,6 +101,7 @@ def run(cfg: Config) -> Path:
                 f"compare: run {index}/{len(arms)}: {arm_cfg.train.name} ({arm.objective} on {arm.band.resolved_name()})"
             )
             timer.timed("train", train.run, arm_cfg)
+            drop_checkpoints(layout, layout.train_run(arm_cfg.train.name))
             runs[arm.key()] = RunMetrics.read(layout.train_run(arm_cfg.train.name).metrics)
         evals = {"base": cached_evaluation(cfg, Path(cfg.model.path), "base", timer.timed)}
         for arm in arms:

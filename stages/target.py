@@ -24,7 +24,7 @@ from pipeline.target_scores import (
     target_layout,
     target_scoring_config,
 )
-from pipeline.train_run import finished_run, training_data
+from pipeline.train_run import drop_checkpoints, finished_run, training_data
 from stages import score, train
 
 
@@ -40,6 +40,7 @@ def run(cfg: Config) -> Path:
             f"target.* decide it); delete it and {target_layout(cfg).out_dir} to make it again"
         ) from None
     trained = train.run(fine_tune)
+    drop_checkpoints(layout, paths)
     get_logger().info(f"target: the fine-tuned model is in {trained}/model; scoring the corpus with it")
     score.run(target_scoring_config(cfg))
     scores = target_layout(cfg).scores_dir
