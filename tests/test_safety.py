@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import polars as pl
+import psutil
 import pytest
 
 from pipeline.artifacts import ProvenanceError
@@ -108,9 +109,17 @@ def test_a_second_score_run_stops_and_the_first_loses_nothing(slow_config, tmp_p
     else:
         running = torchrun_process("score", "--config", str(slow_config), nproc=2)
     wait_until_a_shard_is_locked(layout, running)
-    # glibc's malloc: no re-execution under jemalloc, so the second run reaches the locks at once
-    second = midrank("score", "--config", str(slow_config), "model.cpu_allocator=system")
-    second_output = second.stdout.read()
+    # the first run (torchrun and its workers, each in a session of its own) is paused while the
+    # second starts, so that it cannot finish first on a busy machine: its locks stay held
+    first = [psutil.Process(running.pid), *psutil.Process(running.pid).children(recursive=True)]
+    for process in first:
+        process.suspend()
+    try:
+        second = midrank("score", "--config", str(slow_config), "model.cpu_allocator=system")
+        second_output = second.stdout.read()
+    finally:
+        for process in first:
+            process.resume()
     assert second.wait() == 2 and "another run holds" in second_output, second_output
     assert running.wait() == 0, running.stdout.read()
     scores = pl.read_parquet(layout.scores_dir / "part-*.parquet")
