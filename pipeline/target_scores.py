@@ -23,7 +23,7 @@ from pathlib import Path
 import polars as pl
 
 from pipeline.artifacts import ProvenanceError
-from pipeline.config import BandConfig, Config, ConfigError, band_keys
+from pipeline.config import BandConfig, Config, ConfigError, TrainConfig, band_keys
 from pipeline.layout import Layout
 from pipeline.outputs import OutputError, Provenance, ScoresSummary
 from pipeline.scores import scan_scores, score_set
@@ -35,6 +35,8 @@ SAME_ROW = ("n_tokens", "char_start", "char_end", "record_hash")
 MODEL_ONLY = ("weights_sha256", "tokenizer_sha256", "dtype", "unconditional_prefix")
 """Provenance key entries that may differ between the two score sets (all others decide which
 samples there are); the tokens are compared per row (SAME_ROW)."""
+UNREAD_BY_THE_FINE_TUNE = ("band", "kl_reg", "gather_losses", "skip", "keep", "logging_steps")
+"""Train settings of other objectives, other data or the log only."""
 TARGET_RUN = "target"
 """The fine-tune's training run under <out_dir>/train/."""
 
@@ -80,9 +82,13 @@ def check_target_set(cfg: Config) -> None:
 
 def fine_tune_config(cfg: Config) -> Config:
     """The `train` stage's config of the fine-tune: the reference model on target.paths, for
-    target.max_steps at target.learning_rate; batches, lengths and precision as train's."""
+    target.max_steps at target.learning_rate; batches, lengths, precision, checkpoints and the
+    held-out set as train's. Settings a uniform fine-tune on files never reads are left at their
+    defaults, so that changing them for other runs does not make this one another run."""
+    unread = {name: getattr(TrainConfig(), name) for name in UNREAD_BY_THE_FINE_TUNE}
     train = dataclasses.replace(
         cfg.train,
+        **unread,
         name=TARGET_RUN,
         data_paths=cfg.target.paths,
         objective="uniform",

@@ -20,7 +20,7 @@ import polars as pl
 
 from pipeline.artifacts import NoScoresError, digest, write_text_atomic
 from pipeline.codec import encode
-from pipeline.config import Config, band_keys, save_config, to_dict
+from pipeline.config import Config, save_config, to_dict
 from pipeline.histograms import quantiles
 from pipeline.layout import Layout, ReportPaths
 from pipeline.locks import lock
@@ -30,7 +30,7 @@ from pipeline.report import render_report
 from pipeline.report_examples import EXAMPLE_COLUMNS, KEY_COLUMNS, examples_by_band
 from pipeline.report_figures import LOSS, DrawnBand, draw_figures, load_band
 from pipeline.scores import scan_scores, score_set
-from pipeline.target_scores import TARGET_COLUMNS, join_target
+from pipeline.target_scores import TARGET_COLUMNS, join_target, uses_target
 
 
 def source_table(scores: pl.LazyFrame, top_decile: float) -> list[dict[str, Any]]:
@@ -88,7 +88,7 @@ def load_scores(cfg: Config, layout: Layout) -> tuple[pl.LazyFrame, Provenance]:
     model's when a band ranks by reducible; an empty set is an error."""
     files, provenance = score_set(layout)
     scores, columns = scan_scores(files), [*EXAMPLE_COLUMNS, *KEY_COLUMNS]
-    if any("reducible" in band_keys(band) for band in cfg.select.bands):
+    if any(uses_target(band) for band in cfg.select.bands):
         scores, provenance = join_target(cfg, scores, provenance)
         columns += TARGET_COLUMNS
     scores = scores.select(columns)
@@ -109,7 +109,12 @@ def selected_bands(cfg: Config, layout: Layout, provenance: Provenance) -> list[
             log.warning(f"band {name} is not selected yet (run `midrank select`); not drawn")
             continue
         band = load_band(layout, name)
-        if band.manifest.score_provenance.key not in current:
+        key = band.manifest.score_provenance.key
+        if not uses_target(
+            band.manifest.parameters
+        ):  # a control matched to a reducible band: its target unread here
+            key = {k: v for k, v in key.items() if k != "target"}
+        if key not in current:
             log.warning(f"band {name} was selected from other scores than these; run `midrank select` again")
         bands.append(band)
     return bands
