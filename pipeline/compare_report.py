@@ -68,9 +68,9 @@ def selection_cost(cfg: Config, arm: Arm) -> int | None:
     held-out evaluation not counted) and its scoring pass. None where the fine-tune is unknown
     (target scores made elsewhere)."""
     band = arm.band
-    if band.strategy == "all" or not (
-        band.strategy != "random" or band.drop_top.shares() or band.min_tokens or band.weights
-    ):
+    if band.strategy == "all":
+        return 0
+    if band.strategy == "random" and not (band.drop_top.shares() or band.min_tokens or band.weights):
         return 0
     layout = Layout(cfg.out_dir)
     cost = ScoresSummary.read(layout.scores_summary).tokens

@@ -169,10 +169,9 @@ def draw_figures(scores: pl.LazyFrame, bands: list[DrawnBand], icfg, sources: li
         "Loss against length (scored tokens), with the median loss at each length (rank_by=length_adjusted "
         "subtracts it) and the bands ranked by loss"
     )
-    names = scores.collect_schema().names()
     if scores.select(pl.col("nll_sum_uncond").is_not_null().any()).collect().item() is True:
         images |= draw_paired_losses(scores, bands, icfg, work, WITHOUT_PROMPT)
-    if "loss_target" in names:
+    if "loss_target" in scores.collect_schema().names():
         images |= draw_paired_losses(scores, bands, icfg, work, REFERENCE_AND_TARGET)
     for band in bands:
         if band.key == "loss":

@@ -2,7 +2,7 @@
 `reducible` rank key (pipeline/rank_keys.py; docs/reducible.md).
 
     views = ScoreViews(cfg, scan_scores(files), provenance)
-    scores, provenance = views.for_keys(band_keys(band))   # joined only when a key needs it
+    scores, provenance = views.for_band(band)   # joined only when the band needs it (uses_target)
 
 The target model is the reference model fine-tuned on the target set (`midrank target`: the
 `train` stage on target.paths, then the `score` stage with the fine-tuned model into
@@ -50,6 +50,12 @@ def uses_target(band: BandConfig, arm: str = "") -> bool:
     """Whether a band (or compare arm) needs the target model's scores: it ranks or drops by
     reducible, or (a length-matched control, `random_matched.reducible`) matches a band that does."""
     return "reducible" in band_keys(band) or arm.endswith(".reducible")
+
+
+def without_target(key: dict) -> dict:
+    """A provenance key without the target model's entry: what a band that reads only the
+    reference's scores depends on."""
+    return {name: value for name, value in key.items() if name != "target"}
 
 
 def has_target_scores(cfg: Config) -> bool:

@@ -82,12 +82,13 @@ def run(cfg: Config) -> Path:
     if not cfg.train.eval_paths:
         raise ConfigError("train.eval_paths: compare needs a held-out set to evaluate every arm on")
     timer.timed("score", score.run, cfg)  # one scoring pass for every arm; nothing to do when finished
-    needs_target = any(uses_target(a.band, a.arm) for a in plan_arms(cfg))
-    if needs_target and not has_target_scores(cfg):  # made once; `midrank target` remakes or resumes it
+    arms = plan_arms(cfg)
+    if any(uses_target(a.band, a.arm) for a in arms) and not has_target_scores(
+        cfg
+    ):  # made once; `midrank target` remakes or resumes it
         timer.timed("target", target.run, cfg)  # the reducible key's fine-tune and second scoring pass
     layout = Layout(cfg.out_dir)
     with lock(layout, f"compare-{c.name}"):
-        arms = plan_arms(cfg)
         sets = timer.timed("select", select_sets, cfg, arms)
         budget = token_budget(cfg, sets, arms)
         steps = budget // c.tokens_per_step
@@ -101,8 +102,9 @@ def run(cfg: Config) -> Path:
                 f"compare: run {index}/{len(arms)}: {arm_cfg.train.name} ({arm.objective} on {arm.band.resolved_name()})"
             )
             timer.timed("train", train.run, arm_cfg)
-            drop_checkpoints(layout, layout.train_run(arm_cfg.train.name))
-            runs[arm.key()] = RunMetrics.read(layout.train_run(arm_cfg.train.name).metrics)
+            run_paths = layout.train_run(arm_cfg.train.name)
+            drop_checkpoints(layout, run_paths)
+            runs[arm.key()] = RunMetrics.read(run_paths.metrics)
         evals = {"base": cached_evaluation(cfg, Path(cfg.model.path), "base", timer.timed)}
         for arm in arms:
             model_dir = layout.train_run(arm.run_name(c.name)).model

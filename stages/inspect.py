@@ -30,7 +30,7 @@ from pipeline.report import render_report
 from pipeline.report_examples import EXAMPLE_COLUMNS, KEY_COLUMNS, examples_by_band
 from pipeline.report_figures import LOSS, DrawnBand, draw_figures, load_band
 from pipeline.scores import scan_scores, score_set
-from pipeline.target_scores import TARGET_COLUMNS, join_target, uses_target
+from pipeline.target_scores import TARGET_COLUMNS, join_target, uses_target, without_target
 
 
 def source_table(scores: pl.LazyFrame, top_decile: float) -> list[dict[str, Any]]:
@@ -103,17 +103,16 @@ def selected_bands(cfg: Config, layout: Layout, provenance: Provenance) -> list[
     """The config's bands that are selected; a band selected from other scores than these (another
     model, or another target model) is drawn with a warning."""
     bands, log = [], get_logger()
-    current = [provenance.key, {k: v for k, v in provenance.key.items() if k != "target"}]
+    current = [provenance.key, without_target(provenance.key)]
     for name in (b.resolved_name() for b in cfg.select.bands):
         if not layout.band(name).manifest.is_file():
             log.warning(f"band {name} is not selected yet (run `midrank select`); not drawn")
             continue
         band = load_band(layout, name)
         key = band.manifest.score_provenance.key
-        if not uses_target(
-            band.manifest.parameters
-        ):  # a control matched to a reducible band: its target unread here
-            key = {k: v for k, v in key.items() if k != "target"}
+        # a control matched to a reducible band carries a target its rows never read
+        if not uses_target(band.manifest.parameters):
+            key = without_target(key)
         if key not in current:
             log.warning(f"band {name} was selected from other scores than these; run `midrank select` again")
         bands.append(band)

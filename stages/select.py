@@ -90,8 +90,9 @@ def bands_to_select(
     views = ScoreViews(cfg, scores, provenance)
     for band_cfg in cfg.select.bands:
         name = band_cfg.resolved_name()
+        length_matched = band_cfg.strategy == "length_matched"
         band_scores, band_provenance = views.for_band(band_cfg)
-        if band_cfg.strategy == "length_matched":  # it depends on what the band it matches was decided on
+        if length_matched:  # it depends on what the band it matches was decided on
             band_provenance = matched_provenance(band_cfg, layout, pending, band_provenance)
         previous = selected_before(layout, name, band_cfg)
         if previous is not None:
@@ -99,7 +100,6 @@ def bands_to_select(
                 log.info(f"{name}: already selected, nothing to do")
                 continue
             log.info(f"{name}: the scores were recomputed since this band was selected; selecting again")
-        length_matched = band_cfg.strategy == "length_matched"
         reference = reference_lengths(band_cfg, layout, pending) if length_matched else None
         decision = decide(band_scores, band_cfg, str(layout.scores_dir), reference)
         summary = summarize(decision.rows, band_cfg.rank_by)
