@@ -858,7 +858,9 @@ class Config:
         uses_target = [b.resolved_name() for b in self.select.bands if "reducible" in band_keys(b)]
         uses_target += [arm for arm in self.compare.arms if arm.endswith(".reducible")]
         dropped_arms = [arm for arm in self.compare.arms if arm.partition(".")[0].endswith("_dropped")]
-        uses_target += dropped_arms if self.compare.drop_top.reducible else []
+        uses_target += [
+            f"{a} by compare.drop_top.reducible" for a in dropped_arms if self.compare.drop_top.reducible
+        ]
         _require(
             not uses_target or bool(self.target.paths or self.target.out_dir),
             "target.paths",

@@ -83,9 +83,10 @@ def run(cfg: Config) -> Path:
         raise ConfigError("train.eval_paths: compare needs a held-out set to evaluate every arm on")
     timer.timed("score", score.run, cfg)  # one scoring pass for every arm; nothing to do when finished
     arms = plan_arms(cfg)
-    if any(uses_target(a.band, a.arm) for a in arms) and not has_target_scores(
-        cfg
-    ):  # made once; `midrank target` remakes or resumes it
+    # A target model made here is brought in line with target.* on every run (nothing to do when
+    # finished, refused when its recipe changed); scores made elsewhere are taken as they are.
+    make_target = not cfg.target.out_dir or not has_target_scores(cfg)
+    if make_target and any(uses_target(a.band, a.arm) for a in arms):
         timer.timed("target", target.run, cfg)  # the reducible key's fine-tune and second scoring pass
     layout = Layout(cfg.out_dir)
     with lock(layout, f"compare-{c.name}"):

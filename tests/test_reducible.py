@@ -2,6 +2,7 @@
 target` (a real fine-tune and a real second score set), each sample's key against two fp32 forward
 passes of its own, and the join's refusals (other samples, a missing row, no target scores)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data import build_corpus, build_target, build_tasks
 from pipeline.artifacts import ProvenanceError
+from pipeline.compare_arms import plan_arms
+from pipeline.compare_report import selection_cost
 from pipeline.config import ConfigError, load_config
 from pipeline.layout import Layout
 from pipeline.outputs import BandManifest
@@ -127,6 +130,8 @@ def test_the_reducible_key_needs_a_target(tmp_path, tiny_model_dir):
         load_config(path, ["compare.arms=[random,top.reducible]"])
     with pytest.raises(ConfigError, match=r"target.paths: no target set to fine-tune on"):
         target.run(load_config(path))
+    with pytest.raises(ConfigError, match=r"target.paths: .*compare.drop_top.reducible"):
+        load_config(path, ["compare.arms=[random,random_dropped]", "compare.drop_top.reducible=0.1"])
 
 
 def test_the_target_set_is_kept_apart_from_the_corpus_and_every_task(tmp_path):
@@ -175,6 +180,8 @@ def test_a_band_matched_to_a_reducible_band_follows_the_target_model(reducible_r
     other = path.parent / "other"
     score.run(load_config(path, [f"out_dir={other}"]))  # the reference itself as a "target": reducible 0
     cfg = load_config(path, [bands, f"target.out_dir={other}"])
+    inspect.run(cfg)  # before selecting again: r warned of as stale; m reads no target, so not m
+    assert "band r was selected from other scores" in caplog.text and "band m was" not in caplog.text
     select.run(cfg)
     layout = Layout(cfg.out_dir)
     for name in ("r", "m"):
@@ -198,17 +205,16 @@ def test_compare_makes_the_target_model_and_counts_what_choosing_cost(tmp_path, 
     target_set = tmp_path / "target.jsonl"
     target_set.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(8, seed=7)))
     extra = f"target:\n  paths: [{target_set}]\n  max_steps: 2\n"
-    cfg = load_config(
-        write_config(tmp_path, corpus, tiny_model_dir, extra),
-        [
-            f"train.eval_paths=[{heldout}]",
-            "train.precision=fp32",
-            "train.warmup_steps=0",
-            "compare.arms=[random, top.reducible, random_matched.reducible]",
-            "compare.keep=0.3",
-            "compare.tokens_per_step=128",
-        ],
-    )
+    path = write_config(tmp_path, corpus, tiny_model_dir, extra)
+    overrides = [
+        f"train.eval_paths=[{heldout}]",
+        "train.precision=fp32",
+        "train.warmup_steps=0",
+        "train.save_steps=1",  # checkpoints to drop
+        "compare.keep=0.3",
+        "compare.tokens_per_step=128",
+    ]
+    cfg = load_config(path, [*overrides, "compare.arms=[random, top.reducible, random_matched.reducible]"])
     results = json.loads((compare.run(cfg) / "results.json").read_text())
     costs = {row["arm"]: row["selection_tokens"] for row in results["training"]}
     out = Path(cfg.out_dir)
@@ -218,3 +224,16 @@ def test_compare_makes_the_target_model_and_counts_what_choosing_cost(tmp_path, 
     assert costs["random"] == 0
     assert costs["top.reducible"] == costs["random_matched.reducible"] == scored + rescored + 3 * fine_tune
     assert fine_tune > 0 and rescored == scored
+    assert [run for run in (out / "train").iterdir() if (run / "checkpoints").exists()] == []  # models alone
+    # the whole corpus costs nothing to choose; target scores made elsewhere, an unknown fine-tune
+    other = out.parent / "elsewhere"
+    score.run(dataclasses.replace(cfg, out_dir=str(other)))
+    elsewhere = load_config(
+        path,
+        [*overrides, "compare.arms=[all, top.reducible]", "compare.reference=all", f"target.out_dir={other}"],
+    )
+    assert [selection_cost(elsewhere, arm) for arm in plan_arms(elsewhere)] == [0, None]
+    # a changed recipe is refused before any arm, not trained on the old target model's scores
+    changed = load_config(path, [*overrides, "compare.arms=[random, top.reducible]", "target.max_steps=3"])
+    with pytest.raises(ConfigError, match=r"holds a target model made under other settings.*delete it"):
+        compare.run(changed)
