@@ -115,9 +115,10 @@ demo-instruct: $(STAMP) instruct model
 # The paper's experiment in miniature: every arm (the preset's: random, a second random draw, a random
 # sample matched to MidRanking's sources and lengths, MidRanking) trains the same token budget; held-out
 # and out-of-distribution loss against random, one 95% interval per contrast over seeds and documents,
-# verdicts -> $(out_dir)/reports/compare/ (ARGS="compare.seeds=[0,1,2,3,4]" for intervals and verdicts)
+# verdicts -> $(out_dir)/reports/compare/ (ARGS="compare.seeds=[0,1,2,3,4]" for intervals and verdicts);
+# the target set is built when ARGS name a reducible arm (a config's own: `make target-set` first)
 TASKS ?= tasks
-compare: $(STAMP) $(INPUTS) $(TASKS) $(TARGET_SET)
+compare: $(STAMP) $(INPUTS) $(TASKS) $(if $(findstring reducible,$(ARGS)),$(TARGET_SET))
 	$(VENV)/bin/midrank compare --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)

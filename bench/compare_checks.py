@@ -1,13 +1,15 @@
 """Checks of a finished `midrank compare` run that its report does not print: are the arms'
-training sets independent draws, does the interval hold its level on this run's own numbers, and
-(on the noisy preset, given its labels) how much junk each arm trained on?
+training sets independent draws, which sources do they hold, does the interval hold its level on
+this run's own numbers, and (on the noisy preset, given its labels) how much junk each arm's set holds?
 
     .venv/bin/python bench/compare_checks.py                                  # the embedded default
     .venv/bin/python bench/compare_checks.py --config configs/tiny.yaml \\
         --arms random,random_replicate                                        # after the tiny compare
 
-Overlap: per seed, the share of each arm's training tokens that the reference arm's set of the
-same seed also holds, against chance (the reference set's share of all scored tokens).
+Overlap: per seed, the share of each arm's set tokens that the reference arm's set of the same
+seed also holds, against chance (the reference set's share of all scored tokens).
+
+Sources: each arm's set tokens by source, its seeds' sets pooled, beside the corpus's.
 
 Re-randomization: the runs of the reference and the A/A arm (`random_replicate`) are draws of one
 distribution, so every split of them into two groups of the seeds' size is an A/A experiment.
@@ -57,7 +59,7 @@ def overlap(cfg, arms: list[str], seeds: list[int]) -> None:
         )
 
     reference = cfg.compare.reference
-    print(f"share of each arm's training tokens also in `{reference}`'s set of the same seed")
+    print(f"share of each arm's set tokens also in `{reference}`'s set of the same seed")
     print("| seed | " + " | ".join(arms) + " | chance |\n|---|" + "---|" * (len(arms) + 1))
     for seed in seeds:
         ref = tokens(reference, seed)
@@ -69,11 +71,29 @@ def overlap(cfg, arms: list[str], seeds: list[int]) -> None:
         print(f"| {seed} | " + " | ".join(cells) + f" | {ref['n_tokens'].sum() / total:.1%} |")
 
 
+def source_mix(cfg, arms: list[str], seeds: list[int]) -> None:
+    layout = Layout(cfg.out_dir)
+    columns = ["source", "n_tokens"]
+    shares = {}
+    for arm in [cfg.compare.reference, *arms]:
+        bands = {arm_setup(cfg, arm, seed)[0].resolved_name() for seed in seeds}  # one, if not drawn
+        sets = pl.concat([pl.read_parquet(part_files(layout.band(b).dir), columns=columns) for b in bands])
+        shares[arm] = sets.group_by("source").agg(pl.col("n_tokens").sum() / sets["n_tokens"].sum())
+    corpus = scan_scores(score_files(layout)).select(columns).collect()
+    shares["the corpus"] = corpus.group_by("source").agg(pl.col("n_tokens").sum() / corpus["n_tokens"].sum())
+    sources = sorted(corpus["source"].unique())
+    print("\nshare of each arm's set tokens by source (its seeds' sets pooled; the corpus last)")
+    print("| arm | " + " | ".join(sources) + " |\n|---|" + "---|" * len(sources))
+    for arm, share in shares.items():
+        of = dict(share.iter_rows())
+        print(f"| {arm} | " + " | ".join(f"{of.get(source, 0):.0%}" for source in sources) + " |")
+
+
 def junk_dose(cfg, arms: list[str], seeds: list[int], labels: Path) -> None:
     layout = Layout(cfg.out_dir)
     kinds = pl.read_ndjson(labels).select("sample_id", "kind")
     arms = [cfg.compare.reference, *arms]
-    print("\nshare of each arm's training tokens that are generated junk (the corpus's share last)")
+    print("\nshare of each arm's set tokens that are generated junk (the corpus's share last)")
     scores = scan_scores(score_files(layout)).collect().join(kinds, on="sample_id", how="left")
     unlabelled = scores["kind"].null_count()
     if unlabelled:
@@ -161,6 +181,7 @@ def main() -> None:
     cfg = load_config(Path(args.config), args.overrides)
     seeds = list(cfg.compare.seeds)
     overlap(cfg, args.arms.split(","), seeds)
+    source_mix(cfg, args.arms.split(","), seeds)
     if args.labels:
         junk_dose(cfg, args.arms.split(","), seeds, args.labels)
     if len(seeds) >= 2 and "random_replicate" in cfg.compare.arms:

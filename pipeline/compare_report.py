@@ -127,7 +127,18 @@ def training_rows(
                 "selection_tokens": selection_cost(cfg, mine[0]),
             }
         )
+    base = total_compute(next(row for row in rows if row["arm"] == cfg.compare.reference))
+    for row in rows:
+        mine = total_compute(row)
+        row["compute_ratio"] = None if mine is None or not base else mine / base
     return rows
+
+
+def total_compute(row: dict) -> float | None:
+    """Forward-pass tokens an arm spent in all: its training's and its selection's (None: unknown)."""
+    if row["selection_tokens"] is None or row["trained_tokens"] is None:
+        return None
+    return (1 + BACKWARD) * row["trained_tokens"] + row["selection_tokens"]
 
 
 def report(
@@ -163,7 +174,9 @@ def report(
         descriptive_table(rows, "task ", c.reference, "**task accuracy** (points)"),
         "Selection cost: forward-pass tokens spent choosing the set, not part of the equal training "
         f"budget (training costs {1 + BACKWARD}x its trained tokens): the reference model's scoring "
-        "pass; for the reducible key also the target model's fine-tune and scoring pass. "
+        "pass; for the reducible key also the target model's fine-tune and scoring pass. Compute in "
+        "all: training and selection together, as a multiple of the reference arm's (the arms are "
+        "equal in training compute only). "
         "Change from start: the arm's trained models minus the starting model, mean over seeds. "
         "Difference: the arm's mean over its seeds minus the other arm's (each run an independent "
         "draw). 95% CI: Student-t with Satterthwaite's df over both the run-to-run and the "

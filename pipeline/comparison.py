@@ -427,7 +427,7 @@ def training_table(training: list[dict[str, Any]]) -> str:
     header = [
         "arm", "training set", "objective", "set tokens", "steps", "trained tokens", "distinct tokens",
         "samples seen", "mean sample tokens", "positions", "attention ΣL² (M)", "effective samples / batch",
-        "selection cost (forward tokens)",
+        "selection cost (forward tokens)", "compute in all (x reference)",
     ]  # fmt: skip
 
     def number(x: Any, fmt: str) -> str:
@@ -448,6 +448,7 @@ def training_table(training: list[dict[str, Any]]) -> str:
             number(None if t["attention"] is None else t["attention"] / 1e6, ",.2f"),
             f"{number(t['effective_samples'], '.1f')} of {number(t['batch_samples'], '.1f')}",
             number(t.get("selection_tokens"), ",.0f"),
+            number(t.get("compute_ratio"), ".2f"),
         ]
         for t in training
     ]

@@ -25,7 +25,7 @@ from pipeline.histograms import quantiles
 from pipeline.layout import Layout, ReportPaths
 from pipeline.locks import lock
 from pipeline.log import get_logger
-from pipeline.outputs import BandExcerpt, OutputError, Provenance, ReportBand, ReportSummary
+from pipeline.outputs import BandExcerpt, BandManifest, OutputError, Provenance, ReportBand, ReportSummary
 from pipeline.report import render_report
 from pipeline.report_examples import EXAMPLE_COLUMNS, KEY_COLUMNS, examples_by_band
 from pipeline.report_figures import LOSS, DrawnBand, draw_figures, load_band
@@ -103,17 +103,21 @@ def selected_bands(cfg: Config, layout: Layout, provenance: Provenance) -> list[
     """The config's bands that are selected; a band selected from other scores than these (another
     model, or another target model) is drawn with a warning."""
     bands, log = [], get_logger()
-    current = [provenance.key, without_target(provenance.key)]
     for name in (b.resolved_name() for b in cfg.select.bands):
         if not layout.band(name).manifest.is_file():
             log.warning(f"band {name} is not selected yet (run `midrank select`); not drawn")
             continue
         band = load_band(layout, name)
-        key = band.manifest.score_provenance.key
-        # a control matched to a reducible band carries a target its rows never read
-        if not uses_target(band.manifest.parameters):
-            key = without_target(key)
-        if key not in current:
+        # a length-matched control is decided on the scores of the band it matches (with the
+        # target model's when that band ranks by reducible), as select decides it
+        decided_on = band.manifest.parameters
+        matched = layout.band(decided_on.match).manifest if decided_on.strategy == "length_matched" else None
+        if matched is not None and matched.is_file():
+            decided_on = BandManifest.read(matched).parameters
+        made, current = band.manifest.score_provenance.key, provenance.key
+        if not (uses_target(decided_on) and "target" in current):  # the target not read, or not joined
+            made, current = without_target(made), without_target(current)
+        if made != current:
             log.warning(f"band {name} was selected from other scores than these; run `midrank select` again")
         bands.append(band)
     return bands

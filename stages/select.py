@@ -62,7 +62,7 @@ def reference_lengths(band_cfg: BandConfig, layout: Layout, pending: dict[str, P
         return parts.group_by(cells).agg(by_length).collect()
     raise ConfigError(
         f"select.bands: {band_cfg.resolved_name()} matches band {band_cfg.match!r}, which is not selected; "
-        "list that band before it"
+        "add that band to select.bands"
     )
 
 
@@ -88,7 +88,10 @@ def bands_to_select(
     log = get_logger()
     pending = {}
     views = ScoreViews(cfg, scores, provenance)
-    for band_cfg in cfg.select.bands:
+    # a length-matched band after the band it matches, wherever it is listed: it is decided on
+    # that band's rows, and selected again whenever that band is
+    matched_last = sorted(cfg.select.bands, key=lambda b: b.strategy == "length_matched")
+    for band_cfg in matched_last:
         name = band_cfg.resolved_name()
         length_matched = band_cfg.strategy == "length_matched"
         band_scores, band_provenance = views.for_band(band_cfg)

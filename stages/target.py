@@ -12,11 +12,13 @@ a composition of stages, so it calls their `run` directly.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from pipeline.config import Config, ConfigError
-from pipeline.layout import Layout
+from pipeline.layout import Layout, RunPaths
 from pipeline.log import get_logger
+from pipeline.outputs import OutputError, RunMetrics
 from pipeline.target_scores import (
     TARGET_RUN,
     check_target_set,
@@ -24,20 +26,34 @@ from pipeline.target_scores import (
     target_layout,
     target_scoring_config,
 )
-from pipeline.train_run import drop_checkpoints, finished_run, training_data
+from pipeline.train_run import NOT_WEIGHTS, drop_checkpoints, finished_run, training_data
 from stages import score, train
+
+
+def as_made(fine_tune: Config, paths: RunPaths) -> Config:
+    """The fine-tune's config with the settings that do not decide its weights (its held-out set,
+    checkpoints: NOT_WEIGHTS) as a finished fine-tune had them, so that changing them for other runs
+    leaves the target model as it is."""
+    try:
+        made = RunMetrics.read(paths.metrics).config.train
+    except OutputError:  # not finished (or unreadable: finished_run says so)
+        return fine_tune
+    kept = {name: getattr(made, name) for name in NOT_WEIGHTS}
+    return dataclasses.replace(fine_tune, train=dataclasses.replace(fine_tune.train, **kept))
 
 
 def run(cfg: Config) -> Path:
     check_target_set(cfg)
-    fine_tune, layout = fine_tune_config(cfg), Layout(cfg.out_dir)
+    layout = Layout(cfg.out_dir)
     paths = layout.train_run(TARGET_RUN)
+    fine_tune = as_made(fine_tune_config(cfg), paths)
     try:  # the run's own check, with the way out that fits here (its name is not the user's to change)
         finished_run(paths, fine_tune, layout, training_data(fine_tune, layout))
     except ConfigError:
         raise ConfigError(
-            f"target: {paths.dir} holds a target model made under other settings (train.*, model.* and "
-            f"target.* decide it); delete it and {target_layout(cfg).out_dir} to make it again"
+            f"target: {paths.dir} holds a target model made under other settings (target.*, model.* and "
+            f"the train.* settings that decide weights); delete it and {target_layout(cfg).out_dir} to "
+            "make it again"
         ) from None
     trained = train.run(fine_tune)
     drop_checkpoints(layout, paths)

@@ -2,7 +2,6 @@
 target` (a real fine-tune and a real second score set), each sample's key against two fp32 forward
 passes of its own, and the join's refusals (other samples, a missing row, no target scores)."""
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -14,8 +13,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data import build_corpus, build_target, build_tasks
 from pipeline.artifacts import ProvenanceError
-from pipeline.compare_arms import plan_arms
-from pipeline.compare_report import selection_cost
 from pipeline.config import ConfigError, load_config
 from pipeline.layout import Layout
 from pipeline.outputs import BandManifest
@@ -96,6 +93,22 @@ def test_target_scores_over_other_samples_are_refused_naming_what_differs(reduci
     score.run(other)
     with pytest.raises(ProvenanceError, match=r"not over the same samples.*max_tokens: 16 there, 64 here"):
         select.run(cfg)
+    elsewhere = path.parent / "another"  # another corpus, the same score settings
+    corpus = path.parent / "another.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t, "source": "s0"}) + "\n" for t in make_texts(6, seed=4)))
+    score.run(load_config(path, [f"out_dir={elsewhere}", f"corpus.paths=[{corpus}]"]))
+    with pytest.raises(ProvenanceError, match=r"same samples as the reference's \(corpus_plan_sha256: "):
+        select.run(load_config(path, [BAND, f"target.out_dir={elsewhere}"]))
+
+
+def test_a_target_model_is_kept_when_only_what_does_not_decide_its_weights_changes(reducible_run, caplog):
+    path, _ = reducible_run
+    model = Layout(load_config(path).out_dir).train_run("target").model / "model.safetensors"
+    made = model.stat().st_mtime_ns
+    target.run(load_config(path, ["train.eval_max_samples=2", "train.save_steps=7"]))
+    assert model.stat().st_mtime_ns == made and "already trained, nothing to do" in caplog.text
+    with pytest.raises(ConfigError, match=r"made under other settings .*delete it"):
+        target.run(load_config(path, ["train.batch_size=2"]))  # the fine-tune trains in train's batches
 
 
 def test_a_missing_target_row_is_refused_naming_a_sample(reducible_run):
@@ -173,21 +186,28 @@ def test_the_target_set_is_kept_apart_from_the_corpus_and_every_task(tmp_path):
 
 def test_a_band_matched_to_a_reducible_band_follows_the_target_model(reducible_run, caplog):
     """A length-matched control depends on the band it matches: when another target model's scores
-    make that band again, the control is selected again too, never left matched to the old one."""
+    make that band again, the control is selected again too, never left matched to the old one,
+    wherever it is listed; until then inspect warns of both as stale."""
     path, _ = reducible_run
-    bands = "select.bands=[{name: r, strategy: top, keep: 0.4, rank_by: reducible}, {name: m, strategy: length_matched, match: r}]"
+    bands = "select.bands=[{name: m, strategy: length_matched, match: r}, {name: r, strategy: top, keep: 0.4, rank_by: reducible}]"
     select.run(load_config(path, [bands]))
+    inspect.run(load_config(path, [bands]))
+    assert "selected from other scores" not in caplog.text
     other = path.parent / "other"
     score.run(load_config(path, [f"out_dir={other}"]))  # the reference itself as a "target": reducible 0
     cfg = load_config(path, [bands, f"target.out_dir={other}"])
-    inspect.run(cfg)  # before selecting again: r warned of as stale; m reads no target, so not m
-    assert "band r was selected from other scores" in caplog.text and "band m was" not in caplog.text
+    inspect.run(cfg)
+    assert "band r was selected from other scores" in caplog.text
+    assert "band m was selected from other scores" in caplog.text
     select.run(cfg)
     layout = Layout(cfg.out_dir)
     for name in ("r", "m"):
         provenance = BandManifest.read(layout.band(name).manifest).score_provenance
         assert provenance.target.model_path == load_config(path).model.path
     assert caplog.text.count("selecting again") == 2
+    caplog.clear()
+    inspect.run(cfg)
+    assert "selected from other scores" not in caplog.text
 
 
 def test_compare_makes_the_target_model_and_counts_what_choosing_cost(tmp_path, tiny_model_dir):
@@ -224,15 +244,22 @@ def test_compare_makes_the_target_model_and_counts_what_choosing_cost(tmp_path, 
     assert costs["random"] == 0
     assert costs["top.reducible"] == costs["random_matched.reducible"] == scored + rescored + 3 * fine_tune
     assert fine_tune > 0 and rescored == scored
+    # compute in all, against random's: 3 passes per trained token, plus the selection
+    budget = results["token_budget"]
+    ratios = {row["arm"]: row["compute_ratio"] for row in results["training"]}
+    assert ratios["random"] == 1
+    assert ratios["top.reducible"] == pytest.approx((3 * budget + costs["top.reducible"]) / (3 * budget))
     assert [run for run in (out / "train").iterdir() if (run / "checkpoints").exists()] == []  # models alone
-    # the whole corpus costs nothing to choose; target scores made elsewhere, an unknown fine-tune
+    # target scores made elsewhere are read as they are: no fine-tune here, its cost unknown;
+    # the whole corpus costs nothing to choose
     other = out.parent / "elsewhere"
-    score.run(dataclasses.replace(cfg, out_dir=str(other)))
-    elsewhere = load_config(
-        path,
-        [*overrides, "compare.arms=[all, top.reducible]", "compare.reference=all", f"target.out_dir={other}"],
-    )
-    assert [selection_cost(elsewhere, arm) for arm in plan_arms(elsewhere)] == [0, None]
+    made_elsewhere = [f"out_dir={other}", f"target.out_dir={out / 'target'}", "target.paths=[]"]
+    arms = ["compare.arms=[all, top.reducible]", "compare.reference=all"]
+    elsewhere = load_config(path, [*overrides, *made_elsewhere, *arms])
+    results = json.loads((compare.run(elsewhere) / "results.json").read_text())
+    assert [row["selection_tokens"] for row in results["training"]] == [0, None]
+    assert [row["compute_ratio"] for row in results["training"]] == [1, None]
+    assert not (other / "train" / "target").exists()
     # a changed recipe is refused before any arm, not trained on the old target model's scores
     changed = load_config(path, [*overrides, "compare.arms=[random, top.reducible]", "target.max_steps=3"])
     with pytest.raises(ConfigError, match=r"holds a target model made under other settings.*delete it"):
