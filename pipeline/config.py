@@ -444,6 +444,15 @@ class SelectConfig:
         _require(
             duplicate is None, "bands", f"two bands are both named {duplicate!r}; give them distinct names"
         )
+        controls = {b.resolved_name() for b in self.bands if b.strategy == "length_matched"}
+        chained = [
+            b.resolved_name() for b in self.bands if b.strategy == "length_matched" and b.match in controls
+        ]
+        _require(
+            not chained,
+            "bands",
+            f"{', '.join(chained)} matches another length_matched band; match the band that one matches",
+        )
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

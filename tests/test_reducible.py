@@ -208,6 +208,14 @@ def test_a_band_matched_to_a_reducible_band_follows_the_target_model(reducible_r
     caplog.clear()
     inspect.run(cfg)
     assert "selected from other scores" not in caplog.text
+    # ordered by kind, a control of a control could meet its band undecided: refused
+    with pytest.raises(ConfigError, match=r"select.bands: m2 matches another length_matched band"):
+        load_config(
+            path,
+            [
+                "select.bands=[{name: m2, strategy: length_matched, match: m}, {name: m, strategy: length_matched, match: r}, {name: r}]"
+            ],
+        )
 
 
 def test_compare_makes_the_target_model_and_counts_what_choosing_cost(tmp_path, tiny_model_dir):
