@@ -33,6 +33,25 @@ class NoScoresError(ProvenanceError):
     """The score set holds no sample: nothing to rank or plot."""
 
 
+SPACE = "free some space, or use another out_dir"
+PERMISSION = "check the permissions, or use another out_dir"
+ADVICE = {
+    errno.ENOSPC: SPACE,
+    errno.EDQUOT: SPACE,
+    errno.EACCES: PERMISSION,
+    errno.EPERM: PERMISSION,
+    errno.EROFS: "the disk is read-only: use another out_dir",
+    errno.ENOTDIR: "a file stands where a folder should be",
+    errno.EISDIR: "a folder stands where a file should be",
+    errno.ELOOP: "a symlink loops",
+}
+
+
+def advice(err: OSError) -> str:
+    """What to do about a failed read or write, by its cause."""
+    return ADVICE.get(err.errno, "check the path")
+
+
 def code_version() -> str:
     try:
         commit = subprocess.run(

@@ -114,20 +114,34 @@ def decode(tp: Any, data: Any, where: str, error: type[ValueError]) -> Any:
             fail(where, f"expected true or false, got {data!r}")
         return data
     if tp is int:
-        if isinstance(data, float) and data.is_integer():  # YAML reads 1e6 as a float
+        if isinstance(data, float) and data.is_integer():  # YAML reads 1.0e6 as a float
             data = int(data)
         if not isinstance(data, int) or isinstance(data, bool):
-            fail(where, f"expected an integer, got {data!r}")
+            fail(where, f"expected an integer, got {data!r}{number_hint(data)}")
         return data
     if tp is float:
         if not isinstance(data, int | float) or isinstance(data, bool):
-            fail(where, f"expected a number, got {data!r}")
+            fail(where, f"expected a number, got {data!r}{number_hint(data)}")
         return float(data)
     if tp is str:
         if not isinstance(data, str):
             fail(where, f"expected a string, got {data!r}")
         return data
     raise TypeError(f"{where}: unsupported record type {tp!r}")  # a bug in a schema, not input
+
+
+def number_hint(data: Any) -> str:
+    """YAML 1.1 reads an exponent without a dot (1e-4) as text: say how to write it as a number."""
+    if not isinstance(data, str):
+        return ""
+    try:
+        value = float(data)
+    except ValueError:
+        return ""
+    mantissa, _, exponent = data.lower().partition("e")
+    if not exponent or "." in mantissa or value != value:
+        return ""
+    return f" (YAML reads {data} as text; write {mantissa}.0e{exponent})"
 
 
 def _inside(where: str, name: str) -> str:

@@ -455,6 +455,10 @@ class SelectConfig:
         )
 
 
+MAX_BINS = 10_000
+"""More histogram bins than a figure has pixels across draws nothing more, only costs memory."""
+
+
 @dataclass(kw_only=True, slots=True, frozen=True)
 class InspectConfig:
     name: str = "main"
@@ -478,7 +482,7 @@ class InspectConfig:
 
     def __post_init__(self) -> None:
         _require_name(self.name, "name")
-        _require(self.bins >= 1, "bins", f"must be >= 1, got {self.bins}")
+        _require(1 <= self.bins <= MAX_BINS, "bins", f"must be within [1, {MAX_BINS:,}], got {self.bins}")
         _require(self.max_sources >= 0, "max_sources", f"must be >= 0, got {self.max_sources}")
         _require(self.examples >= 0, "examples", f"must be >= 0, got {self.examples}")
         _require(self.example_chars >= 1, "example_chars", f"must be >= 1, got {self.example_chars}")
@@ -852,6 +856,7 @@ class Config:
     target: TargetConfig = field(default_factory=TargetConfig)
 
     def __post_init__(self) -> None:
+        _require(bool(self.out_dir.strip()), "out_dir", 'must name a folder ("." for the current one)')
         _require(
             not self.score.unconditional or self.corpus.mode != "text",
             "score.unconditional",

@@ -10,16 +10,39 @@ from __future__ import annotations
 import os
 
 
+class LaunchError(ValueError):
+    """The launcher's environment does not say which part this process does."""
+
+
 def rank_and_world() -> tuple[int, int]:
     env = os.environ
     if "WORLD_SIZE" in env:
-        return int(env.get("RANK", "0")), int(env["WORLD_SIZE"])
-    if "SLURM_ARRAY_TASK_COUNT" in env:
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
-    if int(env.get("SLURM_NTASKS", "1")) > 1:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-    return 0, 1
+        rank, world = number("RANK", "0"), number("WORLD_SIZE")
+    elif "SLURM_ARRAY_TASK_COUNT" in env:
+        rank = number("SLURM_ARRAY_TASK_ID") - number("SLURM_ARRAY_TASK_MIN", "0")
+        world = number("SLURM_ARRAY_TASK_COUNT")
+    elif number("SLURM_NTASKS", "1") > 1:
+        rank, world = number("SLURM_PROCID"), number("SLURM_NTASKS")
+    else:
+        return 0, 1
+    if not 0 <= rank < world:
+        raise LaunchError(
+            f"rank {rank} of {world} processes: the launcher's variables disagree (RANK/WORLD_SIZE or SLURM_*)"
+        )
+    return rank, world
+
+
+def number(name: str, default: str | None = None) -> int:
+    """A whole number the launcher set in the environment."""
+    value = os.environ.get(name, default)
+    if value is None:
+        raise LaunchError(f"{name}: not set, while the launcher set the other variables of its kind")
+    try:
+        return int(value)
+    except ValueError:
+        raise LaunchError(
+            f"{name}: {value!r} is not a whole number (set by torchrun, Slurm or by hand?)"
+        ) from None
 
 
 def shards_of_rank(num_shards: int, rank: int, world_size: int) -> list[int]:

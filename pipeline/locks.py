@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from pipeline.artifacts import advice
 from pipeline.codec import decode, encode, parse_json
 from pipeline.layout import Layout
 from pipeline.log import get_logger
@@ -54,9 +55,7 @@ def lock(layout: Layout, name: str) -> Iterator[None]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
         if err.errno != errno.EROFS:
-            raise LockedError(
-                f"{path}: cannot take the lock ({err.strerror}); check the permissions"
-            ) from None
+            raise LockedError(f"{path}: cannot take the lock ({err.strerror}); {advice(err)}") from None
         # nobody can write here, this run included: re-checking finished work needs no lock, and
         # the first write would fail with its own clear error
         get_logger().info(f"{layout.out_dir} is on a read-only disk: running without a lock")

@@ -9,12 +9,13 @@ log.info("mid: published", extra=EVERY_RANK)   # shown on any rank
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Mapping
 
 from tqdm import tqdm
 
-from pipeline.launcher import rank_and_world
+from pipeline.launcher import LaunchError, rank_and_world
 
 _NAME = "midrank"
 EVERY_RANK = {"every_rank": True}
@@ -24,13 +25,31 @@ def _shown_off_rank_0(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or getattr(record, "every_rank", False)
 
 
+# what a terminal would act on rather than show: C0/C1 controls but the line breaks and tabs, and
+# the bidirectional overrides that reorder what follows them
+CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def inert(text: str) -> str:
+    """Text from the data (a source label, a path) as it may reach a terminal: controls escaped."""
+    return CONTROLS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class InertFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return inert(super().format(record))
+
+
 def get_logger() -> logging.Logger:
     log = logging.getLogger(_NAME)
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        rank, world_size = rank_and_world()
+        try:
+            rank, world_size = rank_and_world()
+        except LaunchError:  # reported by the command itself; the report needs a logger
+            rank, world_size = 0, 1
         prefix = f"[midrank r{rank}]" if world_size > 1 else "[midrank]"
-        handler.setFormatter(logging.Formatter(f"{prefix} %(message)s"))
+        handler.setFormatter(InertFormatter(f"{prefix} %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         if rank != 0:

@@ -21,6 +21,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap, LogNorm
 
+# labels come from the data (source names, band names): "$x^$" is a name, not math to typeset
+matplotlib.rcParams["text.parse_math"] = False
+
 ALL_COLOR, KEPT_COLOR, CUT_COLOR = "#9aa5b1", "#d9480f", "#1c7ed6"
 BAND_COLORS = ("#1c7ed6", "#2b8a3e", "#862e9c", "#e67700")
 

@@ -366,6 +366,8 @@ def _parse_json_line(line: bytes) -> dict | RowProblem:
         return RowProblem(
             "malformed_json", f"malformed JSON: {err.msg.removesuffix(' at')} at column {err.colno}"
         )
+    except RecursionError:
+        return RowProblem("malformed_json", "JSON nested too deeply to read (about 1,000 levels)")
     if not isinstance(value, dict):
         return RowProblem("not_an_object", f"a JSON {type(value).__name__}, not an object")
     return value

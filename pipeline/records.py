@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,14 +45,20 @@ def record_digest(record: Record) -> int:
     return int.from_bytes(hashlib.blake2b(content, digest_size=8).digest(), "little", signed=True)
 
 
+# A record's id is `<file>:<row>` and a `split` window's `<file>:<row>#<window>`: told apart by
+# their ends, since a file's name may hold any character ("lang/C#/x.jsonl:3" is a record)
+WINDOW_ID = re.compile(r"(.*:\d+)#\d+", re.DOTALL)
+
+
 def record_id(sample_id: str) -> str:
-    """The record a sample came from: a `split` window's id is `<record id>#<window>`."""
-    return sample_id.split("#")[0]
+    """The record a sample came from."""
+    window = WINDOW_ID.fullmatch(sample_id)
+    return window.group(1) if window else sample_id
 
 
 def sample_text(record: Record, sample_id: str, char_start: int, char_end: int) -> str:
     """The text a sample scored: the record's, or a window's character span of it."""
-    return record.text[char_start:char_end] if "#" in sample_id else record.text
+    return record.text[char_start:char_end] if WINDOW_ID.fullmatch(sample_id) else record.text
 
 
 @dataclass(slots=True)
@@ -132,6 +139,16 @@ def _string_field(value: dict, name: str, *, allow_empty: bool = False) -> str:
         raise _Bad("wrong_type", name, f"expected a string, got {type(text).__name__}")
     if not allow_empty and not text.strip():
         raise _Bad("empty_text", name, "empty text")
+    return utf8(text, name)
+
+
+def utf8(text: str, name: str) -> str:
+    """`text`, which JSON's \\u escapes can leave holding a lone surrogate: no UTF-8 text can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        where = f"{text[err.start]!r} at character {err.start + 1}"
+        raise _Bad("not_utf8", name, f"a lone surrogate {where}, which no UTF-8 text holds") from None
     return text
 
 
@@ -173,5 +190,6 @@ def _messages(value: dict, name: str) -> tuple[dict[str, str], ...]:
         ok = ok and isinstance(message.get("content"), str)
         if not ok:
             raise _Bad("wrong_type", f"{name}[{i}]", "expected {role: str, content: str}")
-        out.append({"role": message["role"], "content": message["content"]})
+        where = f"{name}[{i}]"
+        out.append({"role": utf8(message["role"], where), "content": utf8(message["content"], where)})
     return tuple(out)

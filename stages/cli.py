@@ -21,15 +21,15 @@ status 2; `--debug` shows its traceback. A traceback without `--debug` is a bug.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import os
 import re
 import sys
 
-from pipeline.artifacts import ProvenanceError
+from pipeline.artifacts import ProvenanceError, advice
 from pipeline.config import ConfigError, dump_config, load_config
 from pipeline.cpu_memory import preload_jemalloc
+from pipeline.launcher import LaunchError, rank_and_world
 from pipeline.layout import LayoutError
 from pipeline.locks import LockedError
 from pipeline.log import get_logger
@@ -68,6 +68,7 @@ ERRORS = (
     OutputError,
     LockedError,
     LayoutError,
+    LaunchError,
     OSError,
 )
 
@@ -80,13 +81,7 @@ def one_line(err: BaseException) -> str:
         last = [line for line in text.splitlines() if line.strip()][-1]
         text = re.sub(r"^[\w.]+(Error|Exception): ", "", last)
     if isinstance(err, OSError) and err.strerror:
-        advice = {
-            errno.ENOSPC: "free some space, or use another out_dir",
-            errno.EDQUOT: "free some space, or use another out_dir",
-            errno.EACCES: "check the permissions, or use another out_dir",
-            errno.EROFS: "the disk is read-only: use another out_dir",
-        }.get(err.errno, "check the path")
-        text = f"{err.filename or 'a file'}: {err.strerror}; {advice}"
+        text = f"{err.filename or 'a file'}: {err.strerror}; {advice(err)}"
     return " ".join(text.split())
 
 
@@ -105,6 +100,7 @@ def main(argv: list[str] | None = None, *, relaunch: bool = False) -> int:
     args = parser.parse_args(argv)
     module = COMMANDS[args.command][0]
     try:
+        rank_and_world()  # a launcher's environment that makes no sense, before any work
         cfg = load_config(args.config, args.overrides)
         if relaunch and args.command in RELAUNCHED_COMMANDS:
             preload_jemalloc(cfg.model)

@@ -41,7 +41,7 @@ from pipeline.compare_report import report
 from pipeline.config import Config, ConfigError, SelectConfig, save_config
 from pipeline.layout import Layout
 from pipeline.locks import lock
-from pipeline.log import get_logger
+from pipeline.log import get_logger, inert
 from pipeline.outputs import BandManifest, RunMetrics
 from pipeline.plots import plot_compare
 from pipeline.target_scores import has_target_scores, uses_target
@@ -117,7 +117,7 @@ def run(cfg: Config) -> Path:
         plot_compare(rows, c.reference, paths.deltas)
         save_config(cfg, paths.dir)
         dataclasses.replace(results, seconds=timer.parts).write(paths.results)
-    print(table)
+    print(inert(table))  # source names from the data
     log.info(
         "compare: time per part: "
         + ", ".join(f"{part} {seconds / 60:.1f} min" for part, seconds in timer.parts.items())

@@ -13,6 +13,7 @@ import time
 
 from pipeline.config import Config
 from pipeline.layout import Layout
+from pipeline.log import inert
 from pipeline.outputs import BandManifest, RunMetrics, ScoresSummary
 from stages import inspect, score, select, train
 
@@ -45,4 +46,4 @@ def run(cfg: Config) -> None:
             f"  held-out  loss {b.loss:.4f} -> {a.loss:.4f} ({a.loss - b.loss:+.4f} nats/token), "
             f"next-token accuracy {b.accuracy:.2%} -> {a.accuracy:.2%}"
         )
-    print("\n".join(lines))
+    print(inert("\n".join(lines)))  # paths and names from the data
