@@ -84,6 +84,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise OSError(code, os.strerror(code), str(path)) from err
 
 
+def readable_parquet(paths: list[Path], error: type[ValueError], remedy: str) -> list[Path]:
+    """`paths`, once each is a whole Parquet file (its footer read): a damaged one is an `error`
+    naming it, before a reader deep in a library fails on it without saying which."""
+    for path in paths:
+        try:
+            pq.read_metadata(path)
+        except (OSError, pa.ArrowException) as err:
+            raise error(f"{path}: damaged ({' '.join(str(err).split())}); {remedy}") from None
+    return paths
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

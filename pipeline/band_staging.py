@@ -150,7 +150,8 @@ def replace(layout: Layout, name: str, staged: Path, target: Path) -> None:
     if aside.exists():  # left by a publish cut short
         layout.remove(aside)
     if target.exists():
-        layout.check_inside(target).rename(aside)
+        layout.check_replaceable(layout.check_inside(target))
+        target.rename(aside)
     layout.check_inside(staged).rename(target)
     if aside.exists():
         layout.remove(aside)

@@ -80,7 +80,8 @@ def cached_evaluation(cfg: Config, model_dir: Path, label: str, timed: Callable)
     """The model's evaluation, read from `evals/<label>.json` when it was made of the same weights
     and inputs, else computed (through `timed(part, fn, *args)`, which counts its time) and
     written there."""
-    path = Layout(cfg.out_dir).report(cfg.compare.name).evaluation(label)
+    layout = Layout(cfg.out_dir)
+    path = layout.report(cfg.compare.name).evaluation(label)
     weights = fingerprint(dataclasses.replace(cfg.model, path=str(model_dir)))["weights_sha256"]
     key = digest({"weights": weights, "inputs": evaluation_inputs(cfg)})
     try:
@@ -92,6 +93,6 @@ def cached_evaluation(cfg: Config, model_dir: Path, label: str, timed: Callable)
     started = time.perf_counter()
     evaluation = timed("evaluate", evaluate_model, cfg, model_dir, label)
     get_logger().info(f"compare: evaluated {label} in {time.perf_counter() - started:.0f}s")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    layout.make_dir(path.parent)
     CachedEvaluation(key=key, evaluation=evaluation).write(path)
     return evaluation

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from pipeline.artifacts import digest
 from pipeline.batching import collate, pack_batches, pad_id_of
 from pipeline.config import Config, ModelConfig
+from pipeline.layout import Layout
 from pipeline.log import get_logger
 from pipeline.model import fingerprint, hash_files
 from pipeline.nll import NLLScorer
@@ -189,13 +190,13 @@ class HeldOutSet:
             desc=desc,
         )
 
-    def before(self, model, path: Path) -> Evaluation:
+    def before(self, model, path: Path, layout: Layout) -> Evaluation:
         """The starting model's evaluation: read from `path`, or computed and written there. Call it
         before training starts: `model` must be the starting model."""
         try:
             return Evaluation.read(path)
         except OutputError:  # not there yet, or written by another version: compute it again
             evaluation = self.evaluate(model, "held-out before")
-            path.parent.mkdir(parents=True, exist_ok=True)
+            layout.make_dir(path.parent)
             evaluation.write(path)
             return evaluation

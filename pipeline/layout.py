@@ -30,6 +30,9 @@ from pipeline.config import is_safe_name
 
 DECISION_HEX = 16
 """Hex digits of the decision digest that names a band's staging folder."""
+MARKER = ".midrank"
+"""The file in every folder midrank makes under out_dir: it deletes or replaces no folder without it."""
+MARKER_TEXT = "midrank made this folder; it deletes or replaces only folders that hold this file.\n"
 
 
 class LayoutError(ValueError):
@@ -113,14 +116,35 @@ class Layout:
         return parent / name
 
     def remove(self, path: Path) -> None:
-        """Delete a folder or file that is inside out_dir, never out_dir itself or anything outside
-        it (checked on the resolved paths, so neither '..' nor a symlink can widen a delete)."""
+        """Delete a folder midrank made (`MARKER`) or a file inside out_dir, never out_dir itself or
+        anything outside it (checked on the resolved paths, so neither '..' nor a symlink can widen
+        a delete)."""
         if not self.holds(path):
             raise LayoutError(f"refusing to delete {path}: it is not inside {self.out_dir} (a symlink?)")
         if path.is_dir() and not path.is_symlink():
+            self.check_replaceable(path)
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+    def make_dir(self, path: Path) -> Path:
+        """`path` and its missing parents made, each folder made here marked as midrank's (`MARKER`);
+        refused when it leads outside out_dir (a symlink on the way)."""
+        path = self.check_inside(Path(path))
+        missing = [p for p in (path, *path.parents) if self.holds(p) and not p.exists()]
+        path.mkdir(parents=True, exist_ok=True)
+        for folder in reversed(missing):
+            (self.check_inside(folder) / MARKER).write_text(MARKER_TEXT)
+        return path
+
+    def check_replaceable(self, path: Path) -> None:
+        """Refuse to delete or replace a folder midrank did not make (no `MARKER` in it)."""
+        if path.is_dir() and not (path / MARKER).is_file():
+            raise LayoutError(
+                f"refusing to delete or replace {path}: midrank did not make it (no {MARKER} file in "
+                f"it); move it away or use another out_dir (made by a midrank before the marker: "
+                f"`touch {path / MARKER}`)"
+            )
 
     def check_inside(self, path: Path) -> Path:
         """`path`, after checking it stays inside out_dir once symlinks are followed."""

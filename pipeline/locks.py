@@ -50,7 +50,7 @@ class LockHeldError(LockedError):
 def lock(layout: Layout, name: str) -> Iterator[None]:
     path = layout.lock(name)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        layout.make_dir(path.parent)
         # opened without truncating: the previous holder's record must survive until we hold the lock
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from pipeline.artifacts import readable_parquet
 from pipeline.histograms import histogram, histogram_2d, uniform_edges, value_range
 from pipeline.key_columns import estimate_curves, with_key
 from pipeline.layout import Layout, part_files
-from pipeline.outputs import BandManifest
+from pipeline.outputs import BandManifest, OutputError
 from pipeline.plots import Panel, plot_histograms, plot_loss_vs_length, plot_paired_losses
 from pipeline.rank_keys import ALL_SOURCES
 from pipeline.selection import top_by_keys
@@ -71,8 +72,10 @@ class DrawnBand:
 
 
 def load_band(layout: Layout, name: str) -> DrawnBand:
-    manifest = BandManifest.read(layout.band(name).manifest)
-    kept = pl.scan_parquet(part_files(layout.band(name).dir))
+    paths = layout.band(name)
+    manifest = BandManifest.read(paths.manifest)
+    remedy = f"delete {paths.dir} and run `midrank select` to make it again"
+    kept = pl.scan_parquet(readable_parquet(part_files(paths.dir), OutputError, remedy))
     key = manifest.rank_key.key
     ranks = manifest.positions.ranked_by != "random"  # not a random sample
     per_source = (

@@ -217,7 +217,7 @@ class ShardWriter:
                 self.rows_done = meta["rows_end"]
                 self.chunks += 1
         else:
-            self.chunk_dir.mkdir(parents=True, exist_ok=True)
+            layout.make_dir(self.chunk_dir)
             provenance.write(marker)
 
     def write_chunk(self, table: pa.Table, rows_end: int, stats: dict[str, Any]) -> None:

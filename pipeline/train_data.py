@@ -24,8 +24,10 @@ from typing import Any
 import datasets
 import torch
 
+from pipeline.artifacts import readable_parquet
 from pipeline.config import Config, ConfigError
 from pipeline.log import format_counts, get_logger
+from pipeline.readers import InputError
 from pipeline.records import Record
 from pipeline.samples import SamplePolicy, make_samples
 
@@ -34,7 +36,8 @@ def load_rows(files: list[Path], text_field: str) -> datasets.Dataset:
     """Parquet or JSONL files as one dataset; the text field (or a `messages` list) must be there."""
     suffixes = {f.suffix for f in files}
     if suffixes <= {".parquet"}:
-        dataset = datasets.Dataset.from_parquet([str(f) for f in files])
+        remedy = "replace it (a selected band: delete its folder and run `midrank select` again)"
+        dataset = datasets.Dataset.from_parquet([str(f) for f in readable_parquet(files, InputError, remedy)])
     elif suffixes <= {".jsonl", ".json"}:
         dataset = datasets.Dataset.from_json([str(f) for f in files])
     else:

@@ -129,7 +129,8 @@ def check_resumable(identity: RunStart, paths: RunPaths, resume: Path | None, al
 
 def start_or_resume(plan: RunPlan, rank: int) -> Path | None:
     """The checkpoint to resume from (None: a fresh start, whose settings are recorded)."""
-    plan.paths.dir.mkdir(parents=True, exist_ok=True)
+    for folder in (plan.paths.dir, plan.paths.checkpoints):  # checkpoints: deleted once finished
+        plan.layout.check_replaceable(plan.layout.make_dir(folder))
     resume = latest_checkpoint(plan.paths.checkpoints)
     identity = run_identity(plan.cfg, plan.layout, plan.data)
     check_resumable(identity, plan.paths, resume, plan.cfg.train.resume_changed_config)

@@ -90,6 +90,8 @@ def run(cfg: Config) -> Path:
         timer.timed("target", target.run, cfg)  # the reducible key's fine-tune and second scoring pass
     layout = Layout(cfg.out_dir)
     with lock(layout, f"compare-{c.name}"):
+        # before any work: the report's files (and its cached evaluations) are replaced
+        layout.check_replaceable(layout.check_inside(layout.report(c.name).dir))
         sets = timer.timed("select", select_sets, cfg, arms)
         budget = token_budget(cfg, sets, arms)
         steps = budget // c.tokens_per_step
@@ -112,7 +114,7 @@ def run(cfg: Config) -> Path:
             evals[arm.key()] = cached_evaluation(cfg, model_dir, f"{arm.arm}-seed{arm.seed}", timer.timed)
         rows, table, results = timer.timed("analysis", report, cfg, arms, sets, runs, evals, budget)
         paths = layout.report(c.name)
-        paths.dir.mkdir(parents=True, exist_ok=True)
+        layout.make_dir(paths.dir)
         write_text_atomic(paths.table, table)
         plot_compare(rows, c.reference, paths.deltas)
         save_config(cfg, paths.dir)

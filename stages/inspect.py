@@ -172,6 +172,7 @@ def run(cfg: Config) -> Path:
         scores, provenance = load_scores(cfg, layout)
         bands = selected_bands(cfg, layout, provenance)
         paths = layout.report(cfg.inspect.name)
+        layout.check_replaceable(layout.check_inside(paths.dir))  # before any work: it is replaced whole
         inputs_key = digest(
             {
                 "score_key": provenance.key,
@@ -189,14 +190,18 @@ def run(cfg: Config) -> Path:
         work = layout.report_staging(cfg.inspect.name)
         if work.dir.exists():
             layout.remove(work.dir)
-        work.dir.mkdir(parents=True)
-        summary = build_summary(cfg, scores, provenance, bands, inputs_key, work.dir)
-        write_text_atomic(work.index, render_report(summary))
-        summary.write(work.summary)
-        save_config(cfg, work.dir)
-        if paths.dir.exists():
-            layout.remove(paths.dir)
-        os.replace(work.dir, paths.dir)
+        layout.make_dir(work.dir)
+        try:
+            summary = build_summary(cfg, scores, provenance, bands, inputs_key, work.dir)
+            write_text_atomic(work.index, render_report(summary))
+            summary.write(work.summary)
+            save_config(cfg, work.dir)
+            if paths.dir.exists():
+                layout.remove(paths.dir)
+            os.replace(work.dir, paths.dir)
+        finally:  # a failed build (a full disk) leaves nothing behind
+            if work.dir.exists():
+                layout.remove(work.dir)
         terminal_summary(summary)
         log.info(
             f"inspected {summary.samples:,} samples, {len(bands)} band(s): {len(summary.images)} figure(s) in "

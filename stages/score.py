@@ -96,7 +96,7 @@ def run(cfg: Config) -> Path:
     started = time.perf_counter()
     rank, world_size = rank_and_world()
     layout = Layout(cfg.out_dir)
-    layout.scores_dir.mkdir(parents=True, exist_ok=True)
+    layout.make_dir(layout.scores_dir)
     plan = plan_shards(cfg.corpus)
     if plan.total_rows == 0:
         raise InputError(f"corpus.paths: {', '.join(cfg.corpus.paths)} hold no rows; nothing to score")

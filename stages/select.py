@@ -158,7 +158,7 @@ def write_shard(
         rejected = part.filter(~pl.col("kept")).drop("kept")
         try:
             for folder in staged_folders(cfg, band):
-                layout.check_inside(folder).mkdir(parents=True, exist_ok=True)
+                layout.make_dir(folder)
                 rows = kept if folder == band.staging.dir else rejected
                 write_part(rows, records, folder, shard, cfg.corpus.mode)
         except OSError:
@@ -176,6 +176,9 @@ def run(cfg: Config) -> list[Path]:
         files, provenance = score_set(layout)
         check_corpus_unchanged(layout, plan, provenance)
         pending = bands_to_select(cfg, layout, scan_scores(files), provenance)
+        for name in pending:  # before any work: what publishing will replace must be midrank's
+            for folder in (layout.band(name).dir, layout.band(name).rejected):
+                layout.check_replaceable(layout.check_inside(folder))
         if pending:
             write_bands(cfg, layout, plan, pending, shards_of_rank(len(plan.shards), rank, world_size))
             shards = len(plan.shards)

@@ -19,13 +19,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from transformers import set_seed
 
+from pipeline.artifacts import write_text_atomic
 from pipeline.batching import pad_id_of
 from pipeline.config import Config, ConfigError, is_safe_name, save_config
 from pipeline.cpu_memory import tune_cpu_malloc
@@ -105,7 +105,8 @@ def write_results(plan: RunPlan, summary: TrainSummary, heldout: HeldOutSet, bef
         metrics = dataclasses.replace(metrics, before=before, after=after, table=delta_table(before, after))
         log_delta_table(metrics.table)
     if plan.data.band is not None:
-        shutil.copyfile(plan.layout.band(plan.data.band).manifest, plan.paths.selection)
+        # a new file over whatever is there (a symlink, too), never written through it
+        write_text_atomic(plan.paths.selection, plan.layout.band(plan.data.band).manifest.read_text())
     save_config(plan.cfg, plan.paths.dir)
     metrics.write(plan.paths.metrics)
 
@@ -138,7 +139,7 @@ def run(cfg: Config) -> Path:
         loaded = load_model(dataclasses.replace(cfg.model, dtype="float32"))  # fp32 master weights
         model, tokenizer = loaded.model, loaded.tokenizer
         heldout = heldout_set(cfg, tokenizer, plan.precision, rank)
-        before = heldout.before(model, layout.eval_before(heldout.key)) if heldout.records else None
+        before = heldout.before(model, layout.eval_before(heldout.key), layout) if heldout.records else None
 
         train_set = training_set(cfg, data.files, tokenizer, world_size)
         collator = TrainCollator(pad_id_of(tokenizer), tcfg.max_tokens, tcfg.pack)
@@ -155,6 +156,8 @@ def run(cfg: Config) -> Path:
         )
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         summary = train_summary(plan, trainer, result, resume, train_set)
+        for entry in [plan.layout.make_dir(paths.model), *paths.model.iterdir()]:  # saved files follow links
+            plan.layout.check_inside(entry)
         trainer.save_model(str(paths.model))
         if rank == 0:  # results, evaluation and the summary come from one rank
             tokenizer.save_pretrained(paths.model)
