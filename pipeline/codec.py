@@ -131,17 +131,21 @@ def decode(tp: Any, data: Any, where: str, error: type[ValueError]) -> Any:
 
 
 def number_hint(data: Any) -> str:
-    """YAML 1.1 reads an exponent without a dot (1e-4) as text: say how to write it as a number."""
+    """YAML 1.1 reads a number with an exponent as text unless it has a dot and a signed exponent
+    (1e-4 and 1.0e9 are text, 1.0e-4 and 1.0e+9 numbers): say how to write it."""
     if not isinstance(data, str):
         return ""
     try:
-        value = float(data)
+        float(data)
     except ValueError:
         return ""
-    mantissa, _, exponent = data.lower().partition("e")
-    if not exponent or "." in mantissa or value != value:
+    mantissa, e, exponent = data.lower().partition("e")
+    if not e or not exponent or not mantissa.lstrip("+-"):
         return ""
-    return f" (YAML reads {data} as text; write {mantissa}.0e{exponent})"
+    mantissa = mantissa if "." in mantissa else f"{mantissa}.0"
+    exponent = exponent if exponent[0] in "+-" else f"+{exponent}"
+    number = f"{mantissa}e{exponent}"
+    return "" if number == data.lower() else f" (YAML reads {data} as text; write {number})"
 
 
 def _inside(where: str, name: str) -> str:

@@ -15,7 +15,9 @@
       selected/.<band>.<decision>/, rejected/.<band>.<decision>/   a band being written, published whole
 
 Stages ask the layout for paths and never join names under `out_dir` themselves, so renaming a
-file or a folder is a change here and nowhere else.
+file or a folder is a change here and nowhere else. Every folder a stage makes goes through
+`make_dir`, which marks it with a `.midrank` file and refuses a path that a symlink leads out of
+`out_dir`; `remove` and the replacing of a band or report refuse a folder without the mark.
 """
 
 from __future__ import annotations
@@ -132,6 +134,9 @@ class Layout:
         refused when it leads outside out_dir (a symlink on the way)."""
         path = self.check_inside(Path(path))
         missing = [p for p in (path, *path.parents) if self.holds(p) and not p.exists()]
+        blocking = [p for p in (path, *path.parents) if self.holds(p) and p.exists() and not p.is_dir()]
+        if blocking:
+            raise LayoutError(f"{blocking[0]}: a file stands where midrank makes a folder; move it away")
         path.mkdir(parents=True, exist_ok=True)
         for folder in reversed(missing):
             (self.check_inside(folder) / MARKER).write_text(MARKER_TEXT)

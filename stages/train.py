@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import math
+import os
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -111,6 +115,30 @@ def write_results(plan: RunPlan, summary: TrainSummary, heldout: HeldOutSet, bef
     metrics.write(plan.paths.metrics)
 
 
+def check_room(folder: Path, model: torch.nn.Module) -> int:
+    """The bytes a run writes at least: a checkpoint (fp32 weights and AdamW's two moments) and the
+    model; refused now, not at the first save, when the disk has less."""
+    need = 4 * 4 * sum(p.numel() for p in model.parameters())
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise OSError(
+            errno.ENOSPC, f"{free / 2**20:,.0f} MiB free, a run needs ~{need / 2**20:,.0f}", str(folder)
+        )
+    return need
+
+
+@contextlib.contextmanager
+def disk_errors_named(folder: Path, need: int) -> Iterator[None]:
+    """A save that fails on a disk filled meanwhile (torch reports it as a RuntimeError) as the
+    full disk it is, naming the folder."""
+    try:
+        yield
+    except RuntimeError as err:
+        if shutil.disk_usage(folder).free >= need:
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)) from err
+
+
 def run(cfg: Config) -> Path:
     log = get_logger()
     started = time.perf_counter()
@@ -154,11 +182,13 @@ def run(cfg: Config) -> Path:
             train_cfg=tcfg,
             trained_tokens=trained_tokens_at(resume),
         )
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        summary = train_summary(plan, trainer, result, resume, train_set)
-        for entry in [plan.layout.make_dir(paths.model), *paths.model.iterdir()]:  # saved files follow links
-            plan.layout.check_inside(entry)
-        trainer.save_model(str(paths.model))
+        room = check_room(paths.dir, model)
+        with disk_errors_named(paths.dir, room):
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            summary = train_summary(plan, trainer, result, resume, train_set)
+            for entry in [plan.layout.make_dir(paths.model), *paths.model.iterdir()]:  # saves follow links
+                plan.layout.check_inside(entry)
+            trainer.save_model(str(paths.model))
         if rank == 0:  # results, evaluation and the summary come from one rank
             tokenizer.save_pretrained(paths.model)
             write_results(plan, summary, heldout, before, trainer)
