@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.artifacts import ProvenanceError
 from pipeline.config import ConfigError, load_config
-from pipeline.layout import Layout
+from pipeline.layout import MARKER, Layout
 from pipeline.locks import lock
 from stages import score, select
 from tests.helpers import make_texts, midrank, torchrun_process, write_config, write_corpus
@@ -72,6 +72,9 @@ def test_deletes_stay_strictly_inside_out_dir(tmp_path):
         with pytest.raises(ValueError, match="refusing to delete"):
             layout.remove(path)
     assert outside.is_dir() and out.is_dir()
+    with pytest.raises(ValueError, match="midrank did not make it"):  # no marker: not midrank's
+        layout.remove(out / "selected" / "band")
+    (out / "selected" / "band" / MARKER).write_text("")
     layout.remove(out / "selected" / "band")
     assert not (out / "selected" / "band").exists()
     with pytest.raises(ValueError, match="not a plain name"):
