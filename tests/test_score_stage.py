@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.artifacts import ProvenanceError
 from pipeline.config import load_config
+from pipeline.layout import MARKER
 from pipeline.scores import PROVENANCE_KEY, STATS_KEY
 from stages import score
 from tests.helpers import make_texts, midrank, torchrun, write_config, write_corpus
@@ -70,7 +71,8 @@ def test_scores_match_an_independent_computation(tmp_path, corpus, tiny_model_di
     summary = json.loads((scores_dir / "summary.json").read_text())
     assert summary["rows"] == summary["records"] == summary["samples"] == 40
     assert summary["tokens"] == sum(r["n_tokens"] for r in rows)
-    assert (scores_dir / "config.yaml").is_file() and not list(scores_dir.glob(".*"))
+    assert (scores_dir / "config.yaml").is_file()
+    assert [p.name for p in scores_dir.glob(".*")] == [MARKER]  # no checkpoint or temporary left
 
 
 def test_rerun_does_nothing_and_changed_policy_is_refused(tmp_path, corpus, tiny_model_dir, caplog):
