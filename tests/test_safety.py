@@ -92,9 +92,17 @@ def test_a_second_run_stops_naming_the_holder(config, tmp_path):
     assert not layout.score_shard(0).exists()  # the second run did nothing
 
 
-def wait_until_a_shard_is_locked(layout: Layout, process, timeout: float = 120) -> None:
+def wait_until_a_shard_is_locked(
+    layout: Layout, process, scoring: bool = False, timeout: float = 120
+) -> None:
+    """Until a shard's lock records a holder; `scoring`: and a checkpoint is written under it. A
+    record alone may be score's brief check of every lock at its start (check_free), let go
+    again while the model loads."""
     deadline = time.time() + timeout
-    while not any(p.read_text().strip() for p in layout.out_dir.glob(".locks/score-shard-*.lock")):
+    while not (
+        any(p.read_text().strip() for p in layout.out_dir.glob(".locks/score-shard-*.lock"))
+        and (not scoring or any(layout.out_dir.glob("scores/.part-*.chunks/chunk-*.parquet")))
+    ):
         assert process.poll() is None, process.stdout.read()
         assert time.time() < deadline
         time.sleep(0.01)
@@ -111,7 +119,7 @@ def test_a_second_score_run_stops_and_the_first_loses_nothing(slow_config, tmp_p
         running = midrank("score", "--config", str(slow_config))
     else:
         running = torchrun_process("score", "--config", str(slow_config), nproc=2)
-    wait_until_a_shard_is_locked(layout, running)
+    wait_until_a_shard_is_locked(layout, running, scoring=True)
     # the first run (torchrun and its workers, each in a session of its own) is paused while the
     # second starts, so that it cannot finish first on a busy machine: its locks stay held
     first = [psutil.Process(running.pid), *psutil.Process(running.pid).children(recursive=True)]
