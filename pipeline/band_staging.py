@@ -150,7 +150,7 @@ def replace(layout: Layout, name: str, staged: Path, target: Path) -> None:
     if aside.exists():  # left by a publish cut short
         layout.remove(aside)
     if target.exists():
-        layout.check_replaceable(layout.check_inside(target))
+        layout.check_replaceable(target)
         target.rename(aside)
     layout.check_inside(staged).rename(target)
     if aside.exists():

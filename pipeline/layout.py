@@ -142,14 +142,17 @@ class Layout:
             (self.check_inside(folder) / MARKER).write_text(MARKER_TEXT)
         return path
 
-    def check_replaceable(self, path: Path) -> None:
-        """Refuse to delete or replace a folder midrank did not make (no `MARKER` in it)."""
+    def check_replaceable(self, path: Path) -> Path:
+        """`path`, after checking it stays inside out_dir and, if it is a folder, that midrank made
+        it (`MARKER` in it): no other folder is deleted or replaced."""
+        self.check_inside(path)
         if path.is_dir() and not (path / MARKER).is_file():
             raise LayoutError(
                 f"refusing to delete or replace {path}: midrank did not make it (no {MARKER} file in "
                 f"it); move it away or use another out_dir (made by a midrank before the marker: "
                 f"`touch {path / MARKER}`)"
             )
+        return path
 
     def check_inside(self, path: Path) -> Path:
         """`path`, after checking it stays inside out_dir once symlinks are followed."""

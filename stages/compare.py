@@ -91,7 +91,7 @@ def run(cfg: Config) -> Path:
     layout = Layout(cfg.out_dir)
     with lock(layout, f"compare-{c.name}"):
         # before any work: the report's files (and its cached evaluations) are replaced
-        layout.check_replaceable(layout.check_inside(layout.report(c.name).dir))
+        layout.check_replaceable(layout.report(c.name).dir)
         sets = timer.timed("select", select_sets, cfg, arms)
         budget = token_budget(cfg, sets, arms)
         steps = budget // c.tokens_per_step

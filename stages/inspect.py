@@ -172,7 +172,7 @@ def run(cfg: Config) -> Path:
         scores, provenance = load_scores(cfg, layout)
         bands = selected_bands(cfg, layout, provenance)
         paths = layout.report(cfg.inspect.name)
-        layout.check_replaceable(layout.check_inside(paths.dir))  # before any work: it is replaced whole
+        layout.check_replaceable(paths.dir)  # before any work: it is replaced whole
         inputs_key = digest(
             {
                 "score_key": provenance.key,

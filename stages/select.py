@@ -178,7 +178,7 @@ def run(cfg: Config) -> list[Path]:
         pending = bands_to_select(cfg, layout, scan_scores(files), provenance)
         for name in pending:  # before any work: what publishing will replace must be midrank's
             for folder in (layout.band(name).dir, layout.band(name).rejected):
-                layout.check_replaceable(layout.check_inside(folder))
+                layout.check_replaceable(folder)
         if pending:
             write_bands(cfg, layout, plan, pending, shards_of_rank(len(plan.shards), rank, world_size))
             shards = len(plan.shards)
