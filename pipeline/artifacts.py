@@ -73,9 +73,13 @@ def digest(value: Any) -> str:
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary name beside `path` to write to; renamed to `path` when the block ends well, and
-    removed when it does not. An error writing it (a full or read-only disk) names `path`."""
+    removed when it does not. An error writing it (a full or read-only disk) names `path`.
+
+    Whatever stands at the temporary name (a killed run's leftover, or a link planted there) is
+    unlinked first, so the writer creates a new file instead of writing through a link."""
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # ranks share disks
     try:
+        tmp.unlink(missing_ok=True)
         yield tmp
         os.replace(tmp, path)
     except (OSError, pa.ArrowException) as err:

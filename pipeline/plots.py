@@ -21,7 +21,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap, LogNorm
 
-# labels come from the data (source names, band names): "$x^$" is a name, not math to typeset
+from pipeline.log import inert
+
+# labels come from the data (source names, band names): "$x^$" is a name, not math to typeset, and
+# a control character is shown escaped (`inert`)
 matplotlib.rcParams["text.parse_math"] = False
 
 ALL_COLOR, KEPT_COLOR, CUT_COLOR = "#9aa5b1", "#d9480f", "#1c7ed6"
@@ -53,7 +56,7 @@ def plot_histograms(
         if panel.band is not None:
             for cut in panel.band:
                 ax.axvline(cut, color=CUT_COLOR, linestyle="--", linewidth=1.2)
-        ax.set_title(f"{panel.title}  (n={int(panel.counts.sum()):,})", fontsize=10)
+        ax.set_title(inert(f"{panel.title}  (n={int(panel.counts.sum()):,})"), fontsize=10)
         ax.set_xlabel(xlabel, fontsize=9)
         ax.set_ylabel("samples", fontsize=9)
         if log_x:
@@ -66,7 +69,7 @@ def plot_histograms(
         labels.append("band cut-offs")
     fig.legend(handles, labels, loc="upper right", fontsize=9)
     if title:
-        fig.suptitle(title, fontsize=12, x=0.02, ha="left")
+        fig.suptitle(inert(title), fontsize=12, x=0.02, ha="left")
     fig.tight_layout(rect=(0, 0, 0.88 if columns == 1 else 0.94, 0.95 if title else 1))
     return _save(fig, path)
 
@@ -119,7 +122,7 @@ def plot_loss_vs_length(
             ax.plot([], [], color=CUT_COLOR, linestyle="--", label="band cut-offs")
     if bands or curve is not None or kept is not None:
         ax.legend(fontsize=8, loc="upper right")
-    ax.set_title(title)
+    ax.set_title(inert(title))
     fig.tight_layout()
     return _save(fig, path)
 
@@ -150,7 +153,7 @@ def plot_paired_losses(
     ax.set_xlabel(axes[0])
     ax.set_ylabel(axes[1])
     ax.legend(fontsize=8, loc="upper left")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(inert(title), fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -7,7 +7,11 @@ refused in one line (or worked) and the snapshot is unchanged."""
 import errno
 import hashlib
 import json
+import os
 import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
@@ -39,6 +43,19 @@ def snapshot(root: Path) -> dict[str, str]:
 def without_locks(seen: dict[str, str]) -> dict[str, str]:
     """A snapshot less the lock files, whose records every run rewrites."""
     return {name: value for name, value in seen.items() if not name.startswith("out/.locks")}
+
+
+@contextmanager
+def nothing_changes_outside(root: Path, out: str = "out") -> Iterator[None]:
+    """Everything below `root` but the out_dir `root/out` is the same after the block as before."""
+    inside = Path(out).parts
+
+    def outside() -> dict[str, str]:
+        return {name: v for name, v in snapshot(root).items() if Path(name).parts[: len(inside)] != inside}
+
+    before = outside()
+    yield
+    assert outside() == before
 
 
 def errors(caplog) -> list[str]:
@@ -82,7 +99,7 @@ def test_select_never_replaces_a_band_folder_it_did_not_make(scored, caplog, fol
     foreign = world / "out" / folder
     foreign.mkdir(parents=True)
     (foreign / "notes.txt").write_text("mine")
-    before = without_locks(snapshot(world))
+    before = without_locks(snapshot(world))  # nothing inside out_dir changes either
     refused(
         caplog,
         cli(config, "select", BAND),
@@ -97,17 +114,18 @@ def test_inspect_never_replaces_a_report_folder_it_did_not_make(scored, caplog):
     foreign = world / "out" / "reports" / "main"
     foreign.mkdir(parents=True)
     (foreign / "slides.pdf").write_text("mine")
+    before = without_locks(snapshot(world))
     refused(caplog, cli(config, "inspect", BAND), f"refusing to delete or replace {foreign}")
-    assert (foreign / "slides.pdf").read_text() == "mine"
-    assert not list(foreign.parent.glob(".*.tmp"))
+    assert without_locks(snapshot(world)) == before
 
 
 def test_the_folders_midrank_makes_carry_its_marker(scored):
     """The marker is what lets a later run replace them: every folder a stage makes holds one."""
     config, world = scored
     overrides = [BAND, "train.max_steps=1", "train.band=mid", "train.max_tokens=32", "train.batch_size=2"]
-    for command in ("select", "inspect", "train"):
-        assert main(cli(config, command, *overrides)) == 0
+    with nothing_changes_outside(world):
+        for command in ("select", "inspect", "train"):
+            assert main(cli(config, command, *overrides)) == 0
     out = world / "out"
     # not the checkpoint-N folders the Trainer makes and deletes itself
     made = [p for p in out.rglob("*") if p.is_dir() and not p.name.startswith("checkpoint-")]
@@ -136,12 +154,12 @@ def test_a_symlinked_folder_sends_no_write_outside(scored, caplog, link, command
     else:
         elsewhere.mkdir()
     (out / link).symlink_to(elsewhere)
-    before = snapshot(elsewhere)
-    refused(caplog, cli(config, command, *overrides), "leads outside")
-    assert snapshot(elsewhere) == before
+    with nothing_changes_outside(world):
+        refused(caplog, cli(config, command, *overrides), "leads outside")
 
 
 def test_a_symlinked_selection_manifest_is_replaced_not_written_through(scored):
+    """Neither a link at the manifest's name nor one at its temporary name is written through."""
     config, world = scored
     overrides = [BAND, "train.max_steps=1", "train.band=mid", "train.max_tokens=32", "train.batch_size=2"]
     for command in ("select", "train"):
@@ -150,21 +168,25 @@ def test_a_symlinked_selection_manifest_is_replaced_not_written_through(scored):
     (run / "metrics.json").unlink()  # trained again: it writes its files again
     (run / "selection_manifest.json").unlink()
     (run / "selection_manifest.json").symlink_to(world / "precious" / "thesis.txt")
-    assert main(cli(config, "train", *overrides)) == 0
-    assert (world / "precious" / "thesis.txt").read_text() == "years of work"
+    # and at the temporary name it is written to before the rename (this process writes it)
+    planted = run / f".selection_manifest.json.{socket.gethostname()}.{os.getpid()}.tmp"
+    planted.symlink_to(world / "precious" / "thesis.txt")
+    with nothing_changes_outside(world):
+        assert main(cli(config, "train", *overrides)) == 0
     assert not (run / "selection_manifest.json").is_symlink()
 
 
 def test_a_job_id_in_the_environment_names_no_folder(scored, monkeypatch):
     """Select's ranks meet in staging folders named by what they decide, never by an id from the
-    environment: a hostile one changes nothing."""
+    environment: a hostile one in a two-rank job changes nothing outside out_dir."""
+    from tests.helpers import torchrun
+
     config, world = scored
     monkeypatch.setenv("MIDRANK_JOB_ID", "../../../victim")
     monkeypatch.setenv("SLURM_JOB_ID", "../../victim")
-    before = snapshot(world / "precious")
-    assert main(cli(config, "select", BAND)) == 0
-    assert snapshot(world / "precious") == before
-    assert not list(world.parent.glob("victim*")) and not list(world.glob("victim*"))
+    with nothing_changes_outside(world.parent, out="world/out"):
+        result = torchrun("select", "--config", str(config), BAND, nproc=2)
+        assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_a_hash_sign_in_an_input_path_selects(tmp_path, tiny_model_dir):
@@ -173,8 +195,9 @@ def test_a_hash_sign_in_an_input_path_selects(tmp_path, tiny_model_dir):
     texts = make_texts(12, seed=6)
     corpus = write_corpus(folder / "x#1.jsonl", texts)
     config = write_config(tmp_path, corpus, tiny_model_dir)
-    assert main(cli(config, "score")) == 0
-    assert main(cli(config, "select", "select.bands=[{name: all, strategy: all}]")) == 0
+    with nothing_changes_outside(tmp_path):
+        assert main(cli(config, "score")) == 0
+        assert main(cli(config, "select", "select.bands=[{name: all, strategy: all}]")) == 0
     rows = pl.read_parquet(Layout(tmp_path / "out").band("all").dir / "*.parquet")
     assert sorted(rows["text"]) == sorted(texts)
 
@@ -184,9 +207,10 @@ def test_a_lone_surrogate_is_a_bad_row_not_a_crash(tmp_path, tiny_model_dir, cap
     good = [json.dumps({"text": t, "source": "s"}) for t in make_texts(6, seed=2)]
     corpus.write_text("\n".join([*good, '{"text": "half \\ud800 pair", "source": "s"}']) + "\n")
     config = write_config(tmp_path, corpus, tiny_model_dir)
-    refused(caplog, cli(config, "corpus"), f"{corpus}, line 7, field 'text': a lone surrogate")
-    refused(caplog, cli(config, "score"), "a lone surrogate")
-    assert main(cli(config, "score", "corpus.on_error=skip")) == 0
+    with nothing_changes_outside(tmp_path):
+        refused(caplog, cli(config, "corpus"), f"{corpus}, line 7, field 'text': a lone surrogate")
+        refused(caplog, cli(config, "score"), "a lone surrogate")
+        assert main(cli(config, "score", "corpus.on_error=skip")) == 0
     assert json.loads((tmp_path / "out" / "scores" / "summary.json").read_text())["skipped"]["not_utf8"] == 1
 
 
@@ -195,8 +219,12 @@ def test_deeply_nested_json_is_a_bad_row_not_a_crash(tmp_path, tiny_model_dir, c
     nested = '{"text": "fine", "source": "s", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}"
     corpus.write_text(json.dumps({"text": "a text", "source": "s"}) + "\n" + nested + "\n")
     config = write_config(tmp_path, corpus, tiny_model_dir)
-    refused(caplog, cli(config, "corpus"), f"{corpus}, line 2: JSON nested too deeply")
-    assert main(cli(config, "corpus", "corpus.on_error=skip")) == 0
+    with nothing_changes_outside(tmp_path):
+        refused(caplog, cli(config, "corpus"), f"{corpus}, line 2: JSON nested too deeply")
+        assert main(cli(config, "score", "corpus.on_error=skip")) == 0
+    assert json.loads((tmp_path / "out" / "scores" / "summary.json").read_text())["skipped"] == {
+        "malformed_json": 1
+    }
 
 
 @pytest.mark.parametrize("command", ["inspect", "train"])
@@ -206,9 +234,11 @@ def test_a_damaged_band_file_is_named(scored, caplog, command):
     assert main(cli(config, "select", *overrides)) == 0
     part = sorted(Layout(world / "out").band("mid").dir.glob("part-*.parquet"))[0]
     part.write_bytes(part.read_bytes()[:-20])  # cut short
-    refused(caplog, cli(config, command, *overrides), f"{part}: damaged")
+    with nothing_changes_outside(world):
+        refused(caplog, cli(config, command, *overrides), f"{part}: damaged")
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # matplotlib warns of a glyph it lacks (ESC)
 def test_labels_from_the_data_are_inert_in_figures_and_on_the_terminal(tmp_path, tiny_model_dir):
     corpus = tmp_path / "c.jsonl"
     labels = ["$x^$", "\x1b[2J\x1b[31mred", "plain"]
@@ -219,11 +249,12 @@ def test_labels_from_the_data_are_inert_in_figures_and_on_the_terminal(tmp_path,
         )
     )
     config = write_config(tmp_path, corpus, tiny_model_dir)
-    process = midrank("corpus", "--config", str(config))  # a real terminal's view: it logs each source
-    output = process.stdout.read()
-    assert process.wait() == 0 and "\x1b" not in output and "\\x1b[2J\\x1b[31mred" in output, output
-    for command in ("score", "select", "inspect"):  # matplotlib typesets "$...$" unless told not to
-        assert main(cli(config, command, BAND)) == 0
+    with nothing_changes_outside(tmp_path):
+        process = midrank("corpus", "--config", str(config))  # a real terminal's view: it logs each source
+        output = process.stdout.read()
+        assert process.wait() == 0 and "\x1b" not in output and "\\x1b[2J\\x1b[31mred" in output, output
+        for command in ("score", "select", "inspect"):  # matplotlib typesets "$...$" unless told not to
+            assert main(cli(config, command, BAND)) == 0
     pngs = list((tmp_path / "out" / "reports" / "main").glob("*.png"))
     assert pngs and all(png.stat().st_size > 5_000 for png in pngs)
 
@@ -236,10 +267,16 @@ def test_labels_from_the_data_are_inert_in_figures_and_on_the_terminal(tmp_path,
         ({"SLURM_ARRAY_TASK_COUNT": "4"}, "SLURM_ARRAY_TASK_ID: not set"),
     ],
 )
-def test_a_launcher_environment_that_makes_no_sense_is_one_line(tmp_path, caplog, monkeypatch, env, match):
+def test_a_launcher_environment_that_makes_no_sense_is_one_line(
+    tmp_path, tiny_model_dir, caplog, monkeypatch, env, match
+):
+    config = write_config(tmp_path, write_corpus(tmp_path / "c.jsonl", make_texts(6, seed=1)), tiny_model_dir)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    refused(caplog, ["config", "--config", "configs/tiny.yaml"], match)
+    with nothing_changes_outside(tmp_path):
+        for command in ("config", "score", "select"):
+            refused(caplog, cli(config, command), match)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
@@ -255,19 +292,24 @@ def test_a_launcher_environment_that_makes_no_sense_is_one_line(tmp_path, caplog
         ("train.learning_rate=1e-4", "write 1.0e-4"),
     ],
 )
-def test_config_values_a_careless_user_writes_are_one_line(caplog, override, match):
-    refused(caplog, ["config", "--config", "configs/tiny.yaml", override], match)
+def test_config_values_a_careless_user_writes_are_one_line(tmp_path, tiny_model_dir, caplog, override, match):
+    config = write_config(tmp_path, write_corpus(tmp_path / "c.jsonl", make_texts(6, seed=1)), tiny_model_dir)
+    with nothing_changes_outside(tmp_path):
+        for command in ("config", "score", "inspect"):
+            refused(caplog, cli(config, command, override), match)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_lock_that_cannot_be_made_says_why(scored, caplog):
     config, world = scored
     (world / "out" / ".locks").rename(world / "out" / ".locks-moved")
     (world / "out" / ".locks").write_text("a file where the folder should be")
-    refused(
-        caplog,
-        cli(config, "select", BAND),
-        f"{world / 'out' / '.locks'}: a file stands where midrank makes a folder",
-    )
+    with nothing_changes_outside(world):
+        refused(
+            caplog,
+            cli(config, "select", BAND),
+            f"{world / 'out' / '.locks'}: a file stands where midrank makes a folder",
+        )
 
 
 def test_a_full_disk_in_inspect_leaves_no_temporary_folder(scored, caplog, monkeypatch):
@@ -278,7 +320,8 @@ def test_a_full_disk_in_inspect_leaves_no_temporary_folder(scored, caplog, monke
         raise OSError(errno.ENOSPC, "No space left on device", "index.html")
 
     monkeypatch.setattr("stages.inspect.render_report", full)
-    refused(caplog, cli(config, "inspect", BAND), "No space left on device; free some space")
+    with nothing_changes_outside(world):
+        refused(caplog, cli(config, "inspect", BAND), "No space left on device; free some space")
     assert not list((world / "out" / "reports").glob(".*.tmp"))
 
 
@@ -308,7 +351,8 @@ def test_train_on_a_full_disk_is_one_line(scored, caplog, monkeypatch):
     assert main(cli(config, "select", *overrides)) == 0
     usage, saves = shutil_module.disk_usage(world), []
     monkeypatch.setattr(shutil_module, "disk_usage", lambda _: usage._replace(free=2**20))  # 1 MiB
-    refused(caplog, cli(config, "train", *overrides), "1 MiB free, a run needs ~2; free some space")
+    with nothing_changes_outside(world):
+        refused(caplog, cli(config, "train", *overrides), "1 MiB free, a run needs ~2; free some space")
 
     def full(*args, **kwargs):  # what torch.save raises when a write comes up short
         saves.append(args)
@@ -319,4 +363,5 @@ def test_train_on_a_full_disk_is_one_line(scored, caplog, monkeypatch):
         shutil_module, "disk_usage", lambda _: usage._replace(free=2**10 if saves else usage.free)
     )
     monkeypatch.setattr(torch, "save", full)
-    refused(caplog, cli(config, "train", *overrides), "No space left on device; free some space")
+    with nothing_changes_outside(world):
+        refused(caplog, cli(config, "train", *overrides), "No space left on device; free some space")
