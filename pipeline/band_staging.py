@@ -17,7 +17,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.artifacts import digest
+from pipeline.artifacts import atomic_path, digest
 from pipeline.band_decision import Decision, manifest_for
 from pipeline.codec import encode
 from pipeline.config import BandConfig, Config, ConfigError, save_config, to_dict
@@ -121,7 +121,8 @@ def publish(cfg: Config, layout: Layout, name: str, band: Pending, shards: int) 
                     layout.remove(leftover)
             if cfg.select.jsonl:
                 frame = pl.read_parquet(part_files(staged.dir))
-                frame.select("sample_id", "source", "loss", "text").write_ndjson(staged.jsonl)
+                with atomic_path(staged.jsonl) as tmp:  # never through a link left in the staging
+                    frame.select("sample_id", "source", "loss", "text").write_ndjson(tmp)
             else:  # left by a cut run that wrote it
                 staged.jsonl.unlink(missing_ok=True)
             manifest = manifest_for(cfg, band.config, band.decision, band.summary, band.provenance)
@@ -143,10 +144,15 @@ def publish(cfg: Config, layout: Layout, name: str, band: Pending, shards: int) 
     return True
 
 
+def aside_of(target: Path, name: str) -> Path:
+    """Where `replace` moves a band's previous folder while the new one takes its place."""
+    return target.with_name(f".{name}.replaced")
+
+
 def replace(layout: Layout, name: str, staged: Path, target: Path) -> None:
     """The staged folder renamed to its final path; what was there is moved aside first and
     deleted after (`.<band>.replaced`, never a staging name), so no moment shows a mix."""
-    aside = target.with_name(f".{name}.replaced")
+    aside = aside_of(target, name)
     if aside.exists():  # left by a publish cut short
         layout.remove(aside)
     if target.exists():

@@ -32,6 +32,17 @@ def rank_and_world() -> tuple[int, int]:
     return rank, world
 
 
+def check_joinable(world: int) -> None:
+    """Training's ranks talk (gradients): they meet at MASTER_ADDR:MASTER_PORT, which torchrun sets
+    and a WORLD_SIZE set by hand does not."""
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and name not in os.environ]
+    if missing:
+        raise LaunchError(
+            f"{' and '.join(missing)}: not set, while WORLD_SIZE={world} asks for a job of {world} "
+            "processes that must meet; start them with torchrun"
+        )
+
+
 def number(name: str, default: str | None = None) -> int:
     """A whole number the launcher set in the environment."""
     value = os.environ.get(name, default)

@@ -139,20 +139,40 @@ class Layout:
             raise LayoutError(f"{blocking[0]}: a file stands where midrank makes a folder; move it away")
         path.mkdir(parents=True, exist_ok=True)
         for folder in reversed(missing):
-            (self.check_inside(folder) / MARKER).write_text(MARKER_TEXT)
+            self.mark(folder)
         return path
 
     def check_replaceable(self, path: Path) -> Path:
-        """`path`, after checking it stays inside out_dir and, if it is a folder, that midrank made
-        it (`MARKER` in it): no other folder is deleted or replaced."""
+        """`path` (a folder midrank replaces whole), after checking it stays inside out_dir and,
+        if it exists, that it is a folder midrank made (`MARKER` in it and in every folder below):
+        no other folder or file is deleted or replaced."""
         self.check_inside(path)
-        if path.is_dir() and not (path / MARKER).is_file():
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
             raise LayoutError(
-                f"refusing to delete or replace {path}: midrank did not make it (no {MARKER} file in "
-                f"it); move it away or use another out_dir (made by a midrank before the marker: "
-                f"`touch {path / MARKER}`)"
+                f"refusing to delete or replace {path}: midrank makes a folder there, and a "
+                f"{'link' if path.is_symlink() else 'file'} stands in its place; move it away"
             )
+        if path.is_dir():
+            for folder in (path, *sorted(p for p in path.rglob("*") if p.is_dir() and not p.is_symlink())):
+                if not (folder / MARKER).is_file():
+                    raise LayoutError(
+                        f"refusing to delete or replace {path}: midrank did not make "
+                        f"{'it' if folder == path else folder} (no "
+                        f"{MARKER} file in it); move it away or use another out_dir (made by a midrank "
+                        f"before the marker: `touch {folder / MARKER}`)"
+                    )
         return path
+
+    def mark(self, folder: Path) -> None:
+        """Claim a folder made for midrank by another library (the Trainer's checkpoint-N)."""
+        (self.check_inside(folder) / MARKER).write_text(MARKER_TEXT)
+
+    def check_all_inside(self, folder: Path) -> Path:
+        """`folder`, after checking that it and everything below it stays inside out_dir: a link
+        planted anywhere in a folder a library later writes into is refused before the write."""
+        for path in (folder, *folder.rglob("*")):  # rglob lists a link but does not follow it
+            self.check_inside(path)
+        return folder
 
     def check_inside(self, path: Path) -> Path:
         """`path`, after checking it stays inside out_dir once symlinks are followed."""
@@ -241,6 +261,11 @@ class Layout:
     def report_staging(self, name: str) -> ReportPaths:
         """Where a report is built before it is swapped in whole (one per process)."""
         return ReportPaths.at(self.reports_dir / f".{name}.{os.getpid()}.tmp")
+
+    def report_stagings(self, name: str) -> list[Path]:
+        """Every staging folder of report `name` (not of `name.x`, whose own lock guards it)."""
+        pattern = re.compile(rf"\.{re.escape(name)}\.\d+\.tmp")
+        return sorted(p for p in self.reports_dir.glob(f".{name}.*.tmp") if pattern.fullmatch(p.name))
 
     # training runs
     def train_run(self, name: str) -> RunPaths:

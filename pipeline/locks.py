@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.artifacts import advice
 from pipeline.codec import decode, encode, parse_json
@@ -51,9 +52,12 @@ def lock(layout: Layout, name: str) -> Iterator[None]:
     path = layout.lock(name)
     try:
         layout.make_dir(path.parent)
-        # opened without truncating: the previous holder's record must survive until we hold the lock
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        # opened without truncating: the previous holder's record must survive until we hold the
+        # lock; and never through a link, which would send the record's writes elsewhere
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise LockedError(f"{path}: a link stands where midrank keeps a lock file; remove it") from None
         if err.errno != errno.EROFS:
             raise LockedError(f"{path}: cannot take the lock ({err.strerror}); {advice(err)}") from None
         # nobody can write here, this run included: re-checking finished work needs no lock, and
@@ -77,11 +81,11 @@ def lock(layout: Layout, name: str) -> Iterator[None]:
                 f"{path}: a previous run ({describe(previous)}) ended without releasing it (killed?); "
                 "its unfinished work is resumed or redone"
             )
-        _write(fd, Holder(socket.gethostname(), os.getpid(), time.time(), list(sys.argv)))
+        _write(fd, Holder(socket.gethostname(), os.getpid(), time.time(), list(sys.argv)), path)
         try:
             yield
         finally:
-            _write(fd, None)  # any end but a kill leaves an empty record
+            _write(fd, None, path)  # any end but a kill leaves an empty record
     finally:
         os.close(fd)  # closing releases the lock
 
@@ -120,11 +124,14 @@ def _holder(fd: int) -> Holder | None:
         return UNKNOWN
 
 
-def _write(fd: int, holder: Holder | None) -> None:
-    os.ftruncate(fd, 0)
-    if holder is not None:
-        os.pwrite(fd, json.dumps(encode(holder)).encode(), 0)
-    os.fsync(fd)
+def _write(fd: int, holder: Holder | None, path: Path) -> None:
+    try:
+        os.ftruncate(fd, 0)
+        if holder is not None:
+            os.pwrite(fd, json.dumps(encode(holder)).encode(), 0)
+        os.fsync(fd)
+    except OSError as err:  # a full disk: the error names the lock file
+        raise OSError(err.errno, err.strerror, str(path)) from None
 
 
 def describe(holder: Holder | None) -> str:

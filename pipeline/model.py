@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
 from pipeline.config import ConfigError, ModelConfig
@@ -116,7 +117,16 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             attn_implementation=cfg.attn_implementation,
         )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # a damaged or foreign directory
+    # a damaged or foreign directory; a config.json with a field of the wrong type (StrictDataclassError)
+    except (
+        OSError,
+        ValueError,
+        TypeError,
+        KeyError,
+        RuntimeError,
+        SafetensorError,
+        StrictDataclassError,
+    ) as err:
         message = " ".join(str(err).split())[:300]
         raise ConfigError(
             f"model.path: {cfg.path!r} cannot be loaded ({type(err).__name__}: {message})"

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap, LogNorm
 
+from pipeline.artifacts import atomic_path
 from pipeline.log import inert
 
 # labels come from the data (source names, band names): "$x^$" is a name, not math to typeset, and
@@ -159,8 +160,11 @@ def plot_paired_losses(
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # a fresh file, never written through a link; errors name `path`
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -195,9 +199,9 @@ def plot_compare(rows: list, reference: str, path: Path) -> Path:
                 ax.plot([low, high], [yi, yi], color=ALL_COLOR, linewidth=3.0, alpha=0.7)
             ax.plot([r.estimate.mean], [yi], "o", color=KEPT_COLOR if r.role == "primary" else "black")
         ax.axvline(0, color="black", linewidth=0.8)
-        ax.set_title(f"{metric}\n({first.unit}, lower is better)", fontsize=9)
+        ax.set_title(f"{inert(metric)}\n({first.unit}, lower is better)", fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
-    axes[0][0].set_yticks(y, labels, fontsize=9)
+    axes[0][0].set_yticks(y, [inert(label) for label in labels], fontsize=9)
     fig.suptitle(
         f"Difference (against {reference} unless named), 95% intervals over seeds and documents; "
         "shaded: the equivalence margin; orange: the primary contrast",

@@ -368,6 +368,8 @@ def _parse_json_line(line: bytes) -> dict | RowProblem:
         )
     except RecursionError:
         return RowProblem("malformed_json", "JSON nested too deeply to read (about 1,000 levels)")
+    except ValueError as err:  # a number Python will not read, e.g. an integer of over 4,300 digits
+        return RowProblem("malformed_json", f"malformed JSON: {' '.join(str(err).split())[:120]}")
     if not isinstance(value, dict):
         return RowProblem("not_an_object", f"a JSON {type(value).__name__}, not an object")
     return value

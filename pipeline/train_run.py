@@ -131,7 +131,10 @@ def start_or_resume(plan: RunPlan, rank: int) -> Path | None:
     """The checkpoint to resume from (None: a fresh start, whose settings are recorded)."""
     for folder in (plan.paths.dir, plan.paths.checkpoints):  # checkpoints: deleted once finished
         plan.layout.check_replaceable(plan.layout.make_dir(folder))
+    plan.layout.check_all_inside(plan.paths.dir)  # the Trainer and save_pretrained follow links
     resume = latest_checkpoint(plan.paths.checkpoints)
+    if resume and rank == 0:  # saved by this run's Trainer, perhaps killed before it was marked
+        plan.layout.mark(resume)
     identity = run_identity(plan.cfg, plan.layout, plan.data)
     check_resumable(identity, plan.paths, resume, plan.cfg.train.resume_changed_config)
     if resume:

@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from pipeline.codec import parse_json
 from pipeline.config import ConfigError, TrainConfig
+from pipeline.layout import Layout
 from pipeline.log import get_logger
 from pipeline.model import cpu_supports_bf16
 from pipeline.objectives import head_is_plain, objective_loss, packing_isolates, per_sample_losses, token_nll
@@ -50,6 +52,19 @@ class TrainedTokens(TrainerCallback, ExportableState):
 
     def state(self) -> dict:
         return {"args": {"tokens": self.tokens}, "attributes": {}}
+
+
+class MarkedCheckpoints(TrainerCallback):
+    """Each checkpoint-N folder the Trainer saves gets midrank's marker, so that the run's
+    `checkpoints/` can later be deleted whole (pipeline/layout.py deletes no unmarked folder)."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            self.layout.mark(folder)
 
 
 class EffectiveSamples:

@@ -185,7 +185,7 @@ def run(cfg: Config) -> Path:
             log.info(f"{paths.dir}: up to date with the scores and bands, nothing to do")
             return paths.dir
         # built in a temporary folder and swapped in whole: a report is never half old, half new
-        for stale in layout.reports_dir.glob(f".{cfg.inspect.name}.*.tmp"):  # left by a killed run
+        for stale in layout.report_stagings(cfg.inspect.name):  # left by a killed run
             layout.remove(stale)
         work = layout.report_staging(cfg.inspect.name)
         if work.dir.exists():

@@ -30,6 +30,7 @@ from pipeline.band_decision import decide, summarize
 from pipeline.band_parts import write_part
 from pipeline.band_staging import (
     Pending,
+    aside_of,
     decision_key,
     is_published,
     is_staged,
@@ -179,6 +180,7 @@ def run(cfg: Config) -> list[Path]:
         for name in pending:  # before any work: what publishing will replace must be midrank's
             for folder in (layout.band(name).dir, layout.band(name).rejected):
                 layout.check_replaceable(folder)
+                layout.check_replaceable(aside_of(folder, name))
         if pending:
             write_bands(cfg, layout, plan, pending, shards_of_rank(len(plan.shards), rank, world_size))
             shards = len(plan.shards)

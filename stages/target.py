@@ -58,6 +58,8 @@ def run(cfg: Config) -> Path:
     trained = train.run(fine_tune)
     drop_checkpoints(layout, paths)
     get_logger().info(f"target: the fine-tuned model is in {trained}/model; scoring the corpus with it")
+    if not cfg.target.out_dir:  # the default, inside out_dir: a folder of midrank's, marked
+        layout.make_dir(target_layout(cfg).out_dir)
     score.run(target_scoring_config(cfg))
     scores = target_layout(cfg).scores_dir
     get_logger().info(f"target: the target model's scores -> {scores}")

@@ -34,12 +34,12 @@ from pipeline.batching import pad_id_of
 from pipeline.config import Config, ConfigError, is_safe_name, save_config
 from pipeline.cpu_memory import tune_cpu_malloc
 from pipeline.evaluation import HeldOutSet, delta_table, held_out_records, log_delta_table
-from pipeline.launcher import rank_and_world
+from pipeline.launcher import check_joinable, rank_and_world
 from pipeline.layout import Layout
 from pipeline.locks import lock
 from pipeline.log import get_logger
 from pipeline.model import load_model
-from pipeline.outputs import RunMetrics, TrainSummary
+from pipeline.outputs import OutputError, RunMetrics, TrainSummary
 from pipeline.samples import SamplePolicy
 from pipeline.train_data import (
     TrainCollator,
@@ -47,6 +47,7 @@ from pipeline.train_data import (
 )
 from pipeline.train_run import RunPlan, finished_run, start_or_resume, training_data
 from pipeline.trainer import (
+    MarkedCheckpoints,
     ObjectiveTrainer,
     check_packing,
     resolve_precision,
@@ -139,11 +140,27 @@ def disk_errors_named(folder: Path, need: int) -> Iterator[None]:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)) from err
 
 
+@contextlib.contextmanager
+def damage_named(checkpoint: Path | None) -> Iterator[None]:
+    """A checkpoint cut short (torch's reader fails on it with a RuntimeError) named, with the way
+    out: resuming from the one before it."""
+    try:
+        yield
+    except RuntimeError as err:
+        if checkpoint is None or "PytorchStreamReader" not in str(err):
+            raise
+        raise OutputError(
+            f"{checkpoint}: damaged checkpoint ({' '.join(str(err).split())[:200]}); delete it to "
+            "resume from the one before, or delete the run's folder to start again"
+        ) from None
+
+
 def run(cfg: Config) -> Path:
     log = get_logger()
     started = time.perf_counter()
     tcfg, layout = cfg.train, Layout(cfg.out_dir)
     rank, world_size = rank_and_world()
+    check_joinable(world_size)
     data = training_data(cfg, layout)
     name = tcfg.name or f"{tcfg.objective}-{data.name}"
     if not is_safe_name(name):
@@ -182,8 +199,9 @@ def run(cfg: Config) -> Path:
             train_cfg=tcfg,
             trained_tokens=trained_tokens_at(resume),
         )
+        trainer.add_callback(MarkedCheckpoints(layout))
         room = check_room(paths.dir, model)
-        with disk_errors_named(paths.dir, room):
+        with disk_errors_named(paths.dir, room), damage_named(resume):
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             summary = train_summary(plan, trainer, result, resume, train_set)
             for entry in [plan.layout.make_dir(paths.model), *paths.model.iterdir()]:  # saves follow links

@@ -123,13 +123,14 @@ def test_the_folders_midrank_makes_carry_its_marker(scored):
     """The marker is what lets a later run replace them: every folder a stage makes holds one."""
     config, world = scored
     overrides = [BAND, "train.max_steps=1", "train.band=mid", "train.max_tokens=32", "train.batch_size=2"]
+    overrides.append("train.save_steps=1")
     with nothing_changes_outside(world):
         for command in ("select", "inspect", "train"):
             assert main(cli(config, command, *overrides)) == 0
     out = world / "out"
-    # not the checkpoint-N folders the Trainer makes and deletes itself
-    made = [p for p in out.rglob("*") if p.is_dir() and not p.name.startswith("checkpoint-")]
-    assert made and [p for p in made if not (p / MARKER).is_file()] == []
+    made = [p for p in out.rglob("*") if p.is_dir()]  # the Trainer's checkpoint-N included
+    assert any(p.name.startswith("checkpoint-") for p in made)
+    assert [p for p in made if not (p / MARKER).is_file()] == []
 
 
 @pytest.mark.parametrize(
@@ -158,8 +159,9 @@ def test_a_symlinked_folder_sends_no_write_outside(scored, caplog, link, command
         refused(caplog, cli(config, command, *overrides), "leads outside")
 
 
-def test_a_symlinked_selection_manifest_is_replaced_not_written_through(scored):
-    """Neither a link at the manifest's name nor one at its temporary name is written through."""
+def test_a_symlinked_selection_manifest_is_refused_not_written_through(scored, caplog):
+    """The run's folder is checked whole before training: a link out of it is refused, and a link
+    inside it would be replaced (written under a fresh name and renamed)."""
     config, world = scored
     overrides = [BAND, "train.max_steps=1", "train.band=mid", "train.max_tokens=32", "train.batch_size=2"]
     for command in ("select", "train"):
@@ -168,12 +170,19 @@ def test_a_symlinked_selection_manifest_is_replaced_not_written_through(scored):
     (run / "metrics.json").unlink()  # trained again: it writes its files again
     (run / "selection_manifest.json").unlink()
     (run / "selection_manifest.json").symlink_to(world / "precious" / "thesis.txt")
-    # and at the temporary name it is written to before the rename (this process writes it)
-    planted = run / f".selection_manifest.json.{socket.gethostname()}.{os.getpid()}.tmp"
-    planted.symlink_to(world / "precious" / "thesis.txt")
     with nothing_changes_outside(world):
-        assert main(cli(config, "train", *overrides)) == 0
-    assert not (run / "selection_manifest.json").is_symlink()
+        refused(caplog, cli(config, "train", *overrides), f"{run / 'selection_manifest.json'} leads outside")
+
+
+def test_a_link_at_a_files_temporary_name_is_replaced_not_written_through(tmp_path):
+    from pipeline.artifacts import write_text_atomic
+
+    (tmp_path / "precious.txt").write_text("mine")
+    planted = tmp_path / f".manifest.json.{socket.gethostname()}.{os.getpid()}.tmp"
+    planted.symlink_to(tmp_path / "precious.txt")
+    write_text_atomic(tmp_path / "manifest.json", "{}")
+    assert (tmp_path / "precious.txt").read_text() == "mine" and not planted.exists()
+    assert (tmp_path / "manifest.json").read_text() == "{}"
 
 
 def test_a_job_id_in_the_environment_names_no_folder(scored, monkeypatch):
@@ -365,3 +374,167 @@ def test_train_on_a_full_disk_is_one_line(scored, caplog, monkeypatch):
     monkeypatch.setattr(torch, "save", full)
     with nothing_changes_outside(world):
         refused(caplog, cli(config, "train", *overrides), "No space left on device; free some space")
+
+
+TRAIN = [
+    BAND,
+    "train.max_steps=1",
+    "train.save_steps=1",
+    "train.band=mid",
+    "train.max_tokens=32",
+    "train.batch_size=2",
+]
+
+
+@pytest.mark.parametrize("planted", ["checkpoints/checkpoint-1", "model/config.json"])
+def test_a_link_planted_in_a_run_folder_is_refused_before_training(scored, caplog, planted):
+    """The Trainer and save_pretrained write through links: every entry of the run's folder is
+    checked first."""
+    config, world = scored
+    assert main(cli(config, "select", *TRAIN)) == 0
+    run = world / "out" / "train" / "uniform-mid"
+    for folder in (run, run / "checkpoints", run / "model"):
+        Layout(world / "out").make_dir(folder)
+    (world / "precious" / "aim").mkdir()
+    (run / planted).symlink_to(world / "precious" / "aim")
+    with nothing_changes_outside(world):
+        refused(caplog, cli(config, "train", *TRAIN), f"{run / planted} leads outside")
+    assert [p for p in (run / "checkpoints").glob("checkpoint-*") if not p.is_symlink()] == []  # no step
+    assert not (run / "metrics.json").exists()
+
+
+def test_a_link_at_a_lock_file_is_not_written_through(scored, caplog):
+    config, world = scored
+    locks = world / "out" / ".locks"
+    (locks / "select.lock").unlink(missing_ok=True)
+    (locks / "select.lock").symlink_to(world / "precious" / "thesis.txt")
+    with nothing_changes_outside(world):
+        refused(caplog, cli(config, "select", BAND), f"{locks / 'select.lock'}: a link stands where")
+
+
+def test_a_figure_is_saved_under_a_fresh_name_never_through_a_link(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from pipeline.plots import _save
+
+    (tmp_path / "elsewhere.txt").write_text("mine")
+    (tmp_path / "deltas.png").symlink_to(tmp_path / "elsewhere.txt")
+    _save(plt.figure(), tmp_path / "deltas.png")
+    assert (tmp_path / "elsewhere.txt").read_text() == "mine"
+    assert not (tmp_path / "deltas.png").is_symlink() and (tmp_path / "deltas.png").stat().st_size > 0
+
+
+def test_a_link_left_in_a_band_staging_is_not_written_through(scored, monkeypatch):
+    """Rank 0 of two stages its part and leaves; a link planted at the band's JSONL in that staging
+    folder is replaced when rank 1 publishes, not written through."""
+    config, world = scored
+    band = ["select.bands=[{name: two, keep: 0.2}]", "select.jsonl=true"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(cli(config, "select", *band)) == 0
+    (staging,) = (world / "out" / "selected").glob(".two.*")
+    (staging / "data.jsonl").symlink_to(world / "precious" / "thesis.txt")
+    monkeypatch.setenv("RANK", "1")
+    with nothing_changes_outside(world):
+        assert main(cli(config, "select", *band)) == 0
+    published = world / "out" / "selected" / "two" / "data.jsonl"
+    assert not published.is_symlink() and published.read_text().count("\n") > 0
+
+
+@pytest.mark.parametrize(
+    ("command", "folder"),
+    [("select", "selected/mid"), ("select", "rejected/mid"), ("inspect", "reports/main")],
+)
+@pytest.mark.parametrize("standing", ["a file", "a folder of the user's inside"])
+def test_nothing_midrank_did_not_make_is_replaced_with_its_folder(scored, caplog, command, folder, standing):
+    config, world = scored
+    overrides = [BAND, "select.write_rejected=true", "inspect.bins=20"]
+    for made_by in ("select", "inspect"):
+        assert main(cli(config, made_by, *overrides)) == 0
+    path, manifest = world / "out" / folder, world / "out" / "selected" / "mid" / "manifest.json"
+    if standing == "a file":
+        Layout(world / "out").remove(path)
+        path.write_text("thesis")
+        match = f"refusing to delete or replace {path}: midrank makes a folder there, and a file"
+    else:
+        (path / "mine").mkdir()
+        (path / "mine" / "notes.txt").write_text("mine")
+        match = f"refusing to delete or replace {path}: midrank did not make {path / 'mine'}"
+    if manifest.exists():
+        manifest.unlink()  # the band is selected again (its report drawn again)
+    before = without_locks(snapshot(world))
+    refused(caplog, cli(config, command, *overrides), match)
+    assert without_locks(snapshot(world)) == before
+
+
+def test_a_full_disk_while_drawing_names_the_figure(scored, caplog, monkeypatch):
+    """What matplotlib raises when the disk is full: an OSError without a file name."""
+    config, world = scored
+    assert main(cli(config, "select", BAND)) == 0
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", full)
+    with nothing_changes_outside(world):
+        refused(caplog, cli(config, "inspect", BAND), ".png: No space left on device; free some space")
+    assert not list((world / "out" / "reports").glob(".*.tmp"))
+
+
+def test_a_number_python_will_not_read_is_a_bad_row(tmp_path, tiny_model_dir, caplog):
+    corpus = tmp_path / "c.jsonl"
+    huge = '{"text": "fine", "source": "s", "meta": ' + "1" * 5_000 + "}"
+    corpus.write_text(json.dumps({"text": "a text", "source": "s"}) + "\n" + huge + "\n")
+    config = write_config(tmp_path, corpus, tiny_model_dir)
+    with nothing_changes_outside(tmp_path):
+        refused(caplog, cli(config, "corpus"), f"{corpus}, line 2: malformed JSON: Exceeds the limit")
+        assert main(cli(config, "score", "corpus.on_error=skip")) == 0
+
+
+def test_a_damaged_checkpoint_is_named(scored, caplog):
+    config, world = scored
+    overrides = [*TRAIN, "train.max_steps=2", "train.name=r"]
+    assert main(cli(config, "select", *overrides)) == 0
+    assert main(cli(config, "train", *overrides)) == 0
+    run, checkpoint = (
+        world / "out" / "train" / "r",
+        world / "out" / "train" / "r" / "checkpoints" / "checkpoint-1",
+    )
+    (run / "metrics.json").unlink()  # a run killed after its first checkpoint, cut short
+    shutil.rmtree(run / "checkpoints" / "checkpoint-2", ignore_errors=True)
+    optimizer = checkpoint / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    with nothing_changes_outside(world):
+        refused(caplog, cli(config, "train", *overrides), f"{checkpoint}: damaged checkpoint")
+
+
+def test_a_model_config_with_a_field_of_the_wrong_type_is_one_line(scored, caplog, tiny_model_dir):
+    config, world = scored
+    model = world / "model"
+    shutil.copytree(tiny_model_dir, model)
+    settings = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**settings, "hidden_size": "x"}))
+    with nothing_changes_outside(world):
+        refused(
+            caplog,
+            cli(config, "score", f"model.path={model}", f"out_dir={world / 'out' / 'other'}"),
+            f"model.path: '{model}' cannot be loaded",
+        )
+
+
+def test_training_ranks_started_by_hand_are_told_to_use_torchrun(scored, caplog, monkeypatch):
+    config, world = scored
+    assert main(cli(config, "select", *TRAIN)) == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with nothing_changes_outside(world):
+        refused(caplog, cli(config, "train", *TRAIN), "MASTER_ADDR and MASTER_PORT: not set")
+
+
+def test_a_report_cleans_up_only_its_own_stagings(tmp_path):
+    layout = Layout(tmp_path)
+    for name in (".main.12.tmp", ".main.x.13.tmp", ".main.tmp", ".mainer.14.tmp"):
+        (tmp_path / "reports" / name).mkdir(parents=True)
+    assert [p.name for p in layout.report_stagings("main")] == [".main.12.tmp"]

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data import build_corpus, build_target, build_tasks
 from pipeline.artifacts import ProvenanceError
 from pipeline.config import ConfigError, load_config
-from pipeline.layout import Layout
+from pipeline.layout import MARKER, Layout
 from pipeline.outputs import BandManifest
 from stages import compare, inspect, score, select, target
 from tests.helpers import make_texts, write_config
@@ -84,6 +84,14 @@ def test_reducible_equals_the_difference_of_two_independent_forward_passes(reduc
             "Each sample's loss under the reference"
         )
         assert (report / f"reference_target-{band}.png").stat().st_size > 10_000
+
+
+def test_every_folder_the_target_model_takes_carries_the_marker(reducible_run):
+    """So that a later run may replace them, and no other folder (pipeline/layout.py)."""
+    path, _ = reducible_run
+    out = Path(load_config(path).out_dir)
+    made = [p for p in out.rglob("*") if p.is_dir()]
+    assert out / "target" in made and [p for p in made if not (p / MARKER).is_file()] == []
 
 
 def test_target_scores_over_other_samples_are_refused_naming_what_differs(reducible_run):
