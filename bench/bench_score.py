@@ -100,7 +100,12 @@ def run_naive(model_dir: str, corpus: Path) -> dict:
     return {"tokens": tokens, "seconds": seconds, "losses": losses}
 
 
-def run_midrank(model_dir: str, corpus: Path, dtype: str, out_dir: str) -> dict:
+def run_midrank(
+    model_dir: str, corpus: Path, dtype: str, out_dir: str, compile_mode: str, repeats: int
+) -> dict:
+    """The score stage, twice in one process (`repeats`): the first run is what a user waits for (end to end,
+    `first_done_at`), the second the steady state (start-up, allocator warm-up and compiling done;
+    Dynamo reuses what it compiled for the first run's model)."""
     import pyarrow.parquet as pq
 
     from pipeline.config import load_config
@@ -109,51 +114,69 @@ def run_midrank(model_dir: str, corpus: Path, dtype: str, out_dir: str) -> dict:
     from pipeline.outputs import ScoresSummary
     from stages import score
 
-    cfg = load_config(
-        None,
-        [
-            f"corpus.paths=[{corpus}]",
-            "corpus.num_shards=1",
-            f"model.path={model_dir}",
-            f"model.dtype={dtype}",
-            f"out_dir={out_dir}",
-            f"score.max_tokens={MAX_TOKENS}",
-        ],
-    )
-    preload_jemalloc(cfg.model)  # as `midrank score` does: under jemalloc when it is installed
-    score.run(cfg)
+    runs = []
+    for repeat in range(repeats):
+        cfg = load_config(
+            None,
+            [
+                f"corpus.paths=[{corpus}]",
+                "corpus.num_shards=1",
+                f"model.path={model_dir}",
+                f"model.dtype={dtype}",
+                f"out_dir={out_dir}/run{repeat}",
+                f"score.max_tokens={MAX_TOKENS}",
+                f"score.compile={compile_mode}",
+            ],
+        )
+        preload_jemalloc(cfg.model)  # as `midrank score` does: under jemalloc when it is installed
+        score.run(cfg)
+        runs.append(time.time())
     layout = Layout(cfg.out_dir)
     summary = ScoresSummary.read(layout.scores_summary)
     table = pq.read_table(layout.score_shard(0), columns=["sample_id", "loss"]).to_pylist()
     # sample_id is "<file>:<row>", the row being the document's index in the corpus file
     losses = {int(r["sample_id"].rsplit(":", 1)[1]): r["loss"] for r in table}
-    return {"tokens": summary.tokens, "seconds": summary.seconds, "losses": losses}
+    return {"tokens": summary.tokens, "seconds": summary.seconds, "losses": losses, "first_done_at": runs[0]}
 
 
 def child(args: argparse.Namespace) -> None:
     if args.child == "naive":
         result = run_naive(args.model, Path(args.corpus))
     else:
-        result = run_midrank(args.model, Path(args.corpus), args.dtype, args.out_dir)
+        result = run_midrank(
+            args.model, Path(args.corpus), args.dtype, args.out_dir, args.compile, int(args.repeats)
+        )
     result["peak_rss_mb"] = peak_rss_mb()
     Path(args.result).write_text(json.dumps(result))
 
 
-def spawn(kind: str, model: str, corpus: Path, work: Path, dtype: str = "float32", run: str = "") -> dict:
-    """A contender in its own process; `wall_s` is process start to results on disk."""
-    tag = f"{kind}-{dtype}-{Path(model).name}-{corpus.stem}{run}"
+def spawn(
+    kind: str,
+    model: str,
+    corpus: Path,
+    work: Path,
+    dtype: str = "float32",
+    run: str = "",
+    compile_mode: str = "false",
+    repeats: int = 2,
+) -> dict:
+    """A contender in its own process; `wall_s` is process start to (the first run's) results on
+    disk. A compiled run keeps Inductor's cache in `work/inductor`: cold the first time, warm after."""
+    tag = f"{kind}-{dtype}-{compile_mode}-{Path(model).name}-{corpus.stem}{run}"
     result = work / f"{tag}.json"
     command = [sys.executable, __file__, "--child", kind, "--model", model, "--corpus", str(corpus)]
     command += ["--dtype", dtype, "--out-dir", str(work / f"out-{tag}"), "--result", str(result)]
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, stderr=subprocess.PIPE, text=True, check=False)
+    command += ["--compile", compile_mode, "--repeats", str(repeats)]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")}
+    started, started_at = time.perf_counter(), time.time()
+    done = subprocess.run(command, cwd=ROOT, stderr=subprocess.PIPE, text=True, check=False, env=env)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"{kind} run failed:\n{done.stderr[-3000:]}")
     out = parse_json(result.read_text(), str(result), ValueError)
     out["losses"] = {int(k): v for k, v in out["losses"].items()}
     out["tokens_per_s"] = out["tokens"] / out["seconds"]
-    out["wall_s"] = wall
+    out["wall_s"] = out["first_done_at"] - started_at if "first_done_at" in out else wall
     return out
 
 
@@ -239,36 +262,62 @@ def write_corpus(docs: list[dict], path: Path) -> Path:
 
 
 def compare_vllm(
-    python: str, name: str, model_dir: str, corpus: Path, work: Path, mine: dict, params: int, peaks: dict
+    python: str,
+    name: str,
+    model_dir: str,
+    corpus: Path,
+    work: Path,
+    mine: dict[str, dict],
+    params: int,
+    peaks: dict,
 ) -> None:
-    """vLLM beside midrank bf16 on the same documents and targets: end to end (process start to
-    scores on disk), steady state (after start-up), MFU, and how far the rankings agree."""
+    """vLLM (bf16) beside midrank's runs on the same documents and targets: end to end (process start
+    to scores on disk), steady state (after start-up), MFU, and how far the rankings agree."""
     peer = spawn_vllm(python, model_dir, corpus, work)
-    if peer["tokens"] != mine["tokens"]:
+    eager = next(iter(mine.values()))
+    if peer["tokens"] != eager["tokens"]:
         sys.exit(
-            f"vLLM scored {peer['tokens']:,} targets, midrank {mine['tokens']:,}: not the same documents"
+            f"vLLM scored {peer['tokens']:,} targets, midrank {eager['tokens']:,}: not the same documents"
         )
-    peak = peaks["bfloat16"]
+    theirs_e2e, theirs_steady = peer["tokens"] / peer["wall_s"], peer["steady_tokens_per_s"]
+    print(f"{name:12s} {'run':24s} {'end to end':>11s} {'steady':>9s} {'MFU':>6s} {'wall':>7s}  (tokens/s)")
     rows = {
-        "(b) midrank bf16": (mine["tokens"] / mine["wall_s"], mine["tokens_per_s"], mine["wall_s"]),
-        "(c) vLLM bf16": (peer["tokens"] / peer["wall_s"], peer["steady_tokens_per_s"], peer["wall_s"]),
+        label: (run["tokens"] / run["wall_s"], run["tokens_per_s"], run["wall_s"])
+        for label, run in mine.items()
     }
-    print(f"{name:12s} {'run':16s} {'end to end':>11s} {'steady':>9s} {'MFU':>6s} {'wall':>7s}  (tokens/s)")
+    rows["(c) vLLM bf16"] = (theirs_e2e, theirs_steady, peer["wall_s"])
     for label, (end_to_end, steady, wall) in rows.items():
+        peak = peaks["float32" if "fp32" in label else "bfloat16"]
         print(
-            f"{name:12s} {label:16s} {end_to_end:11,.0f} {steady:9,.0f} {2 * params * steady / peak:6.1%} {wall:6.1f}s"
+            f"{name:12s} {label:24s} {end_to_end:11,.0f} {steady:9,.0f} {2 * params * steady / peak:6.1%} {wall:6.1f}s"
         )
-    (ours_e2e, ours_steady, _), (theirs_e2e, theirs_steady, _) = rows.values()
-    ids = sorted(mine["losses"])
-    ours = np.array([mine["losses"][i] for i in ids])
+    ids = sorted(eager["losses"])
     theirs = np.array([peer["losses"][i] for i in ids])
-    rho = np.corrcoef(ranks(ours), ranks(theirs))[0, 1]
-    a, b = band(ours), band(theirs)
-    print(
-        f"{name:12s} midrank / vLLM: end to end {ours_e2e / theirs_e2e:.2f}x, steady state "
-        f"{ours_steady / theirs_steady:.2f}x (vLLM engine start-up {peer['engine_start_s']:.0f}s); losses "
-        f"differ by up to {np.abs(ours - theirs).max():.3f} nats/token, Spearman {rho:.4f}, MidRanking band "
-        f"membership differs for {len(a ^ b) // 2} of {len(a)} samples\n"
+    for label, run in mine.items():
+        ours = np.array([run["losses"][i] for i in ids])
+        rho = np.corrcoef(ranks(ours), ranks(theirs))[0, 1]
+        a, b = band(ours), band(theirs)
+        print(
+            f"{name:12s} {label} / vLLM: end to end {rows[label][0] / theirs_e2e:.2f}x, steady state "
+            f"{rows[label][1] / theirs_steady:.2f}x; losses differ by up to {np.abs(ours - theirs).max():.3f} "
+            f"nats/token, Spearman {rho:.4f}, MidRanking band membership differs for {len(a ^ b) // 2} of {len(a)}"
+        )
+    print(f"{name:12s} vLLM engine start-up {peer['engine_start_s']:.0f}s\n")
+
+
+def cpu_kind() -> str:
+    """What oneDNN may use here: the CPU's bf16 features, less any ONEDNN_MAX_CPU_ISA cap."""
+    features = [
+        f
+        for f, has in (
+            ("AMX", torch.cpu._is_amx_tile_supported()),
+            ("avx512_bf16", torch.cpu._is_avx512_bf16_supported()),
+        )
+        if has
+    ]
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"CPU {'+'.join(features) or 'without bf16 instructions'}" + (
+        f", oneDNN capped at {cap}" if cap else ""
     )
 
 
@@ -291,7 +340,12 @@ def main() -> None:
         default=str(peers) if peers.exists() else "",
         help="the python of vLLM's own environment (`make bench-peers`); empty: no vLLM run",
     )
-    for hidden in ("--child", "--model", "--dtype", "--out-dir", "--result"):
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also run midrank bf16 with score.compile=true, cold and warm cache",
+    )
+    for hidden in ("--child", "--model", "--dtype", "--out-dir", "--result", "--compile", "--repeats"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -302,7 +356,8 @@ def main() -> None:
             sys.exit(f"{path} is missing: run `make data model` first")
 
     print(
-        f"# bench/bench_score.py — {os.cpu_count()} CPU threads, torch {torch.__version__}, {args.docs} documents"
+        f"# bench/bench_score.py — {os.cpu_count()} CPU threads, {cpu_kind()}, torch {torch.__version__}, "
+        f"{args.docs} documents"
     )
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     print(
@@ -321,7 +376,10 @@ def main() -> None:
             else:
                 parser.error(f"--models: unknown model {name!r}; known: embedded, 30m")
         failures: list[str] = []
-        header = f"{'model':12s} {'run':16s} {'tokens/s':>9s} {'ratio':>6s} {'peak RSS':>9s} {'MFU':>6s} {'max|Δloss| vs (a)':>18s}"
+        header = (
+            f"{'model':12s} {'run':24s} {'tokens/s':>9s} {'ratio':>6s} {'end to end':>10s} {'peak RSS':>9s} "
+            f"{'MFU':>6s} {'max|Δloss| vs (a)':>18s}"
+        )
         print(header)
         print("-" * len(header))
         for name, model_dir in models.items():
@@ -331,6 +389,11 @@ def main() -> None:
                 "(b) midrank fp32": spawn("midrank", model_dir, corpus, work, "float32"),
                 "(b) midrank bf16": spawn("midrank", model_dir, corpus, work, "bfloat16"),
             }
+            if args.compiled:
+                for cache in ("cold", "warm"):  # the second finds the first's compiled graphs
+                    runs[f"(b) bf16 compiled, {cache}"] = spawn(
+                        "midrank", model_dir, corpus, work, "bfloat16", cache, compile_mode="true"
+                    )
             naive = runs["(a) naive fp32"]
             ids = sorted(naive["losses"])
             reference = np.array([naive["losses"][i] for i in ids])
@@ -343,8 +406,8 @@ def main() -> None:
                 if not np.isfinite(losses).all() or ("fp32" in label and not worst <= 1e-3):
                     failures.append(f"{name} {label}: losses differ from (a) by up to {worst:.2e}")
                 print(
-                    f"{name:12s} {label:16s} {run['tokens_per_s']:9,.0f} {run['tokens_per_s'] / naive['tokens_per_s']:5.2f}x "
-                    f"{run['peak_rss_mb']:7,.0f}MB {mfu:6.1%} {worst:18.2e}"
+                    f"{name:12s} {label:24s} {run['tokens_per_s']:9,.0f} {run['tokens_per_s'] / naive['tokens_per_s']:5.2f}x "
+                    f"{run['tokens'] / run['wall_s']:10,.0f} {run['peak_rss_mb']:7,.0f}MB {mfu:6.1%} {worst:18.2e}"
                 )
             fp32 = np.array([runs["(b) midrank fp32"]["losses"][i] for i in ids])
             bf16 = np.array([runs["(b) midrank bf16"]["losses"][i] for i in ids])
@@ -354,10 +417,27 @@ def main() -> None:
                 f"{name:12s} bf16 vs fp32: Spearman {rho:.4f}; MidRanking band (skip 10%, keep 30%) "
                 f"membership differs for {len(a ^ b) // 2} of {len(a)} samples; {params / 1e6:.1f}M parameters\n"
             )
-            if args.vllm_python:
-                compare_vllm(
-                    args.vllm_python, name, model_dir, corpus, work, runs["(b) midrank bf16"], params, peaks
+            if args.compiled:
+                eager, cold, warm = (
+                    runs[k]
+                    for k in ("(b) midrank bf16", "(b) bf16 compiled, cold", "(b) bf16 compiled, warm")
                 )
+                compiled = np.array([warm["losses"][i] for i in ids])
+                worst = np.abs(compiled - bf16).max()
+                off = np.abs(compiled - reference).max()
+                if not off <= 0.1:  # bf16's own rounding moves a loss by ~0.05 against fp32
+                    failures.append(f"{name}: compiled losses differ from fp32 by up to {off:.3f}")
+                a, b = band(fp32), band(compiled)
+                print(
+                    f"{name:12s} compiled / eager bf16: steady state {warm['tokens_per_s'] / eager['tokens_per_s']:.2f}x; "
+                    f"start-up cost (first run's wall time over eager's) {cold['wall_s'] - eager['wall_s']:.0f}s with a "
+                    f"cold cache, {warm['wall_s'] - eager['wall_s']:.0f}s warm; losses differ by up to {worst:.4f} "
+                    f"(from fp32: {off:.4f}); MidRanking band membership against fp32 differs for "
+                    f"{len(a ^ b) // 2} of {len(a)}\n"
+                )
+            if args.vllm_python:
+                mine = {k: v for k, v in runs.items() if k.startswith("(b)")}
+                compare_vllm(args.vllm_python, name, model_dir, corpus, work, mine, params, peaks)
         if args.memory_scale:
             # Peak RSS varies from run to run (transient allocations inside PyTorch's CPU kernels),
             # so each size runs twice and both peaks are printed.
@@ -369,11 +449,11 @@ def main() -> None:
             big = write_corpus(docs, work / "docs10x.jsonl")
             sample = write_corpus(docs[:: args.memory_scale], work / "docs-sample.jsonl")
             small = [
-                spawn("midrank", models[name], sample, work, "bfloat16", f"s{i}")["peak_rss_mb"]
+                spawn("midrank", models[name], sample, work, "bfloat16", f"s{i}", repeats=1)["peak_rss_mb"]
                 for i in range(2)
             ]
             large = [
-                spawn("midrank", models[name], big, work, "bfloat16", f"l{i}")["peak_rss_mb"]
+                spawn("midrank", models[name], big, work, "bfloat16", f"l{i}", repeats=1)["peak_rss_mb"]
                 for i in range(2)
             ]
             print(

@@ -186,6 +186,13 @@ class ScoreConfig:
     num_workers: int = 1
     """DataLoader workers reading and tokenizing ahead of the model (0: in the main process)."""
 
+    compile: Literal[False, True, "auto"] = "auto"
+    """Run the model's body through `torch.compile` (`true`; YAML reads `on` so too) or not (`false`,
+    `off`): faster per token, at a start-up cost that Inductor's cache (under ~/.cache/midrank) cuts
+    on later runs (pipeline/compiling.py). `auto` scores the first window eagerly, then compiles when
+    the time it would save on the tokens left exceeds the measured cost of compiling. Losses agree
+    with eager scoring within the dtype's rounding."""
+
     prompt_format: Literal["chat_template", "plain"] = "chat_template"
     """Instruction data: render prompt and response with the tokenizer's chat template, or as
     BOS + prompt + blank line + response (`plain`). Chat data always uses the template."""

@@ -3,13 +3,15 @@
     loaded = load_model(cfg.model)     # -> LoadedModel(model, tokenizer, device)
 
 Weights load from safetensors only and `trust_remote_code` stays off unless the config turns it on.
-`dtype: auto` picks bf16 on CUDA devices and CPUs that support it (AVX512-BF16/AMX), fp32 elsewhere.
+`dtype: auto` picks bf16 on CUDA devices that support it and on CPUs with bf16 instructions
+(AMX or AVX512-BF16), fp32 elsewhere (`cpu_supports_bf16`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +41,32 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cpu_supports_bf16() -> bool:
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether this CPU multiplies bf16 faster than fp32, by what was measured (docs/results/
+    2026-12-05-score-compile.md; scoring SmolLM2-135M, bf16 over fp32 tokens/s):
+    - AMX that oneDNN may use (no ONEDNN_MAX_CPU_ISA cap below it): 3.4x;
+    - AVX512-BF16 without AMX (AMD EPYC): 1.7x;
+    - the same AMX CPU with oneDNN capped at AVX512_CORE_BF16: 0.7x, so fp32;
+    - AVX512 without bf16 instructions, which oneDNN's own check accepts but where it converts
+      every operand to fp32 first: fp32, like every CPU without AVX512.
+    Other architectures (ARM) keep oneDNN's check."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if torch.cpu._is_amx_tile_supported():
+        return cap in ("ALL", "DEFAULT") or "AMX" in cap
+    return bool(torch.cpu._is_avx512_bf16_supported()) and cap not in LOWER_THAN_AVX512_BF16
+
+
+# oneDNN's ISA names below AVX512_CORE_BF16 (ONEDNN_MAX_CPU_ISA)
+LOWER_THAN_AVX512_BF16 = (
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

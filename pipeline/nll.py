@@ -63,6 +63,17 @@ class NLLScorer:
         self.fp32_logits_from_mm = self.device.type == "cuda" and self.head.weight.dtype != torch.float32
         self.fast_path = self._head_path_matches_model()
 
+    def compile(self) -> None:
+        """What runs the model's layers, through torch.compile from now on (pipeline/compiling.py);
+        the LM head and the NLL stay eager: they run on the target positions only."""
+        from pipeline.compiling import compile_body
+
+        if self.fast_path:
+            self.body = compile_body(self.body)
+        else:
+            self.model = compile_body(self.model)
+        get_logger().info("scoring through torch.compile (the first batches of each length compile)")
+
     @torch.inference_mode()
     def _head_path_matches_model(self) -> bool:
         ids = torch.arange(16, device=self.device)[None] % self.head.weight.shape[0]

@@ -21,6 +21,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from pipeline.batching import ShardBatches
+from pipeline.compiling import AutoCompile
 from pipeline.config import Config, save_config
 from pipeline.cpu_memory import tune_cpu_malloc
 from pipeline.launcher import rank_and_world, shards_of_rank
@@ -52,6 +53,7 @@ def score_shard(
     tokenizer: Any,
     scorer: BudgetedScorer,
     progress: RowProgress,
+    auto: AutoCompile | None,
 ) -> dict[str, Any]:
     """Score one shard from its last checkpoint on, a window of rows at a time."""
     log = get_logger()
@@ -88,6 +90,8 @@ def score_shard(
         window_started = now
         writer.write_chunk(table, item["window_end"], stats)
         progress.advance(item["rows"], stats["tokens"])
+        if auto:
+            auto.advance(item["rows"], stats["tokens"], stats["seconds"])
     return writer.finish()
 
 
@@ -128,6 +132,9 @@ def run(cfg: Config) -> Path:
     scorer = BudgetedScorer(kernel, cfg.score.batch_tokens)
     scorer.probe_worst_batch(cfg.score.max_tokens, len(loaded.tokenizer))
     total_rows = sum(plan.shard_rows(s) for s in todo)
+    if cfg.score.compile is True:
+        kernel.compile()
+    auto = AutoCompile(kernel, total_rows) if cfg.score.compile == "auto" else None
     log.info(f"rank {rank}/{world_size}: {len(todo)} of {len(assigned)} shard(s) to score, {total_rows} rows")
     totals = empty_stats()
     with RowProgress(total_rows, "scoring", disable=rank != 0) as progress:
@@ -135,10 +142,16 @@ def run(cfg: Config) -> Path:
             with lock(layout, shard_lock(shard)):  # the shard's files are this run's alone
                 if is_scored(layout, shard, provenance):  # finished meanwhile by a run that held it
                     progress.advance(plan.shard_rows(shard))
+                    if auto:
+                        auto.advance(plan.shard_rows(shard))
                     continue
                 writer = ShardWriter(layout, shard, provenance)
                 progress.advance(writer.rows_done)
-                totals = add_stats(totals, score_shard(cfg, plan, writer, loaded.tokenizer, scorer, progress))
+                if auto:
+                    auto.advance(writer.rows_done)
+                totals = add_stats(
+                    totals, score_shard(cfg, plan, writer, loaded.tokenizer, scorer, progress, auto)
+                )
     elapsed = time.perf_counter() - started
     log.info(
         f"scored {totals['samples']} samples from {totals['rows']} rows (skipped: {format_counts(totals['skipped'])}), "

@@ -1,0 +1,99 @@
+"""score.compile: the compiled path scores what the eager path scores, and `auto` compiles only
+when the time it saves exceeds what compiling costs; model.dtype=auto follows the measurements."""
+
+import polars as pl
+import pytest
+import torch
+
+from pipeline import compiling
+from pipeline.compiling import AutoCompile, worth_compiling
+from pipeline.config import load_config
+from pipeline.layout import Layout
+from stages import score
+from tests.helpers import make_texts, write_config, write_corpus
+
+TOLERANCE = {"float32": 1e-4, "bfloat16": 0.02}  # nats/token: the dtype's rounding, not more
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_scoring_agrees_with_eager_scoring(tmp_path, tiny_model_dir, monkeypatch, dtype):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    corpus = write_corpus(tmp_path / "c.jsonl", make_texts(24, seed=5))
+    config = write_config(tmp_path, corpus, tiny_model_dir)
+    losses = {}
+    for mode in (False, True):
+        cfg = load_config(
+            config, [f"model.dtype={dtype}", f"score.compile={mode}", f"out_dir={tmp_path / str(mode)}"]
+        )
+        score.run(cfg)
+        files = sorted(Layout(cfg.out_dir).scores_dir.glob("part-*.parquet"))
+        losses[mode] = pl.read_parquet(files).sort("sample_id")
+    assert any((tmp_path / "inductor").iterdir())  # it compiled, and kept the cache where told
+    eager, compiled = losses[False], losses[True]
+    assert eager["sample_id"].to_list() == compiled["sample_id"].to_list()
+    assert eager["n_tokens"].to_list() == compiled["n_tokens"].to_list()
+    worst = (eager["loss"] - compiled["loss"]).abs().max()
+    assert worst <= TOLERANCE[dtype], worst
+
+
+class Kernel:
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.compiled = 0
+
+    def compile(self):
+        self.compiled += 1
+
+
+def test_auto_compiles_once_and_only_when_it_pays(monkeypatch):
+    monkeypatch.setattr(compiling, "cache_is_warm", lambda: False)
+    gain, cost = compiling.GAIN["cpu"], compiling.COST_S["cold"]
+    rate = 1_000.0  # tokens/s eager
+    # the tokens left at which compiling saves exactly what it costs
+    even = cost * rate / (1 - 1 / gain)
+    assert not worth_compiling(int(even * 0.99), rate, torch.device("cpu"))
+    assert worth_compiling(int(even * 1.01), rate, torch.device("cpu"))
+
+    # a first window of 100 rows, 10,000 tokens in 10 s: the rows left decide
+    for rows_to_score, expected in ((100 + int(even / 100 * 0.99), 0), (100 + int(even / 100 * 1.01), 1)):
+        kernel = Kernel()
+        auto = AutoCompile(kernel, rows_to_score)
+        auto.advance(100, 10_000, 10.0)
+        auto.advance(100, 10_000, 10.0)  # decided once, after the first window
+        assert kernel.compiled == expected
+
+
+def test_auto_counts_the_rows_a_resumed_run_finds_done(monkeypatch):
+    monkeypatch.setattr(compiling, "cache_is_warm", lambda: True)
+    kernel = Kernel()
+    auto = AutoCompile(kernel, rows_to_score=10**9)
+    auto.advance(10**9 - 200)  # scored by an earlier run: no time measured, no decision
+    assert not auto.decided
+    auto.advance(100, 10_000, 10.0)  # 100 rows left: not worth it
+    assert auto.decided and kernel.compiled == 0
+
+
+@pytest.mark.parametrize(
+    ("machine", "amx", "avx512_bf16", "cap", "expected"),
+    [
+        ("x86_64", True, True, None, True),  # AMX: bf16 3.4x fp32
+        ("x86_64", True, True, "AVX512_CORE_AMX", True),
+        ("x86_64", True, True, "AVX512_CORE_BF16", False),  # the same CPU, AMX withheld: 0.7x
+        ("x86_64", False, True, None, True),  # AVX512-BF16 alone (AMD EPYC): 1.7x
+        ("x86_64", False, True, "AVX2", False),
+        ("x86_64", False, False, None, False),  # AVX512 without bf16, or less: operands converted
+    ],
+)
+def test_model_dtype_auto_follows_what_was_measured(monkeypatch, machine, amx, avx512_bf16, cap, expected):
+    from pipeline import model
+
+    monkeypatch.setattr(model.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    if cap:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    else:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert model.cpu_supports_bf16() is expected
+    assert model.resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if expected else torch.float32)
