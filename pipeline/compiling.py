@@ -21,11 +21,12 @@ import torch
 from pipeline.log import get_logger
 
 # Measured by bench/bench_score.py --compiled (docs/results/2026-12-05-score-compile.md), SmolLM2-135M
-# in bf16 on a 2-core CPU with AMX: the stage's steady speed compiled over eager, and the seconds
-# compiling added to a first run, with a cold and a warm Inductor cache. No GPU has been measured:
-# there `auto` stays eager (bench/gpu_check.sh measures it).
-GAIN = {"cpu": 1.05}
-COST_S = {"cold": 66.0, "warm": 28.0}
+# in bf16 on a 2-core CPU with AMX, two runs: the stage's steady speed compiled over eager (1.05x
+# and 0.99x: the mean), and the seconds compiling added to a first run with a cold and a warm
+# Inductor cache (the larger of the two). No GPU has been measured: there `auto` stays eager
+# (bench/gpu_check.sh measures it).
+GAIN = {"cpu": 1.02}
+COST_S = {"cold": 76.0, "warm": 35.0}
 
 
 def inductor_cache() -> Path:

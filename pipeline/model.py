@@ -45,7 +45,7 @@ def cpu_supports_bf16() -> bool:
     2026-12-05-score-compile.md; scoring SmolLM2-135M, bf16 over fp32 tokens/s):
     - AMX that oneDNN may use (no ONEDNN_MAX_CPU_ISA cap below it): 3.4x;
     - AVX512-BF16 without AMX (AMD EPYC): 1.7x;
-    - the same AMX CPU with oneDNN capped at AVX512_CORE_BF16: 0.7x, so fp32;
+    - the same AMX CPU with oneDNN capped at AVX512_CORE_BF16: 0.7-0.8x, so fp32;
     - AVX512 without bf16 instructions, which oneDNN's own check accepts but where it converts
       every operand to fp32 first: fp32, like every CPU without AVX512.
     Other architectures (ARM) keep oneDNN's check."""
