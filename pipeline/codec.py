@@ -96,7 +96,7 @@ def decode(tp: Any, data: Any, where: str, error: type[ValueError]) -> Any:
     if tp is Any:
         return data
     if origin is Literal:
-        if data not in args:
+        if not any(data == a and type(data) is type(a) for a in args):  # 1 is not True
             fail(where, f"{data!r} is not one of {', '.join(map(repr, args))}")
         return data
     if origin is tuple or origin is list:

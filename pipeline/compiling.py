@@ -7,8 +7,8 @@
 Inductor keeps what it compiled under the user's cache folder (`$XDG_CACHE_HOME/midrank/inductor`,
 by default `~/.cache/midrank/inductor`; `TORCHINDUCTOR_CACHE_DIR` overrides it), so a second run on
 the same model shapes starts warm. `auto` scores the first window eagerly, then compiles when the
-eager time it would save on the tokens left exceeds what compiling costs; both figures are measured
-(docs/results/2026-12-05-score-compile.md).
+eager time it would save on the tokens left exceeds what compiling costs, at the gain measured on
+that device type (`GAIN`; none has shown one yet, so today `auto` stays eager).
 """
 
 from __future__ import annotations
@@ -20,18 +20,26 @@ import torch
 
 from pipeline.log import get_logger
 
-# Measured by bench/bench_score.py --compiled (docs/results/2026-12-05-score-compile.md), SmolLM2-135M
-# in bf16 on a 2-core CPU with AMX, two runs: the stage's steady speed compiled over eager (1.05x
-# and 0.99x: the mean), and the seconds compiling added to a first run with a cold and a warm
-# Inductor cache (the larger of the two). No GPU has been measured: there `auto` stays eager
-# (bench/gpu_check.sh measures it).
-GAIN = {"cpu": 1.02}
+# The stage's steady speed compiled over eager, by device type, where a gain has been measured:
+# none yet. On a 2-core CPU with AMX (SmolLM2-135M, bf16; bench/bench_score.py --compiled,
+# docs/results/2026-12-05-score-compile.md) two runs gave 1.05x and 0.99x, inside the machine's
+# run-to-run noise, and compiling mid-run would leave one score set holding eager and compiled
+# losses (up to 0.09 nats/token apart in bf16): so `auto` stays eager there, as on GPUs, which no
+# run has measured (bench/gpu_check.sh does). The seconds compiling added to a first run, with a
+# cold and a warm Inductor cache, are the larger of the two runs'.
+GAIN: dict[str, float] = {}
 COST_S = {"cold": 76.0, "warm": 35.0}
 
 
 def inductor_cache() -> Path:
-    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
-        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    """`TORCHINDUCTOR_CACHE_DIR` when the user set it, else midrank's folder in the user's cache.
+    torch sets the variable itself to its own default (under /tmp, emptied on reboot) as soon as
+    Dynamo is imported, which loading a model does: that value does not count as the user's."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return Path(chosen)
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "midrank" / "inductor"
 
@@ -45,14 +53,14 @@ def cache_is_warm() -> bool:
 def compile_body(body: torch.nn.Module) -> torch.nn.Module:
     """`body` compiled for every batch shape at once (`dynamic=True`: the lengths and row counts of
     pipeline/batching.py's batches do not each compile anew), with Inductor's cache kept."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache()))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache())  # read by Inductor at each use
     return torch.compile(body, dynamic=True)
 
 
 def worth_compiling(tokens_left: int, eager_tokens_per_s: float, device: torch.device) -> bool:
     """Whether compiling now saves time on the tokens left, at the measured gain and cost."""
     if device.type not in GAIN:
-        get_logger().info(f"score.compile=auto: no measurement on {device.type} yet; staying eager")
+        get_logger().info(f"score.compile=auto: no measured gain on {device.type}; staying eager")
         return False
     saved = tokens_left / eager_tokens_per_s * (1 - 1 / GAIN[device.type])
     cost = COST_S["warm" if cache_is_warm() else "cold"]

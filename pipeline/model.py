@@ -43,7 +43,7 @@ def resolve_device(name: str) -> torch.device:
 def cpu_supports_bf16() -> bool:
     """Whether this CPU multiplies bf16 faster than fp32, by what was measured (docs/results/
     2026-12-05-score-compile.md; scoring SmolLM2-135M, bf16 over fp32 tokens/s):
-    - AMX that oneDNN may use (no ONEDNN_MAX_CPU_ISA cap below it): 3.4x;
+    - AMX that oneDNN may use (no ONEDNN_MAX_CPU_ISA cap below it): 3.0-3.4x;
     - AVX512-BF16 without AMX (AMD EPYC): 1.7x;
     - the same AMX CPU with oneDNN capped at AVX512_CORE_BF16: 0.7-0.8x, so fp32;
     - AVX512 without bf16 instructions, which oneDNN's own check accepts but where it converts
@@ -51,7 +51,7 @@ def cpu_supports_bf16() -> bool:
     Other architectures (ARM) keep oneDNN's check."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
     if torch.cpu._is_amx_tile_supported():
         return cap in ("ALL", "DEFAULT") or "AMX" in cap
     return bool(torch.cpu._is_avx512_bf16_supported()) and cap not in LOWER_THAN_AVX512_BF16
