@@ -159,6 +159,8 @@ def parse_json(text: str | bytes, where: str, error: type[ValueError]) -> Any:
         return json.loads(text)
     except ValueError as err:
         raise error(f"{where}: cannot be read as JSON ({err})") from None
+    except RecursionError:
+        raise error(f"{where}: cannot be read as JSON (nested too deeply)") from None
 
 
 def read_json(path: Path, tp: Any, error: type[ValueError]) -> Any:

@@ -65,6 +65,11 @@ def lock(layout: Layout, name: str) -> Iterator[None]:
         get_logger().info(f"{layout.out_dir} is on a read-only disk: running without a lock")
         yield
         return
+    if os.fstat(fd).st_nlink > 1:  # a hard link: the file lives elsewhere too, and would be written
+        os.close(fd)
+        raise LockedError(
+            f"{path}: a file linked from elsewhere (a hard link) stands where midrank keeps a lock file; remove it"
+        )
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

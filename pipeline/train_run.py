@@ -132,6 +132,9 @@ def start_or_resume(plan: RunPlan, rank: int) -> Path | None:
     for folder in (plan.paths.dir, plan.paths.checkpoints):  # checkpoints: deleted once finished
         plan.layout.check_replaceable(plan.layout.make_dir(folder))
     plan.layout.check_all_inside(plan.paths.dir)  # the Trainer and save_pretrained follow links
+    evaluations = plan.layout.eval_before("any").parent  # the starting model's, written after it runs
+    if evaluations.exists():
+        plan.layout.check_all_inside(evaluations)
     resume = latest_checkpoint(plan.paths.checkpoints)
     if resume and rank == 0:  # saved by this run's Trainer, perhaps killed before it was marked
         plan.layout.mark(resume)

@@ -36,11 +36,13 @@ class TrainedTokens(TrainerCallback, ExportableState):
     def __init__(self, tokens: int = 0):
         self.tokens = tokens
         self.pending: torch.Tensor | None = None  # this rank's count since the last step
+        self.stepped = False
 
     def add(self, tokens: torch.Tensor) -> None:
         self.pending = tokens if self.pending is None else self.pending + tokens
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.stepped = True  # this run took a step: a later failure is not its checkpoint's
         # one all-reduce per optimizer step, beside DDP's gradient all-reduce; every rank has
         # run the same number of micro-batches (drop_last), so every rank gets here
         step = torch.zeros((), dtype=torch.long) if self.pending is None else self.pending.detach()
@@ -162,7 +164,13 @@ def trained_tokens_at(checkpoint: Path | None) -> int:
             f"train.name: {checkpoint} was written by an older midrank and does not carry the count of "
             "trained tokens; delete its run directory to train again, or give this run another name"
         )
-    return int(callbacks["TrainedTokens"]["args"]["tokens"])
+    try:
+        return int(callbacks["TrainedTokens"]["args"]["tokens"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(
+            f"{checkpoint / 'trainer_state.json'}: damaged (no count of trained tokens); delete "
+            f"{checkpoint} to resume from the checkpoint before it"
+        ) from None
 
 
 def check_packing(model, dataset, collator: TrainCollator) -> None:

@@ -92,6 +92,14 @@ def run(cfg: Config) -> Path:
     with lock(layout, f"compare-{c.name}"):
         # before any work: the report's files (and its cached evaluations) are replaced
         layout.check_replaceable(layout.report(c.name).dir)
+        for folder in (layout.report(c.name).dir, layout.eval_before("k").parent):
+            if folder.exists():
+                layout.check_all_inside(folder)
+        missing = [task for task in c.tasks if not Path(task).is_file()]
+        if missing:
+            raise ConfigError(
+                f"compare.tasks: {', '.join(missing)} not found (`make tasks` builds the embedded ones)"
+            )
         sets = timer.timed("select", select_sets, cfg, arms)
         budget = token_budget(cfg, sets, arms)
         steps = budget // c.tokens_per_step

@@ -141,17 +141,19 @@ def disk_errors_named(folder: Path, need: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def damage_named(checkpoint: Path | None) -> Iterator[None]:
-    """A checkpoint cut short (torch's reader fails on it with a RuntimeError) named, with the way
-    out: resuming from the one before it."""
+def damage_named(checkpoint: Path | None, trainer: ObjectiveTrainer) -> Iterator[None]:
+    """A failure while resuming, before this run's first step, is the checkpoint's: its files are
+    read then (weights, optimizer, scheduler, RNG states, configs), and a damaged one fails in
+    whichever library reads it. Named, with the way out: resuming from the checkpoint before it."""
     try:
         yield
-    except RuntimeError as err:
-        if checkpoint is None or "PytorchStreamReader" not in str(err):
+    except Exception as err:
+        if checkpoint is None or trainer.trained.stepped or (isinstance(err, OSError) and err.filename):
             raise
         raise OutputError(
-            f"{checkpoint}: damaged checkpoint ({' '.join(str(err).split())[:200]}); delete it to "
-            "resume from the one before, or delete the run's folder to start again"
+            f"{checkpoint}: damaged checkpoint, cannot resume from it ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:200]}); delete it to resume from the one before, or delete "
+            "the run's folder to start again"
         ) from None
 
 
@@ -201,7 +203,7 @@ def run(cfg: Config) -> Path:
         )
         trainer.add_callback(MarkedCheckpoints(layout))
         room = check_room(paths.dir, model)
-        with disk_errors_named(paths.dir, room), damage_named(resume):
+        with disk_errors_named(paths.dir, room), damage_named(resume, trainer):
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             summary = train_summary(plan, trainer, result, resume, train_set)
             for entry in [plan.layout.make_dir(paths.model), *paths.model.iterdir()]:  # saves follow links

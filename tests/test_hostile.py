@@ -491,7 +491,10 @@ def test_a_number_python_will_not_read_is_a_bad_row(tmp_path, tiny_model_dir, ca
         assert main(cli(config, "score", "corpus.on_error=skip")) == 0
 
 
-def test_a_damaged_checkpoint_is_named(scored, caplog):
+@pytest.mark.parametrize(
+    "damage", ["optimizer.pt cut", "model.safetensors cut", "optimizer.pt text", "tokens"]
+)
+def test_a_damaged_checkpoint_is_named(scored, caplog, damage):
     config, world = scored
     overrides = [*TRAIN, "train.max_steps=2", "train.name=r"]
     assert main(cli(config, "select", *overrides)) == 0
@@ -500,12 +503,43 @@ def test_a_damaged_checkpoint_is_named(scored, caplog):
         world / "out" / "train" / "r",
         world / "out" / "train" / "r" / "checkpoints" / "checkpoint-1",
     )
-    (run / "metrics.json").unlink()  # a run killed after its first checkpoint, cut short
+    (run / "metrics.json").unlink()  # a run killed after its first checkpoint, damaged
     shutil.rmtree(run / "checkpoints" / "checkpoint-2", ignore_errors=True)
-    optimizer = checkpoint / "optimizer.pt"
-    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    name, how = damage.split(" ") if " " in damage else ("trainer_state.json", damage)
+    target = checkpoint / name
+    if how == "cut":
+        target.write_bytes(target.read_bytes()[:100])
+    elif how == "text":
+        target.write_text("not a checkpoint")
+    else:  # trainer_state.json whose count of trained tokens is not a number
+        state = json.loads(target.read_text())
+        state["stateful_callbacks"]["TrainedTokens"]["args"]["tokens"] = "many"
+        target.write_text(json.dumps(state))
     with nothing_changes_outside(world):
-        refused(caplog, cli(config, "train", *overrides), f"{checkpoint}: damaged checkpoint")
+        refused(caplog, cli(config, "train", *overrides), f"{checkpoint}")
+    assert "damaged" in errors(caplog)[0]
+
+
+def test_midranks_own_json_nested_too_deeply_is_one_line(scored, caplog):
+    config, world = scored
+    assert main(cli(config, "select", BAND)) == 0
+    deep = "[" * 100_000 + "]" * 100_000
+    (world / "out" / ".locks" / "inspect-main.lock").write_text(deep)  # a lock's record: someone held it
+    manifest = world / "out" / "selected" / "mid" / "manifest.json"
+    manifest.write_text(deep)
+    with nothing_changes_outside(world):
+        refused(
+            caplog, cli(config, "inspect", BAND), f"{manifest}: cannot be read as JSON (nested too deeply)"
+        )
+
+
+def test_a_hard_linked_lock_file_is_not_written_through(scored, caplog):
+    config, world = scored
+    lock = world / "out" / ".locks" / "select.lock"
+    lock.unlink(missing_ok=True)
+    lock.hardlink_to(world / "precious" / "thesis.txt")
+    with nothing_changes_outside(world):
+        refused(caplog, cli(config, "select", BAND), f"{lock}: a file linked from elsewhere (a hard link)")
 
 
 def test_a_model_config_with_a_field_of_the_wrong_type_is_one_line(scored, caplog, tiny_model_dir):
