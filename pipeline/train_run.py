@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import re
 from pathlib import Path
 
 from pipeline.artifacts import digest
@@ -127,17 +128,25 @@ def check_resumable(identity: RunStart, paths: RunPaths, resume: Path | None, al
         )
 
 
+TRAINER_CHECKPOINT = re.compile(r"checkpoint-\d+")
+
+
 def start_or_resume(plan: RunPlan, rank: int) -> Path | None:
     """The checkpoint to resume from (None: a fresh start, whose settings are recorded)."""
-    for folder in (plan.paths.dir, plan.paths.checkpoints):  # checkpoints: deleted once finished
-        plan.layout.check_replaceable(plan.layout.make_dir(folder))
+    for folder in (plan.paths.dir, plan.paths.checkpoints):
+        plan.layout.make_dir(folder)
     plan.layout.check_all_inside(plan.paths.dir)  # the Trainer and save_pretrained follow links
     evaluations = plan.layout.eval_before("any").parent  # the starting model's, written after it runs
     if evaluations.exists():
         plan.layout.check_all_inside(evaluations)
+    # The Trainer's checkpoint-N folders inside the run's own checkpoints/ are this run's, even one
+    # a kill left unmarked (between its save and the marking callback) or half written
+    for checkpoint in plan.paths.checkpoints.glob("checkpoint-*"):
+        if rank == 0 and TRAINER_CHECKPOINT.fullmatch(checkpoint.name) and checkpoint.is_dir():
+            plan.layout.mark(checkpoint)
+    for folder in (plan.paths.dir, plan.paths.checkpoints):  # checkpoints: deleted once finished
+        plan.layout.check_replaceable(folder)
     resume = latest_checkpoint(plan.paths.checkpoints)
-    if resume and rank == 0:  # saved by this run's Trainer, perhaps killed before it was marked
-        plan.layout.mark(resume)
     identity = run_identity(plan.cfg, plan.layout, plan.data)
     check_resumable(identity, plan.paths, resume, plan.cfg.train.resume_changed_config)
     if resume:
