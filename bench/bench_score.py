@@ -47,14 +47,23 @@ def peak_rss_mb() -> float:
     return max(own, children) / 1024
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
-    """FLOP/s of a large square matmul: the attainable peak MFU is measured against."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_peak(dtype: torch.dtype, n: int = 2048, device: torch.device | None = None) -> float:
+    """FLOP/s of a large square matmul: the attainable peak MFU is measured against (on a GPU,
+    timed between synchronisations)."""
+    device = device or torch.device("cpu")
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     a @ b
+    sync()
     runs, started = 0, time.perf_counter()
     while time.perf_counter() - started < 2.0:
         a @ b
         runs += 1
+    sync()
     return 2 * n**3 * runs / (time.perf_counter() - started)
 
 

@@ -29,6 +29,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_score import matmul_peak  # noqa: E402  (this script's folder is on the path)
+
 from pipeline.batching import collate, pack_batches  # noqa: E402
 from pipeline.nll import BudgetedScorer, NLLScorer  # noqa: E402
 from pipeline.samples import Sample  # noqa: E402
@@ -43,19 +45,6 @@ TOLERANCE = {torch.bfloat16: 0.05, torch.float32: 1e-4}  # nats/token, alone aga
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int) -> float:
-    """FLOP/s of a large square matmul: the attainable peak MFU is measured against."""
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    a @ b
-    sync(device)
-    runs, started = 0, time.perf_counter()
-    while time.perf_counter() - started < 2.0:
-        a @ b
-        runs += 1
-    sync(device)
-    return 2 * n**3 * runs / (time.perf_counter() - started)
 
 
 def random_llama(shape: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
@@ -140,7 +129,7 @@ def main() -> None:
     shape = "tiny" if tiny else "1b"
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    peak = matmul_peak(dtype, device, 256 if tiny else 8192)
+    peak = matmul_peak(dtype, 256 if tiny else 8192, device)
     model = random_llama(shape, dtype, device)
     params = sum(p.numel() for p in model.parameters())
     samples = documents(docs, max_tokens, SHAPES[shape][-1])

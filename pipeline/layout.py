@@ -284,7 +284,12 @@ class Layout:
         """The lock a stage holds while it runs (pipeline/locks.py)."""
         return self.out_dir / ".locks" / f"{name}.lock"
 
+    @property
+    def evals_before_dir(self) -> Path:
+        """The starting models' held-out evaluations. Run names may not start with '.', so this
+        folder is never a run."""
+        return self.out_dir / "train" / ".eval-before"
+
     def eval_before(self, key: str) -> Path:
-        """The starting model's held-out evaluation; `key` hashes everything it depends on. Run
-        names may not start with '.', so this folder is never a run."""
-        return self.out_dir / "train" / ".eval-before" / f"{key}.json"
+        """The starting model's held-out evaluation; `key` hashes everything it depends on."""
+        return self.evals_before_dir / f"{key}.json"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import re
 from pathlib import Path
 
 from pipeline.artifacts import digest
@@ -21,7 +20,7 @@ from pipeline.launcher import rank_and_world
 from pipeline.layout import Layout, RunPaths, part_files
 from pipeline.log import get_logger
 from pipeline.outputs import OutputError, RunMetrics, RunStart
-from pipeline.trainer import latest_checkpoint
+from pipeline.trainer import latest_checkpoint, trainer_checkpoints
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -128,21 +127,17 @@ def check_resumable(identity: RunStart, paths: RunPaths, resume: Path | None, al
         )
 
 
-TRAINER_CHECKPOINT = re.compile(r"checkpoint-\d+")
-
-
 def start_or_resume(plan: RunPlan, rank: int) -> Path | None:
     """The checkpoint to resume from (None: a fresh start, whose settings are recorded)."""
     for folder in (plan.paths.dir, plan.paths.checkpoints):
         plan.layout.make_dir(folder)
     plan.layout.check_all_inside(plan.paths.dir)  # the Trainer and save_pretrained follow links
-    evaluations = plan.layout.eval_before("any").parent  # the starting model's, written after it runs
-    if evaluations.exists():
-        plan.layout.check_all_inside(evaluations)
+    if plan.layout.evals_before_dir.exists():  # the starting model's, written after it runs
+        plan.layout.check_all_inside(plan.layout.evals_before_dir)
     # The Trainer's checkpoint-N folders inside the run's own checkpoints/ are this run's, even one
     # a kill left unmarked (between its save and the marking callback) or half written
-    for checkpoint in plan.paths.checkpoints.glob("checkpoint-*"):
-        if rank == 0 and TRAINER_CHECKPOINT.fullmatch(checkpoint.name) and checkpoint.is_dir():
+    if rank == 0:
+        for checkpoint in trainer_checkpoints(plan.paths.checkpoints):
             plan.layout.mark(checkpoint)
     for folder in (plan.paths.dir, plan.paths.checkpoints):  # checkpoints: deleted once finished
         plan.layout.check_replaceable(folder)

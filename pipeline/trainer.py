@@ -139,6 +139,15 @@ def resolve_precision(name: str) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
+def trainer_checkpoints(checkpoints: Path) -> list[Path]:
+    """The Trainer's `checkpoint-<step>` folders in `checkpoints`, finished or not."""
+    return [
+        p
+        for p in checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if p.name.split("-")[-1].isdigit() and p.is_dir()
+    ]
+
+
 def latest_checkpoint(checkpoints: Path) -> Path | None:
     """The newest checkpoint the Trainer finished: trainer_state.json is the last file it writes."""
 
@@ -149,7 +158,7 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
             return False
         return True
 
-    found = [p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and complete(p)]
+    found = [p for p in trainer_checkpoints(checkpoints) if complete(p)]
     return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 

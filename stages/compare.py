@@ -92,7 +92,7 @@ def run(cfg: Config) -> Path:
     with lock(layout, f"compare-{c.name}"):
         # before any work: the report's files (and its cached evaluations) are replaced
         layout.check_replaceable(layout.report(c.name).dir)
-        for folder in (layout.report(c.name).dir, layout.eval_before("k").parent):
+        for folder in (layout.report(c.name).dir, layout.evals_before_dir):
             if folder.exists():
                 layout.check_all_inside(folder)
         missing = [task for task in c.tasks if not Path(task).is_file()]

@@ -206,8 +206,7 @@ def run(cfg: Config) -> Path:
         with disk_errors_named(paths.dir, room), damage_named(resume, trainer):
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             summary = train_summary(plan, trainer, result, resume, train_set)
-            for entry in [plan.layout.make_dir(paths.model), *paths.model.iterdir()]:  # saves follow links
-                plan.layout.check_inside(entry)
+            plan.layout.check_all_inside(plan.layout.make_dir(paths.model))  # saves follow links
             trainer.save_model(str(paths.model))
         if rank == 0:  # results, evaluation and the summary come from one rank
             tokenizer.save_pretrained(paths.model)
