@@ -10,6 +10,9 @@
 (b) midrank: the real stage (`stages.score.run`): token-budget batches sorted by length, chunked LM
     head on target positions only, tokenization in a DataLoader worker, Parquet output; under the
     malloc `midrank score` picks (jemalloc when installed: pipeline/cpu_memory.py).
+(c) vLLM, when its environment is there (`make bench-peers`), against midrank in the dtype
+    `model.dtype=auto` picks (and compiled, with --compiled), on --peer-docs documents: a full
+    scoring window by default.
 
 Each run is its own process, so peak RSS is its own. Prints tokens/s, the ratio to (a), peak RSS,
 MFU (2 x parameters x tokens/s against this machine's measured matmul peak in the same dtype), the
@@ -35,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipeline.codec import parse_json  # noqa: E402
+from pipeline.model import resolve_dtype  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MAX_TOKENS = 512
@@ -289,6 +293,9 @@ def compare_vllm(
             f"vLLM scored {peer['tokens']:,} targets, midrank {eager['tokens']:,}: not the same documents"
         )
     theirs_e2e, theirs_steady = peer["tokens"] / peer["wall_s"], peer["steady_tokens_per_s"]
+    print(
+        f"{name}: midrank against vLLM on {len(eager['losses'])} documents, {peer['tokens']:,} target tokens"
+    )
     print(f"{name:12s} {'run':24s} {'end to end':>11s} {'steady':>9s} {'MFU':>6s} {'wall':>7s}  (tokens/s)")
     rows = {
         label: (run["tokens"] / run["wall_s"], run["tokens_per_s"], run["wall_s"])
@@ -338,6 +345,12 @@ def main() -> None:
         help="comma-separated: embedded (the --embedded-model), 30m (a random ~30M Llama with its tokenizer)",
     )
     parser.add_argument("--docs", type=int, default=160, help="documents per run (file order)")
+    parser.add_argument(
+        "--peer-docs",
+        type=int,
+        default=512,
+        help="documents in the comparison with vLLM (default: one full window, score.window_rows)",
+    )
     parser.add_argument("--corpus", default="data/corpus/train.jsonl")
     parser.add_argument("--embedded-model", default="data/models/smollm2-135m")
     parser.add_argument(
@@ -445,8 +458,23 @@ def main() -> None:
                     f"{len(a ^ b) // 2} of {len(a)}\n"
                 )
             if args.vllm_python:
-                mine = {k: v for k, v in runs.items() if k.startswith("(b)")}
-                compare_vllm(args.vllm_python, name, model_dir, corpus, work, mine, params, peaks)
+                # on a corpus of its own: a full scoring window, as every window of a real corpus
+                # but its last is (a partial one pads more: the 160 first documents fill 76% of
+                # their batches, 512 fill 91%), in the dtype `model.dtype=auto` picks here
+                peer_corpus = write_corpus(all_docs[: args.peer_docs], work / "peer-docs.jsonl")
+                auto = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+                short = {"bfloat16": "bf16", "float32": "fp32"}[auto]
+                mine = {
+                    f"(b) midrank {short} (auto)": spawn(
+                        "midrank", model_dir, peer_corpus, work, auto, "peer"
+                    )
+                }
+                if args.compiled:
+                    cache = "warm" if (work / "inductor").is_dir() else "cold"
+                    mine[f"(b) bf16 compiled, {cache}"] = spawn(
+                        "midrank", model_dir, peer_corpus, work, "bfloat16", "peer", compile_mode="true"
+                    )
+                compare_vllm(args.vllm_python, name, model_dir, peer_corpus, work, mine, params, peaks)
         if args.memory_scale:
             # Peak RSS varies from run to run (transient allocations inside PyTorch's CPU kernels),
             # so each size runs twice and both peaks are printed.

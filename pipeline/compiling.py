@@ -21,12 +21,15 @@ import torch
 from pipeline.log import get_logger
 
 # The stage's steady speed compiled over eager, by device type, where a gain has been measured:
-# none yet. On a 2-core CPU with AMX (SmolLM2-135M, bf16; bench/bench_score.py --compiled,
-# docs/results/2026-12-05-score-compile.md) two runs gave 1.05x and 0.99x, inside the machine's
-# run-to-run noise, and compiling mid-run would leave one score set holding eager and compiled
-# losses (up to 0.09 nats/token apart in bf16): so `auto` stays eager there, as on GPUs, which no
-# run has measured (bench/gpu_check.sh does). The seconds compiling added to a first run, with a
-# cold and a warm Inductor cache, are the larger of the two runs'.
+# none yet. On a 2-core CPU with AMX (SmolLM2-135M, bf16; bench/bench_score.py --compiled): 1.05x,
+# 0.99x and 1.06x on 160 documents, 0.97x on a full window of 512
+# (docs/results/2026-12-05-score-compile.md, 2026-12-05-score-full-window.md); the kernel alone,
+# outside the stage (bench/profile_score.py), 1.11x and 0.97x under the jemalloc `midrank score`
+# runs on: inside the machine's run-to-run swing. A gain that small would not repay compiling, and
+# compiling mid-run would leave one score set holding eager and compiled losses (up to 0.09
+# nats/token apart in bf16): so `auto` stays eager there, as on GPUs, which no run has measured
+# (bench/gpu_check.sh does). The seconds compiling added to a first run, cold and warm cache, are
+# the largest measured.
 GAIN: dict[str, float] = {}
 COST_S = {"cold": 76.0, "warm": 35.0}
 

@@ -126,7 +126,7 @@ def run(cfg: Config) -> Path:
         if "jemalloc" in os.environ.get("LD_PRELOAD", "") and allocator != "jemalloc":
             # the loader only prints a message when it cannot use a preloaded library
             log.warning(f"jemalloc is in LD_PRELOAD but did not load: running on {allocator}'s malloc")
-    kernel = NLLScorer(loaded.model, cfg.score.head_chunk_tokens)
+    kernel = NLLScorer(loaded.model, cfg.score.head_chunk_tokens, count_correct=False)
     if not kernel.fast_path:
         log.warning("this model's logits are not lm_head(hidden): scoring through its full forward (slower)")
     scorer = BudgetedScorer(kernel, cfg.score.batch_tokens)
