@@ -10,9 +10,9 @@
 (b) midrank: the real stage (`stages.score.run`): token-budget batches sorted by length, chunked LM
     head on target positions only, tokenization in a DataLoader worker, Parquet output; under the
     malloc `midrank score` picks (jemalloc when installed: pipeline/cpu_memory.py).
-(c) vLLM, when its environment is there (`make bench-peers`), against midrank in the dtype
-    `model.dtype=auto` picks (and compiled, with --compiled), on --peer-docs documents: a full
-    scoring window by default.
+(c) vLLM, when its environment is there (`make bench-peers`), in bf16 and in the dtype
+    `model.dtype=auto` picks, against midrank in that dtype (and compiled, with --compiled), on
+    --peer-docs documents (a full scoring window by default); ratios are to the faster vLLM.
 
 Each run is its own process, so peak RSS is its own. Prints tokens/s, the ratio to (a), peak RSS,
 MFU (2 x parameters x tokens/s against this machine's measured matmul peak in the same dtype), the
@@ -204,13 +204,13 @@ def token_ids(model_dir: str, corpus: Path) -> list[list[int]]:
     ]
 
 
-def spawn_vllm(python: str, model: str, corpus: Path, work: Path) -> dict:
+def spawn_vllm(python: str, model: str, corpus: Path, work: Path, dtype: str) -> dict:
     """vLLM in its own virtual environment, on the ids midrank scores; `wall_s` as in spawn."""
-    docs, result = work / "vllm-docs.json", work / "vllm-result.json"
+    docs, result = work / "vllm-docs.json", work / f"vllm-result-{dtype}.json"
     ids = token_ids(model, corpus)
     docs.write_text(json.dumps(ids))
     command = [python, str(ROOT / "bench" / "vllm_peer.py"), "--model", model, "--docs", str(docs)]
-    command += ["--out", str(result)]
+    command += ["--out", str(result), "--dtype", dtype]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
@@ -283,42 +283,48 @@ def compare_vllm(
     mine: dict[str, dict],
     params: int,
     peaks: dict,
+    dtypes: list[str],
 ) -> None:
-    """vLLM (bf16) beside midrank's runs on the same documents and targets: end to end (process start
-    to scores on disk), steady state (after start-up), MFU, and how far the rankings agree."""
-    peer = spawn_vllm(python, model_dir, corpus, work)
+    """vLLM in each of `dtypes` beside midrank's runs on the same documents and targets: end to end
+    (process start to scores on disk), steady state (after start-up), MFU, and how far the rankings
+    agree; midrank's ratios are against the faster vLLM (its best dtype here)."""
+    short = {"bfloat16": "bf16", "float32": "fp32"}
+    peers = {f"(c) vLLM {short[d]}": spawn_vllm(python, model_dir, corpus, work, d) for d in dtypes}
     eager = next(iter(mine.values()))
-    if peer["tokens"] != eager["tokens"]:
-        sys.exit(
-            f"vLLM scored {peer['tokens']:,} targets, midrank {eager['tokens']:,}: not the same documents"
-        )
-    theirs_e2e, theirs_steady = peer["tokens"] / peer["wall_s"], peer["steady_tokens_per_s"]
+    for label, peer in peers.items():
+        if peer["tokens"] != eager["tokens"]:
+            sys.exit(
+                f"{label} scored {peer['tokens']:,} targets, midrank {eager['tokens']:,}: not the same documents"
+            )
     print(
-        f"{name}: midrank against vLLM on {len(eager['losses'])} documents, {peer['tokens']:,} target tokens"
+        f"{name}: midrank against vLLM on {len(eager['losses'])} documents, {eager['tokens']:,} target tokens"
     )
     print(f"{name:12s} {'run':24s} {'end to end':>11s} {'steady':>9s} {'MFU':>6s} {'wall':>7s}  (tokens/s)")
     rows = {
         label: (run["tokens"] / run["wall_s"], run["tokens_per_s"], run["wall_s"])
         for label, run in mine.items()
     }
-    rows["(c) vLLM bf16"] = (theirs_e2e, theirs_steady, peer["wall_s"])
+    for label, peer in peers.items():
+        rows[label] = (peer["tokens"] / peer["wall_s"], peer["steady_tokens_per_s"], peer["wall_s"])
     for label, (end_to_end, steady, wall) in rows.items():
         peak = peaks["float32" if "fp32" in label else "bfloat16"]
         print(
             f"{name:12s} {label:24s} {end_to_end:11,.0f} {steady:9,.0f} {2 * params * steady / peak:6.1%} {wall:6.1f}s"
         )
+    best = max(peers, key=lambda label: rows[label][1])
     ids = sorted(eager["losses"])
-    theirs = np.array([peer["losses"][i] for i in ids])
+    theirs = np.array([peers[best]["losses"][i] for i in ids])
     for label, run in mine.items():
         ours = np.array([run["losses"][i] for i in ids])
         rho = np.corrcoef(ranks(ours), ranks(theirs))[0, 1]
         a, b = band(ours), band(theirs)
         print(
-            f"{name:12s} {label} / vLLM: end to end {rows[label][0] / theirs_e2e:.2f}x, steady state "
-            f"{rows[label][1] / theirs_steady:.2f}x; losses differ by up to {np.abs(ours - theirs).max():.3f} "
+            f"{name:12s} {label} / {best[4:]}: end to end {rows[label][0] / rows[best][0]:.2f}x, steady state "
+            f"{rows[label][1] / rows[best][1]:.2f}x; losses differ by up to {np.abs(ours - theirs).max():.3f} "
             f"nats/token, Spearman {rho:.4f}, MidRanking band membership differs for {len(a ^ b) // 2} of {len(a)}"
         )
-    print(f"{name:12s} vLLM engine start-up {peer['engine_start_s']:.0f}s\n")
+    starts = ", ".join(f"{label[4:]} {peer['engine_start_s']:.0f}s" for label, peer in peers.items())
+    print(f"{name:12s} engine start-up: {starts}\n")
 
 
 def cpu_kind() -> str:
@@ -459,8 +465,9 @@ def main() -> None:
                 )
             if args.vllm_python:
                 # on a corpus of its own: a full scoring window, as every window of a real corpus
-                # but its last is (a partial one pads more: the 160 first documents fill 76% of
-                # their batches, 512 fill 91%), in the dtype `model.dtype=auto` picks here
+                # but its last is (a partial one pads more: the 160 first documents fill 75% of
+                # their batches, 512 fill 91%), in the dtype `model.dtype=auto` picks here; vLLM
+                # in that dtype and in bf16, its default
                 peer_corpus = write_corpus(all_docs[: args.peer_docs], work / "peer-docs.jsonl")
                 auto = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
                 short = {"bfloat16": "bf16", "float32": "fp32"}[auto]
@@ -471,10 +478,13 @@ def main() -> None:
                 }
                 if args.compiled:
                     cache = "warm" if (work / "inductor").is_dir() else "cold"
-                    mine[f"(b) bf16 compiled, {cache}"] = spawn(
-                        "midrank", model_dir, peer_corpus, work, "bfloat16", "peer", compile_mode="true"
+                    mine[f"(b) {short} compiled, {cache}"] = spawn(
+                        "midrank", model_dir, peer_corpus, work, auto, "peer", compile_mode="true"
                     )
-                compare_vllm(args.vllm_python, name, model_dir, peer_corpus, work, mine, params, peaks)
+                dtypes = sorted({auto, "bfloat16"})
+                compare_vllm(
+                    args.vllm_python, name, model_dir, peer_corpus, work, mine, params, peaks, dtypes
+                )
         if args.memory_scale:
             # Peak RSS varies from run to run (transient allocations inside PyTorch's CPU kernels),
             # so each size runs twice and both peaks are printed.

@@ -133,7 +133,7 @@ def main() -> None:
     model = random_llama(shape, dtype, device)
     params = sum(p.numel() for p in model.parameters())
     samples = documents(docs, max_tokens, SHAPES[shape][-1])
-    kernel = NLLScorer(model)
+    kernel = NLLScorer(model, count_correct=False)  # as the score stage builds it
     scorer = BudgetedScorer(kernel, batch_tokens)
     scorer.probe_worst_batch(max_tokens, SHAPES[shape][-1])  # the largest shape first, as the stage does
     if device.type == "cuda":

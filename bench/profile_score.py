@@ -11,8 +11,8 @@ as the stage tunes it (`tune_cpu_malloc`), and jemalloc as `midrank score` prelo
 installed). Each scores every batch `--repeats` times eagerly, then compiles the body
 (`score.compile=true`'s `NLLScorer.compile`), passes once to compile every shape (into an Inductor
 cache of its own, cold), and scores `--repeats` times more. Prints the median rate of each, the
-compiled speed-up, and the operators of the largest batch under torch.profiler (eager, the last
-malloc).
+compiled speed-up, and the operators of the largest batch under torch.profiler, eager and
+compiled (the last malloc, after a warm-up call).
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def child(args: argparse.Namespace) -> None:
             f"score.max_tokens={args.max_tokens}",
         ],
     )
-    tune_cpu_malloc()
     loaded = load_model(cfg.model)
+    tune_cpu_malloc()  # where the stage does it
     batches = stage_batches(cfg, loaded.tokenizer)
     tokens = sum(int(b["target_mask"][:, 1:].sum()) for b in batches)
     padded = sum(b["input_ids"].numel() for b in batches)
@@ -88,14 +88,18 @@ def child(args: argparse.Namespace) -> None:
     compiled = rates()
     result = {"allocator": running_allocator(), "tokens": tokens, "padded": padded, "batches": len(batches)}
     result |= {"eager": eager, "compiled": compiled, "compile_s": compile_s}
-    if args.profile:
+    if args.profile:  # the largest batch, compiled (warm now), then eager on a warm scorer of its own
         from torch.profiler import ProfilerActivity, profile
 
-        fresh = NLLScorer(loaded.model, cfg.score.head_chunk_tokens, count_correct=False)
         largest = max(batches, key=lambda b: b["input_ids"].numel())
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            fresh(**largest)
-        result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
+        eager_kernel = NLLScorer(loaded.model, cfg.score.head_chunk_tokens, count_correct=False)
+        for label, run in (("compiled", kernel), ("eager", eager_kernel)):
+            run(**largest)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run(**largest)
+            result[f"profile {label}"] = prof.key_averages().table(
+                sort_by="self_cpu_time_total", row_limit=14
+            )
         result["profiled_shape"] = list(largest["input_ids"].shape)
     Path(args.result).write_text(json.dumps(result))
 
@@ -128,9 +132,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="data/models/smollm2-135m")
     parser.add_argument("--corpus", default="data/corpus/train.jsonl")
-    parser.add_argument("--docs", type=int, default=160, help="documents (file order): one window")
+    parser.add_argument(
+        "--docs",
+        type=int,
+        default=160,
+        help="documents (file order), in one window if at most score.window_rows",
+    )
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mallocs", default="glibc,jemalloc", help="comma-separated: glibc, jemalloc")
     parser.add_argument("--max-tokens", type=int, default=512)
     for hidden in ("--result", "--corpus-file"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -143,7 +153,10 @@ def main() -> None:
     for path in (args.corpus, args.model):
         if not Path(path).exists():
             sys.exit(f"{path} is missing: run `make data model` first")
-    allocators = ["glibc"] + (["jemalloc"] if ctypes.util.find_library("jemalloc") else [])
+    installed = ["glibc"] + (["jemalloc"] if ctypes.util.find_library("jemalloc") else [])
+    allocators = [a for a in args.mallocs.split(",") if a in installed]
+    if not allocators:
+        sys.exit(f"--mallocs {args.mallocs}: none of them is here (installed: {', '.join(installed)})")
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
     print(
         f"# bench/profile_score.py — {os.cpu_count()} CPU threads, AMX {torch.cpu._is_amx_tile_supported()}"
@@ -168,16 +181,16 @@ def main() -> None:
             f"{run['allocator']:10s} {eager:8,.0f} {compiled:9,.0f} {compiled / eager:14.2f}x "
             f"{run['compile_s']:16.0f}s"
         )
-    if "jemalloc" in runs:
+    if {"glibc", "jemalloc"} <= runs.keys():
         glibc, jemalloc = runs["glibc"], runs["jemalloc"]
         print(
             f"jemalloc / glibc: eager {statistics.median(jemalloc['eager']) / statistics.median(glibc['eager']):.2f}x, "
             f"compiled {statistics.median(jemalloc['compiled']) / statistics.median(glibc['compiled']):.2f}x"
         )
     last = runs[allocators[-1]]
-    print(
-        f"\nthe largest batch {last['profiled_shape']}, eager, under {last['allocator']}:\n{last['profile']}"
-    )
+    for label in ("eager", "compiled"):
+        print(f"\nthe largest batch {last['profiled_shape']}, {label}, under {last['allocator']}:")
+        print(last[f"profile {label}"])
 
 
 if __name__ == "__main__":

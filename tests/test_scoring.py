@@ -1,5 +1,6 @@
 """The scoring kernel and sample building, against an independent computation with a real model."""
 
+import copy
 import itertools
 
 import pytest
@@ -123,6 +124,22 @@ def test_full_forward_fallback_matches_fast_path(model_and_tokenizer):
     slow_scorer.fast_path = False
     slow = slow_scorer(**tensors)
     torch.testing.assert_close(fast.nll_sum, slow.nll_sum, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_score_stage_head_without_argmax_gives_the_same_numbers(model_and_tokenizer, dtype):
+    """count_correct=False (the score stage) takes the top logit with amax instead of max: the
+    losses must be bit for bit those with the argmax, on the fast path and the full forward."""
+    model, tokenizer = model_and_tokenizer
+    model = copy.deepcopy(model).to(dtype)
+    tensors = collate(samples_of(tokenizer, make_texts(8, seed=5)), tokenizer.pad_token_id)
+    for fast_path in (True, False):
+        with_argmax, without = NLLScorer(model), NLLScorer(model, count_correct=False)
+        with_argmax.fast_path = without.fast_path = fast_path
+        a, b = with_argmax(**tensors), without(**tensors)
+        assert torch.equal(a.nll_sum, b.nll_sum) and torch.equal(a.max_token_nll, b.max_token_nll)
+        assert torch.equal(a.n_tokens, b.n_tokens)
+        assert a.n_correct is not None and b.n_correct is None
 
 
 def test_bos_policy(model_and_tokenizer):
