@@ -42,6 +42,7 @@ from pipeline.model import resolve_dtype  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MAX_TOKENS = 512
+SHORT_DTYPE = {"bfloat16": "bf16", "float32": "fp32"}  # as the tables label runs
 NAIVE_BATCH = 16
 
 
@@ -288,8 +289,7 @@ def compare_vllm(
     """vLLM in each of `dtypes` beside midrank's runs on the same documents and targets: end to end
     (process start to scores on disk), steady state (after start-up), MFU, and how far the rankings
     agree; midrank's ratios are against the faster vLLM (its best dtype here)."""
-    short = {"bfloat16": "bf16", "float32": "fp32"}
-    peers = {f"(c) vLLM {short[d]}": spawn_vllm(python, model_dir, corpus, work, d) for d in dtypes}
+    peers = {f"(c) vLLM {SHORT_DTYPE[d]}": spawn_vllm(python, model_dir, corpus, work, d) for d in dtypes}
     eager = next(iter(mine.values()))
     for label, peer in peers.items():
         if peer["tokens"] != eager["tokens"]:
@@ -470,7 +470,7 @@ def main() -> None:
                 # in that dtype and in bf16, its default
                 peer_corpus = write_corpus(all_docs[: args.peer_docs], work / "peer-docs.jsonl")
                 auto = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
-                short = {"bfloat16": "bf16", "float32": "fp32"}[auto]
+                short = SHORT_DTYPE[auto]
                 mine = {
                     f"(b) midrank {short} (auto)": spawn(
                         "midrank", model_dir, peer_corpus, work, auto, "peer"

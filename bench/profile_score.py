@@ -70,22 +70,17 @@ def child(args: argparse.Namespace) -> None:
     scorer = BudgetedScorer(kernel, cfg.score.batch_tokens)
     scorer.probe_worst_batch(args.max_tokens, len(loaded.tokenizer))
 
-    def rates() -> list[float]:
-        out = []
-        for _ in range(args.repeats):
-            started = time.perf_counter()
-            for batch in batches:
-                scorer(batch)
-            out.append(tokens / (time.perf_counter() - started))
-        return out
+    def one_pass() -> float:
+        """Seconds to score every batch once."""
+        started = time.perf_counter()
+        for batch in batches:
+            scorer(batch)
+        return time.perf_counter() - started
 
-    eager = rates()
+    eager = [tokens / one_pass() for _ in range(args.repeats)]
     kernel.compile()
-    started = time.perf_counter()
-    for batch in batches:
-        scorer(batch)
-    compile_s = time.perf_counter() - started
-    compiled = rates()
+    compile_s = one_pass()
+    compiled = [tokens / one_pass() for _ in range(args.repeats)]
     result = {"allocator": running_allocator(), "tokens": tokens, "padded": padded, "batches": len(batches)}
     result |= {"eager": eager, "compiled": compiled, "compile_s": compile_s}
     if args.profile:  # the largest batch, compiled (warm now), then eager on a warm scorer of its own
@@ -105,13 +100,11 @@ def child(args: argparse.Namespace) -> None:
 
 
 def spawn(args: argparse.Namespace, allocator: str, work: Path, profile: bool) -> dict:
-    env = dict(os.environ)
-    env.pop("LD_PRELOAD", None)
-    if allocator == "jemalloc":
-        from pipeline.cpu_memory import JEMALLOC_CONF
+    from pipeline.cpu_memory import jemalloc_environ
 
-        env["LD_PRELOAD"] = ctypes.util.find_library("jemalloc")
-        env["MALLOC_CONF"] = JEMALLOC_CONF
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    if allocator == "jemalloc":
+        env = jemalloc_environ(env, ctypes.util.find_library("jemalloc"))
     env["TORCHINDUCTOR_CACHE_DIR"] = str(work / f"inductor-{allocator}")  # cold, and not the user's
     result = work / f"{allocator}.json"
     command = [sys.executable, __file__, "--child", "--result", str(result), "--model", args.model]

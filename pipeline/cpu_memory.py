@@ -25,6 +25,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from collections.abc import Mapping
 
 from pipeline.config import ModelConfig
 from pipeline.log import get_logger
@@ -55,11 +56,18 @@ def preload_jemalloc(cfg: ModelConfig) -> None:
             "(apt-get install libjemalloc2 keeps it flat; see pipeline/cpu_memory.py)"
         )
         return
-    env = {**os.environ, "LD_PRELOAD": " ".join(filter(None, [library, preloaded]))}
-    env["MALLOC_CONF"] = ",".join(filter(None, [JEMALLOC_CONF, env.get("MALLOC_CONF")]))
+    env = jemalloc_environ(os.environ, library)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def jemalloc_environ(environ: Mapping[str, str], library: str) -> dict[str, str]:
+    """`environ` with jemalloc (`library`) first in LD_PRELOAD and JEMALLOC_CONF ahead of any
+    MALLOC_CONF of the user's, as `midrank score` re-executes itself."""
+    env = {**environ, "LD_PRELOAD": " ".join(filter(None, [library, environ.get("LD_PRELOAD", "")]))}
+    env["MALLOC_CONF"] = ",".join(filter(None, [JEMALLOC_CONF, environ.get("MALLOC_CONF")]))
+    return env
 
 
 def running_allocator() -> str:
