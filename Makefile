@@ -135,7 +135,7 @@ bench-smoke: $(STAMP) tiny target-set-tiny
 	$(PY) bench/bench_score.py --models embedded,30m --embedded-model data/models/tiny \
 		--corpus data/corpus-tiny/train.jsonl --docs 4 --memory-scale 2 --vllm-python ""
 	$(PY) bench/profile_score.py --model data/models/tiny --corpus data/corpus-tiny/train.jsonl \
-		--docs 8 --dtype float32 --repeats 1
+		--docs 8 --dtype float32 --repeats 1 --inductor max-autotune
 	$(PY) bench/bench_split_context.py --model data/models/tiny --corpus data/corpus-tiny/train.jsonl \
 		--docs 2 --min-tokens 100 --max-tokens 64 --contexts 1,16,48
 	$(PY) bench/bench_rank_keys.py --config configs/tiny.yaml --corpus data/corpus-tiny/train.jsonl \

@@ -12,7 +12,11 @@ installed). Each scores every batch `--repeats` times eagerly, then compiles the
 (`score.compile=true`'s `NLLScorer.compile`), passes once to compile every shape (into an Inductor
 cache of its own, cold), and scores `--repeats` times more. Prints the median rate of each, the
 compiled speed-up, and the operators of the largest batch under torch.profiler, eager and
-compiled (the last malloc, after a warm-up call).
+compiled (the last malloc, after a warm-up call; eager before compiling, which compiles the
+model's layers in place). `--inductor` tries Inductor's CPU inference
+options the stage does not use: `freezing` (weights as constants, packed for oneDNN, pointwise
+work fused into the matmuls) and `max-autotune` (freezing, and Inductor's own AMX matmul templates
+with their neighbours fused in, chosen by timing each).
 """
 
 from __future__ import annotations
@@ -77,25 +81,32 @@ def child(args: argparse.Namespace) -> None:
             scorer(batch)
         return time.perf_counter() - started
 
-    eager = [tokens / one_pass() for _ in range(args.repeats)]
-    kernel.compile()
-    compile_s = one_pass()
-    compiled = [tokens / one_pass() for _ in range(args.repeats)]
-    result = {"allocator": running_allocator(), "tokens": tokens, "padded": padded, "batches": len(batches)}
-    result |= {"eager": eager, "compiled": compiled, "compile_s": compile_s}
-    if args.profile:  # the largest batch, compiled (warm now), then eager on a warm scorer of its own
+    def profiled(label: str) -> None:
+        """The operators of the largest batch, on a warm kernel."""
         from torch.profiler import ProfilerActivity, profile
 
         largest = max(batches, key=lambda b: b["input_ids"].numel())
-        eager_kernel = NLLScorer(loaded.model, cfg.score.head_chunk_tokens, count_correct=False)
-        for label, run in (("compiled", kernel), ("eager", eager_kernel)):
-            run(**largest)
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                run(**largest)
-            result[f"profile {label}"] = prof.key_averages().table(
-                sort_by="self_cpu_time_total", row_limit=14
-            )
+        kernel(**largest)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            kernel(**largest)
+        result[f"profile {label}"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
         result["profiled_shape"] = list(largest["input_ids"].shape)
+
+    result = {"allocator": running_allocator(), "tokens": tokens, "padded": padded, "batches": len(batches)}
+    eager = [tokens / one_pass() for _ in range(args.repeats)]
+    if args.profile:  # before compiling: compiling changes the model's layers in place
+        profiled("eager")
+    if args.inductor != "default":
+        import torch._inductor.config as inductor
+
+        inductor.freezing = True
+        inductor.max_autotune = args.inductor == "max-autotune"
+    kernel.compile()
+    compile_s = one_pass()
+    compiled = [tokens / one_pass() for _ in range(args.repeats)]
+    if args.profile:
+        profiled("compiled")
+    result |= {"eager": eager, "compiled": compiled, "compile_s": compile_s}
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -109,7 +120,14 @@ def spawn(args: argparse.Namespace, allocator: str, work: Path, profile: bool) -
     result = work / f"{allocator}.json"
     command = [sys.executable, __file__, "--child", "--result", str(result), "--model", args.model]
     command += ["--corpus-file", str(args.corpus_file), "--dtype", args.dtype]
-    command += ["--repeats", str(args.repeats), "--max-tokens", str(args.max_tokens)]
+    command += [
+        "--repeats",
+        str(args.repeats),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--inductor",
+        args.inductor,
+    ]
     command += ["--profile"] if profile else []
     done = subprocess.run(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, check=False)
     if done.returncode != 0:
@@ -135,6 +153,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mallocs", default="glibc,jemalloc", help="comma-separated: glibc, jemalloc")
     parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument(
+        "--inductor",
+        choices=["default", "freezing", "max-autotune"],
+        default="default",
+        help="how Inductor compiles (see above); default: as score.compile=true does",
+    )
     for hidden in ("--result", "--corpus-file"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -154,7 +178,7 @@ def main() -> None:
     print(
         f"# bench/profile_score.py — {os.cpu_count()} CPU threads, AMX {torch.cpu._is_amx_tile_supported()}"
         f"{f', oneDNN capped at {cap}' if cap else ''}, torch {torch.__version__}, {Path(args.model).name} "
-        f"{args.dtype}, the first {args.docs} documents of {args.corpus}"
+        f"{args.dtype}, the first {args.docs} documents of {args.corpus}, Inductor {args.inductor}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -8,7 +8,7 @@ Inductor keeps what it compiled under the user's cache folder (`$XDG_CACHE_HOME/
 by default `~/.cache/midrank/inductor`; `TORCHINDUCTOR_CACHE_DIR` overrides it), so a second run on
 the same model shapes starts warm. `auto` scores the first window eagerly, then compiles when the
 eager time it would save on the tokens left exceeds what compiling costs, at the gain measured on
-that device type (`GAIN`; none has shown one yet, so today `auto` stays eager).
+that device type (`GAIN`; empty today, see there, so `auto` stays eager).
 """
 
 from __future__ import annotations
@@ -20,18 +20,17 @@ import torch
 
 from pipeline.log import get_logger
 
-# The stage's steady speed compiled over eager, by device type, where a gain has been measured:
-# none yet. On a 2-core CPU with AMX (SmolLM2-135M, bf16; bench/bench_score.py --compiled): 1.05x,
-# 0.99x and 1.06x on 160 documents, 0.97x on a full window of 512
-# (docs/results/2026-12-05-score-compile.md, 2026-12-05-score-full-window.md); the kernel alone,
-# outside the stage (bench/profile_score.py), 1.11x and 0.97x under the jemalloc `midrank score`
-# runs on: inside the machine's run-to-run swing. A gain that small would not repay compiling, and
-# compiling mid-run would leave one score set holding eager and compiled losses (up to 0.09
-# nats/token apart in bf16): so `auto` stays eager there, as on GPUs, which no run has measured
-# (bench/gpu_check.sh does). The seconds compiling added to a first run, cold and warm cache, are
-# the largest measured.
+# The stage's steady speed compiled over eager, by device type, where `auto` may use it: none yet.
+# On a 2-core CPU with AMX (SmolLM2-135M, bf16), compiling the whole body gained 0.97-1.06x, inside
+# the machine's swing (docs/results/2026-12-05-score-full-window.md); compiling layer by layer
+# (compile_body), 1.27x in the stage, for 17 s with a cold cache and 2 s warm
+# (docs/results/2026-12-05-score-layers-compiled.md). `auto` still stays eager there: it decides
+# after an eager first window, and compiling then would leave one score set holding eager and
+# compiled losses (up to 0.06 nats/token apart in bf16). No GPU has been measured
+# (bench/gpu_check.sh does). The costs are layer by layer's; compiling a whole body (a model whose
+# repeated layers transformers does not name) took up to 76 s cold and 35 s warm.
 GAIN: dict[str, float] = {}
-COST_S = {"cold": 76.0, "warm": 35.0}
+COST_S = {"cold": 17.0, "warm": 2.0}
 
 
 def inductor_cache() -> Path:
@@ -53,11 +52,34 @@ def cache_is_warm() -> bool:
     return graphs.is_dir() and any(graphs.iterdir())
 
 
+def repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated layers: the outermost modules of the classes transformers keeps whole
+    when it splits a model over devices (`_no_split_modules`, e.g. LlamaDecoderLayer)."""
+    names = set(getattr(module, "_no_split_modules", None) or ())
+    blocks: dict[str, torch.nn.Module] = {}
+    for path, sub in module.named_modules():
+        inside = any(path.startswith(f"{outer}.") for outer in blocks)
+        if type(sub).__name__ in names and not inside:
+            blocks[path] = sub
+    return list(blocks.values())
+
+
 def compile_body(body: torch.nn.Module) -> torch.nn.Module:
-    """`body` compiled for every batch shape at once (`dynamic=True`: the lengths and row counts of
-    pipeline/batching.py's batches do not each compile anew), with Inductor's cache kept."""
+    """`body` with its repeated layers compiled in place (or all of it, where it has none), for
+    every batch shape at once (`dynamic=True`: the lengths and row counts of pipeline/batching.py's
+    batches do not each compile anew), with Inductor's cache kept.
+
+    Layer by layer, not the whole body: the layers share one compiled graph, so compiling takes
+    seconds instead of minutes, and what the body computes once for all layers (the rotary
+    embeddings' cos and sin, the attention mask) stays computed once. Compiled whole, Inductor
+    recomputed cos and sin, and rebuilt the mask as an additive float mask, inside every layer."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache())  # read by Inductor at each use
-    return torch.compile(body, dynamic=True)
+    blocks = repeated_blocks(body)
+    if not blocks:
+        return torch.compile(body, dynamic=True)
+    for block in blocks:
+        block.compile(dynamic=True)
+    return body
 
 
 def worth_compiling(tokens_left: int, eager_tokens_per_s: float, device: torch.device) -> bool:

@@ -59,7 +59,7 @@ def test_batched_loss_equals_sample_alone(model_and_tokenizer, padding_side, cou
     # chunks that do not divide the token count; without count_correct (the score stage), the
     # top logit comes from amax() rather than max()
     scorer = NLLScorer(model, head_chunk_tokens=37, count_correct=count_correct)
-    assert scorer.fast_path
+    assert scorer.fast_path and scorer.causal_only  # right-padded batches go in with no mask
     # different companions and sizes, and empty rows after the samples (a window's last batch)
     for batch, rows in ((samples, 0), (samples[::-1][:7], 10), (samples[3:4], 3)):
         tensors = collate(batch, tokenizer.pad_token_id, padding_side, rows=rows)
@@ -124,6 +124,36 @@ def test_full_forward_fallback_matches_fast_path(model_and_tokenizer):
     slow_scorer.fast_path = False
     slow = slow_scorer(**tensors)
     torch.testing.assert_close(fast.nll_sum, slow.nll_sum, atol=1e-4, rtol=0)
+
+
+def test_a_model_that_differs_without_a_mask_keeps_getting_one(model_and_tokenizer):
+    """Right-padded batches go in with no attention mask only where the model was seen to give the
+    real tokens the same outputs that way; one that does not (here: a body that shifts its output
+    when no mask comes) is always given the mask, and scores as the plain model does."""
+    model, tokenizer = model_and_tokenizer
+    tensors = collate(samples_of(tokenizer, make_texts(8, seed=6)), tokenizer.pad_token_id, "right")
+    assert not tensors["attention_mask"].all(), "the test needs padding"
+    odd, masks_seen = copy.deepcopy(model), []
+    forward = odd.model.forward
+
+    def shifted_without_a_mask(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        masks_seen.append(kwargs.get("attention_mask") is not None)
+        if kwargs.get("attention_mask") is None:
+            out.last_hidden_state = out.last_hidden_state + 1.0
+        return out
+
+    odd.model.forward = shifted_without_a_mask
+    plain, with_mask = NLLScorer(model), NLLScorer(model)
+    with_mask.causal_only = False
+    guarded = NLLScorer(odd)
+    assert plain.causal_only and not guarded.causal_only
+    masks_seen.clear()
+    expected = with_mask(**tensors)
+    for out in (plain(**tensors), guarded(**tensors)):
+        torch.testing.assert_close(out.nll_sum, expected.nll_sum, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.max_token_nll, expected.max_token_nll, atol=1e-5, rtol=0)
+    assert masks_seen == [True]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
