@@ -162,8 +162,10 @@ def main() -> None:
     if args.compile:
         kernel.compile()
         _, _, warmup = timed(scorer, samples, batch_tokens, device)  # compiles the shapes it meets
-        _, tokens, seconds = timed(scorer, samples, batch_tokens, device)
+        compiled, tokens, seconds = timed(scorer, samples, batch_tokens, device)
         row(f"compiled (first pass {warmup:.0f}s)", tokens / seconds, seconds, params, peak)
+        moved = max(abs(compiled[k] - losses[k]) for k in losses)
+        print(f"compiled against eager: max |Δloss| {moved:.2e} nats/token over {len(losses):,} documents")
     if not worst <= TOLERANCE[dtype]:
         sys.exit("gpu_check: a sample's loss alone and inside a padded batch differ beyond the tolerance")
 

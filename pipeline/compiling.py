@@ -23,14 +23,15 @@ from pipeline.log import get_logger
 # The stage's steady speed compiled over eager, by device type, where `auto` may use it: none yet.
 # On a 2-core CPU with AMX (SmolLM2-135M, bf16), compiling the whole body gained 0.97-1.06x, inside
 # the machine's swing (docs/results/2026-12-05-score-full-window.md); compiling layer by layer
-# (compile_body), 1.27x in the stage, for 17 s with a cold cache and 2 s warm
+# (compile_body), 1.20-1.27x in the stage, its first run 17 s longer than eager's with a cold cache
+# and 2 s warm, net of its own speed-up (compiling itself: ~20 s and ~5 s, the costs below)
 # (docs/results/2026-12-05-score-layers-compiled.md). `auto` still stays eager there: it decides
 # after an eager first window, and compiling then would leave one score set holding eager and
 # compiled losses (up to 0.06 nats/token apart in bf16). No GPU has been measured
-# (bench/gpu_check.sh does). The costs are layer by layer's; compiling a whole body (a model whose
-# repeated layers transformers does not name) took up to 76 s cold and 35 s warm.
+# (bench/gpu_check.sh does). Compiling a whole body (a model whose repeated layers transformers does
+# not name) took up to 76 s cold and 35 s warm.
 GAIN: dict[str, float] = {}
-COST_S = {"cold": 17.0, "warm": 2.0}
+COST_S = {"cold": 20.0, "warm": 5.0}
 
 
 def inductor_cache() -> Path:
@@ -77,6 +78,11 @@ def compile_body(body: torch.nn.Module) -> torch.nn.Module:
     blocks = repeated_blocks(body)
     if not blocks:
         return torch.compile(body, dynamic=True)
+    # a graph per kind of layer (and per mask: with one, without), and per layer where Inductor
+    # freezes the weights (bench/profile_score.py --inductor): past Dynamo's limit of 8, the rest
+    # would run eagerly with a warning only
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, 2 * len(blocks) + 2)
     for block in blocks:
         block.compile(dynamic=True)
     return body

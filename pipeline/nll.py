@@ -19,15 +19,19 @@ stays in the model dtype. On CUDA the matmul writes fp32 logits directly, at no 
 
 Positions come from the attention mask, so left and right padding give the same result; padding
 is never a target because targets come from `target_mask`, not from the pad id (which may equal a
-real token, e.g. EOS). A right-padded batch (the score stage's) goes in with no attention mask:
-under the causal mask alone a real token attends to no padding, since all of it comes later, so
-its outputs are the same (bit for bit, measured on SmolLM2-135M), and the attention gets no 4-D
-padding mask to read, which compiled layers would turn into an additive float mask in every layer
-(see pipeline/compiling.py).
+real token, e.g. EOS). A right-padded batch (the score stage's) goes in with no attention mask and
+no positions: under the causal mask alone a real token attends to no padding, since all of it
+comes later, and a right-padded row's real tokens sit at positions 0, 1, ... either way, so their
+outputs are the same (bit for bit on SmolLM2-135M, measured; a check at start allows the dtype's
+tolerance), and the attention gets no 4-D padding mask, which compiled layers would turn into an
+additive float mask in every layer (see pipeline/compiling.py). The padding then gets positions
+too, up to the padded length: so not past a learned position table, and never where a dynamically
+scaled rotary embedding would rescale with them (`unmasked_length`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +73,7 @@ class NLLScorer:
         self.fp32_logits_from_mm = self.device.type == "cuda" and self.head.weight.dtype != torch.float32
         self.fast_path = self._head_path_matches_model()
         self.causal_only = self._causal_mask_is_enough()
+        self.unmasked_length = unmasked_length(model.config)
 
     def compile(self) -> None:
         """What runs the model's layers, through torch.compile from now on (pipeline/compiling.py),
@@ -108,8 +113,10 @@ class NLLScorer:
         except (TypeError, ValueError, RuntimeError):  # remote code that insists on a mask
             return False
         tolerance = 1e-3 if self.head.weight.dtype == torch.float32 else 0.1
+        relative = 0 if self.head.weight.dtype == torch.float32 else 2**-7  # a bf16 rounding step
         real = mask.bool()
-        return bool(torch.allclose(masked[real].float(), unmasked[real].float(), atol=tolerance, rtol=0))
+        a, b = masked[real].float(), unmasked[real].float()
+        return bool(torch.allclose(a, b, atol=tolerance, rtol=relative))
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.fp32_logits_from_mm:
@@ -178,7 +185,7 @@ class NLLScorer:
         rows = torch.arange(input_ids.shape[0], device=self.device)[:, None].expand_as(predicted)[predicted]
         kwargs = {"input_ids": input_ids}
         right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
-        if not (self.causal_only and right_padded):
+        if not (self.causal_only and right_padded and input_ids.shape[1] <= self.unmasked_length):
             kwargs |= {"attention_mask": attention_mask, "position_ids": positions_of(attention_mask)}
         if self.fast_path:
             hidden = self.body(**kwargs, use_cache=False).last_hidden_state
@@ -217,6 +224,19 @@ def token_nll_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     top = logits.amax(1, keepdim=True)
     total = (logits - top).exp().sum(1)
     return top.squeeze(1) + total.log() - logits.gather(1, targets[:, None]).squeeze(1)
+
+
+def unmasked_length(config) -> float:
+    """The longest padded row that may go in without a mask, where the padding is given positions
+    too: no longer than a learned position table (GPT-2's `n_positions`), and none at all under a
+    dynamically scaled rotary embedding, whose scale follows the largest position."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kinds = [rope] + [v for v in rope.values() if isinstance(v, dict)] if isinstance(rope, dict) else []
+    if any(kind.get("rope_type", kind.get("type")) == "dynamic" for kind in kinds):
+        return 0
+    return (
+        getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or math.inf
+    )
 
 
 def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -264,8 +284,8 @@ class BudgetedScorer:
         ids = torch.randint(
             0, vocab_size, (batch_rows(length, self.batch_tokens), length), generator=generator
         )
-        # padded past max_tokens, as real batches are: positions stay within the model's, and the
-        # attention takes its padding mask (a mask of all ones would let it skip building one)
+        # padded past max_tokens and one row a token short, as real batches are: it goes into the
+        # model the way they do (with no mask where NLLScorer allows, else with a padding mask)
         mask = torch.zeros_like(ids)
         mask[:, :max_tokens] = 1
         mask[-1, max_tokens - 1 :] = 0  # one row a token short: padding even at length == max_tokens

@@ -156,6 +156,61 @@ def test_a_model_that_differs_without_a_mask_keeps_getting_one(model_and_tokeniz
     assert masks_seen == [True]
 
 
+def test_only_right_padded_rows_within_the_position_limit_go_in_without_a_mask(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    spied, masks_seen = copy.deepcopy(model), []
+    forward = spied.model.forward
+
+    def recording(*args, **kwargs):
+        masks_seen.append(kwargs.get("attention_mask") is not None)
+        return forward(*args, **kwargs)
+
+    spied.model.forward = recording
+    scorer = NLLScorer(spied)
+    samples = samples_of(tokenizer, make_texts(8, seed=7))
+    right = collate(samples, tokenizer.pad_token_id, "right")
+    left = collate(samples, tokenizer.pad_token_id, "left")
+    masks_seen.clear()
+    scorer(**right)
+    scorer(**left)
+    scorer.unmasked_length = right["input_ids"].shape[1] - 1  # as if past a learned position table
+    scorer(**right)
+    assert masks_seen == [False, True, True]
+
+
+def test_unmasked_length_follows_the_position_table_and_the_rotary_scaling():
+    from types import SimpleNamespace
+
+    from pipeline.nll import unmasked_length
+
+    assert unmasked_length(SimpleNamespace(max_position_embeddings=2048)) == 2048
+    assert unmasked_length(SimpleNamespace(n_positions=1024)) == 1024  # GPT-2
+    assert unmasked_length(SimpleNamespace()) == float("inf")
+    dynamic = {"rope_type": "dynamic", "factor": 2.0}
+    assert unmasked_length(SimpleNamespace(rope_parameters=dynamic, max_position_embeddings=8)) == 0
+    assert unmasked_length(SimpleNamespace(rope_scaling={"type": "dynamic"}, max_position_embeddings=8)) == 0
+    per_layer_kind = {"full_attention": {"rope_type": "default"}, "sliding_attention": dynamic}
+    assert unmasked_length(SimpleNamespace(rope_parameters=per_layer_kind, max_position_embeddings=8)) == 0
+    default = {"rope_type": "default", "rope_theta": 1e4}
+    assert unmasked_length(SimpleNamespace(rope_parameters=default, max_position_embeddings=8)) == 8
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_head_log_softmax_the_score_stage_compiles(compiled, tmp_path, monkeypatch):
+    """token_nll_of (compiled by NLLScorer.compile for the score stage) against log_softmax, on bf16
+    logits, at row counts that differ from call to call."""
+    from pipeline.nll import token_nll_of
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    function = torch.compile(token_nll_of, dynamic=True) if compiled else token_nll_of
+    generator = torch.Generator().manual_seed(0)
+    for rows in (128, 37, 256):
+        logits = (torch.randn(rows, 1000, generator=generator) * 8).bfloat16()
+        targets = torch.randint(0, 1000, (rows,), generator=generator)
+        expected = -F.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
+        torch.testing.assert_close(function(logits, targets), expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_score_stage_head_without_argmax_gives_the_same_numbers(model_and_tokenizer, dtype):
     """count_correct=False (the score stage) takes the top logit with amax instead of max: the
