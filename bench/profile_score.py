@@ -13,10 +13,10 @@ installed). Each scores every batch `--repeats` times eagerly, then compiles the
 cache of its own, cold), and scores `--repeats` times more. Prints the median rate of each, the
 compiled speed-up, and the operators of the largest batch under torch.profiler, eager and
 compiled (the last malloc, after a warm-up call; eager before compiling, which compiles the
-model's layers in place). `--inductor` tries Inductor's CPU inference
-options the stage does not use: `freezing` (weights as constants, packed for oneDNN, pointwise
-work fused into the matmuls) and `max-autotune` (freezing, and Inductor's own AMX matmul templates
-with their neighbours fused in, chosen by timing each).
+model's layers in place). `--inductor` tries Inductor's CPU inference options the stage does not
+use: `freezing` (weights as constants, packed for oneDNN, pointwise work fused into the matmuls)
+and `max-autotune` (freezing, and Inductor's own AMX matmul templates with their neighbours fused
+in, chosen by timing each).
 """
 
 from __future__ import annotations
@@ -120,14 +120,8 @@ def spawn(args: argparse.Namespace, allocator: str, work: Path, profile: bool) -
     result = work / f"{allocator}.json"
     command = [sys.executable, __file__, "--child", "--result", str(result), "--model", args.model]
     command += ["--corpus-file", str(args.corpus_file), "--dtype", args.dtype]
-    command += [
-        "--repeats",
-        str(args.repeats),
-        "--max-tokens",
-        str(args.max_tokens),
-        "--inductor",
-        args.inductor,
-    ]
+    command += ["--repeats", str(args.repeats), "--max-tokens", str(args.max_tokens)]
+    command += ["--inductor", args.inductor]
     command += ["--profile"] if profile else []
     done = subprocess.run(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, check=False)
     if done.returncode != 0:

@@ -184,8 +184,12 @@ class NLLScorer:
         targets = input_ids[:, 1:][predicted]
         rows = torch.arange(input_ids.shape[0], device=self.device)[:, None].expand_as(predicted)[predicted]
         kwargs = {"input_ids": input_ids}
-        right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
-        if not (self.causal_only and right_padded and input_ids.shape[1] <= self.unmasked_length):
+        unmasked = (  # the mask test last: on a GPU, reading its result waits for the device
+            self.causal_only
+            and input_ids.shape[1] <= self.unmasked_length
+            and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())  # right-padded
+        )
+        if not unmasked:
             kwargs |= {"attention_mask": attention_mask, "position_ids": positions_of(attention_mask)}
         if self.fast_path:
             hidden = self.body(**kwargs, use_cache=False).last_hidden_state
