@@ -472,9 +472,7 @@ def main() -> None:
                 auto = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
                 short = SHORT_DTYPE[auto]
                 mine = {
-                    f"(b) midrank {short} (auto)": spawn(
-                        "midrank", model_dir, peer_corpus, work, auto, "peer"
-                    )
+                    f"(b) midrank {short} eager": spawn("midrank", model_dir, peer_corpus, work, auto, "peer")
                 }
                 if args.compiled:
                     cache = "warm" if (work / "inductor").is_dir() else "cold"

@@ -160,3 +160,14 @@ class ShardBatches(IterableDataset):
                 "records": sum(r is not None for r in window),
                 "skipped": dict(skipped),
             }
+
+    def padded_tokens_per_row(self) -> float:
+        """The tokens, padding included, that the model computes per row of the first window: how
+        `score.compile=auto` estimates the work ahead before scoring starts."""
+        padded = 0
+        for item in self:
+            if item["batch"] is not None:
+                padded += item["batch"]["input_ids"].numel()
+            elif item["rows"]:
+                return padded / item["rows"]
+        return 0.0

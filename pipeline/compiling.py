@@ -1,37 +1,42 @@
 """`score.compile`: the model's body through `torch.compile`, and whether it pays for itself.
 
-    kernel.compile()                                   # score.compile=true (pipeline/nll.py)
-    auto = AutoCompile(kernel, rows_to_score=100_000)  # score.compile=auto
-    auto.advance(rows=512, tokens=90_000, seconds=50.0)  # after each window; decides after the first
+    kernel.compile()                                        # score.compile=true (pipeline/nll.py)
+    if worth_compiling(padded_tokens, rates, kernel_kind):  # score.compile=auto, before scoring
+        kernel.compile()
 
 Inductor keeps what it compiled under the user's cache folder (`$XDG_CACHE_HOME/midrank/inductor`,
 by default `~/.cache/midrank/inductor`; `TORCHINDUCTOR_CACHE_DIR` overrides it), so a second run on
-the same model shapes starts warm. `auto` scores the first window eagerly, then compiles when the
-eager time it would save on the tokens left exceeds what compiling costs, at the gain measured on
-that device type (`GAIN`; empty today, see there, so `auto` stays eager).
+the same model shapes starts warm. `auto` decides before the first batch: it compiles when the eager
+time that the gain measured on this kind of device and dtype (`GAIN`) would save on the tokens to
+score exceeds what compiling costs (`COST_S`). The tokens come from the first window (padding
+included), the eager speed from the start-up probe's batch of the largest shape.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from pipeline.log import get_logger
 
-# The stage's steady speed compiled over eager, by device type, where `auto` may use it: none yet.
-# On a 2-core CPU with AMX (SmolLM2-135M, bf16), compiling the whole body gained 0.97-1.06x, inside
-# the machine's swing (docs/results/2026-12-05-score-full-window.md); compiling layer by layer
-# (compile_body), 1.20-1.27x in the stage, its first run 17 s longer than eager's with a cold cache
-# and 2 s warm, net of its own speed-up (compiling itself: ~20 s and ~5 s, the costs below)
-# (docs/results/2026-12-05-score-layers-compiled.md). `auto` still stays eager there: it decides
-# after an eager first window, and compiling then would leave one score set holding eager and
-# compiled losses (up to 0.06 nats/token apart in bf16). No GPU has been measured
-# (bench/gpu_check.sh does). Compiling a whole body (a model whose repeated layers transformers does
-# not name) took up to 76 s cold and 35 s warm.
-GAIN: dict[str, float] = {}
-COST_S = {"cold": 20.0, "warm": 5.0}
+# The stage's steady speed compiled over eager, where it was measured: the lowest of the runs, by
+# device, dtype and whether oneDNN multiplies on AMX (`kind_of`).
+# - "cpu+amx bfloat16": 1.20-1.27x over three runs, SmolLM2-135M on a 2-core CPU, compiling layer
+#   by layer (docs/results/2026-12-05-score-layers-compiled.md).
+# No GPU has been measured (bench/gpu_check.sh --compile does): there `auto` stays eager.
+GAIN: dict[str, float] = {"cpu+amx bfloat16": 1.20}
+# What compiling adds to a run, on the CPU above (SmolLM2-135M): its 30 layers share one graph; a
+# model whose repeated layers transformers does not name is compiled whole (`compile_body`).
+COST_S = {
+    ("layers", "cold"): 20.0,
+    ("layers", "warm"): 5.0,
+    ("whole", "cold"): 76.0,
+    ("whole", "warm"): 35.0,
+}
 
 
 def inductor_cache() -> Path:
@@ -88,34 +93,34 @@ def compile_body(body: torch.nn.Module) -> torch.nn.Module:
     return body
 
 
-def worth_compiling(tokens_left: int, eager_tokens_per_s: float, device: torch.device) -> bool:
-    """Whether compiling now saves time on the tokens left, at the measured gain and cost."""
-    if device.type not in GAIN:
-        get_logger().info(f"score.compile=auto: no measured gain on {device.type}; staying eager")
+def kind_of(device: torch.device, dtype: torch.dtype) -> str:
+    """The key of `GAIN`: e.g. "cpu+amx bfloat16", "cpu float32", "cuda bfloat16". AMX only
+    multiplies bf16, so an fp32 CPU is one kind with or without it."""
+    from pipeline.model import amx_in_use
+
+    amx = device.type == "cpu" and dtype == torch.bfloat16 and amx_in_use()
+    return f"{device.type}{'+amx' if amx else ''} {str(dtype).removeprefix('torch.')}"
+
+
+def worth_compiling(padded_tokens: float, rates: Iterable[float], kind: str, whole: bool = False) -> bool:
+    """Whether compiling saves time on `padded_tokens` at the gain measured on this `kind` and the
+    eager speeds in `rates` (padded tokens/s, each taken when asked for). The first rate is the
+    start-up probe's, a first call that runs slower (oneDNN builds its kernels: 3.3 s against 2.5 s
+    on SmolLM2-135M in bf16), which overstates what compiling saves; so a yes is checked against a
+    second, warm rate."""
+    log = get_logger()
+    if kind not in GAIN:
+        log.info(f"score.compile=auto: no measured gain on {kind}; staying eager")
         return False
-    saved = tokens_left / eager_tokens_per_s * (1 - 1 / GAIN[device.type])
-    cost = COST_S["warm" if cache_is_warm() else "cold"]
-    get_logger().info(
-        f"score.compile=auto: {tokens_left:,} tokens left at {eager_tokens_per_s:,.0f} tok/s; compiling "
-        f"would save ~{saved:,.0f}s for ~{cost:,.0f}s -> {'compiling' if saved > cost else 'staying eager'}"
-    )
-    return saved > cost
-
-
-class AutoCompile:
-    """`score.compile=auto`: the first window is scored eagerly; from its rows, tokens and time
-    follow the tokens left and the eager speed, and the kernel is compiled if that pays."""
-
-    def __init__(self, kernel, rows_to_score: int):
-        self.kernel = kernel
-        self.rows_left = rows_to_score
-        self.decided = False
-
-    def advance(self, rows: int, tokens: int = 0, seconds: float = 0.0) -> None:
-        """`rows` done (scored in `seconds`, holding `tokens`; or found done by a resumed run)."""
-        self.rows_left -= rows
-        if self.decided or tokens == 0 or seconds <= 0:
-            return
-        self.decided = True
-        if worth_compiling(int(self.rows_left * tokens / rows), tokens / seconds, self.kernel.device):
-            self.kernel.compile()
+    cost = COST_S["whole" if whole else "layers", "warm" if cache_is_warm() else "cold"]
+    for rate in itertools.islice(rates, 2):
+        saved = padded_tokens / rate * (1 - 1 / GAIN[kind])
+        worth = saved > cost
+        log.info(
+            f"score.compile=auto: ~{padded_tokens:,.0f} tokens to compute (padding included) at "
+            f"{rate:,.0f}/s eager on {kind}; compiling would save ~{saved:,.0f}s for ~{cost:,.0f}s "
+            f"-> {'compiling' if worth else 'staying eager'}"
+        )
+        if not worth:
+            return False
+    return True

@@ -190,10 +190,11 @@ class ScoreConfig:
     """Run the model's layers through `torch.compile` (`true`; YAML reads `on` so too) or not
     (`false`, `off`), at a start-up cost that Inductor's cache (~/.cache/midrank/inductor) cuts on
     later runs (pipeline/compiling.py; on a 2-core AMX CPU in bf16: 1.20-1.27x, for ~20 s of
-    compiling cold and ~5 s warm). `auto` scores the first window eagerly, then compiles when the
-    time a measured gain would save on the tokens left exceeds the cost of compiling; it stays
-    eager today, so that a score set never mixes eager and compiled losses. In bf16 compiled losses
-    differ from eager ones by up to ~0.06 nats/token on SmolLM2-135M (bf16 against fp32: ~0.05)."""
+    compiling cold and ~5 s warm). `auto` decides before the first batch: it compiles when the time
+    the gain measured on this kind of device and dtype would save on the tokens to score exceeds
+    the cost of compiling, and stays eager where no gain was measured (GPUs, so far). In bf16
+    compiled losses differ from eager ones by up to ~0.06 nats/token on SmolLM2-135M (bf16 against
+    fp32: ~0.05)."""
 
     prompt_format: Literal["chat_template", "plain"] = "chat_template"
     """Instruction data: render prompt and response with the tokenizer's chat template, or as

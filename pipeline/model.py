@@ -51,10 +51,20 @@ def cpu_supports_bf16() -> bool:
     Other architectures (ARM) keep oneDNN's check."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
     if torch.cpu._is_amx_tile_supported():
-        return cap in ("ALL", "DEFAULT") or "AMX" in cap
-    return bool(torch.cpu._is_avx512_bf16_supported()) and cap not in LOWER_THAN_AVX512_BF16
+        return amx_in_use()
+    return bool(torch.cpu._is_avx512_bf16_supported()) and onednn_cap() not in LOWER_THAN_AVX512_BF16
+
+
+def onednn_cap() -> str:
+    """The ISA oneDNN is capped at (ONEDNN_MAX_CPU_ISA), or ALL."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+
+
+def amx_in_use() -> bool:
+    """Whether oneDNN multiplies on AMX here: the CPU has it and no ONEDNN_MAX_CPU_ISA withholds it."""
+    cap = onednn_cap()
+    return bool(torch.cpu._is_amx_tile_supported()) and (cap in ("ALL", "DEFAULT") or "AMX" in cap)
 
 
 # oneDNN's ISA names below AVX512_CORE_BF16 (ONEDNN_MAX_CPU_ISA)

@@ -32,6 +32,7 @@ scaled rotary embedding would rescale with them (`unmasked_length`).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -279,10 +280,11 @@ class BudgetedScorer:
             return self(batch)
         return torch.stack([out.nll_sum, out.n_tokens.double(), out.max_token_nll.double()]).cpu().numpy()
 
-    def probe_worst_batch(self, max_tokens: int, vocab_size: int) -> None:
+    def probe_worst_batch(self, max_tokens: int, vocab_size: int) -> float:
         """Score one batch of the largest shape first: an out-of-memory error surfaces (and the
         budget shrinks) before any real work, and on CPU the heap reaches its high-water mark at
-        once, so peak memory does not depend on which documents come later."""
+        once, so peak memory does not depend on which documents come later. Returns the rate it
+        ran at, in padded tokens per second (`score.compile=auto` weighs compiling with it)."""
         length = batch_length(max_tokens)
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(
@@ -293,4 +295,6 @@ class BudgetedScorer:
         mask = torch.zeros_like(ids)
         mask[:, :max_tokens] = 1
         mask[-1, max_tokens - 1 :] = 0  # one row a token short: padding even at length == max_tokens
-        self({"input_ids": ids, "attention_mask": mask, "target_mask": mask.bool()})
+        started = time.perf_counter()
+        self({"input_ids": ids, "attention_mask": mask, "target_mask": mask.bool()})  # back on the host
+        return ids.numel() / (time.perf_counter() - started)

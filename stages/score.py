@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,14 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from pipeline.batching import ShardBatches
-from pipeline.compiling import AutoCompile
+from pipeline.compiling import kind_of, repeated_blocks, worth_compiling
 from pipeline.config import Config, save_config
 from pipeline.cpu_memory import tune_cpu_malloc
 from pipeline.launcher import rank_and_world, shards_of_rank
 from pipeline.layout import Layout
 from pipeline.locks import check_free, lock
 from pipeline.log import RowProgress, format_counts, get_logger
-from pipeline.model import load_model
+from pipeline.model import LoadedModel, load_model
 from pipeline.nll import BudgetedScorer, NLLScorer
 from pipeline.readers import InputError
 from pipeline.scores import (
@@ -53,7 +54,6 @@ def score_shard(
     tokenizer: Any,
     scorer: BudgetedScorer,
     progress: RowProgress,
-    auto: AutoCompile | None,
 ) -> dict[str, Any]:
     """Score one shard from its last checkpoint on, a window of rows at a time."""
     log = get_logger()
@@ -90,9 +90,29 @@ def score_shard(
         window_started = now
         writer.write_chunk(table, item["window_end"], stats)
         progress.advance(item["rows"], stats["tokens"])
-        if auto:
-            auto.advance(item["rows"], stats["tokens"], stats["seconds"])
     return writer.finish()
+
+
+def compiling_pays(
+    cfg: Config, plan: ShardPlan, todo: list[int], loaded: LoadedModel, scorer: BudgetedScorer, rate: float
+) -> bool:
+    """`score.compile=auto`, decided before the first batch so that one run's losses are all eager
+    or all compiled (a resumed run, and each rank, decides for itself: compiled and eager losses
+    differ by rounding, and the provenance key does not tell them apart, as it does not for
+    `score.compile` itself). The work ahead: the rows of the shards to do, at the padded tokens per
+    row of the first one's first window. The eager speed: the start-up probe's `rate`, then a
+    second probe's."""
+    per_row = ShardBatches(plan, todo[0], cfg.corpus, cfg.score, loaded.tokenizer).padded_tokens_per_row()
+
+    def rates() -> Iterator[float]:
+        yield rate
+        yield scorer.probe_worst_batch(cfg.score.max_tokens, len(loaded.tokenizer))
+
+    kernel = scorer.scorer
+    core = kernel.body if kernel.fast_path else kernel.model
+    kind = kind_of(loaded.device, next(core.parameters()).dtype)
+    padded_tokens = sum(plan.shard_rows(s) for s in todo) * per_row
+    return worth_compiling(padded_tokens, rates(), kind, whole=not repeated_blocks(core))
 
 
 def run(cfg: Config) -> Path:
@@ -130,11 +150,12 @@ def run(cfg: Config) -> Path:
     if not kernel.fast_path:
         log.warning("this model's logits are not lm_head(hidden): scoring through its full forward (slower)")
     scorer = BudgetedScorer(kernel, cfg.score.batch_tokens)
-    scorer.probe_worst_batch(cfg.score.max_tokens, len(loaded.tokenizer))
+    rate = scorer.probe_worst_batch(cfg.score.max_tokens, len(loaded.tokenizer))
     total_rows = sum(plan.shard_rows(s) for s in todo)
-    if cfg.score.compile is True:
+    if cfg.score.compile is True or (
+        cfg.score.compile == "auto" and compiling_pays(cfg, plan, todo, loaded, scorer, rate)
+    ):
         kernel.compile()
-    auto = AutoCompile(kernel, total_rows) if cfg.score.compile == "auto" else None
     log.info(f"rank {rank}/{world_size}: {len(todo)} of {len(assigned)} shard(s) to score, {total_rows} rows")
     totals = empty_stats()
     with RowProgress(total_rows, "scoring", disable=rank != 0) as progress:
@@ -142,16 +163,10 @@ def run(cfg: Config) -> Path:
             with lock(layout, shard_lock(shard)):  # the shard's files are this run's alone
                 if is_scored(layout, shard, provenance):  # finished meanwhile by a run that held it
                     progress.advance(plan.shard_rows(shard))
-                    if auto:
-                        auto.advance(plan.shard_rows(shard))
                     continue
                 writer = ShardWriter(layout, shard, provenance)
                 progress.advance(writer.rows_done)
-                if auto:
-                    auto.advance(writer.rows_done)
-                totals = add_stats(
-                    totals, score_shard(cfg, plan, writer, loaded.tokenizer, scorer, progress, auto)
-                )
+                totals = add_stats(totals, score_shard(cfg, plan, writer, loaded.tokenizer, scorer, progress))
     elapsed = time.perf_counter() - started
     log.info(
         f"scored {totals['samples']} samples from {totals['rows']} rows (skipped: {format_counts(totals['skipped'])}), "

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline import compiling
-from pipeline.compiling import AutoCompile, repeated_blocks, worth_compiling
+from pipeline.compiling import repeated_blocks, worth_compiling
 from pipeline.config import load_config
 from pipeline.layout import Layout
 from stages import score
@@ -38,40 +38,102 @@ def test_compiled_scoring_agrees_with_eager_scoring(tmp_path, tiny_model_dir, mo
     assert worst <= TOLERANCE[dtype], worst
 
 
-class Kernel:
-    device = torch.device("cpu")
-
-    def __init__(self):
-        self.compiled = 0
-
-    def compile(self):
-        self.compiled += 1
+def rates_taken(values: list[float], taken: list[float]):
+    """The eager rates, each noted in `taken` when asked for (a second probe costs a batch)."""
+    for value in values:
+        taken.append(value)
+        yield value
 
 
-def test_auto_compiles_once_and_only_when_it_pays(monkeypatch):
+def test_auto_compiles_only_when_it_pays_at_the_warm_rate(monkeypatch):
     monkeypatch.setattr(compiling, "cache_is_warm", lambda: False)
-    monkeypatch.setitem(compiling.GAIN, "cpu", 1.10)  # a gain as if measured
-    gain, cost = compiling.GAIN["cpu"], compiling.COST_S["cold"]
-    rate = 1_000.0  # tokens/s eager
-    # the tokens left at which compiling saves exactly what it costs
-    even = cost * rate / (1 - 1 / gain)
-    assert not worth_compiling(int(even * 0.99), rate, torch.device("cpu"))
-    assert worth_compiling(int(even * 1.01), rate, torch.device("cpu"))
-
-    # a first window of 100 rows, 10,000 tokens in 10 s: the rows left decide
-    for rows_to_score, expected in ((100 + int(even / 100 * 0.99), 0), (100 + int(even / 100 * 1.01), 1)):
-        kernel = Kernel()
-        auto = AutoCompile(kernel, rows_to_score)
-        auto.advance(100, 10_000, 10.0)
-        auto.advance(100, 10_000, 10.0)  # decided once, after the first window
-        assert kernel.compiled == expected
+    monkeypatch.setitem(compiling.GAIN, "cpu float32", 1.10)  # a gain as if measured
+    gain, cost = 1.10, compiling.COST_S["layers", "cold"]
+    rate = 1_000.0  # padded tokens/s eager
+    even = cost * rate / (1 - 1 / gain)  # the tokens at which compiling saves exactly what it costs
+    taken: list[float] = []
+    assert not worth_compiling(even * 0.99, rates_taken([rate, rate], taken), "cpu float32")
+    assert taken == [rate]  # a no from the (slower) first probe is final
+    taken.clear()
+    assert worth_compiling(even * 1.01, rates_taken([rate, rate], taken), "cpu float32")
+    assert taken == [rate, rate]  # a yes is checked against a second, warm probe
+    # the first probe, slower, said yes; the warm one, faster, says it does not pay
+    assert not worth_compiling(even * 1.01, iter([rate, rate * 1.03]), "cpu float32")
+    # compiled whole costs more than layer by layer
+    assert not worth_compiling(even * 1.01, iter([rate, rate]), "cpu float32", whole=True)
 
 
 def test_auto_stays_eager_where_no_gain_was_measured():
-    kernel = Kernel()
-    auto = AutoCompile(kernel, rows_to_score=10**12)
-    auto.advance(100, 10_000, 10.0)
-    assert auto.decided and kernel.compiled == 0 and "cpu" not in compiling.GAIN
+    taken: list[float] = []
+    assert "cuda bfloat16" not in compiling.GAIN
+    assert not worth_compiling(1e15, rates_taken([1.0, 1.0], taken), "cuda bfloat16")
+    assert taken == []  # no probe run for nothing
+
+
+def test_the_kind_of_device_tells_amx_in_use_and_the_dtype(monkeypatch):
+    from pipeline import model
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(model.torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert compiling.kind_of(cpu, torch.bfloat16) == "cpu+amx bfloat16"
+    assert compiling.kind_of(cpu, torch.float32) == "cpu float32"  # AMX multiplies no fp32
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert compiling.kind_of(cpu, torch.bfloat16) == "cpu bfloat16"
+    monkeypatch.setattr(model.torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert compiling.kind_of(cpu, torch.bfloat16) == "cpu bfloat16"
+    assert compiling.kind_of(torch.device("cuda", 0), torch.bfloat16) == "cuda bfloat16"
+
+
+def test_auto_decides_before_the_first_batch(tmp_path, tiny_model_dir, monkeypatch):
+    """With a gain that pays at once, the stage compiles after its two probes and before any of
+    the corpus is scored; with none, it never compiles."""
+    from pipeline.nll import NLLScorer
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    events: list[str] = []
+    call = NLLScorer.__call__
+    monkeypatch.setattr(NLLScorer, "compile", lambda self: events.append("compile"))
+    monkeypatch.setattr(
+        NLLScorer, "__call__", lambda self, *a, **k: events.append("batch") or call(self, *a, **k)
+    )
+    corpus = write_corpus(tmp_path / "c.jsonl", make_texts(24, seed=5))
+    config = write_config(tmp_path, corpus, tiny_model_dir)
+    monkeypatch.setitem(compiling.GAIN, "cpu float32", 1e9)
+    monkeypatch.setitem(compiling.COST_S, ("layers", "cold"), 0.0)
+    monkeypatch.setitem(compiling.COST_S, ("layers", "warm"), 0.0)
+    score.run(load_config(config, ["score.compile=auto", f"out_dir={tmp_path / 'a'}"]))
+    assert events[:3] == ["batch", "batch", "compile"] and events.count("compile") == 1
+    assert len(events) > 3  # the corpus was scored after
+    events.clear()
+    monkeypatch.delitem(compiling.GAIN, "cpu float32")
+    score.run(load_config(config, ["score.compile=auto", f"out_dir={tmp_path / 'b'}"]))
+    assert "compile" not in events and events.count("batch") > 1
+
+
+def test_the_work_ahead_is_the_first_windows_padded_tokens_per_row(tmp_path, tiny_model_dir):
+    """Identical documents of n tokens: padded to m = 16 * ceil(n / 16) (up to 128 tokens), r =
+    batch_tokens // m rows a batch, every batch filled to r rows: ceil(W / r) * r * m over W rows."""
+    from transformers import AutoTokenizer
+
+    from pipeline.batching import ShardBatches
+    from pipeline.sharding import plan_shards
+
+    text = "the cat sat on the mat " * 3
+    corpus = write_corpus(tmp_path / "c.jsonl", [text] * 40)
+    cfg = load_config(
+        write_config(tmp_path, corpus, tiny_model_dir), ["corpus.num_shards=1", "score.window_rows=13"]
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batches = ShardBatches(plan_shards(cfg.corpus), 0, cfg.corpus, cfg.score, tokenizer)
+    first = next(b["batch"] for b in batches if b["batch"] is not None)
+    n = int(first["attention_mask"][0].sum())
+    assert n == len(tokenizer(text)["input_ids"]) + 1  # the text's tokens after BOS
+    m = 16 * -(-n // 16)
+    r = cfg.score.batch_tokens // m
+    assert 1 < r < 13 and 13 % r  # several batches, the last one filled with empty rows
+    assert batches.padded_tokens_per_row() == -(-13 // r) * r * m / 13
 
 
 def test_the_inductor_cache_is_midranks_unless_the_user_chose_one(tmp_path, monkeypatch):
@@ -88,17 +150,6 @@ def test_the_inductor_cache_is_midranks_unless_the_user_chose_one(tmp_path, monk
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     compile_body(torch.nn.Linear(2, 2))
     assert cache_dir() == str(tmp_path / "mine")
-
-
-def test_auto_counts_the_rows_a_resumed_run_finds_done(monkeypatch):
-    monkeypatch.setattr(compiling, "cache_is_warm", lambda: True)
-    monkeypatch.setitem(compiling.GAIN, "cpu", 1.10)
-    kernel = Kernel()
-    auto = AutoCompile(kernel, rows_to_score=10**9)
-    auto.advance(10**9 - 200)  # scored by an earlier run: no time measured, no decision
-    assert not auto.decided
-    auto.advance(100, 10_000, 10.0)  # 100 rows left: not worth it
-    assert auto.decided and kernel.compiled == 0
 
 
 @pytest.mark.parametrize(
