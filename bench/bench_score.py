@@ -16,8 +16,9 @@
 
 Each run is its own process, so peak RSS is its own. Prints tokens/s, the ratio to (a), peak RSS,
 MFU (2 x parameters x tokens/s against this machine's measured matmul peak in the same dtype), the
-largest per-sample loss difference to (a), what bf16 does to the ranking, and peak RSS for a
-corpus 10x larger. Needs `make data model` first.
+largest per-sample loss difference to (a), what bf16 does to the ranking, the tokens/s that the
+model's matmuls alone allow at its own shapes in each dtype (a ceiling for any scorer built on
+them, set against 1.5x vLLM), and peak RSS for a corpus 10x larger. Needs `make data model` first.
 """
 
 from __future__ import annotations
@@ -70,6 +71,41 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, device: torch.device | None =
         runs += 1
     sync()
     return 2 * n**3 * runs / (time.perf_counter() - started)
+
+
+def linear_rate(rows: int, inputs: int, outputs: int, dtype: torch.dtype, repeats: int = 10) -> float:
+    """FLOP/s of `F.linear` at one shape: the median of `repeats`, after a warm-up."""
+    x, weight = torch.randn(rows, inputs, dtype=dtype), torch.randn(outputs, inputs, dtype=dtype)
+    for _ in range(3):
+        torch.nn.functional.linear(x, weight)
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.nn.functional.linear(x, weight)
+        seconds.append(time.perf_counter() - started)
+    return 2 * rows * inputs * outputs / float(np.median(seconds))
+
+
+def matmul_bound(model_dir: str, dtype: torch.dtype, rows: int = 8192, head_rows: int = 1024) -> float:
+    """Tokens/s that the model's matrix products alone allow, each timed at its own shape as oneDNN
+    runs it here: every linear layer at a full batch's `rows` (16 x 512 tokens), the LM head at a
+    head chunk's. Attention, elementwise work and padding come on top, so no scorer that uses these
+    matmuls can be faster: a ceiling, tighter than the square matmul peak."""
+    from collections import Counter
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):  # shapes only: no weights loaded
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    head = model.get_output_embeddings()
+    shapes = Counter(
+        (m.in_features, m.out_features)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and m is not head
+    )
+    seconds = sum(n * 2 * k * o / linear_rate(rows, k, o, dtype) for (k, o), n in shapes.items())
+    k, o = head.in_features, head.out_features
+    return 1 / (seconds + 2 * k * o / linear_rate(head_rows, k, o, dtype))
 
 
 def read_docs(corpus: Path) -> list[dict]:
@@ -285,10 +321,12 @@ def compare_vllm(
     params: int,
     peaks: dict,
     dtypes: list[str],
+    bounds: dict[str, float],
 ) -> None:
     """vLLM in each of `dtypes` beside midrank's runs on the same documents and targets: end to end
     (process start to scores on disk), steady state (after start-up), MFU, and how far the rankings
-    agree; midrank's ratios are against the faster vLLM (its best dtype here)."""
+    agree; midrank's ratios are against the faster vLLM (its best dtype here), and 1.5x its steady
+    rate against what the matmuls alone allow (`bounds`, by dtype)."""
     peers = {f"(c) vLLM {SHORT_DTYPE[d]}": spawn_vllm(python, model_dir, corpus, work, d) for d in dtypes}
     eager = next(iter(mine.values()))
     for label, peer in peers.items():
@@ -323,6 +361,11 @@ def compare_vllm(
             f"{rows[label][1] / rows[best][1]:.2f}x; losses differ by up to {np.abs(ours - theirs).max():.3f} "
             f"nats/token, Spearman {rho:.4f}, MidRanking band membership differs for {len(a ^ b) // 2} of {len(a)}"
         )
+    needed = 1.5 * rows[best][1]
+    reach = ", ".join(
+        f"{SHORT_DTYPE[d]} {bounds[d]:,.0f} ({'above' if bounds[d] > needed else 'below'} it)" for d in bounds
+    )
+    print(f"{name:12s} 1.5x {best[4:]}'s steady rate is {needed:,.0f} tokens/s; the matmul bound: {reach}")
     starts = ", ".join(f"{label[4:]} {peer['engine_start_s']:.0f}s" for label, peer in peers.items())
     print(f"{name:12s} engine start-up: {starts}\n")
 
@@ -437,6 +480,13 @@ def main() -> None:
                     f"{name:12s} {label:24s} {run['tokens_per_s']:9,.0f} {run['tokens_per_s'] / naive['tokens_per_s']:5.2f}x "
                     f"{run['tokens'] / run['wall_s']:10,.0f} {run['peak_rss_mb']:7,.0f}MB {mfu:6.1%} {worst:18.2e}"
                 )
+            bounds = {
+                dtype: matmul_bound(model_dir, getattr(torch, dtype)) for dtype in ("float32", "bfloat16")
+            }
+            print(
+                f"{name:12s} matmuls alone, each at this model's shapes, allow at most {bounds['float32']:,.0f} "
+                f"tokens/s in fp32 and {bounds['bfloat16']:,.0f} in bf16"
+            )
             fp32 = np.array([runs["(b) midrank fp32"]["losses"][i] for i in ids])
             bf16 = np.array([runs["(b) midrank bf16"]["losses"][i] for i in ids])
             rho = np.corrcoef(ranks(fp32), ranks(bf16))[0, 1]
@@ -475,13 +525,13 @@ def main() -> None:
                     f"(b) midrank {short} eager": spawn("midrank", model_dir, peer_corpus, work, auto, "peer")
                 }
                 if args.compiled:
-                    cache = "warm" if (work / "inductor").is_dir() else "cold"
+                    cache = "warm" if auto == "bfloat16" else "cold"  # Inductor's cache is by dtype
                     mine[f"(b) {short} compiled, {cache}"] = spawn(
                         "midrank", model_dir, peer_corpus, work, auto, "peer", compile_mode="true"
                     )
                 dtypes = sorted({auto, "bfloat16"})
                 compare_vllm(
-                    args.vllm_python, name, model_dir, peer_corpus, work, mine, params, peaks, dtypes
+                    args.vllm_python, name, model_dir, peer_corpus, work, mine, params, peaks, dtypes, bounds
                 )
         if args.memory_scale:
             # Peak RSS varies from run to run (transient allocations inside PyTorch's CPU kernels),

@@ -27,7 +27,10 @@ from pipeline.log import get_logger
 # device, dtype and whether oneDNN multiplies on AMX (`kind_of`).
 # - "cpu+amx bfloat16": 1.20-1.27x over three runs, SmolLM2-135M on a 2-core CPU, compiling layer
 #   by layer (docs/results/2026-12-05-score-layers-compiled.md).
-# No GPU has been measured (bench/gpu_check.sh --compile does): there `auto` stays eager.
+# Left out, so `auto` stays eager there: the same CPU with AMX withheld (oneDNN capped at
+# AVX512_CORE_BF16), where the matmuls take nearly all the time, gained 1.02x in bf16 and 1.03x
+# in fp32, inside the machine's swing (docs/results/2026-12-05-score-capped-compiled.md); no GPU
+# has been measured (bench/gpu_check.sh --compile does).
 GAIN: dict[str, float] = {"cpu+amx bfloat16": 1.20}
 # What compiling adds to a run, on the CPU above (SmolLM2-135M): its 30 layers share one graph; a
 # model whose repeated layers transformers does not name is compiled whole (`compile_body`).
