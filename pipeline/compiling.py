@@ -1,7 +1,8 @@
 """`score.compile`: the model's body through `torch.compile`, and whether it pays for itself.
 
-    kernel.compile()                                        # score.compile=true (pipeline/nll.py)
-    if worth_compiling(padded_tokens, rates, kernel_kind):  # score.compile=auto, before scoring
+    kernel.compile()                                     # score.compile=true (pipeline/nll.py)
+    gain = measured_gain(kind_of(device, dtype), whole=False)  # score.compile=auto, before scoring
+    if gain and worth_compiling(padded_tokens, rates, gain, COST_S["cold"]):
         kernel.compile()
 
 Inductor keeps what it compiled under the user's cache folder (`$XDG_CACHE_HOME/midrank/inductor`,
@@ -14,7 +15,9 @@ included), the eager speed from the start-up probe's batch of the largest shape.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,18 +31,16 @@ from pipeline.log import get_logger
 # - "cpu+amx bfloat16": 1.20-1.27x over three runs, SmolLM2-135M on a 2-core CPU, compiling layer
 #   by layer (docs/results/2026-12-05-score-layers-compiled.md).
 # Left out, so `auto` stays eager there: the same CPU with AMX withheld (oneDNN capped at
-# AVX512_CORE_BF16), where the matmuls take nearly all the time, gained 1.02x in bf16 and 1.03x
+# AVX512_CORE_BF16), where the matmuls take nearly all the time, gained 1.02-1.05x in bf16 and 1.03x
 # in fp32, inside the machine's swing (docs/results/2026-12-05-score-capped-compiled.md); no GPU
 # has been measured (bench/gpu_check.sh --compile does).
+# A model whose repeated layers transformers does not name is compiled whole (`compile_body`),
+# which gained 0.97-1.06x for 66-76 s of compiling (docs/results/2026-12-05-score-full-window.md):
+# no gain is kept for it anywhere.
 GAIN: dict[str, float] = {"cpu+amx bfloat16": 1.20}
-# What compiling adds to a run, on the CPU above (SmolLM2-135M): its 30 layers share one graph; a
-# model whose repeated layers transformers does not name is compiled whole (`compile_body`).
-COST_S = {
-    ("layers", "cold"): 20.0,
-    ("layers", "warm"): 5.0,
-    ("whole", "cold"): 76.0,
-    ("whole", "warm"): 35.0,
-}
+# What compiling the layers adds to a run, on the CPU above (SmolLM2-135M: its 30 layers share one
+# graph), with Inductor's cache cold and warm for this model's shapes and dtype (`warm_marker`).
+COST_S = {"cold": 20.0, "warm": 5.0}
 
 
 def inductor_cache() -> Path:
@@ -55,10 +56,18 @@ def inductor_cache() -> Path:
     return base / "midrank" / "inductor"
 
 
-def cache_is_warm() -> bool:
-    """Whether Inductor has compiled graphs cached (for some model: the measure is coarse)."""
-    graphs = inductor_cache() / "fxgraph"
-    return graphs.is_dir() and any(graphs.iterdir())
+def warm_marker(model: torch.nn.Module, dtype: torch.dtype) -> Path:
+    """A file in Inductor's cache that says it holds this architecture's graphs in this dtype for
+    this torch: written after a compiled run (`mark_warm`), read by `auto` to weigh the cost.
+    The graphs depend on the layers' shapes (config.json), not on the weights."""
+    config = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+    key = hashlib.sha256(f"{config}|{dtype}|{torch.__version__}".encode()).hexdigest()[:16]
+    return inductor_cache() / "midrank-warm" / key
+
+
+def mark_warm(marker: Path) -> None:
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
 
 
 def repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -105,23 +114,29 @@ def kind_of(device: torch.device, dtype: torch.dtype) -> str:
     return f"{device.type}{'+amx' if amx else ''} {str(dtype).removeprefix('torch.')}"
 
 
-def worth_compiling(padded_tokens: float, rates: Iterable[float], kind: str, whole: bool = False) -> bool:
-    """Whether compiling saves time on `padded_tokens` at the gain measured on this `kind` and the
-    eager speeds in `rates` (padded tokens/s, each taken when asked for). The first rate is the
-    start-up probe's, a first call that runs slower (oneDNN builds its kernels: 3.3 s against 2.5 s
-    on SmolLM2-135M in bf16), which overstates what compiling saves; so a yes is checked against a
-    second, warm rate."""
-    log = get_logger()
-    if kind not in GAIN:
-        log.info(f"score.compile=auto: no measured gain on {kind}; staying eager")
-        return False
-    cost = COST_S["whole" if whole else "layers", "warm" if cache_is_warm() else "cold"]
+def measured_gain(kind: str, whole: bool) -> float | None:
+    """The gain `auto` may count on: the one measured on this kind of device and dtype, for a
+    model compiled layer by layer; None (logged) where none was measured."""
+    gain = None if whole else GAIN.get(kind)
+    if gain is None:
+        what = "for a model compiled whole" if whole else f"on {kind}"
+        get_logger().info(f"score.compile=auto: no measured gain {what}; staying eager")
+    return gain
+
+
+def worth_compiling(padded_tokens: float, rates: Iterable[float], gain: float, cost: float) -> bool:
+    """Whether compiling, at `cost` seconds, saves time on `padded_tokens` at `gain` and the eager
+    speeds in `rates` (padded tokens/s, each taken when asked for). The first rate is the start-up
+    probe's, a first call that runs slower (oneDNN builds its kernels: 2,601 against 3,002 on
+    SmolLM2-135M in bf16), which overstates what compiling saves; so a yes is checked against a
+    second, warm rate. Both come from rows of the longest length, slower per token than shorter
+    ones: the estimate leans towards compiling by that much."""
     for rate in itertools.islice(rates, 2):
-        saved = padded_tokens / rate * (1 - 1 / GAIN[kind])
+        saved = padded_tokens / rate * (1 - 1 / gain)
         worth = saved > cost
-        log.info(
+        get_logger().info(
             f"score.compile=auto: ~{padded_tokens:,.0f} tokens to compute (padding included) at "
-            f"{rate:,.0f}/s eager on {kind}; compiling would save ~{saved:,.0f}s for ~{cost:,.0f}s "
+            f"{rate:,.0f}/s eager; compiling would save ~{saved:,.0f}s for ~{cost:,.0f}s "
             f"-> {'compiling' if worth else 'staying eager'}"
         )
         if not worth:

@@ -192,9 +192,10 @@ class ScoreConfig:
     later runs (pipeline/compiling.py; on a 2-core AMX CPU in bf16: 1.20-1.27x, for ~20 s of
     compiling cold and ~5 s warm). `auto` decides before the first batch: it compiles when the time
     the gain measured on this kind of device and dtype would save on the tokens to score exceeds
-    the cost of compiling, and stays eager where no gain was measured (GPUs, so far). In bf16
-    compiled losses differ from eager ones by up to ~0.06 nats/token on SmolLM2-135M (bf16 against
-    fp32: ~0.05)."""
+    the cost of compiling, and stays eager where no gain was measured (GPUs, so far); a resumed run
+    and each rank decide for themselves (`true`/`false` keeps a score set uniform). In bf16
+    compiled losses differ from eager ones by up to ~0.06 nats/token on SmolLM2-135M (0.085 with
+    AMX withheld; bf16 against fp32: ~0.05)."""
 
     prompt_format: Literal["chat_template", "plain"] = "chat_template"
     """Instruction data: render prompt and response with the tokenizer's chat template, or as

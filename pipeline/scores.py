@@ -192,6 +192,13 @@ def shard_lock(shard: int) -> str:
     return f"score-shard-{shard:05d}"
 
 
+def rows_checkpointed(layout: Layout, shard: int) -> int:
+    """The rows of a shard its checkpoint holds, read without the shard's lock: an estimate for
+    planning (`score.compile=auto`), which the writer that takes the lock reads again."""
+    chunks = layout.score_chunk_files(shard)
+    return int(read_json_metadata(chunks[-1], STATS_KEY)["rows_end"]) if chunks else 0
+
+
 class ShardWriter:
     """Results of one shard, checkpointed as chunk files, finished into `part-XXXXX.parquet`.
     Made under the shard's lock: it clears what a killed writer of the shard left half-written."""

@@ -22,14 +22,22 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from pipeline.batching import ShardBatches
-from pipeline.compiling import kind_of, repeated_blocks, worth_compiling
+from pipeline.compiling import (
+    COST_S,
+    kind_of,
+    mark_warm,
+    measured_gain,
+    repeated_blocks,
+    warm_marker,
+    worth_compiling,
+)
 from pipeline.config import Config, save_config
 from pipeline.cpu_memory import tune_cpu_malloc
 from pipeline.launcher import rank_and_world, shards_of_rank
 from pipeline.layout import Layout
 from pipeline.locks import check_free, lock
 from pipeline.log import RowProgress, format_counts, get_logger
-from pipeline.model import LoadedModel, load_model
+from pipeline.model import LoadedModel, load_model, resolve_dtype
 from pipeline.nll import BudgetedScorer, NLLScorer
 from pipeline.readers import InputError
 from pipeline.scores import (
@@ -39,6 +47,7 @@ from pipeline.scores import (
     empty_stats,
     is_scored,
     make_provenance,
+    rows_checkpointed,
     save_plan,
     shard_lock,
     window_table,
@@ -94,25 +103,40 @@ def score_shard(
 
 
 def compiling_pays(
-    cfg: Config, plan: ShardPlan, todo: list[int], loaded: LoadedModel, scorer: BudgetedScorer, rate: float
+    cfg: Config,
+    plan: ShardPlan,
+    layout: Layout,
+    todo: list[int],
+    loaded: LoadedModel,
+    scorer: BudgetedScorer,
+    rate: float,
 ) -> bool:
     """`score.compile=auto`, decided before the first batch so that one run's losses are all eager
-    or all compiled (a resumed run, and each rank, decides for itself: compiled and eager losses
-    differ by rounding, and the provenance key does not tell them apart, as it does not for
-    `score.compile` itself). The work ahead: the rows of the shards to do, at the padded tokens per
-    row of the first one's first window. The eager speed: the start-up probe's `rate`, then a
-    second probe's."""
-    per_row = ShardBatches(plan, todo[0], cfg.corpus, cfg.score, loaded.tokenizer).padded_tokens_per_row()
+    or all compiled. A resumed run, and each rank, decides for itself (`true` or `false` keeps a
+    score set uniform): compiled and eager losses differ by rounding, and the provenance key does
+    not tell them apart, as it does not for `score.compile` itself. The work ahead: the rows of
+    the shards to do less those checkpointed, at the padded tokens per row of the first window
+    still to score. The eager speed: the start-up probe's `rate`, then a second probe's."""
+    kernel = scorer.scorer
+    core = kernel.body if kernel.fast_path else kernel.model
+    dtype = resolve_dtype(cfg.model.dtype, loaded.device)
+    gain = measured_gain(kind_of(loaded.device, dtype), whole=not repeated_blocks(core))
+    if gain is None:
+        return False
+    left = {shard: plan.shard_rows(shard) - rows_checkpointed(layout, shard) for shard in todo}
+    first = next((shard for shard in todo if left[shard] > 0), None)
+    if first is None:
+        return False
+    done = plan.shard_rows(first) - left[first]
+    batches = ShardBatches(plan, first, cfg.corpus, cfg.score, loaded.tokenizer, start_row=done)
 
     def rates() -> Iterator[float]:
         yield rate
         yield scorer.probe_worst_batch(cfg.score.max_tokens, len(loaded.tokenizer))
 
-    kernel = scorer.scorer
-    core = kernel.body if kernel.fast_path else kernel.model
-    kind = kind_of(loaded.device, next(core.parameters()).dtype)
-    padded_tokens = sum(plan.shard_rows(s) for s in todo) * per_row
-    return worth_compiling(padded_tokens, rates(), kind, whole=not repeated_blocks(core))
+    warm = warm_marker(loaded.model, dtype).is_file()
+    padded_tokens = sum(left.values()) * batches.padded_tokens_per_row()
+    return worth_compiling(padded_tokens, rates(), gain, COST_S["warm" if warm else "cold"])
 
 
 def run(cfg: Config) -> Path:
@@ -152,9 +176,10 @@ def run(cfg: Config) -> Path:
     scorer = BudgetedScorer(kernel, cfg.score.batch_tokens)
     rate = scorer.probe_worst_batch(cfg.score.max_tokens, len(loaded.tokenizer))
     total_rows = sum(plan.shard_rows(s) for s in todo)
-    if cfg.score.compile is True or (
-        cfg.score.compile == "auto" and compiling_pays(cfg, plan, todo, loaded, scorer, rate)
-    ):
+    compiled = cfg.score.compile is True or (
+        cfg.score.compile == "auto" and compiling_pays(cfg, plan, layout, todo, loaded, scorer, rate)
+    )
+    if compiled:
         kernel.compile()
     log.info(f"rank {rank}/{world_size}: {len(todo)} of {len(assigned)} shard(s) to score, {total_rows} rows")
     totals = empty_stats()
@@ -167,6 +192,8 @@ def run(cfg: Config) -> Path:
                 writer = ShardWriter(layout, shard, provenance)
                 progress.advance(writer.rows_done)
                 totals = add_stats(totals, score_shard(cfg, plan, writer, loaded.tokenizer, scorer, progress))
+    if compiled:
+        mark_warm(warm_marker(loaded.model, resolve_dtype(cfg.model.dtype, loaded.device)))
     elapsed = time.perf_counter() - started
     log.info(
         f"scored {totals['samples']} samples from {totals['rows']} rows (skipped: {format_counts(totals['skipped'])}), "

@@ -45,29 +45,40 @@ def rates_taken(values: list[float], taken: list[float]):
         yield value
 
 
-def test_auto_compiles_only_when_it_pays_at_the_warm_rate(monkeypatch):
-    monkeypatch.setattr(compiling, "cache_is_warm", lambda: False)
-    monkeypatch.setitem(compiling.GAIN, "cpu float32", 1.10)  # a gain as if measured
-    gain, cost = 1.10, compiling.COST_S["layers", "cold"]
-    rate = 1_000.0  # padded tokens/s eager
-    even = cost * rate / (1 - 1 / gain)  # the tokens at which compiling saves exactly what it costs
+def test_auto_compiles_only_when_it_pays_at_the_warm_rate():
+    # a worked case: at 1,000 padded tokens/s eager and a 1.25x gain, compiling saves a fifth of
+    # the eager time: 100 s on 500,000 tokens, so it pays for 99 s and not for 101 s
     taken: list[float] = []
-    assert not worth_compiling(even * 0.99, rates_taken([rate, rate], taken), "cpu float32")
-    assert taken == [rate]  # a no from the (slower) first probe is final
+    assert worth_compiling(500_000, rates_taken([1_000.0, 1_000.0], taken), gain=1.25, cost=99.0)
+    assert taken == [1_000.0, 1_000.0]  # a yes is checked against a second, warm probe
     taken.clear()
-    assert worth_compiling(even * 1.01, rates_taken([rate, rate], taken), "cpu float32")
-    assert taken == [rate, rate]  # a yes is checked against a second, warm probe
-    # the first probe, slower, said yes; the warm one, faster, says it does not pay
-    assert not worth_compiling(even * 1.01, iter([rate, rate * 1.03]), "cpu float32")
-    # compiled whole costs more than layer by layer
-    assert not worth_compiling(even * 1.01, iter([rate, rate]), "cpu float32", whole=True)
+    assert not worth_compiling(500_000, rates_taken([1_000.0, 1_000.0], taken), gain=1.25, cost=101.0)
+    assert taken == [1_000.0]  # a no from the (slower) first probe is final
+    # the first probe, slower, said yes (100 s saved); the warm one, faster, says 95 s: no
+    assert not worth_compiling(500_000, iter([1_000.0, 1_050.0]), gain=1.25, cost=99.0)
 
 
-def test_auto_stays_eager_where_no_gain_was_measured():
-    taken: list[float] = []
+def test_auto_counts_no_gain_where_none_was_measured(monkeypatch):
+    monkeypatch.setitem(compiling.GAIN, "cpu float32", 1.5)
+    assert compiling.measured_gain("cpu float32", whole=False) == 1.5
+    assert compiling.measured_gain("cpu float32", whole=True) is None  # compiled whole: 0.97-1.06x
     assert "cuda bfloat16" not in compiling.GAIN
-    assert not worth_compiling(1e15, rates_taken([1.0, 1.0], taken), "cuda bfloat16")
-    assert taken == []  # no probe run for nothing
+    assert compiling.measured_gain("cuda bfloat16", whole=False) is None
+
+
+def test_a_compiled_run_marks_the_cache_warm_for_its_architecture_and_dtype(tmp_path, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    model = LlamaForCausalLM(config)
+    marker = compiling.warm_marker(model, torch.float32)
+    assert not marker.is_file()
+    compiling.mark_warm(marker)
+    assert compiling.warm_marker(model, torch.float32).is_file()
+    assert not compiling.warm_marker(model, torch.bfloat16).is_file()  # Inductor's graphs are by dtype
+    config.num_hidden_layers = 2
+    assert not compiling.warm_marker(LlamaForCausalLM(config), torch.float32).is_file()
 
 
 def test_the_kind_of_device_tells_amx_in_use_and_the_dtype(monkeypatch):
@@ -101,8 +112,8 @@ def test_auto_decides_before_the_first_batch(tmp_path, tiny_model_dir, monkeypat
     corpus = write_corpus(tmp_path / "c.jsonl", make_texts(24, seed=5))
     config = write_config(tmp_path, corpus, tiny_model_dir)
     monkeypatch.setitem(compiling.GAIN, "cpu float32", 1e9)
-    monkeypatch.setitem(compiling.COST_S, ("layers", "cold"), 0.0)
-    monkeypatch.setitem(compiling.COST_S, ("layers", "warm"), 0.0)
+    monkeypatch.setitem(compiling.COST_S, "cold", 0.0)
+    monkeypatch.setitem(compiling.COST_S, "warm", 0.0)
     score.run(load_config(config, ["score.compile=auto", f"out_dir={tmp_path / 'a'}"]))
     assert events[:3] == ["batch", "batch", "compile"] and events.count("compile") == 1
     assert len(events) > 3  # the corpus was scored after
@@ -223,3 +234,36 @@ def test_repeated_blocks_are_the_outermost_of_their_classes():
 
     body = Body()
     assert repeated_blocks(body) == [body.blocks[0], body.blocks[1], body.extra]
+
+
+def test_auto_weighs_only_the_rows_left_from_the_first_window_to_score(tmp_path, tiny_model_dir, monkeypatch):
+    """A resumed run: shard 0 checkpointed 5 of its 8 rows, so 3 + 8 + 8 rows are left, and the
+    tokens per row come from shard 0's rows 5 on, not from its start."""
+    from pipeline.batching import ShardBatches
+    from pipeline.model import load_model
+    from pipeline.nll import BudgetedScorer, NLLScorer
+    from pipeline.scores import SCORE_SCHEMA, ShardWriter, empty_stats, make_provenance, rows_checkpointed
+    from pipeline.sharding import plan_shards
+
+    texts = [f"short {i}" for i in range(5)] + make_texts(19, seed=3)  # shard 0 opens with 5 short rows
+    corpus = write_corpus(tmp_path / "c.jsonl", texts)
+    cfg = load_config(write_config(tmp_path, corpus, tiny_model_dir))
+    plan, layout = plan_shards(cfg.corpus), Layout(cfg.out_dir)
+    assert [plan.shard_rows(s) for s in range(3)] == [8, 8, 8]
+    layout.make_dir(layout.scores_dir)
+    ShardWriter(layout, 0, make_provenance(cfg, plan)).write_chunk(
+        SCORE_SCHEMA.empty_table(), 5, empty_stats()
+    )
+    assert rows_checkpointed(layout, 0) == 5 and rows_checkpointed(layout, 1) == 0
+    loaded = load_model(cfg.model)
+    scorer = BudgetedScorer(NLLScorer(loaded.model, count_correct=False), cfg.score.batch_tokens)
+    monkeypatch.setitem(compiling.GAIN, "cpu float32", 2.0)
+    asked = {}
+    monkeypatch.setattr(
+        score, "worth_compiling", lambda tokens, rates, gain, cost: asked.update(tokens=tokens)
+    )
+    score.compiling_pays(cfg, plan, layout, [0, 1, 2], loaded, scorer, 1_000.0)
+    rest = ShardBatches(plan, 0, cfg.corpus, cfg.score, loaded.tokenizer, start_row=5).padded_tokens_per_row()
+    whole = ShardBatches(plan, 0, cfg.corpus, cfg.score, loaded.tokenizer).padded_tokens_per_row()
+    assert rest != whole  # the short rows checkpointed would have lowered the estimate
+    assert asked["tokens"] == (3 + 8 + 8) * rest
