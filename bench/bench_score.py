@@ -74,6 +74,11 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, device: torch.device | None =
     return 2 * n**3 * runs / (time.perf_counter() - started)
 
 
+# the largest product output matmul_bound times (256 MB in fp32): the LM head's is 1,024 rows (a
+# head chunk) x the vocabulary, and each timing holds two outputs at once
+OUTPUT_CAP = 1 << 26
+
+
 def gemm_rate(rows: int, inputs: int, outputs: int, dtype: torch.dtype, repeats: int = 5) -> float:
     """FLOP/s of the faster of torch's two CPU GEMMs at one shape (torch.mm, MKL's in fp32 and
     oneDNN's in bf16, into a preallocated output; and oneDNN's linear), the median of `repeats`."""
@@ -98,8 +103,9 @@ def gemm_rate(rows: int, inputs: int, outputs: int, dtype: torch.dtype, repeats:
 
 def matmul_bound(model_dir: str, dtype: torch.dtype) -> float:
     """Tokens/s that the model's matrix products alone allow: each product at the best rate that
-    torch's GEMMs reach here at its input width, over 2,048 to 16,384 rows and over outputs 1, 2
-    and 4 times as wide (as if fused with products of the same input, as vLLM fuses q, k and v).
+    torch's GEMMs reach here at its input width, over 1,024 to 16,384 rows and over outputs 1, 2
+    and 4 times as wide (as if fused with products of the same input, as vLLM fuses q, k and v),
+    up to `OUTPUT_CAP` elements of output.
     Attention, elementwise work and padding come on top, so a scorer built on these GEMMs cannot
     be faster: a ceiling, tighter than the square matmul peak."""
     from collections import Counter
@@ -118,11 +124,13 @@ def matmul_bound(model_dir: str, dtype: torch.dtype) -> float:
         raise ValueError(f"{model_dir}: no linear layers found to time")
     seconds = 0.0
     for (inputs, outputs), count in shapes.items():
-        rate = max(
-            gemm_rate(rows, inputs, outputs * wider, dtype)
-            for rows in (2048, 4096, 8192, 16384)
+        tried = [
+            (rows, outputs * wider)
+            for rows in (1024, 2048, 4096, 8192, 16384)
             for wider in (1, 2, 4)
-        )
+            if rows * outputs * wider <= OUTPUT_CAP
+        ] or [(1024, outputs)]
+        rate = max(gemm_rate(rows, inputs, width, dtype) for rows, width in tried)
         seconds += count * 2 * inputs * outputs / rate
     return 1 / seconds
 
