@@ -17,8 +17,8 @@
 Each run is its own process, so peak RSS is its own. Prints tokens/s, the ratio to (a), peak RSS,
 MFU (2 x parameters x tokens/s against this machine's measured matmul peak in the same dtype), the
 largest per-sample loss difference to (a), what bf16 does to the ranking, the tokens/s that the
-model's matmuls alone allow at its own shapes in each dtype (a ceiling for any scorer built on
-them, set against 1.5x vLLM), and peak RSS for a corpus 10x larger. Needs `make data model` first.
+model's matmuls alone allow at its own shapes in each dtype (the best rate over the kernels and
+shapes tried, set against 1.5x vLLM), and peak RSS for a corpus 10x larger. Needs `make data model` first.
 """
 
 from __future__ import annotations
@@ -106,8 +106,9 @@ def matmul_bound(model_dir: str, dtype: torch.dtype) -> float:
     torch's GEMMs reach here at its input width, over 1,024 to 16,384 rows and over outputs 1, 2
     and 4 times as wide (as if fused with products of the same input, as vLLM fuses q, k and v),
     up to `OUTPUT_CAP` elements of output.
-    Attention, elementwise work and padding come on top, so a scorer built on these GEMMs cannot
-    be faster: a ceiling, tighter than the square matmul peak."""
+    Attention, elementwise work and padding come on top: an empirical ceiling over the kernels and
+    shapes tried (not MKL's packed GEMM, nor oneDNN with prepacked weights), tighter than the
+    square matmul peak."""
     from collections import Counter
 
     from transformers import AutoConfig, AutoModelForCausalLM

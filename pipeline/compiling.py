@@ -9,8 +9,9 @@ Inductor keeps what it compiled under the user's cache folder (`$XDG_CACHE_HOME/
 by default `~/.cache/midrank/inductor`; `TORCHINDUCTOR_CACHE_DIR` overrides it), so a second run on
 the same model shapes starts warm. `auto` decides before the first batch: it compiles when the eager
 time that the gain measured on this kind of device and dtype (`GAIN`) would save on the tokens to
-score exceeds what compiling costs (`COST_S`). The tokens come from the first window (padding
-included), the eager speed from the start-up probe's batch of the largest shape.
+score exceeds what compiling costs (`COST_S`). The tokens: the rows left times the padded tokens
+per row of the first window still to score; the eager speed: the start-up probe's batch of the
+largest shape.
 """
 
 from __future__ import annotations
@@ -57,17 +58,25 @@ def inductor_cache() -> Path:
 
 
 def warm_marker(model: torch.nn.Module, dtype: torch.dtype) -> Path:
-    """A file in Inductor's cache that says it holds this architecture's graphs in this dtype for
-    this torch: written after a compiled run (`mark_warm`), read by `auto` to weigh the cost.
-    The graphs depend on the layers' shapes (config.json), not on the weights."""
-    config = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
-    key = hashlib.sha256(f"{config}|{dtype}|{torch.__version__}".encode()).hexdigest()[:16]
+    """A file in Inductor's cache that says it holds this architecture's graphs in this dtype and
+    attention for this torch: written after a compiled run scored something (`mark_warm`), read by
+    `auto` to weigh the cost. The graphs depend on the layers' shapes (config.json less its
+    bookkeeping: where it was loaded from), not on the weights. Coarse still: the graphs with and
+    without an attention mask, and the CPU's instruction set, are not in it."""
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_")}
+    config["attn_implementation"] = model.config._attn_implementation
+    text = json.dumps(config, sort_keys=True, default=str)
+    key = hashlib.sha256(f"{text}|{dtype}|{torch.__version__}".encode()).hexdigest()[:16]
     return inductor_cache() / "midrank-warm" / key
 
 
 def mark_warm(marker: Path) -> None:
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
+    """Best effort: a cache folder that cannot be written costs the next run its warm estimate."""
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError as error:
+        get_logger().warning(f"could not mark Inductor's cache warm ({marker}): {error}")
 
 
 def repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:

@@ -195,8 +195,11 @@ def shard_lock(shard: int) -> str:
 def rows_checkpointed(layout: Layout, shard: int) -> int:
     """The rows of a shard its checkpoint holds, read without the shard's lock: an estimate for
     planning (`score.compile=auto`), which the writer that takes the lock reads again."""
-    chunks = layout.score_chunk_files(shard)
-    return int(read_json_metadata(chunks[-1], STATS_KEY)["rows_end"]) if chunks else 0
+    try:
+        chunks = layout.score_chunk_files(shard)
+        return int(read_json_metadata(chunks[-1], STATS_KEY)["rows_end"]) if chunks else 0
+    except (OSError, KeyError, ProvenanceError):  # finished or cleared meanwhile; the writer reads again
+        return 0
 
 
 class ShardWriter:

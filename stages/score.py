@@ -192,7 +192,7 @@ def run(cfg: Config) -> Path:
                 writer = ShardWriter(layout, shard, provenance)
                 progress.advance(writer.rows_done)
                 totals = add_stats(totals, score_shard(cfg, plan, writer, loaded.tokenizer, scorer, progress))
-    if compiled:
+    if compiled and totals["samples"]:  # something ran compiled, so the graphs are in the cache
         mark_warm(warm_marker(loaded.model, resolve_dtype(cfg.model.dtype, loaded.device)))
     elapsed = time.perf_counter() - started
     log.info(

@@ -66,19 +66,55 @@ def test_auto_counts_no_gain_where_none_was_measured(monkeypatch):
     assert compiling.measured_gain("cuda bfloat16", whole=False) is None
 
 
-def test_a_compiled_run_marks_the_cache_warm_for_its_architecture_and_dtype(tmp_path, monkeypatch):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_the_warm_marker_is_by_architecture_dtype_and_attention_not_by_folder(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    model = LlamaForCausalLM(config)
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "elsewhere")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     marker = compiling.warm_marker(model, torch.float32)
-    assert not marker.is_file()
-    compiling.mark_warm(marker)
-    assert compiling.warm_marker(model, torch.float32).is_file()
-    assert not compiling.warm_marker(model, torch.bfloat16).is_file()  # Inductor's graphs are by dtype
-    config.num_hidden_layers = 2
-    assert not compiling.warm_marker(LlamaForCausalLM(config), torch.float32).is_file()
+    assert compiling.warm_marker(AutoModelForCausalLM.from_pretrained(copy), torch.float32) == marker
+    assert compiling.warm_marker(model, torch.bfloat16) != marker  # Inductor's graphs are by dtype
+    eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    assert compiling.warm_marker(eager, torch.float32) != marker
+    config = model.config.to_dict() | {"num_hidden_layers": model.config.num_hidden_layers + 1}
+    deeper = AutoModelForCausalLM.from_config(type(model.config).from_dict(config))
+    assert compiling.warm_marker(deeper, torch.float32) != marker
+
+
+def test_the_stage_marks_the_cache_warm_and_auto_weighs_it(tmp_path, tiny_model_dir, monkeypatch):
+    """A compiled run marks the cache warm for its model; `auto` then counts the warm cost (here
+    free, the cold one infinite); for a model compiled whole it counts no gain, and so neither
+    probes again nor reads the corpus ahead."""
+    from pipeline.batching import ShardBatches
+    from pipeline.model import load_model
+    from pipeline.nll import NLLScorer
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    compiled: list[int] = []
+    monkeypatch.setattr(NLLScorer, "compile", lambda self: compiled.append(1))
+    config = write_config(
+        tmp_path, write_corpus(tmp_path / "c.jsonl", make_texts(24, seed=5)), tiny_model_dir
+    )
+    marker = compiling.warm_marker(load_model(load_config(config).model).model, torch.float32)
+    monkeypatch.setitem(compiling.GAIN, "cpu float32", 1e9)
+    monkeypatch.setitem(compiling.COST_S, "cold", float("inf"))
+    monkeypatch.setitem(compiling.COST_S, "warm", 0.0)
+    score.run(load_config(config, ["score.compile=auto", f"out_dir={tmp_path / 'a'}"]))
+    assert compiled == [] and not marker.is_file()  # cold: never pays
+    score.run(load_config(config, ["score.compile=true", f"out_dir={tmp_path / 'b'}"]))
+    assert compiled == [1] and marker.is_file()
+    score.run(load_config(config, ["score.compile=auto", f"out_dir={tmp_path / 'c'}"]))
+    assert compiled == [1, 1]  # warm: pays
+    read: list[int] = []
+    monkeypatch.setattr(ShardBatches, "padded_tokens_per_row", lambda self: read.append(1) or 1.0)
+    monkeypatch.setattr(score, "repeated_blocks", lambda module: [])  # as if compiled whole
+    score.run(load_config(config, ["score.compile=auto", f"out_dir={tmp_path / 'd'}"]))
+    assert compiled == [1, 1] and read == []
 
 
 def test_the_kind_of_device_tells_amx_in_use_and_the_dtype(monkeypatch):
