@@ -1,6 +1,6 @@
 """Loading the reference model and tokenizer from a local directory, with provenance hashes.
 
-    loaded = load_model(cfg.model)     # -> LoadedModel(model, tokenizer, device)
+    loaded = load_model(cfg.model)     # -> LoadedModel(model, tokenizer, device, dtype)
 
 Weights load from safetensors only and `trust_remote_code` stays off unless the config turns it on.
 `dtype: auto` picks bf16 on CUDA devices that support it and on CPUs with bf16 instructions
@@ -30,6 +30,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     device: torch.device
+    dtype: torch.dtype  # as `model.dtype` resolved it (`auto` picks per device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -174,4 +175,4 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             f"model.path: {cfg.path!r}: a fast (Rust) tokenizer is needed for character offsets"
         )
     get_logger().info(f"model {path} on {device} in {str(dtype).removeprefix('torch.')}")
-    return LoadedModel(model=model, tokenizer=tokenizer, device=device)
+    return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype)

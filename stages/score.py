@@ -37,7 +37,7 @@ from pipeline.launcher import rank_and_world, shards_of_rank
 from pipeline.layout import Layout
 from pipeline.locks import check_free, lock
 from pipeline.log import RowProgress, format_counts, get_logger
-from pipeline.model import LoadedModel, load_model, resolve_dtype
+from pipeline.model import LoadedModel, load_model
 from pipeline.nll import BudgetedScorer, NLLScorer
 from pipeline.readers import InputError
 from pipeline.scores import (
@@ -119,8 +119,7 @@ def compiling_pays(
     still to score. The eager speed: the start-up probe's `rate`, then a second probe's."""
     kernel = scorer.scorer
     core = kernel.body if kernel.fast_path else kernel.model
-    dtype = resolve_dtype(cfg.model.dtype, loaded.device)
-    gain = measured_gain(kind_of(loaded.device, dtype), whole=not repeated_blocks(core))
+    gain = measured_gain(kind_of(loaded.device, loaded.dtype), whole=not repeated_blocks(core))
     if gain is None:
         return False
     left = {shard: plan.shard_rows(shard) - rows_checkpointed(layout, shard) for shard in todo}
@@ -134,7 +133,7 @@ def compiling_pays(
         yield rate
         yield scorer.probe_worst_batch(cfg.score.max_tokens, len(loaded.tokenizer))
 
-    warm = warm_marker(loaded.model, dtype).is_file()
+    warm = warm_marker(loaded.model, loaded.dtype).is_file()
     padded_tokens = sum(left.values()) * batches.padded_tokens_per_row()
     return worth_compiling(padded_tokens, rates(), gain, COST_S["warm" if warm else "cold"])
 
@@ -193,7 +192,7 @@ def run(cfg: Config) -> Path:
                 progress.advance(writer.rows_done)
                 totals = add_stats(totals, score_shard(cfg, plan, writer, loaded.tokenizer, scorer, progress))
     if compiled and totals["samples"]:  # something ran compiled, so the graphs are in the cache
-        mark_warm(warm_marker(loaded.model, resolve_dtype(cfg.model.dtype, loaded.device)))
+        mark_warm(warm_marker(loaded.model, loaded.dtype))
     elapsed = time.perf_counter() - started
     log.info(
         f"scored {totals['samples']} samples from {totals['rows']} rows (skipped: {format_counts(totals['skipped'])}), "
