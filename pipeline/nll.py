@@ -41,8 +41,16 @@ import torch.nn.functional as F
 
 from pipeline.batching import batch_length, batch_rows
 from pipeline.log import get_logger
+from pipeline.unpadded import UNPADDED, attention_as, unpadded_inputs
 
 HEAD_ROWS = 128
+# Architectures scored without their padding (pipeline/unpadded.py), each tested against its
+# samples scored alone (tests/test_unpadded.py): nothing in their layers but the attention mixes
+# positions, and transformers runs their attention through its attention interface.
+UNPADDED_MODEL_TYPES = frozenset({"gemma", "gpt_neox", "llama", "mistral", "olmo2", "phi3", "qwen2", "qwen3"})
+# In bf16, rounding alone moved SmolLM2-135M's losses in that check by up to 0.12 nats a token
+# (packed, the matmuls have other row counts); attention that ignored causality moved them past this.
+UNPADDED_HALF_NATS = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +83,7 @@ class NLLScorer:
         self.fast_path = self._head_path_matches_model()
         self.causal_only = self._causal_mask_is_enough()
         self.unmasked_length = unmasked_length(model.config)
+        self.unpadded = self.fast_path and self._unpadded_matches()
 
     def compile(self) -> None:
         """What runs the model's layers, through torch.compile from now on (pipeline/compiling.py),
@@ -118,6 +127,43 @@ class NLLScorer:
         real = mask.bool()
         a, b = masked[real].float(), unmasked[real].float()
         return bool(torch.allclose(a, b, atol=tolerance, rtol=relative))
+
+    @torch.inference_mode()
+    def _unpadded_matches(self) -> bool:
+        """Whether to score without the padding (pipeline/unpadded.py): only for the architectures
+        whose layers mix positions in their attention alone (`UNPADDED_MODEL_TYPES`: tested, each
+        against its samples scored alone), and where, on a small batch, the real tokens' losses
+        come out the same packed as padded and masked. That check catches an attention that
+        `unpadded_sdpa` does not do (it raises) or gets wrong; in half precision only by more than
+        rounding (`UNPADDED_HALF_NATS`)."""
+        if getattr(self.model.config, "model_type", None) not in UNPADDED_MODEL_TYPES:
+            return False
+        ids = torch.arange(3 * 16, device=self.device).view(3, 16) % self.head.weight.shape[0]
+        mask = torch.ones_like(ids)
+        mask[1, 9:] = 0
+        mask[2, :5] = 0  # left padding too
+        real = mask.bool()
+        padded = self.body(
+            input_ids=ids, attention_mask=mask, position_ids=positions_of(mask)
+        ).last_hidden_state
+        packed_index, kwargs = unpadded_inputs(ids, mask, positions_of(mask))
+        try:
+            with attention_as(self.model, UNPADDED):
+                packed = self.body(**kwargs, use_cache=False).last_hidden_state[0]
+        except (TypeError, ValueError, RuntimeError, KeyError):  # e.g. an attention it does not do
+            return False
+        if packed.shape[0] != int(real.sum()):
+            return False
+        predicted = real.clone()
+        predicted[torch.arange(3), real.long().argmax(1)] = False  # each row's first token: context
+        targets = ids[predicted]
+        flat_padded = padded.reshape(-1, padded.shape[-1])
+        # h[j] predicts the token after it: the real tokens before each target
+        before = predicted.flatten().nonzero().squeeze(1) - 1
+        expected = F.cross_entropy(self._logits(flat_padded[before]), targets, reduction="none")
+        got = F.cross_entropy(self._logits(packed[packed_index[before]]), targets, reduction="none")
+        tolerance = 1e-4 if self.head.weight.dtype == torch.float32 else UNPADDED_HALF_NATS
+        return bool((got - expected).abs().max() <= tolerance)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.fp32_logits_from_mm:
@@ -184,6 +230,12 @@ class NLLScorer:
         predicted = target_mask[:, 1:]
         targets = input_ids[:, 1:][predicted]
         rows = torch.arange(input_ids.shape[0], device=self.device)[:, None].expand_as(predicted)[predicted]
+        if self.fast_path and self.unpadded:
+            packed_index, kwargs = unpadded_inputs(input_ids, attention_mask, positions_of(attention_mask))
+            with attention_as(self.model, UNPADDED):
+                hidden = self.body(**kwargs, use_cache=False).last_hidden_state[0]
+            token_nll, correct = self._head_nll_at(hidden, packed_index, predicted, targets)
+            return self._per_row(input_ids.shape[0], rows, predicted, token_nll, correct)
         kwargs = {"input_ids": input_ids}
         unmasked = (  # the mask test last: on a GPU, reading its result waits for the device
             self.causal_only
@@ -194,18 +246,41 @@ class NLLScorer:
             kwargs |= {"attention_mask": attention_mask, "position_ids": positions_of(attention_mask)}
         if self.fast_path:
             hidden = self.body(**kwargs, use_cache=False).last_hidden_state
-            n = targets.numel()
-            positions = F.pad(predicted, (0, 1)).flatten().nonzero().squeeze(1)  # h[j] predicts t[j + 1]
-            padded = -(-n // HEAD_ROWS) * HEAD_ROWS  # the extra rows repeat position 0 and are dropped
-            positions = F.pad(positions, (0, padded - n))
-            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-            token_nll, correct = self._head_nll(hidden, F.pad(targets, (0, padded - n)))
-            token_nll, correct = token_nll[:n], None if correct is None else correct[:n]
+            token_nll, correct = self._head_nll_at(
+                hidden.reshape(-1, hidden.shape[-1]), None, predicted, targets
+            )
         else:
             logits = self.model(**kwargs, use_cache=False).logits[:, :-1][predicted].float()
             token_nll = F.cross_entropy(logits, targets, reduction="none")
             correct = logits.argmax(-1) == targets if self.count_correct else None
-        batch = input_ids.shape[0]
+        return self._per_row(input_ids.shape[0], rows, predicted, token_nll, correct)
+
+    def _head_nll_at(
+        self,
+        hidden: torch.Tensor,
+        packed_index: torch.Tensor | None,
+        predicted: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`_head_nll` of the hidden states that predict the targets: `hidden` has a row per padded
+        slot, or per real token where `packed_index` maps slots to them."""
+        n = targets.numel()
+        slots = F.pad(predicted, (0, 1)).flatten().nonzero().squeeze(1)  # h[j] predicts t[j + 1]
+        if packed_index is not None:
+            slots = packed_index[slots]  # a predicting token is a real one
+        padded = -(-n // HEAD_ROWS) * HEAD_ROWS  # the extra rows repeat row 0 and are dropped
+        hidden = hidden.index_select(0, F.pad(slots, (0, padded - n)))
+        token_nll, correct = self._head_nll(hidden, F.pad(targets, (0, padded - n)))
+        return token_nll[:n], None if correct is None else correct[:n]
+
+    def _per_row(
+        self,
+        batch: int,
+        rows: torch.Tensor,
+        predicted: torch.Tensor,
+        token_nll: torch.Tensor,
+        correct: torch.Tensor | None,
+    ) -> BatchNLL:
         nll_sum = torch.zeros(batch, dtype=torch.float64, device=self.device).index_add_(
             0, rows, token_nll.double()
         )

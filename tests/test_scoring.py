@@ -49,9 +49,10 @@ def samples_of(tokenizer, texts, max_tokens=64):
     return out
 
 
+@pytest.mark.parametrize("unpadded", [True, False], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("count_correct", [True, False])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_batched_loss_equals_sample_alone(model_and_tokenizer, padding_side, count_correct):
+def test_batched_loss_equals_sample_alone(model_and_tokenizer, padding_side, count_correct, unpadded):
     model, tokenizer = model_and_tokenizer
     samples = samples_of(tokenizer, make_texts(24, seed=3))
     lengths = {len(s.input_ids) for s in samples}
@@ -59,7 +60,8 @@ def test_batched_loss_equals_sample_alone(model_and_tokenizer, padding_side, cou
     # chunks that do not divide the token count; without count_correct (the score stage), the
     # top logit comes from amax() rather than max()
     scorer = NLLScorer(model, head_chunk_tokens=37, count_correct=count_correct)
-    assert scorer.fast_path and scorer.causal_only  # right-padded batches go in with no mask
+    assert scorer.fast_path and scorer.causal_only and scorer.unpadded
+    scorer.unpadded = unpadded  # padded: right-padded batches go in with no mask
     # different companions and sizes, and empty rows after the samples (a window's last batch)
     for batch, rows in ((samples, 0), (samples[::-1][:7], 10), (samples[3:4], 3)):
         tensors = collate(batch, tokenizer.pad_token_id, padding_side, rows=rows)
@@ -148,6 +150,8 @@ def test_a_model_that_differs_without_a_mask_keeps_getting_one(model_and_tokeniz
     with_mask.causal_only = False
     guarded = NLLScorer(odd)
     assert plain.causal_only and not guarded.causal_only
+    for scorer in (plain, with_mask, guarded):  # the padded path: architectures not unpadded
+        scorer.unpadded = False
     masks_seen.clear()
     expected = with_mask(**tensors)
     for out in (plain(**tensors), guarded(**tensors)):
@@ -167,6 +171,7 @@ def test_only_right_padded_rows_within_the_position_limit_go_in_without_a_mask(m
 
     spied.model.forward = recording
     scorer = NLLScorer(spied)
+    scorer.unpadded = False  # the padded path: architectures not unpadded (tests/test_unpadded.py)
     samples = samples_of(tokenizer, make_texts(8, seed=7))
     right = collate(samples, tokenizer.pad_token_id, "right")
     left = collate(samples, tokenizer.pad_token_id, "left")

@@ -1,0 +1,147 @@
+"""Scoring without computing the padding (pipeline/unpadded.py): each sample's loss against the
+model's plain forward on that sample alone, for each architecture it is used on, and kept off
+where the attention does something it does not."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from pipeline.nll import UNPADDED_MODEL_TYPES, NLLScorer
+
+SMALL = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**SMALL),
+    "mistral": lambda: MistralConfig(**SMALL, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**SMALL, use_sliding_window=False),
+    "qwen3": lambda: Qwen3Config(**SMALL, head_dim=16),
+    "gpt_neox": lambda: GPTNeoXConfig(
+        **{k: v for k, v in SMALL.items() if k != "num_key_value_heads"}, bos_token_id=0, eos_token_id=0
+    ),
+    "olmo2": lambda: Olmo2Config(**SMALL),
+    "phi3": lambda: Phi3Config(**SMALL, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "gemma": lambda: GemmaConfig(**SMALL, head_dim=16),
+}
+
+
+def tiny(config) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def batch(lengths: list[int], side: str, empty_rows: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Rows of random tokens padded on `side` (pad id 0, a real token too), the first token of
+    each the context; `empty_rows` rows of padding only after them, as a window's last batch has."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths) + empty_rows, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        cols = slice(0, n) if side == "right" else slice(width - n, width)
+        ids[row, cols] = torch.randint(0, 256, (n,), generator=generator)
+        mask[row, cols] = 1
+    target = mask.bool().clone()
+    target[torch.arange(len(lengths)), mask[: len(lengths)].argmax(1)] = False  # the context token
+    return {"input_ids": ids, "attention_mask": mask, "target_mask": target}
+
+
+def alone(model, ids: torch.Tensor) -> tuple[float, float]:
+    """nll_sum and max token nll of one unpadded row: the model's own forward, log_softmax, gather."""
+    with torch.inference_mode():
+        logits = model(ids[None]).logits[0, :-1].float()
+    token_nll = -F.log_softmax(logits, dim=-1).gather(1, ids[1:, None])[:, 0]
+    return token_nll.sum().item(), token_nll.max().item()
+
+
+def assert_each_row_as_alone(model, scorer: NLLScorer, tensors: dict[str, torch.Tensor]) -> None:
+    out = scorer(**tensors)
+    for row in range(tensors["input_ids"].shape[0]):
+        real = tensors["attention_mask"][row].bool()
+        if not real.any():
+            assert out.n_tokens[row] == 0 and out.nll_sum[row] == 0
+            continue
+        nll_sum, max_nll = alone(model, tensors["input_ids"][row][real])
+        assert out.n_tokens[row].item() == int(real.sum()) - 1
+        assert out.nll_sum[row].item() == pytest.approx(nll_sum, abs=1e-4)
+        assert out.max_token_nll[row].item() == pytest.approx(max_nll, abs=1e-5)
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_each_architecture_scores_unpadded_as_each_sample_alone(model_type, side):
+    assert set(CONFIGS) == UNPADDED_MODEL_TYPES  # every one used is tested here
+    model = tiny(CONFIGS[model_type]())
+    for count_correct in (True, False):
+        scorer = NLLScorer(model, head_chunk_tokens=13, count_correct=count_correct)
+        assert scorer.unpadded, model_type
+        assert_each_row_as_alone(model, scorer, batch([17, 3, 40, 9, 40, 2], side, empty_rows=2))
+
+
+def test_the_body_sees_only_the_real_tokens_and_the_model_keeps_its_attention():
+    model = tiny(LlamaConfig(**SMALL))
+    scorer = NLLScorer(model)
+    seen = []
+    forward = model.model.forward
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["input_ids"].shape)
+        return forward(*args, **kwargs)
+
+    model.model.forward = recording
+    tensors = batch([12, 30, 5], "right", empty_rows=1)
+    scorer(**tensors)
+    assert seen == [torch.Size([1, 12 + 30 + 5])]
+    assert model.config._attn_implementation == "sdpa"  # set for the call only
+
+
+def test_the_attention_is_restored_after_an_error():
+    model = tiny(LlamaConfig(**SMALL))
+    scorer = NLLScorer(model)
+    tensors = batch([12, 30], "right")
+    tensors["input_ids"][0, 3] = 10_000  # past the vocabulary: the embedding raises
+    with pytest.raises(IndexError):
+        scorer(**tensors)
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(lambda: MistralConfig(**SMALL, sliding_window=4), id="mistral sliding window"),
+        pytest.param(
+            lambda: Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=4, max_window_layers=0),
+            id="qwen2 sliding window",
+        ),
+        pytest.param(
+            lambda: GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128),
+            id="gpt2 not listed",
+        ),
+    ],
+)
+def test_an_attention_it_does_not_do_keeps_the_padding(config):
+    """A sliding window is not applied by `unpadded_sdpa`; an architecture not on the list may mix
+    positions outside its attention. Either keeps the padded path, and still scores correctly."""
+    model = tiny(config())
+    scorer = NLLScorer(model)
+    assert scorer.fast_path and not scorer.unpadded
+    assert_each_row_as_alone(model, scorer, batch([17, 3, 40, 9], "right", empty_rows=1))
