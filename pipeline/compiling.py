@@ -30,7 +30,8 @@ from pipeline.log import get_logger
 # The stage's steady speed compiled over eager, where it was measured: the lowest of the runs, by
 # device, dtype and whether oneDNN multiplies on AMX (`kind_of`).
 # - "cpu+amx bfloat16": 1.20-1.27x over three runs, SmolLM2-135M on a 2-core CPU, compiling layer
-#   by layer (docs/results/2026-12-05-score-layers-compiled.md).
+#   by layer (docs/results/2026-12-05-score-layers-compiled.md); 1.19x once the padding was no
+#   longer computed, which sped eager up more (docs/results/2026-12-05-score-unpadded.md).
 # Left out, so `auto` stays eager there: the same CPU with AMX withheld (oneDNN capped at
 # AVX512_CORE_BF16), where the matmuls take nearly all the time, gained 1.02-1.05x in bf16 and 1.03x
 # in fp32, inside the machine's swing (docs/results/2026-12-05-score-capped-compiled.md); no GPU
@@ -38,7 +39,7 @@ from pipeline.log import get_logger
 # A model whose repeated layers transformers does not name is compiled whole (`compile_body`),
 # which gained 0.97-1.06x for 66-76 s of compiling (docs/results/2026-12-05-score-full-window.md):
 # no gain is kept for it anywhere.
-GAIN: dict[str, float] = {"cpu+amx bfloat16": 1.20}
+GAIN: dict[str, float] = {"cpu+amx bfloat16": 1.19}
 # What compiling the layers adds to a run, on the CPU above (SmolLM2-135M: its 30 layers share one
 # graph), with Inductor's cache cold and warm for this model's shapes and dtype (`warm_marker`).
 COST_S = {"cold": 20.0, "warm": 5.0}

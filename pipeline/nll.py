@@ -7,26 +7,28 @@ How positions line up (one row, BOS as context, right padding):
     hidden          h0   h1   h2   h3   .    .
     predicts        t1   t2   t3   .                 h[j] predicts input_ids[j + 1]
 
-so the loss uses hidden[:, :-1] where target_mask[:, 1:] is set, against input_ids[:, 1:]. Only
-those N hidden states go through the LM head, in chunks of `head_chunk_tokens` (N padded to a
-multiple of HEAD_ROWS, so that the head's shapes, like the batches', come from a small set: see
-pipeline/batching.py), and the log-softmax runs in fp32 whatever the model dtype. Full
-(batch, length, vocab) logits never exist.
+so the loss uses hidden[:, :-1] where target_mask[:, 1:] is set, against input_ids[:, 1:]. For the
+architectures in `UNPADDED_MODEL_TYPES` the body computes no padding at all: it takes the real
+tokens packed end to end (pipeline/unpadded.py), and hidden[j] is found through each padded slot's
+index among them. Only those N hidden states go through the LM head, in chunks of
+`head_chunk_tokens` (N padded to a multiple of HEAD_ROWS, so that the head's shapes, like the
+batches', come from a small set: see pipeline/batching.py), and the log-softmax runs in fp32
+whatever the model dtype. Full (batch, length, vocab) logits never exist.
 In bf16 the head matmul accumulates in fp32 but, on CPU, rounds its output to bf16. Measured on
 SmolLM2-135M over 60 held-out documents: an fp32 head would change per-sample losses by at most
 0.011 nats, against 0.022 for the bf16 body itself, and cost 40% more time per batch, so the head
 stays in the model dtype. On CUDA the matmul writes fp32 logits directly, at no cost.
 
-Positions come from the attention mask, so left and right padding give the same result; padding
-is never a target because targets come from `target_mask`, not from the pad id (which may equal a
-real token, e.g. EOS). A right-padded batch (the score stage's) goes in with no attention mask and
-no positions: under the causal mask alone a real token attends to no padding, since all of it
-comes later, and a right-padded row's real tokens sit at positions 0, 1, ... either way, so their
-outputs are the same (bit for bit on SmolLM2-135M, measured; a check at start allows the dtype's
-tolerance), and the attention gets no 4-D padding mask, which compiled layers would turn into an
-additive float mask in every layer (see pipeline/compiling.py). The padding then gets positions
-too, up to the padded length: so not past a learned position table, and never where a dynamically
-scaled rotary embedding would rescale with them (`unmasked_length`).
+Positions come from the attention mask (packed or padded), so left and right padding give the same
+result; padding is never a target because targets come from `target_mask`, not from the pad id
+(which may equal a real token, e.g. EOS). Where the padding is computed, a right-padded batch goes
+in with no attention mask and no positions: under the causal mask alone a real token attends to no
+padding, since all of it comes later, and a right-padded row's real tokens sit at positions 0, 1,
+... either way, so their outputs are the same (bit for bit on SmolLM2-135M, measured; a check at
+start allows the dtype's tolerance), and the attention gets no 4-D padding mask, which compiled
+layers would turn into an additive float mask in every layer (see pipeline/compiling.py). The
+padding then gets positions too, up to the padded length: so not past a learned position table, and
+never where a dynamically scaled rotary embedding would rescale with them (`unmasked_length`).
 """
 
 from __future__ import annotations
