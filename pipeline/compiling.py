@@ -58,16 +58,17 @@ def inductor_cache() -> Path:
     return base / "midrank" / "inductor"
 
 
-def warm_marker(model: torch.nn.Module, dtype: torch.dtype) -> Path:
+def warm_marker(model: torch.nn.Module, dtype: torch.dtype, unpadded: bool) -> Path:
     """A file in Inductor's cache that says it holds this architecture's graphs in this dtype and
-    attention for this torch: written after a compiled run scored something (`mark_warm`), read by
-    `auto` to weigh the cost. The graphs depend on the layers' shapes (config.json less its
+    attention, padded or not (`NLLScorer.unpadded`), for this torch: written after a compiled run
+    scored something (`mark_warm`), read by `auto` to weigh the cost. The graphs depend on the layers' shapes (config.json less its
     bookkeeping: where it was loaded from), not on the weights. Coarse still: the graphs with and
     without an attention mask, and the CPU's instruction set, are not in it."""
     config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_")}
     config["attn_implementation"] = model.config._attn_implementation
     text = json.dumps(config, sort_keys=True, default=str)
-    key = hashlib.sha256(f"{text}|{dtype}|{torch.__version__}".encode()).hexdigest()[:16]
+    kind = "unpadded" if unpadded else "padded"
+    key = hashlib.sha256(f"{text}|{dtype}|{kind}|{torch.__version__}".encode()).hexdigest()[:16]
     return inductor_cache() / "midrank-warm" / key
 
 

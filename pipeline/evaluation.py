@@ -30,7 +30,7 @@ from pipeline.config import Config, ModelConfig
 from pipeline.layout import Layout
 from pipeline.log import get_logger
 from pipeline.model import fingerprint, hash_files
-from pipeline.nll import NLLScorer
+from pipeline.nll import UNPADDED_MODEL_TYPES, NLLScorer
 from pipeline.outputs import DeltaRow, Evaluation, OutputError, SplitMetrics
 from pipeline.records import ReadStats, Record
 from pipeline.samples import SamplePolicy, make_samples
@@ -125,12 +125,14 @@ def evaluate(model: torch.nn.Module, tokenizer, records: Iterable[Record], **kwa
 
 def evaluation_key(model: ModelConfig, records: list[Record], policy: SamplePolicy, autocast: Any) -> str:
     """A hash of everything a held-out evaluation of `model`'s starting weights depends on: the
-    weights, tokenizer and model config, the attention kernel, the records, how they become
-    tokens, and the autocast dtype. Runs that share it share the evaluation."""
+    weights, tokenizer and model config, the attention kernel (and which architectures are scored
+    unpadded), the records, how they become tokens, and the autocast dtype. Runs that share it
+    share the evaluation."""
     key = {
         "model": fingerprint(model),
         "model_config": hash_files([Path(model.path) / "config.json"]),
         "attention": model.attn_implementation,
+        "unpadded": sorted(UNPADDED_MODEL_TYPES),  # the padded and packed paths differ by rounding
         "records": digest([(r.sample_id, r.source, r.text, r.prompt, r.messages) for r in records]),
         "policy": dataclasses.asdict(policy),
         "autocast": str(autocast),

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
 
 from pipeline.batching import batch_length, batch_rows
 from pipeline.log import get_logger
@@ -86,6 +87,8 @@ class NLLScorer:
         self.causal_only = self._causal_mask_is_enough()
         self.unmasked_length = unmasked_length(model.config)
         self.unpadded = self.fast_path and self._unpadded_matches()
+        # rows no longer than a sliding window go unpadded (the window changes nothing for them)
+        self.unpadded_length = getattr(model.config, "sliding_window", None) or math.inf
 
     def compile(self) -> None:
         """What runs the model's layers, through torch.compile from now on (pipeline/compiling.py),
@@ -138,7 +141,12 @@ class NLLScorer:
         come out the same packed as padded and masked. That check catches an attention that
         `unpadded_sdpa` does not do (it raises) or gets wrong; in half precision only by more than
         rounding (`UNPADDED_HALF_NATS`)."""
-        if getattr(self.model.config, "model_type", None) not in UNPADDED_MODEL_TYPES:
+        config = self.model.config
+        if (
+            getattr(config, "model_type", None) not in UNPADDED_MODEL_TYPES
+            or not type(self.body).__module__.startswith("transformers.models.")  # not remote code
+            or config._attn_implementation != "sdpa"  # the user chose another attention: theirs
+        ):
             return False
         ids = torch.arange(3 * 16, device=self.device).view(3, 16) % self.head.weight.shape[0]
         mask = torch.ones_like(ids)
@@ -149,15 +157,26 @@ class NLLScorer:
             input_ids=ids, attention_mask=mask, position_ids=positions_of(mask)
         ).last_hidden_state
         packed_index, kwargs = unpadded_inputs(ids, mask, positions_of(mask))
+        calls, attention = [], AttentionInterface()[UNPADDED]
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return attention(*args, **kwargs)
+
+        AttentionInterface.register(UNPADDED, counted)
         try:
             with attention_as(self.model, UNPADDED):
                 packed = self.body(**kwargs, use_cache=False).last_hidden_state[0]
         except (TypeError, ValueError, RuntimeError, KeyError):  # e.g. an attention it does not do
             return False
-        if packed.shape[0] != int(real.sum()):
+        finally:
+            AttentionInterface.register(UNPADDED, attention)
+        # every layer's attention went through it: a layer that attends by other means would
+        # attend across the packed samples
+        if len(calls) != getattr(config, "num_hidden_layers", -1) or packed.shape[0] != int(real.sum()):
             return False
         predicted = real.clone()
-        predicted[torch.arange(3), real.long().argmax(1)] = False  # each row's first token: context
+        predicted[torch.arange(3, device=self.device), real.long().argmax(1)] = False  # first: context
         targets = ids[predicted]
         flat_padded = padded.reshape(-1, padded.shape[-1])
         # h[j] predicts the token after it: the real tokens before each target
@@ -232,7 +251,12 @@ class NLLScorer:
         predicted = target_mask[:, 1:]
         targets = input_ids[:, 1:][predicted]
         rows = torch.arange(input_ids.shape[0], device=self.device)[:, None].expand_as(predicted)[predicted]
-        if self.fast_path and self.unpadded:
+        if (
+            self.fast_path
+            and self.unpadded
+            and input_ids.shape[1] <= self.unpadded_length
+            and bool(attention_mask.any())  # some real token to pack
+        ):
             packed_index, kwargs = unpadded_inputs(input_ids, attention_mask, positions_of(attention_mask))
             with attention_as(self.model, UNPADDED):
                 hidden = self.body(**kwargs, use_cache=False).last_hidden_state[0]

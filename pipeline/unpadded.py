@@ -16,9 +16,9 @@ rows: its scatter and gather take the place of the copy that transposing its out
 It runs through transformers' attention interface under a name of its own (`UNPADDED`), set on the
 model's config only for the call (`attention_as`): under that name transformers builds no mask, and
 `unpadded_sdpa` takes where each token goes from the call's keyword arguments (`row_slots`,
-`row_shape`). An attention with anything this function does not do (a sliding window, logit
-soft-capping, attention sinks, a position bias) raises, and NLLScorer checks the result against the
-padded batch before it relies on it.
+`row_shape`). An attention with anything this function does not do (a sliding window shorter than
+the rows, logit soft-capping, attention sinks, a position bias, no causal mask) raises, and
+NLLScorer checks the result against the padded batch before it relies on it.
 """
 
 from __future__ import annotations
@@ -50,10 +50,15 @@ def unpadded_sdpa(
     """Causal attention over packed tokens: `query`, `key`, `value` are (1, heads, T, dim); token i
     sits at `row_slots[i]` (row * L + its position) of the (B, L) rows that `row_shape` has the
     shape of. Returns (1, T, heads, dim), as transformers' own attention functions do."""
+    rows, length = row_shape.shape
+    window = kwargs.pop("sliding_window", None)
     extra = [name for name in NOT_DONE_HERE if kwargs.get(name) is not None]
+    if window is not None and window < length:  # a window at least as long as the rows changes nothing
+        extra.append("sliding_window")
+    if getattr(module, "is_causal", True) is False or kwargs.get("is_causal") is False:
+        extra.append("bidirectional attention")
     if extra or attention_mask is not None or dropout:
         raise ValueError(f"unpadded attention does not do {extra or 'masks or dropout'}")
-    rows, length = row_shape.shape
 
     def in_rows(packed: torch.Tensor) -> torch.Tensor:
         heads, dim = packed.shape[1], packed.shape[3]

@@ -133,7 +133,7 @@ def compiling_pays(
         yield rate
         yield scorer.probe_worst_batch(cfg.score.max_tokens, len(loaded.tokenizer))
 
-    warm = warm_marker(loaded.model, loaded.dtype).is_file()
+    warm = warm_marker(loaded.model, loaded.dtype, kernel.unpadded).is_file()
     padded_tokens = sum(left.values()) * batches.padded_tokens_per_row()
     return worth_compiling(padded_tokens, rates(), gain, COST_S["warm" if warm else "cold"])
 
@@ -172,6 +172,12 @@ def run(cfg: Config) -> Path:
     kernel = NLLScorer(loaded.model, cfg.score.head_chunk_tokens, count_correct=False)
     if not kernel.fast_path:
         log.warning("this model's logits are not lm_head(hidden): scoring through its full forward (slower)")
+    else:
+        log.info(
+            "the padding is not computed (pipeline/unpadded.py)"
+            if kernel.unpadded
+            else "the padding is computed: this model is not one scored unpadded (docs/scoring.md)"
+        )
     scorer = BudgetedScorer(kernel, cfg.score.batch_tokens)
     rate = scorer.probe_worst_batch(cfg.score.max_tokens, len(loaded.tokenizer))
     total_rows = sum(plan.shard_rows(s) for s in todo)
@@ -192,7 +198,7 @@ def run(cfg: Config) -> Path:
                 progress.advance(writer.rows_done)
                 totals = add_stats(totals, score_shard(cfg, plan, writer, loaded.tokenizer, scorer, progress))
     if compiled and totals["samples"]:  # something ran compiled, so the graphs are in the cache
-        mark_warm(warm_marker(loaded.model, loaded.dtype))
+        mark_warm(warm_marker(loaded.model, loaded.dtype, kernel.unpadded))
     elapsed = time.perf_counter() - started
     log.info(
         f"scored {totals['samples']} samples from {totals['rows']} rows (skipped: {format_counts(totals['skipped'])}), "

@@ -76,14 +76,15 @@ def test_the_warm_marker_is_by_architecture_dtype_and_attention_not_by_folder(
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     copy = shutil.copytree(tiny_model_dir, tmp_path / "elsewhere")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    marker = compiling.warm_marker(model, torch.float32)
-    assert compiling.warm_marker(AutoModelForCausalLM.from_pretrained(copy), torch.float32) == marker
-    assert compiling.warm_marker(model, torch.bfloat16) != marker  # Inductor's graphs are by dtype
+    marker = compiling.warm_marker(model, torch.float32, True)
+    assert compiling.warm_marker(AutoModelForCausalLM.from_pretrained(copy), torch.float32, True) == marker
+    assert compiling.warm_marker(model, torch.bfloat16, True) != marker  # Inductor's graphs are by dtype
+    assert compiling.warm_marker(model, torch.float32, False) != marker  # and padded or not
     eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
-    assert compiling.warm_marker(eager, torch.float32) != marker
+    assert compiling.warm_marker(eager, torch.float32, True) != marker
     config = model.config.to_dict() | {"num_hidden_layers": model.config.num_hidden_layers + 1}
     deeper = AutoModelForCausalLM.from_config(type(model.config).from_dict(config))
-    assert compiling.warm_marker(deeper, torch.float32) != marker
+    assert compiling.warm_marker(deeper, torch.float32, True) != marker
 
 
 def test_the_stage_marks_the_cache_warm_and_auto_weighs_it(tmp_path, tiny_model_dir, monkeypatch):
@@ -100,7 +101,7 @@ def test_the_stage_marks_the_cache_warm_and_auto_weighs_it(tmp_path, tiny_model_
     config = write_config(
         tmp_path, write_corpus(tmp_path / "c.jsonl", make_texts(24, seed=5)), tiny_model_dir
     )
-    marker = compiling.warm_marker(load_model(load_config(config).model).model, torch.float32)
+    marker = compiling.warm_marker(load_model(load_config(config).model).model, torch.float32, True)
     monkeypatch.setitem(compiling.GAIN, "cpu float32", 1e9)
     monkeypatch.setitem(compiling.COST_S, "cold", float("inf"))
     monkeypatch.setitem(compiling.COST_S, "warm", 0.0)

@@ -145,3 +145,70 @@ def test_an_attention_it_does_not_do_keeps_the_padding(config):
     scorer = NLLScorer(model)
     assert scorer.fast_path and not scorer.unpadded
     assert_each_row_as_alone(model, scorer, batch([17, 3, 40, 9], "right", empty_rows=1))
+
+
+def test_rows_within_a_sliding_window_go_unpadded_and_longer_ones_padded():
+    """A window at least as long as the rows changes nothing (released Phi-3 and Mistral configs
+    set one): those batches are packed, longer ones keep the padding and the window."""
+    model = tiny(Phi3Config(**SMALL, bos_token_id=1, eos_token_id=2, pad_token_id=0, sliding_window=24))
+    scorer = NLLScorer(model)
+    assert scorer.unpadded
+    assert_each_row_as_alone(model, scorer, batch([20, 3, 24], "right"))
+    assert_each_row_as_alone(model, scorer, batch([20, 3, 40], "left"))
+    seen = []
+    forward = model.model.forward
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["input_ids"].shape[0])
+        return forward(*args, **kwargs)
+
+    model.model.forward = recording
+    scorer(**batch([20, 3, 24], "right"))
+    scorer(**batch([20, 3, 40], "right"))
+    assert seen == [1, 3]  # packed into one row, then the rows padded
+
+
+def test_an_attention_that_gets_the_packed_rows_wrong_is_caught_by_the_check():
+    """The start-up check compares losses, not only whether the attention runs: an attention that
+    scrambles which keys belong to which token is rejected, and the scorer keeps the padding."""
+    from transformers import AttentionInterface
+
+    from pipeline.unpadded import UNPADDED, unpadded_sdpa
+
+    def scrambled(module, query, key, value, *args, **kwargs):
+        return unpadded_sdpa(module, query, key.roll(1, dims=2), value, *args, **kwargs)
+
+    AttentionInterface.register(UNPADDED, scrambled)
+    try:
+        assert not NLLScorer(tiny(LlamaConfig(**SMALL))).unpadded
+    finally:
+        AttentionInterface.register(UNPADDED, unpadded_sdpa)
+    assert NLLScorer(tiny(LlamaConfig(**SMALL))).unpadded
+
+
+def test_a_layer_that_attends_by_other_means_is_caught_by_the_check():
+    """A layer whose attention does not go through `unpadded_sdpa` would attend across the packed
+    samples: here the first layer keeps plain SDPA through a config of its own."""
+    import copy
+
+    model = tiny(LlamaConfig(**SMALL))
+    model.model.layers[0].self_attn.config = copy.deepcopy(model.config)
+    scorer = NLLScorer(model)
+    assert not scorer.unpadded
+    assert_each_row_as_alone(model, scorer, batch([17, 3, 40], "right"))
+    # the count alone: a layer the attention calls do not account for, with losses unchanged
+    model = tiny(LlamaConfig(**SMALL))
+    assert NLLScorer(model).unpadded
+    model.config.num_hidden_layers += 1
+    assert not NLLScorer(model).unpadded
+
+
+def test_a_bidirectional_attention_is_not_unpadded():
+    model = tiny(GemmaConfig(**SMALL, head_dim=16, use_bidirectional_attention=True))
+    assert not NLLScorer(model).unpadded
+
+
+def test_a_model_with_another_attention_chosen_keeps_it():
+    model = tiny(LlamaConfig(**SMALL))
+    model.config._attn_implementation = "eager"
+    assert not NLLScorer(model).unpadded
