@@ -173,7 +173,10 @@ class NLLScorer:
             AttentionInterface.register(UNPADDED, attention)
         # every layer's attention went through it: a layer that attends by other means would
         # attend across the packed samples
-        if len(calls) != getattr(config, "num_hidden_layers", -1) or packed.shape[0] != int(real.sum()):
+        if (
+            len(calls) != getattr(config, "num_hidden_layers", -1)
+            or packed.shape[0] != kwargs["input_ids"].shape[1]
+        ):
             return False
         predicted = real.clone()
         predicted[torch.arange(3, device=self.device), real.long().argmax(1)] = False  # first: context

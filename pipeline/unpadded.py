@@ -31,6 +31,11 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 UNPADDED = "midrank_unpadded"
+# The packed row's length is rounded up to a multiple of this (never past the padded batch's size),
+# with filler tokens whose outputs nobody reads: on glibc's malloc, freely varying shapes grew the
+# peak memory of 1,600 documents 21% over a tenth of them, against 9% with the padding computed
+# (docs/results/2026-12-05-score-unpadded.md); at most 255 tokens, under 3% of a full batch.
+PACKED_STEP = 256
 NOT_DONE_HERE = ("softcap", "sliding_window", "s_aux", "position_bias")
 
 
@@ -47,9 +52,10 @@ def unpadded_sdpa(
     row_shape: torch.Tensor,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Causal attention over packed tokens: `query`, `key`, `value` are (1, heads, T, dim); token i
-    sits at `row_slots[i]` (row * L + its position) of the (B, L) rows that `row_shape` has the
-    shape of. Returns (1, T, heads, dim), as transformers' own attention functions do."""
+    """Causal attention over packed tokens: `query`, `key`, `value` are (1, heads, T, dim); real
+    token i sits at `row_slots[i]` (row * L + its position) of the (B, L) rows that `row_shape` has
+    the shape of, and the tokens past the last real one are filler (`unpadded_inputs`), given
+    zeros. Returns (1, T, heads, dim), as transformers' own attention functions do."""
     rows, length = row_shape.shape
     window = kwargs.pop("sliding_window", None)
     extra = [name for name in NOT_DONE_HERE if kwargs.get(name) is not None]
@@ -65,7 +71,7 @@ def unpadded_sdpa(
         # zeros, not empty: the padding's keys and values must be finite, though no real token
         # attends to them (all of a row's padding comes after its real tokens)
         padded = packed.new_zeros(rows * length, heads, dim)
-        padded.index_copy_(0, row_slots, packed[0].transpose(0, 1))
+        padded.index_copy_(0, row_slots, packed[0, :, : row_slots.shape[0]].transpose(0, 1))
         return padded.view(rows, length, heads, dim).transpose(1, 2)
 
     out = F.scaled_dot_product_attention(
@@ -77,7 +83,8 @@ def unpadded_sdpa(
         enable_gqa=query.shape[1] != key.shape[1],
     )
     heads, dim = out.shape[1], out.shape[3]
-    return out.transpose(1, 2).reshape(rows * length, heads, dim).index_select(0, row_slots)[None], None
+    out = out.transpose(1, 2).reshape(rows * length, heads, dim).index_select(0, row_slots)
+    return F.pad(out, (0, 0, 0, 0, 0, query.shape[2] - row_slots.shape[0]))[None], None
 
 
 AttentionInterface.register(UNPADDED, unpadded_sdpa)
@@ -107,9 +114,11 @@ def unpadded_inputs(
     slots = (torch.arange(rows, device=real.device)[:, None] * length + positions)[real]
     packed_index = real.flatten().long().cumsum(0) - 1
     packed_index[~real.flatten()] = -1
+    n = slots.numel()
+    filler = min(-(-n // PACKED_STEP) * PACKED_STEP, max(rows * length, n)) - n
     kwargs = {
-        "input_ids": input_ids[real][None],
-        "position_ids": positions[real][None],
+        "input_ids": F.pad(input_ids[real], (0, filler))[None],
+        "position_ids": F.pad(positions[real], (0, filler))[None],
         "row_slots": slots,
         "row_shape": real,
     }

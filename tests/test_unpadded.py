@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from pipeline.nll import UNPADDED_MODEL_TYPES, NLLScorer
+from pipeline.unpadded import PACKED_STEP
 
 SMALL = dict(
     vocab_size=256,
@@ -97,21 +98,25 @@ def test_each_architecture_scores_unpadded_as_each_sample_alone(model_type, side
         assert_each_row_as_alone(model, scorer, batch([17, 3, 40, 9, 40, 2], side, empty_rows=2))
 
 
-def test_the_body_sees_only_the_real_tokens_and_the_model_keeps_its_attention():
-    model = tiny(LlamaConfig(**SMALL))
+def test_the_body_sees_the_real_tokens_and_filler_to_a_round_length_only():
+    """Packed, the row is the real tokens and filler up to a multiple of PACKED_STEP (never past
+    the padded batch's size); the filler changes no loss, and the model keeps its attention."""
+    model = tiny(LlamaConfig(**SMALL | {"max_position_embeddings": 512}))
     scorer = NLLScorer(model)
     seen = []
     forward = model.model.forward
 
     def recording(*args, **kwargs):
-        seen.append(kwargs["input_ids"].shape)
+        seen.append(kwargs["input_ids"].shape[1])
         return forward(*args, **kwargs)
 
     model.model.forward = recording
-    tensors = batch([12, 30, 5], "right", empty_rows=1)
-    scorer(**tensors)
-    assert seen == [torch.Size([1, 12 + 30 + 5])]
+    large, small = batch([200, 250, 10], "right", empty_rows=1), batch([12, 30, 5], "left")
+    scorer(**large)
+    scorer(**small)
+    assert PACKED_STEP == 256 and seen == [512, 3 * 30]  # 460 real tokens of 4 x 250; 47 of 3 x 30
     assert model.config._attn_implementation == "sdpa"  # set for the call only
+    assert_each_row_as_alone(model, scorer, large)
 
 
 def test_the_attention_is_restored_after_an_error():
