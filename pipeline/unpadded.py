@@ -32,11 +32,12 @@ from transformers import AttentionInterface
 
 UNPADDED = "midrank_unpadded"
 # The packed row's length is rounded up to a multiple of this (never past the padded batch's size),
-# with filler tokens whose outputs nobody reads: on glibc's malloc, freely varying shapes grew the
-# peak memory of 1,600 documents 21% over a tenth of them, against 9% with the padding computed
-# (docs/results/2026-12-05-score-unpadded.md); at most 255 tokens, under 3% of a full batch.
+# with filler tokens whose outputs nobody reads, so that the body sees few shapes: on glibc's
+# malloc the peak memory of 1,600 documents grew 21% over a tenth of them with the length free, 12%
+# rounded, 9% with the padding computed (docs/results/2026-12-05-score-unpadded.md). The filler is
+# at most 255 tokens, under 3% of a full batch.
 PACKED_STEP = 256
-NOT_DONE_HERE = ("softcap", "sliding_window", "s_aux", "position_bias")
+NOT_DONE_HERE = ("softcap", "s_aux", "position_bias")
 
 
 def unpadded_sdpa(
