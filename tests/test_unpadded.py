@@ -74,6 +74,19 @@ def alone(model, ids: torch.Tensor) -> tuple[float, float]:
     return token_nll.sum().item(), token_nll.max().item()
 
 
+def body_inputs(model) -> list[tuple[int, int]]:
+    """The shape of the input ids of each call of the model's body from now on, appended as it runs."""
+    seen = []
+    forward = model.model.forward
+
+    def recording(*args, **kwargs):
+        seen.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    model.model.forward = recording
+    return seen
+
+
 def assert_each_row_as_alone(model, scorer: NLLScorer, tensors: dict[str, torch.Tensor]) -> None:
     out = scorer(**tensors)
     for row in range(tensors["input_ids"].shape[0]):
@@ -103,18 +116,14 @@ def test_the_body_sees_the_real_tokens_and_filler_to_a_round_length_only():
     the padded batch's size); the filler changes no loss, and the model keeps its attention."""
     model = tiny(LlamaConfig(**SMALL | {"max_position_embeddings": 512}))
     scorer = NLLScorer(model)
-    seen = []
-    forward = model.model.forward
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs["input_ids"].shape[1])
-        return forward(*args, **kwargs)
-
-    model.model.forward = recording
+    seen = body_inputs(model)
     large, small = batch([200, 250, 10], "right", empty_rows=1), batch([12, 30, 5], "left")
     scorer(**large)
     scorer(**small)
-    assert PACKED_STEP == 256 and seen == [512, 3 * 30]  # 460 real tokens of 4 x 250; 47 of 3 x 30
+    assert PACKED_STEP == 256 and [width for _, width in seen] == [
+        512,
+        3 * 30,
+    ]  # 460 real tokens of 4 x 250; 47 of 3 x 30
     assert model.config._attn_implementation == "sdpa"  # set for the call only
     assert_each_row_as_alone(model, scorer, large)
 
@@ -160,17 +169,10 @@ def test_rows_within_a_sliding_window_go_unpadded_and_longer_ones_padded():
     assert scorer.unpadded
     assert_each_row_as_alone(model, scorer, batch([20, 3, 24], "right"))
     assert_each_row_as_alone(model, scorer, batch([20, 3, 40], "left"))
-    seen = []
-    forward = model.model.forward
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs["input_ids"].shape[0])
-        return forward(*args, **kwargs)
-
-    model.model.forward = recording
+    seen = body_inputs(model)
     scorer(**batch([20, 3, 24], "right"))
     scorer(**batch([20, 3, 40], "right"))
-    assert seen == [1, 3]  # packed into one row, then the rows padded
+    assert seen == [(1, 3 * 24), (3, 40)]  # packed (47 tokens, filler to 3 x 24), then the rows padded
 
 
 def test_an_attention_that_gets_the_packed_rows_wrong_is_caught_by_the_check():
