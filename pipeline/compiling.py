@@ -30,8 +30,8 @@ from pipeline.log import get_logger
 # The stage's steady speed compiled over eager, where it was measured: the lowest of the runs, by
 # device, dtype and whether oneDNN multiplies on AMX (`kind_of`).
 # - "cpu+amx bfloat16": 1.20-1.27x over three runs, SmolLM2-135M on a 2-core CPU, compiling layer
-#   by layer (docs/results/2026-12-05-score-layers-compiled.md); 1.19x once the padding was no
-#   longer computed, which sped eager up more (docs/results/2026-12-05-score-unpadded.md).
+#   by layer (docs/results/2026-12-05-score-layers-compiled.md); 1.19-1.34x over three once the
+#   padding was no longer computed (docs/results/2026-12-05-score-unpadded.md).
 # Left out, so `auto` stays eager there: the same CPU with AMX withheld (oneDNN capped at
 # AVX512_CORE_BF16), where the matmuls take nearly all the time, gained 1.02-1.05x in bf16 and 1.03x
 # in fp32, inside the machine's swing (docs/results/2026-12-05-score-capped-compiled.md); no GPU
