@@ -152,11 +152,9 @@ class NLLScorer:
         mask = torch.ones_like(ids)
         mask[1, 9:] = 0
         mask[2, :5] = 0  # left padding too
-        real = mask.bool()
-        padded = self.body(
-            input_ids=ids, attention_mask=mask, position_ids=positions_of(mask)
-        ).last_hidden_state
-        packed_index, kwargs = unpadded_inputs(ids, mask, positions_of(mask))
+        real, positions = mask.bool(), positions_of(mask)
+        padded = self.body(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+        packed_index, kwargs = unpadded_inputs(ids, mask, positions)
         calls, attention = [], AttentionInterface()[UNPADDED]
 
         def counted(*args, **kwargs):
@@ -178,14 +176,11 @@ class NLLScorer:
             or packed.shape[0] != kwargs["input_ids"].shape[1]
         ):
             return False
-        predicted = real.clone()
-        predicted[torch.arange(3, device=self.device), real.long().argmax(1)] = False  # first: context
-        targets = ids[predicted]
-        flat_padded = padded.reshape(-1, padded.shape[-1])
-        # h[j] predicts the token after it: the real tokens before each target
-        before = predicted.flatten().nonzero().squeeze(1) - 1
-        expected = F.cross_entropy(self._logits(flat_padded[before]), targets, reduction="none")
-        got = F.cross_entropy(self._logits(packed[packed_index[before]]), targets, reduction="none")
+        target_mask = real.clone()
+        target_mask[torch.arange(3, device=self.device), real.long().argmax(1)] = False  # first: context
+        predicted, targets = target_mask[:, 1:], ids[:, 1:][target_mask[:, 1:]]  # as __call__ has them
+        expected, _ = self._head_nll_at(padded.reshape(-1, padded.shape[-1]), None, predicted, targets)
+        got, _ = self._head_nll_at(packed, packed_index, predicted, targets)
         tolerance = 1e-4 if self.head.weight.dtype == torch.float32 else UNPADDED_HALF_NATS
         return bool((got - expected).abs().max() <= tolerance)
 
