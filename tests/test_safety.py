@@ -108,6 +108,20 @@ def wait_until_a_shard_is_locked(
         time.sleep(0.01)
 
 
+def stop_while_scoring_a_shard(layout: Layout, running) -> list[psutil.Process]:
+    """Suspends `running` and its children at a moment it holds a shard's lock, not between two
+    shards (a kill there would leave no record); returns the suspended processes."""
+    while True:
+        wait_until_a_shard_is_locked(layout, running, scoring=True)
+        stopped = [psutil.Process(running.pid), *psutil.Process(running.pid).children(recursive=True)]
+        for process in stopped:
+            process.suspend()
+        if any(p.read_text().strip() for p in layout.out_dir.glob(".locks/score-shard-*.lock")):
+            return stopped
+        for process in stopped:
+            process.resume()
+
+
 @pytest.mark.slow  # real processes racing each other
 @pytest.mark.parametrize("first", ["plain run", "torchrun job of 2 ranks"])
 def test_a_second_score_run_stops_and_the_first_loses_nothing(slow_config, tmp_path, first):
@@ -119,12 +133,9 @@ def test_a_second_score_run_stops_and_the_first_loses_nothing(slow_config, tmp_p
         running = midrank("score", "--config", str(slow_config))
     else:
         running = torchrun_process("score", "--config", str(slow_config), nproc=2)
-    wait_until_a_shard_is_locked(layout, running, scoring=True)
     # the first run (torchrun and its workers, each in a session of its own) is paused while the
     # second starts, so that it cannot finish first on a busy machine: its locks stay held
-    first = [psutil.Process(running.pid), *psutil.Process(running.pid).children(recursive=True)]
-    for process in first:
-        process.suspend()
+    first = stop_while_scoring_a_shard(layout, running)
     try:
         second = midrank("score", "--config", str(slow_config), "model.cpu_allocator=system")
         second_output = second.stdout.read()
@@ -156,7 +167,7 @@ def test_a_killed_runs_dataloader_worker_does_not_hold_its_lock(config, tmp_path
     moment holds nothing."""
     layout = Layout(tmp_path / "out")
     process = midrank("score", "--config", str(config), "score.num_workers=1", "score.window_rows=2")
-    wait_until_a_shard_is_locked(layout, process)
+    stop_while_scoring_a_shard(layout, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     rerun = midrank("score", "--config", str(config))
