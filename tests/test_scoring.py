@@ -216,6 +216,31 @@ def test_the_head_log_softmax_the_score_stage_compiles(compiled, tmp_path, monke
         torch.testing.assert_close(function(logits, targets), expected, atol=1e-5, rtol=0)
 
 
+def test_the_compiled_head_folds_vocabulary_tiles_as_the_whole_log_softmax(
+    model_and_tokenizer, tmp_path, monkeypatch
+):
+    """Compiled on CPU without argmax (the score stage), the head goes through the vocabulary a tile
+    at a time (NLLScorer._tiled_nll): each sample against its plain forward and log_softmax alone,
+    with tiles that leave a narrower last one (600 = 2 x 256 + 88) and chunks that do not divide
+    the token count."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model, tokenizer = model_and_tokenizer
+    samples = samples_of(tokenizer, make_texts(12, seed=4))
+    scorer = NLLScorer(copy.deepcopy(model), head_chunk_tokens=37, count_correct=False)
+    scorer.compile()
+    assert scorer._tile_update is not None and scorer._fused_nll is None
+    scorer.vocab_tile = 256
+    assert model.config.vocab_size == 600  # the tiny model's
+    for batch in (samples, samples[2:5]):
+        tensors = collate(batch, tokenizer.pad_token_id)
+        out = scorer(tensors["input_ids"], tensors["attention_mask"], tensors["target_mask"])
+        for row, sample in enumerate(batch):
+            nll_sum, n_tokens, max_nll, _ = reference(model, sample.input_ids)
+            assert out.n_tokens[row].item() == n_tokens
+            assert out.nll_sum[row].item() / n_tokens == pytest.approx(nll_sum / n_tokens, abs=1e-4)
+            assert out.max_token_nll[row].item() == pytest.approx(max_nll, abs=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_score_stage_head_without_argmax_gives_the_same_numbers(model_and_tokenizer, dtype):
     """count_correct=False (the score stage) takes the top logit with amax instead of max: the
