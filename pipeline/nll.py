@@ -84,8 +84,8 @@ class NLLScorer:
         self.device = next(model.parameters()).device
         self._buffer: torch.Tensor | None = None  # a head chunk's logits, reused (_chunk_logits)
         self._buffer32: torch.Tensor | None = None
-        self._fused_nll = None  # compiled token_nll_of, once compile() was called (the score stage)
-        self._tile_update = None  # or, on CPU, compiled fold_tile (_tiled_nll)
+        self._fused_nll = None  # compiled token_nll_of, once compile() was called without argmax
+        self._tile_update = None  # or, on CPU, compiled fold_tile (_tiled_nll): the score stage's
         self._tile_buffer: torch.Tensor | None = None  # its tile of logits, reused
         self.vocab_tile = HEAD_VOCAB_TILE
         # A bf16/fp16 matmul accumulates in fp32 either way; on CUDA it can also write fp32 logits.
@@ -108,7 +108,7 @@ class NLLScorer:
             self.body = compile_body(self.body)
         else:
             self.model = compile_body(self.model)
-        if not self.count_correct and self.device.type == "cpu" and self.head.bias is None:
+        if not self.count_correct and self.head.weight.device.type == "cpu" and self.head.bias is None:
             self._tile_update = torch.compile(fold_tile, dynamic=True)
             self._buffer = self._buffer32 = None  # whole chunks' logits are no longer needed
         elif not self.count_correct:
@@ -259,15 +259,16 @@ class NLLScorer:
         (96 MiB for SmolLM2-135M) are written to memory by the matmul and read back by the
         log-softmax, which then took as long as the matmul itself."""
         n, vocab = hidden.shape[0], self.head.weight.shape[0]
+        if n and int(targets.max()) >= vocab:  # a target in no tile would keep a logit of 0
+            raise ValueError(f"token id {int(targets.max())} is past the model's vocabulary of {vocab}")
         width = min(self.vocab_tile, vocab)
         buffer = self._tile_buffer
         if buffer is None or buffer.numel() < n * width or buffer.dtype != hidden.dtype:
-            buffer = self._tile_buffer = torch.empty(
-                max(n, self.head_chunk_tokens) * width, dtype=hidden.dtype
-            )
-        top = torch.full((n,), -math.inf)
-        total = torch.zeros(n)
-        target_logit = torch.zeros(n)
+            rows = max(n, self.head_chunk_tokens)
+            buffer = self._tile_buffer = torch.empty(rows * width, dtype=hidden.dtype, device=hidden.device)
+        top = torch.full((n,), -math.inf, dtype=torch.float32, device=hidden.device)
+        total = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        target_logit = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         for first in range(0, vocab, width):
             weight = self.head.weight[first : first + width]
             tile = buffer[: n * weight.shape[0]].view(n, weight.shape[0])
@@ -376,7 +377,7 @@ def fold_tile(
     """One tile of logits (some columns of the vocabulary) folded into each row's running maximum
     `top`, sum of exponentials relative to it `total`, and the target's logit, found where the
     target's `column` in the tile falls inside it. In fp32 whatever the logits' dtype; written whole
-    for torch.compile, which makes it one pass over each row of the tile."""
+    for torch.compile, which fuses it into a few loops over the tile while it is in cache."""
     tile = tile.float()
     new_top = torch.maximum(top, tile.amax(1))
     total = total * torch.exp(top - new_top) + (tile - new_top[:, None]).exp().sum(1)

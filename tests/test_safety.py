@@ -1,6 +1,7 @@
 """Nothing lost, nothing escapes: names that cannot leave out_dir, deletes confined to it, one run
 of a stage per out_dir at a time."""
 
+import contextlib
 import errno
 import json
 import os
@@ -109,17 +110,42 @@ def wait_until_a_shard_is_locked(
 
 
 def stop_while_scoring_a_shard(layout: Layout, running) -> list[psutil.Process]:
-    """Suspends `running` and its children at a moment it holds a shard's lock, not between two
-    shards (a kill there would leave no record); returns the suspended processes."""
+    """Stops `running` and its children at a moment one of them holds the lock of a shard it has
+    not finished: not between two shards, nor once a shard's file is in place but its lock's record
+    not yet emptied (a rerun would not lock a finished shard again). Returns the stopped processes."""
     while True:
         wait_until_a_shard_is_locked(layout, running, scoring=True)
-        stopped = [psutil.Process(running.pid), *psutil.Process(running.pid).children(recursive=True)]
-        for process in stopped:
-            process.suspend()
-        if any(p.read_text().strip() for p in layout.out_dir.glob(".locks/score-shard-*.lock")):
-            return stopped
-        for process in stopped:
-            process.resume()
+        stopped = stop_tree(running.pid)
+        for record in layout.out_dir.glob(".locks/score-shard-*.lock"):
+            shard = int(record.stem.rsplit("-", 1)[1])
+            if record.read_text().strip() and not layout.score_shard(shard).exists():
+                return stopped
+        signal_all(stopped, signal.SIGCONT)
+
+
+def stop_tree(pid: int) -> list[psutil.Process]:
+    """SIGSTOP to a process, then to its children until no new one appears, each waited for until
+    it has stopped (a signal is not instant)."""
+    parent = psutil.Process(pid)
+    parent.suspend()
+    stopped, seen = [parent], set()
+    while new := [c for c in parent.children(recursive=True) if c.pid not in seen]:
+        for child in new:
+            seen.add(child.pid)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.suspend()
+                stopped.append(child)
+    for process in stopped:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            while process.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE):
+                time.sleep(0.001)
+    return stopped
+
+
+def signal_all(processes: list[psutil.Process], sig: int) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(sig)
 
 
 @pytest.mark.slow  # real processes racing each other
@@ -140,8 +166,7 @@ def test_a_second_score_run_stops_and_the_first_loses_nothing(slow_config, tmp_p
         second = midrank("score", "--config", str(slow_config), "model.cpu_allocator=system")
         second_output = second.stdout.read()
     finally:
-        for process in first:
-            process.resume()
+        signal_all(first, signal.SIGCONT)
     assert second.wait() == 2 and "another run holds" in second_output, second_output
     assert running.wait() == 0, running.stdout.read()
     scores = pl.read_parquet(layout.scores_dir / "part-*.parquet")
@@ -167,9 +192,10 @@ def test_a_killed_runs_dataloader_worker_does_not_hold_its_lock(config, tmp_path
     moment holds nothing."""
     layout = Layout(tmp_path / "out")
     process = midrank("score", "--config", str(config), "score.num_workers=1", "score.window_rows=2")
-    stop_while_scoring_a_shard(layout, process)
+    stopped = stop_while_scoring_a_shard(layout, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    signal_all(stopped[1:], signal.SIGCONT)  # the DataLoader worker outlives its parent a moment
     rerun = midrank("score", "--config", str(config))
     output = rerun.stdout.read()
     assert rerun.wait() == 0 and "ended without releasing it" in output, output

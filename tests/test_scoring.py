@@ -2,6 +2,7 @@
 
 import copy
 import itertools
+import math
 
 import pytest
 import torch
@@ -202,8 +203,8 @@ def test_unmasked_length_follows_the_position_table_and_the_rotary_scaling():
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_the_head_log_softmax_the_score_stage_compiles(compiled, tmp_path, monkeypatch):
-    """token_nll_of (compiled by NLLScorer.compile for the score stage) against log_softmax, on bf16
-    logits, at row counts that differ from call to call."""
+    """token_nll_of (compiled by NLLScorer.compile without argmax, where the head is not tiled)
+    against log_softmax, on bf16 logits, at row counts that differ from call to call."""
     from pipeline.nll import token_nll_of
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
@@ -228,7 +229,15 @@ def test_the_compiled_head_folds_vocabulary_tiles_as_the_whole_log_softmax(
     samples = samples_of(tokenizer, make_texts(12, seed=4))
     scorer = NLLScorer(copy.deepcopy(model), head_chunk_tokens=37, count_correct=False)
     scorer.compile()
-    assert scorer._tile_update is not None and scorer._fused_nll is None
+    assert scorer.fast_path and scorer._tile_update is not None and scorer._fused_nll is None
+    widths = []
+    folded = scorer._tile_update
+
+    def recorded(tile, *state):
+        widths.append(tile.shape[1])
+        return folded(tile, *state)
+
+    scorer._tile_update = recorded
     scorer.vocab_tile = 256
     assert model.config.vocab_size == 600  # the tiny model's
     for batch in (samples, samples[2:5]):
@@ -239,6 +248,30 @@ def test_the_compiled_head_folds_vocabulary_tiles_as_the_whole_log_softmax(
             assert out.n_tokens[row].item() == n_tokens
             assert out.nll_sum[row].item() / n_tokens == pytest.approx(nll_sum / n_tokens, abs=1e-4)
             assert out.max_token_nll[row].item() == pytest.approx(max_nll, abs=1e-4)
+    assert set(widths) == {256, 88}
+    with pytest.raises(ValueError, match="token id 600 is past the model's vocabulary of 600"):
+        scorer._tiled_nll(torch.zeros(3, model.config.hidden_size), torch.tensor([0, 600, 1]))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fold_tile_across_tiles_is_the_log_softmax(compiled, tmp_path, monkeypatch):
+    """fold_tile over tiles of bf16 logits, 256 columns then a narrower one, against log_softmax of
+    the whole row, with targets on each side of every tile's edges."""
+    from pipeline.nll import fold_tile
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    function = torch.compile(fold_tile, dynamic=True) if compiled else fold_tile
+    generator = torch.Generator().manual_seed(1)
+    targets = torch.tensor([0, 255, 256, 511, 512, 599, 300, 7])
+    logits = (torch.randn(targets.numel(), 600, generator=generator) * 8).bfloat16()
+    top = torch.full((targets.numel(),), -math.inf)
+    total, target_logit = torch.zeros(targets.numel()), torch.zeros(targets.numel())
+    for first in range(0, 600, 256):
+        top, total, target_logit = function(
+            logits[:, first : first + 256], top, total, target_logit, targets - first
+        )
+    expected = -F.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
+    torch.testing.assert_close(top + total.log() - target_logit, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
