@@ -63,7 +63,8 @@ def warm_marker(model: torch.nn.Module, dtype: torch.dtype, unpadded: bool) -> P
     attention, padded or not (`NLLScorer.unpadded`), for this torch: written after a compiled run
     scored something (`mark_warm`), read by `auto` to weigh the cost. The graphs depend on the layers' shapes (config.json less its
     bookkeeping: where it was loaded from), not on the weights. Coarse still: the graphs with and
-    without an attention mask, and the CPU's instruction set, are not in it."""
+    without an attention mask, the head's (`fold_tile` on CPU, `token_nll_of` elsewhere, or none
+    with argmax counting), the CPU's instruction set and midrank's own version are not in it."""
     config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_")}
     config["attn_implementation"] = model.config._attn_implementation
     text = json.dumps(config, sort_keys=True, default=str)

@@ -85,7 +85,7 @@ class NLLScorer:
         self._buffer: torch.Tensor | None = None  # a head chunk's logits, reused (_chunk_logits)
         self._buffer32: torch.Tensor | None = None
         self._fused_nll = None  # compiled token_nll_of, once compile() was called without argmax
-        self._tile_update = None  # or, on CPU, compiled fold_tile (_tiled_nll): the score stage's
+        self._tile_update = None  # or compiled fold_tile (_tiled_nll), the score stage's on CPU
         self._tile_buffer: torch.Tensor | None = None  # its tile of logits, reused
         self.vocab_tile = HEAD_VOCAB_TILE
         # A bf16/fp16 matmul accumulates in fp32 either way; on CUDA it can also write fp32 logits.
@@ -99,9 +99,10 @@ class NLLScorer:
 
     def compile(self) -> None:
         """What runs the model's layers, through torch.compile from now on (pipeline/compiling.py),
-        and, without `count_correct`, the head's log-softmax too: on CPU a vocabulary tile at a
-        time (`fold_tile`, see `_tiled_nll`), elsewhere a chunk at a time (`token_nll_of`); the
-        head's matmuls stay eager."""
+        and, without `count_correct`, the head's log-softmax too: a vocabulary tile at a time
+        (`fold_tile`, see `_tiled_nll`) where the head is on the CPU and has no bias, a chunk at a
+        time (`token_nll_of`) elsewhere; the head's matmuls stay eager. A model scored through its
+        own forward (not `fast_path`) never reaches either."""
         from pipeline.compiling import compile_body
 
         if self.fast_path:
@@ -259,8 +260,8 @@ class NLLScorer:
         (96 MiB for SmolLM2-135M) are written to memory by the matmul and read back by the
         log-softmax, which then took as long as the matmul itself."""
         n, vocab = hidden.shape[0], self.head.weight.shape[0]
-        if n and int(targets.max()) >= vocab:  # a target in no tile would keep a logit of 0
-            raise ValueError(f"token id {int(targets.max())} is past the model's vocabulary of {vocab}")
+        if n and not 0 <= int(targets.min()) <= int(targets.max()) < vocab:  # in no tile: a logit of 0
+            raise ValueError(f"a token id is outside the model's vocabulary of {vocab}")
         width = min(self.vocab_tile, vocab)
         buffer = self._tile_buffer
         if buffer is None or buffer.numel() < n * width or buffer.dtype != hidden.dtype:

@@ -116,29 +116,43 @@ def stop_while_scoring_a_shard(layout: Layout, running) -> list[psutil.Process]:
     while True:
         wait_until_a_shard_is_locked(layout, running, scoring=True)
         stopped = stop_tree(running.pid)
-        for record in layout.out_dir.glob(".locks/score-shard-*.lock"):
-            shard = int(record.stem.rsplit("-", 1)[1])
-            if record.read_text().strip() and not layout.score_shard(shard).exists():
-                return stopped
+        try:
+            pids = {process.pid for process in stopped}
+            for record in layout.out_dir.glob(".locks/score-shard-*.lock"):
+                shard = int(record.stem.rsplit("-", 1)[1])
+                text = record.read_text().strip()
+                if text and json.loads(text)["pid"] in pids and not layout.score_shard(shard).exists():
+                    return stopped
+        except BaseException:
+            signal_all(stopped, signal.SIGCONT)
+            raise
         signal_all(stopped, signal.SIGCONT)
 
 
-def stop_tree(pid: int) -> list[psutil.Process]:
-    """SIGSTOP to a process, then to its children until no new one appears, each waited for until
-    it has stopped (a signal is not instant)."""
-    parent = psutil.Process(pid)
-    parent.suspend()
-    stopped, seen = [parent], set()
-    while new := [c for c in parent.children(recursive=True) if c.pid not in seen]:
-        for child in new:
-            seen.add(child.pid)
+def stop_tree(pid: int, timeout: float = 30) -> list[psutil.Process]:
+    """SIGSTOP to a process, then to its descendants, each waited for until it has stopped (a
+    signal is not instant, and a child stopped in the middle of a fork leaves a new one), until no
+    new one appears."""
+    stopped = [psutil.Process(pid)]
+    new = list(stopped)
+    deadline = time.time() + timeout
+    try:
+        while new:
+            for process in new:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.suspend()
+            for process in new:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    while process.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE):
+                        assert time.time() < deadline, f"pid {process.pid} did not stop"
+                        time.sleep(0.001)
+            known = {process.pid for process in stopped}
             with contextlib.suppress(psutil.NoSuchProcess):
-                child.suspend()
-                stopped.append(child)
-    for process in stopped:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            while process.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE):
-                time.sleep(0.001)
+                new = [c for c in stopped[0].children(recursive=True) if c.pid not in known]
+            stopped += new
+    except BaseException:
+        signal_all(stopped, signal.SIGCONT)
+        raise
     return stopped
 
 
@@ -188,17 +202,22 @@ def test_a_lock_left_by_a_killed_run_is_reported_and_taken(config, tmp_path):
 
 @pytest.mark.slow  # real processes racing each other
 def test_a_killed_runs_dataloader_worker_does_not_hold_its_lock(config, tmp_path):
-    """lockf is not inherited by forked children: a worker that outlives its killed parent for a
-    moment holds nothing."""
+    """lockf is not inherited by forked children: the DataLoader worker of a killed run, still
+    alive, holds nothing."""
     layout = Layout(tmp_path / "out")
     process = midrank("score", "--config", str(config), "score.num_workers=1", "score.window_rows=2")
     stopped = stop_while_scoring_a_shard(layout, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    signal_all(stopped[1:], signal.SIGCONT)  # the DataLoader worker outlives its parent a moment
-    rerun = midrank("score", "--config", str(config))
-    output = rerun.stdout.read()
-    assert rerun.wait() == 0 and "ended without releasing it" in output, output
+    workers = stopped[1:]  # kept stopped, so alive through the whole rerun
+    try:
+        rerun = midrank("score", "--config", str(config))
+        output = rerun.stdout.read()
+        assert rerun.wait() == 0 and "ended without releasing it" in output, output
+        assert workers and all(worker.is_running() for worker in workers)
+    finally:
+        signal_all(workers, signal.SIGKILL)
+        psutil.wait_procs(workers, timeout=30)
 
 
 @pytest.fixture

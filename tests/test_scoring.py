@@ -249,8 +249,27 @@ def test_the_compiled_head_folds_vocabulary_tiles_as_the_whole_log_softmax(
             assert out.nll_sum[row].item() / n_tokens == pytest.approx(nll_sum / n_tokens, abs=1e-4)
             assert out.max_token_nll[row].item() == pytest.approx(max_nll, abs=1e-4)
     assert set(widths) == {256, 88}
-    with pytest.raises(ValueError, match="token id 600 is past the model's vocabulary of 600"):
-        scorer._tiled_nll(torch.zeros(3, model.config.hidden_size), torch.tensor([0, 600, 1]))
+    for wrong in (600, -1):
+        with pytest.raises(ValueError, match="a token id is outside the model's vocabulary of 600"):
+            scorer._tiled_nll(torch.zeros(3, model.config.hidden_size), torch.tensor([0, wrong, 1]))
+
+
+def test_the_tiled_head_in_bf16_matches_the_whole_chunk_head(model_and_tokenizer, tmp_path, monkeypatch):
+    """The stage's case: bf16 tiles of the head's matmul folded, against the whole-chunk head of the
+    same compiled scorer (the same hidden states), per sample."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model, tokenizer = model_and_tokenizer
+    tensors = collate(samples_of(tokenizer, make_texts(12, seed=6)), tokenizer.pad_token_id)
+    scorer = NLLScorer(copy.deepcopy(model).to(torch.bfloat16), head_chunk_tokens=37, count_correct=False)
+    scorer.compile()
+    scorer.vocab_tile = 256
+    tiled = scorer(**tensors)
+    scorer._tile_update = None  # the eager whole-chunk loop
+    whole = scorer(**tensors)
+    assert torch.equal(tiled.n_tokens, whole.n_tokens)
+    per_token = (tiled.nll_sum - whole.nll_sum).abs() / tiled.n_tokens.clamp(min=1)
+    assert per_token.max() <= 1e-3, per_token.max()
+    torch.testing.assert_close(tiled.max_token_nll, whole.max_token_nll, atol=1e-2, rtol=0)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
