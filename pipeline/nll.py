@@ -109,11 +109,12 @@ class NLLScorer:
             self.body = compile_body(self.body)
         else:
             self.model = compile_body(self.model)
-        if not self.count_correct and self.head.weight.device.type == "cpu" and self.head.bias is None:
-            self._tile_update = torch.compile(fold_tile, dynamic=True)
-            self._buffer = self._buffer32 = None  # whole chunks' logits are no longer needed
-        elif not self.count_correct:
-            self._fused_nll = torch.compile(token_nll_of, dynamic=True)
+        if not self.count_correct:
+            if self.head.weight.device.type == "cpu" and self.head.bias is None:
+                self._tile_update = torch.compile(fold_tile, dynamic=True)
+                self._buffer = self._buffer32 = None  # whole chunks' logits are no longer needed
+            else:
+                self._fused_nll = torch.compile(token_nll_of, dynamic=True)
         get_logger().info("scoring through torch.compile (the first batches of each length compile)")
 
     @torch.inference_mode()

@@ -116,7 +116,7 @@ def unpadded_inputs(
     packed_index = real.flatten().long().cumsum(0) - 1
     packed_index[~real.flatten()] = -1
     n = slots.numel()
-    filler = min(-(-n // PACKED_STEP) * PACKED_STEP, max(rows * length, n)) - n
+    filler = min(-(-n // PACKED_STEP) * PACKED_STEP, rows * length) - n  # n <= rows * length
     kwargs = {
         "input_ids": F.pad(input_ids[real], (0, filler))[None],
         "position_ids": F.pad(positions[real], (0, filler))[None],
